@@ -1,0 +1,25 @@
+# The two-command quickstart: `make demo` and `make test`. Both create .venv when it is missing and install the
+# project with constraints.txt, which pins the local CPU wheel of torch (no multi-GB CUDA download).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: test lint bench setup
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check swarmgrad p2p gossip training consensus sim tests benchmarks
+	$(VENV)/bin/mypy swarmgrad p2p gossip training consensus sim
+
+bench: $(STAMP)
+	@for b in benchmarks/*.py; do echo "== $$b" >&2; $(PY) $$b || exit 1; done

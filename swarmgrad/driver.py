@@ -1,0 +1,207 @@
+"""The trio driver: runs one sans-IO machine over one protocol of a `Transport`.
+
+It owns the machine: a single task feeds it, one event at a time, from a bounded input channel (decoded messages,
+timer expiries, peer events, commands), and carries out the actions it returns. Timers live in a heap on trio's
+clock, so a test under `MockClock`/`autojump_clock` runs in virtual time. Sends go through one task and one bounded
+queue per peer, so a slow or hung peer delays only its own messages and every send is bounded by its deadline.
+
+Policy when a queue is full: the newest item is dropped and counted (`statistics()`), never blocking the network
+reader or the machine. A `RemoteProtocolError` from the codec or the machine drops that message, is counted and
+reported through `on_peer_error`, and the driver goes on; any other exception is a bug and propagates.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING
+
+import trio
+
+from p2p.codec import Schema
+from p2p.transport import DEFAULT_MAX_MESSAGE_BYTES, Transport
+from swarmgrad.errors import DecodeError, RemoteProtocolError, TransportError
+from swarmgrad.machine import (
+    Action,
+    CancelTimer,
+    Event,
+    Machine,
+    Notify,
+    PeerDown,
+    PeerId,
+    Received,
+    Send,
+    SendFailed,
+    SetTimer,
+    TimerFired,
+)
+
+if TYPE_CHECKING:  # libp2p installs trio-typing, whose stale `trio-stubs` hide trio's own `TaskStatus` from mypy
+    from trio_typing import TaskStatus
+
+log = logging.getLogger(__name__)
+
+PeerErrorHook = Callable[[PeerId, str], None]
+
+
+class Driver:
+    """Runs `machine` over `transport` under `protocol`, encoding messages with `schema`."""
+
+    def __init__(
+        self,
+        machine: Machine,
+        transport: Transport,
+        protocol: str,
+        schema: Schema,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        input_queue_len: int = 256,
+        send_queue_len: int = 16,
+        notify_queue_len: int = 256,
+        forward_peer_events: bool = False,
+        on_peer_error: PeerErrorHook | None = None,
+    ) -> None:
+        self.machine = machine
+        self.transport = transport
+        self.protocol = protocol
+        self.schema = schema
+        self._inbox = transport.listen(protocol, max_message_bytes=max_message_bytes, queue_len=input_queue_len)
+        self._input_send, self._input_recv = trio.open_memory_channel[Event](input_queue_len)
+        self._notify_send, self.notifications = trio.open_memory_channel[object](notify_queue_len)
+        self._send_queue_len = send_queue_len
+        self._senders: dict[PeerId, trio.MemorySendChannel[tuple[bytes, float | None]]] = {}
+        self._forward_peer_events = forward_peer_events
+        self._on_peer_error = on_peer_error
+        self._timers: list[tuple[float, int, Hashable]] = []
+        self._timer_seq: dict[Hashable, int] = {}
+        self._seq = itertools.count()
+        self._nursery: trio.Nursery | None = None
+        self._counters: Counter[str] = Counter()
+
+    # ---- public -------------------------------------------------------------------------------------------------
+
+    def submit(self, event: Event) -> bool:
+        """Queue an event (usually a command) for the machine without blocking. Returns False, and counts it, when
+        the input queue is full."""
+        try:
+            self._input_send.send_nowait(event)
+        except trio.WouldBlock:
+            self._counters["dropped_input"] += 1
+            return False
+        return True
+
+    def statistics(self) -> dict[str, int]:
+        """Counters: events stepped, messages sent, drops per queue, remote errors, send failures."""
+        return dict(self._counters)
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._read_network)
+            if self._forward_peer_events:
+                nursery.start_soon(self._read_peer_events)
+            task_status.started()
+            await self._own_machine()
+
+    # ---- tasks --------------------------------------------------------------------------------------------------
+
+    async def _read_network(self) -> None:
+        async for delivery in self._inbox:
+            try:
+                msg = self.schema.decode(delivery.payload)
+            except DecodeError as exc:
+                self._peer_error(RemoteProtocolError(delivery.peer, str(exc)))
+                continue
+            self.submit(Received(delivery.peer, msg))
+
+    async def _read_peer_events(self) -> None:
+        async for event in self.transport.peer_events():
+            self.submit(event)
+
+    async def _own_machine(self) -> None:
+        while True:
+            self._fire_due_timers()
+            deadline = self._timers[0][0] if self._timers else math.inf
+            with trio.move_on_at(deadline):
+                event = await self._input_recv.receive()
+                self._step(event)
+
+    async def _send_to(self, peer: PeerId, queue: trio.MemoryReceiveChannel[tuple[bytes, float | None]]) -> None:
+        async for payload, deadline in queue:
+            reason = None
+            with trio.move_on_at(math.inf if deadline is None else deadline) as scope:
+                try:
+                    await self.transport.send(peer, self.protocol, payload)
+                except TransportError as exc:
+                    reason = f"{type(exc).__name__}: {exc}"
+            if scope.cancelled_caught:
+                reason = "deadline passed before the message was sent"
+            if reason is None:
+                self._counters["sent"] += 1
+            else:
+                self._counters["send_failed"] += 1
+                self.submit(SendFailed(peer, reason))
+
+    # ---- machine ------------------------------------------------------------------------------------------------
+
+    def _fire_due_timers(self) -> None:
+        while self._timers and self._timers[0][0] <= trio.current_time():
+            _, seq, key = heapq.heappop(self._timers)
+            if self._timer_seq.get(key) == seq:
+                del self._timer_seq[key]
+                self._step(TimerFired(key))
+
+    def _step(self, event: Event) -> None:
+        try:
+            actions = self.machine.step(trio.current_time(), event)
+        except RemoteProtocolError as exc:
+            self._peer_error(exc)
+            return
+        self._counters["stepped"] += 1
+        if isinstance(event, PeerDown):
+            sender = self._senders.pop(event.peer, None)
+            if sender is not None:
+                sender.close()
+        for action in actions:
+            self._execute(action)
+
+    def _execute(self, action: Action) -> None:
+        if isinstance(action, Send):
+            self._queue_send(action)
+        elif isinstance(action, SetTimer):
+            seq = next(self._seq)
+            self._timer_seq[action.key] = seq
+            heapq.heappush(self._timers, (action.deadline, seq, action.key))
+        elif isinstance(action, CancelTimer):
+            self._timer_seq.pop(action.key, None)
+        elif isinstance(action, Notify):
+            try:
+                self._notify_send.send_nowait(action.event)
+            except trio.WouldBlock:
+                self._counters["dropped_notify"] += 1
+        else:
+            raise TypeError(f"unknown action {action!r}")
+
+    def _queue_send(self, action: Send) -> None:
+        assert self._nursery is not None, "actions run only inside run()"
+        sender = self._senders.get(action.peer)
+        if sender is None:
+            sender, queue = trio.open_memory_channel[tuple[bytes, float | None]](self._send_queue_len)
+            self._senders[action.peer] = sender
+            self._nursery.start_soon(self._send_to, action.peer, queue)
+        try:
+            sender.send_nowait((self.schema.encode(action.msg), action.deadline))
+        except trio.WouldBlock:
+            self._counters["dropped_send"] += 1
+            self.submit(SendFailed(action.peer, "send queue full"))
+
+    def _peer_error(self, exc: RemoteProtocolError) -> None:
+        self._counters["remote_errors"] += 1
+        log.info("dropped a message: %s", exc)
+        if self._on_peer_error is not None:
+            self._on_peer_error(exc.peer, exc.reason)

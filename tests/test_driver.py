@@ -1,0 +1,108 @@
+"""The trio driver runs a machine in virtual time, survives misbehaving peers, and drops (and counts) on overflow."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import trio
+import trio.testing
+
+from p2p.codec import Schema
+from sim.transport import SimNetwork
+from swarmgrad.driver import Driver
+from swarmgrad.errors import RemoteProtocolError
+from swarmgrad.machine import Action, Command, Event, Notify, Received, Send, SetTimer, TimerFired
+
+
+@dataclasses.dataclass(frozen=True)
+class Hello:
+    n: int
+
+
+SCHEMA = Schema("toy", {1: Hello})
+PROTOCOL = "/toy/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm(Command):
+    key: str
+    delay_s: float
+
+
+class Toy:
+    """Arms timers on command, greets on timer, echoes Hello n+1 until 3, rejects negative n as a remote error."""
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+
+    def step(self, now: float, event: Event) -> list[Action]:
+        if isinstance(event, Arm):
+            return [SetTimer(event.key, now + event.delay_s)]
+        if isinstance(event, TimerFired):
+            return [Notify(("fired", event.key, now)), Send(self.peer, Hello(0))]
+        if isinstance(event, Received) and isinstance(event.msg, Hello):
+            if event.msg.n < 0:
+                raise RemoteProtocolError(event.peer, "negative n")
+            actions: list[Action] = [Notify(("got", event.msg.n, now))]
+            if event.msg.n < 3:
+                actions.append(Send(event.peer, Hello(event.msg.n + 1)))
+            return actions
+        return []
+
+
+async def test_timers_fire_at_their_virtual_time_and_messages_flow(autojump_clock: trio.testing.MockClock) -> None:
+    net = SimNetwork(seed=1)
+    async with net.run(), net.open_transport("a") as ta, net.open_transport("b") as tb, trio.open_nursery() as n:
+        da, db = Driver(Toy("b"), ta, PROTOCOL, SCHEMA), Driver(Toy("a"), tb, PROTOCOL, SCHEMA)
+        await n.start(da.run)
+        await n.start(db.run)
+        start = trio.current_time()
+        da.submit(Arm("late", 5.0))
+        da.submit(Arm("early", 2.0))
+        assert await da.notifications.receive() == ("fired", "early", start + 2.0)
+        assert await db.notifications.receive() == ("got", 0, start + 2.0)
+        assert await da.notifications.receive() == ("got", 1, start + 2.0)
+        assert await db.notifications.receive() == ("got", 2, start + 2.0)
+        assert await da.notifications.receive() == ("got", 3, start + 2.0)
+        assert await da.notifications.receive() == ("fired", "late", start + 5.0)
+        n.cancel_scope.cancel()
+
+
+async def test_rearming_a_timer_replaces_it(autojump_clock: trio.testing.MockClock) -> None:
+    net = SimNetwork(seed=1)
+    async with net.run(), net.open_transport("a") as ta, net.open_transport("b"), trio.open_nursery() as n:
+        driver = Driver(Toy("b"), ta, PROTOCOL, SCHEMA)
+        await n.start(driver.run)
+        start = trio.current_time()
+        driver.submit(Arm("t", 1.0))
+        driver.submit(Arm("t", 4.0))
+        assert await driver.notifications.receive() == ("fired", "t", start + 4.0)
+        with trio.move_on_after(100):
+            extra = await driver.notifications.receive()
+            raise AssertionError(f"timer fired twice: {extra}")
+        n.cancel_scope.cancel()
+
+
+async def test_remote_errors_and_garbage_do_not_stop_the_driver(autojump_clock: trio.testing.MockClock) -> None:
+    reported: list[tuple[str, str]] = []
+    net = SimNetwork(seed=1)
+    async with net.run(), net.open_transport("a") as ta, net.open_transport("b") as tb, trio.open_nursery() as n:
+        driver = Driver(Toy("b"), ta, PROTOCOL, SCHEMA, on_peer_error=lambda p, r: reported.append((p, r)))
+        await n.start(driver.run)
+        await tb.send("a", PROTOCOL, SCHEMA.encode(Hello(-1)))
+        await tb.send("a", PROTOCOL, b"\xff\xff garbage")
+        await tb.send("a", PROTOCOL, SCHEMA.encode(Hello(3)))
+        assert await driver.notifications.receive() == ("got", 3, trio.current_time())
+        assert [peer for peer, _ in reported] == ["b", "b"]
+        assert "negative n" in reported[0][1] and "unknown message tag" in reported[1][1]
+        assert driver.statistics()["remote_errors"] == 2
+        n.cancel_scope.cancel()
+
+
+async def test_full_input_queue_drops_and_counts() -> None:
+    net = SimNetwork(seed=1)
+    async with net.run(), net.open_transport("a") as ta:
+        driver = Driver(Toy("b"), ta, PROTOCOL, SCHEMA, input_queue_len=2)
+        accepted = [driver.submit(Arm(str(i), 1.0)) for i in range(5)]  # not running: nothing drains the queue
+        assert accepted == [True, True, False, False, False]
+        assert driver.statistics()["dropped_input"] == 3
