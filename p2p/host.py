@@ -1,0 +1,203 @@
+"""The py-libp2p host every swarmgrad peer runs: its configuration, how it is built, how it is run and closed.
+
+A swarmgrad host offers exactly one security protocol, Noise, and one stream muxer, yamux. py-libp2p's default host
+also offers plaintext (which lets a dialer that knows only a victim's *public* key pose as the victim), secio and
+TLS, and mplex as a second muxer: none of them are offered here (LIBP2P_NOTES #1). The identity is the persistent
+Ed25519 key of `p2p.identity`; a pre-shared key, when given, makes it a private network (libp2p pnet: only peers
+holding the same 32-byte key can complete a connection). One connection per peer (a dial then takes milliseconds
+instead of ~250 ms, LIBP2P_NOTES #5). mDNS, UPnP, bootstrap and the auto-connector (which would re-dial every known
+peer every 30 s) stay off: discovery is the DHT's job, on top of this host.
+
+`running_host(config)` is the one way to run it: it binds every listen address (or raises a `HostError` naming the
+address that failed), and on exit closes the host with `await host.close()` so that no socket stays open and the
+port is released (LIBP2P_NOTES #7). This module must not define stream protocols: `p2p.libp2p_transport` and the
+DHT register theirs on the host it yields.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import multiaddr
+from libp2p import new_host
+from libp2p.abc import IHost
+from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.network.config import ConnectionConfig
+from libp2p.network.swarm import Swarm
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+
+from p2p.identity import load_or_create_identity
+from p2p.transport import DEFAULT_MAX_MESSAGE_BYTES
+from swarmgrad.errors import ConfigError, LocalProtocolError, TransportError
+
+PSK_SIZE_BYTES = 32
+"""libp2p pnet keys are 32 bytes (a Salsa20 key)."""
+
+_IP_PROTOCOLS = frozenset({"ip4", "ip6"})
+
+
+class HostError(TransportError):
+    """The host could not start: an address could not be bound."""
+
+
+def _check_listen_addr(addr: str) -> None:
+    try:
+        parsed = multiaddr.Multiaddr(addr)
+    except (ValueError, TypeError, multiaddr.exceptions.Error) as exc:
+        raise ConfigError("listen_addrs", addr, f"a valid multiaddr ({exc})") from exc
+    names = [protocol.name for protocol in parsed.protocols()]
+    if len(names) != 2 or names[0] not in _IP_PROTOCOLS or names[1] != "tcp":
+        raise ConfigError("listen_addrs", addr, "a TCP multiaddr of the form /ip4/<address>/tcp/<port> (or /ip6/...)")
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """How one peer's libp2p host is set up. Defaults are for a local test; a real peer sets `listen_addrs`."""
+
+    key_path: Path
+    """The peer's identity file (created on first use, see `p2p.identity`)."""
+    listen_addrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    """TCP multiaddrs to listen on; port 0 picks a free port (`listen_multiaddrs` gives the real one)."""
+    psk: bytes | None = None
+    """A 32-byte pre-shared key: only peers holding the same key can connect (libp2p pnet). A peer with another
+    key is refused only after its handshake times out (~30-40 s, LIBP2P_NOTES pnet row)."""
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    """The largest payload this host sends, and the default limit of what it accepts per protocol."""
+    max_in_flight_bytes_per_peer: int = 2 * DEFAULT_MAX_MESSAGE_BYTES
+    """How many bytes of not-yet-delivered messages one peer may make this host hold, over all its streams; further
+    frames from that peer wait (back-pressure) until earlier ones are delivered."""
+    connect_timeout_s: float = 10.0
+    """Bound on one dial (TCP connect, Noise handshake, yamux negotiation). py-libp2p's own default is also 10 s."""
+    stream_open_timeout_s: float = 10.0
+    """Bound on opening a stream and negotiating its protocol on an existing connection."""
+    max_connections: int = 256
+    """Connections this host keeps open in all (inbound and outbound); further inbound ones are refused."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key_path, Path):
+            raise ConfigError("key_path", self.key_path, "a pathlib.Path")
+        if not isinstance(self.listen_addrs, tuple) or not self.listen_addrs:
+            raise ConfigError("listen_addrs", self.listen_addrs, "a non-empty tuple of multiaddr strings")
+        for addr in self.listen_addrs:
+            if not isinstance(addr, str):
+                raise ConfigError("listen_addrs", addr, "a multiaddr string")
+            _check_listen_addr(addr)
+        if len(set(self.listen_addrs)) != len(self.listen_addrs):
+            raise ConfigError("listen_addrs", self.listen_addrs, "distinct addresses")
+        if self.psk is not None and (not isinstance(self.psk, bytes) or len(self.psk) != PSK_SIZE_BYTES):
+            raise ConfigError("psk", self.psk, f"None or exactly {PSK_SIZE_BYTES} bytes")
+        if not isinstance(self.max_message_bytes, int) or self.max_message_bytes < 1:
+            raise ConfigError("max_message_bytes", self.max_message_bytes, "an int >= 1")
+        if (
+            not isinstance(self.max_in_flight_bytes_per_peer, int)
+            or self.max_in_flight_bytes_per_peer < self.max_message_bytes
+        ):
+            raise ConfigError(
+                "max_in_flight_bytes_per_peer",
+                self.max_in_flight_bytes_per_peer,
+                f"an int >= max_message_bytes ({self.max_message_bytes})",
+            )
+        for name in ("connect_timeout_s", "stream_open_timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not (value > 0 and math.isfinite(value)):
+                raise ConfigError(name, value, "a finite number of seconds > 0")
+        if not isinstance(self.max_connections, int) or self.max_connections < 1:
+            raise ConfigError("max_connections", self.max_connections, "an int >= 1")
+
+
+def build_host(config: HostConfig) -> IHost:
+    """A py-libp2p host for `config` (Noise only, yamux only, persistent identity, pnet when `psk` is set); not yet
+    listening. Prefer `running_host`, which also binds and closes it."""
+    key_pair = load_or_create_identity(config.key_path)
+    noise = NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)
+    connection_config = ConnectionConfig(
+        max_connections=config.max_connections,
+        high_watermark=config.max_connections,
+        min_connections=0,  # no floor to defend: the pruner only trims above max_connections
+        low_watermark=0,
+        max_connections_per_peer=1,
+        dial_timeout=config.connect_timeout_s,
+        outbound_upgrade_timeout=config.connect_timeout_s,
+        inbound_upgrade_timeout=config.connect_timeout_s,
+        outbound_stream_protocol_negotiation_timeout=config.stream_open_timeout_s,
+        inbound_stream_protocol_negotiation_timeout=config.stream_open_timeout_s,
+    )
+    return new_host(
+        key_pair=key_pair,
+        sec_opt={NOISE_PROTOCOL_ID: noise},
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        listen_addrs=[multiaddr.Multiaddr(addr) for addr in config.listen_addrs],
+        connection_config=connection_config,
+        psk=None if config.psk is None else config.psk.hex(),
+        enable_mDNS=False,
+        enable_upnp=False,
+    )
+
+
+def _check_bindable(addr: str) -> None:
+    """Refuse an address whose port another process already listens on.
+
+    py-libp2p binds with SO_REUSEPORT, so a second host on a taken port would *succeed* and silently share the
+    port's incoming connections with the first. This probe binds without SO_REUSEPORT (with SO_REUSEADDR, so
+    sockets in TIME_WAIT from an earlier run do not count) and so fails exactly when a listener holds the port.
+    """
+    parsed = multiaddr.Multiaddr(addr)
+    port = int(parsed.value_for_protocol("tcp"))
+    if port == 0:
+        return
+    family, ip = (
+        (socket.AF_INET6, parsed.value_for_protocol("ip6"))
+        if "ip6" in [protocol.name for protocol in parsed.protocols()]
+        else (socket.AF_INET, parsed.value_for_protocol("ip4"))
+    )
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((ip, port))
+        except OSError as exc:
+            reason = "the port is in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise HostError(f"cannot listen on {addr}: {reason}") from exc
+
+
+@asynccontextmanager
+async def running_host(config: HostConfig) -> AsyncIterator[IHost]:
+    """Build the host, listen on every address of `config`, and close it (releasing every socket) on exit.
+
+    Raises `HostError` naming the address when one cannot be bound (port in use, address not on this machine).
+    """
+    for addr in config.listen_addrs:
+        _check_bindable(addr)
+    host = build_host(config)
+    wanted = [multiaddr.Multiaddr(addr) for addr in config.listen_addrs]
+    async with host.run(listen_addrs=wanted):
+        try:
+            bound = host.get_network().listeners
+            for addr, text in zip(wanted, config.listen_addrs, strict=True):
+                if str(addr) not in bound:
+                    raise HostError(
+                        f"cannot listen on {text}: the port is in use or the address is not on this machine"
+                    )
+            # The auto-connector would re-dial every peer in the peerstore every 30 s (its target is half of the
+            # high watermark, whatever the low one). Stopped right after start, before anything is in the peerstore.
+            network = host.get_network()
+            if not isinstance(network, Swarm):
+                raise LocalProtocolError(f"py-libp2p built a {type(network).__name__}, expected a Swarm")
+            await network.auto_connector.stop()
+            yield host
+        finally:
+            await host.close()
+
+
+def listen_multiaddrs(host: IHost) -> list[str]:
+    """The addresses other peers can dial, each with the real bound port and ending in `/p2p/<peer id>`, sorted."""
+    return sorted(str(addr) for addr in host.get_addrs())
