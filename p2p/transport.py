@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
@@ -42,6 +43,23 @@ class Delivery:
     peer: PeerId
     protocol: str
     payload: bytes
+
+
+class PeerPolicy(Protocol):
+    """Who a transport talks to, and where it reports misbehaviour (scoring and bans are built on this hook).
+
+    A transport calls `allows` before accepting a connection or a stream from a peer and before sending to it, and
+    calls `report` for every error it attributes to a remote peer (a bad, oversized or truncated frame, ...).
+    Both are called from the transport's tasks and must not block.
+    """
+
+    def allows(self, peer: PeerId) -> bool:
+        """Whether `peer` may connect and exchange messages now."""
+        ...
+
+    def report(self, peer: PeerId, reason: str) -> None:
+        """`peer` sent something that breaks the protocol; `reason` says what."""
+        ...
 
 
 class Transport(ABC):
