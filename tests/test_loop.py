@@ -1,0 +1,184 @@
+"""The local training loop, driven through in-process averagers: learning, epochs and their hashes, checkpoints,
+resume, stopping, and refusal of a broken averager's output."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from swarmgrad.errors import ConfigError, LocalProtocolError
+from training.checkpoint import CheckpointStore, canonical_model_hash
+from training.loop import Averager, EpochReached, LoopConfig, RoundReport, TrainingLoop
+from training.tasks import Task, load_task
+
+LIMIT = 1 << 24
+
+
+class LoneAverager:
+    """A swarm of one: returns the parameters unchanged (or a broken vector, to test the loop's checks)."""
+
+    def __init__(self, broken: str = "") -> None:
+        self.rounds = 0
+        self.broken = broken
+
+    def average(self, params: torch.Tensor) -> torch.Tensor:
+        self.rounds += 1
+        if self.broken == "shape":
+            return params[:-1]
+        if self.broken == "nan":
+            return torch.full_like(params, float("nan"))
+        return params.clone()
+
+    def statistics(self) -> dict[str, float | int]:
+        return {"rounds": self.rounds, "bytes_sent": 0}
+
+
+class ExactMean:
+    """An exact all-reduce among `n` threads: every peer gets the mean of everyone's vector each round."""
+
+    def __init__(self, n: int) -> None:
+        self.barrier = threading.Barrier(n, timeout=60)
+        self.slots: dict[int, torch.Tensor] = {}
+        self.lock = threading.Lock()
+
+    def member(self, index: int) -> ExactMeanMember:
+        return ExactMeanMember(self, index)
+
+
+class ExactMeanMember:
+    def __init__(self, group: ExactMean, index: int) -> None:
+        self.group = group
+        self.index = index
+        self.rounds = 0
+
+    def average(self, params: torch.Tensor) -> torch.Tensor:
+        with self.group.lock:
+            self.group.slots[self.index] = params.clone()
+        self.group.barrier.wait()
+        mean = torch.stack([self.group.slots[i] for i in sorted(self.group.slots)]).mean(dim=0)
+        self.group.barrier.wait()  # nobody overwrites a slot before all have read it
+        self.rounds += 1
+        return mean
+
+    def statistics(self) -> dict[str, float | int]:
+        return {"rounds": self.rounds}
+
+
+@pytest.fixture(scope="module")
+def digits() -> Task:
+    return load_task("digits")
+
+
+def make_loop(
+    task: Task,
+    averager: Averager,
+    directory: Path,
+    config: LoopConfig,
+    peer: str = "peer-a",
+    on_round: Callable[[RoundReport], None] | None = None,
+    on_epoch: Callable[[EpochReached], None] | None = None,
+) -> TrainingLoop:
+    store = CheckpointStore(directory, keep=3, max_bytes=LIMIT)
+    return TrainingLoop(
+        task, averager, config, peer_id=peer, store=store, config_hash="cfg", on_round=on_round, on_epoch=on_epoch
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("inner_steps", 0), ("epoch_rounds", -1), ("eval_every_rounds", 1.5), ("max_rounds", -1)]
+)
+def test_loop_config_is_validated(field: str, value: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        LoopConfig(**{field: value})  # type: ignore[arg-type]
+    assert info.value.field == f"training.{field}"
+
+
+def test_single_peer_learns_reports_and_checkpoints_every_epoch(digits: Task, tmp_path: Path) -> None:
+    reports: list[RoundReport] = []
+    epochs: list[EpochReached] = []
+    config = LoopConfig(inner_steps=2, epoch_rounds=20, eval_every_rounds=10, max_rounds=70)
+    loop = make_loop(digits, LoneAverager(), tmp_path, config, on_round=reports.append, on_epoch=epochs.append)
+    last = loop.run(threading.Event())
+    assert last is not None and last.round == 70 and loop.round == 70
+    assert [r.round for r in reports] == list(range(1, 71))
+    assert [r.round for r in reports if r.evaluation is not None] == [10, 20, 30, 40, 50, 60, 70]
+    assert last.evaluation is not None and last.evaluation.value > 0.9
+    assert last.samples == 70 * 2 * 32 and last.averager["rounds"] == 70
+    assert [(e.epoch, e.round) for e in epochs] == [(1, 20), (2, 40), (3, 60)]
+    store = CheckpointStore(tmp_path, keep=3, max_bytes=LIMIT)
+    assert store.rounds() == [70, 60, 40]  # the stop at 70 saved too; keep=3 dropped round 20
+    assert store.load(60, loop.spec).meta.model_hash == epochs[-1].model_hash
+    assert store.load(70, loop.spec).meta.model_hash == canonical_model_hash(loop.model.state_dict())
+
+
+def test_four_peers_with_exact_averaging_agree_on_every_epoch_hash(digits: Task, tmp_path: Path) -> None:
+    group = ExactMean(4)
+    config = LoopConfig(inner_steps=1, epoch_rounds=25, eval_every_rounds=25, max_rounds=100)
+    epochs: dict[int, list[EpochReached]] = {i: [] for i in range(4)}
+    loops = [
+        make_loop(digits, group.member(i), tmp_path / f"p{i}", config, f"peer-{i}", on_epoch=epochs[i].append)
+        for i in range(4)
+    ]
+    results: dict[int, RoundReport | None] = {}
+    threads = [
+        threading.Thread(target=lambda i=i: results.__setitem__(i, loops[i].run(threading.Event()))) for i in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert sorted(results) == [0, 1, 2, 3]
+    hashes = {i: [e.model_hash for e in epochs[i]] for i in range(4)}
+    assert len(hashes[0]) == 4 and all(hashes[i] == hashes[0] for i in range(4))
+    for i in range(4):
+        report = results[i]
+        assert report is not None and report.evaluation is not None and report.evaluation.value >= 0.9
+
+
+def test_restart_resumes_from_the_latest_checkpoint(digits: Task, tmp_path: Path) -> None:
+    first = make_loop(digits, LoneAverager(), tmp_path, LoopConfig(epoch_rounds=20, max_rounds=30))
+    first.run(threading.Event())
+    saved = canonical_model_hash(first.model.state_dict())
+    second = make_loop(digits, LoneAverager(), tmp_path, LoopConfig(epoch_rounds=20, max_rounds=40))
+    meta = second.resume()
+    assert meta is not None and meta.round == 30 and meta.model_hash == saved
+    assert second.round == 30 and canonical_model_hash(second.model.state_dict()) == saved
+    last = second.run(threading.Event())
+    assert last is not None and last.round == 40 and last.samples == 10 * 32
+
+
+def test_fresh_directory_has_nothing_to_resume(digits: Task, tmp_path: Path) -> None:
+    assert make_loop(digits, LoneAverager(), tmp_path, LoopConfig()).resume() is None
+
+
+def test_stop_finishes_the_round_and_saves(digits: Task, tmp_path: Path) -> None:
+    stop = threading.Event()
+
+    def stop_at_five(report: RoundReport) -> None:
+        if report.round == 5:
+            stop.set()
+
+    loop = make_loop(digits, LoneAverager(), tmp_path, LoopConfig(epoch_rounds=50), on_round=stop_at_five)
+    last = loop.run(stop)
+    assert last is not None and last.round == 5
+    assert CheckpointStore(tmp_path, keep=3, max_bytes=LIMIT).rounds() == [5]
+
+
+def test_stopped_before_the_first_round_runs_and_saves_nothing(digits: Task, tmp_path: Path) -> None:
+    stop = threading.Event()
+    stop.set()
+    assert make_loop(digits, LoneAverager(), tmp_path, LoopConfig()).run(stop) is None
+    assert CheckpointStore(tmp_path, keep=3, max_bytes=LIMIT).rounds() == []
+
+
+@pytest.mark.parametrize(("broken", "message"), [("shape", "expected float32"), ("nan", "NaN")])
+def test_broken_averager_output_is_a_local_bug(digits: Task, tmp_path: Path, broken: str, message: str) -> None:
+    loop = make_loop(digits, LoneAverager(broken), tmp_path, LoopConfig())
+    before = canonical_model_hash(loop.model.state_dict())
+    with pytest.raises(LocalProtocolError, match=message):
+        loop.run_round()
+    assert loop.round == 0 and canonical_model_hash(loop.model.state_dict()) != before  # the local step ran
