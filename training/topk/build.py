@@ -1,0 +1,126 @@
+"""Build-on-first-use loader of the native top-k kernels (`csrc/`), and the fake kernels that trace them.
+
+This module owns compiling the extension against the *running* torch (a compiled library never travels between
+machines or torch versions), loading it with `torch.ops.load_library`, and registering the fake (meta) kernels so
+the ops work under `torch.compile`. It must not pick an implementation for the user: falling back to the
+pure-torch reference is the caller's explicit choice (see `ops.py`).
+
+The build goes to `$SWARMGRAD_CACHE_DIR/topk/<key>` (default `~/.cache/swarmgrad`), where the key names the
+torch version, the Python version and whether the CUDA kernels are included; torch's own cache ignores the torch
+version. A compile killed midway leaves torch's `lock` file behind and every later build would wait on it
+forever: builds through this loader hold an exclusive `flock` on a file of their own, so a `lock` file found while
+holding it is stale and is removed. Cold CPU build: ~16-25 s here (2 busy cores); warm load: ~0.3 s.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from swarmgrad.errors import SwarmgradError
+
+logger = logging.getLogger(__name__)
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+CPU_SOURCES = ("ops.cpp", "topk_cpu.cpp")
+CUDA_SOURCES = ("topk_cuda.cu",)
+BUILD_COMMAND = 'python -c "from training.topk.build import load_extension; load_extension()"'
+
+_state: dict[str, bool] = {"loaded": False, "cuda": False}
+
+
+class ExtensionUnavailable(SwarmgradError):
+    """The native top-k kernels could not be built or loaded, or lack the device asked for."""
+
+
+def cache_dir() -> Path:
+    """Where builds go: `$SWARMGRAD_CACHE_DIR/topk` or `~/.cache/swarmgrad/topk`, one folder per build key."""
+    root = os.environ.get("SWARMGRAD_CACHE_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "swarmgrad"
+    return base / "topk"
+
+
+def build_key(with_cuda: bool) -> str:
+    """A name unique to the torch build and Python that the library is compiled against."""
+    torch_version = torch.__version__.replace(".", "_").replace("+", "_")
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return f"swarmgrad_topk_{torch_version}_{python}{'_cuda' if with_cuda else ''}"
+
+
+def _cuda_buildable() -> bool:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.version.cuda is not None and torch.cuda.is_available() and CUDA_HOME is not None
+
+
+def load_extension() -> None:
+    """Build (first time only) and load the native kernels; idempotent. Raises `ExtensionUnavailable`."""
+    if _state["loaded"]:
+        return
+    from torch.utils import cpp_extension
+
+    with_cuda = _cuda_buildable()
+    name = build_key(with_cuda)
+    build_dir = cache_dir() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    sources = [str(CSRC / s) for s in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())]
+    started = time.perf_counter()
+    with open(build_dir / "swarmgrad.flock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        stale = build_dir / "lock"
+        if stale.exists():
+            logger.warning("removing stale build lock %s left by an interrupted build", stale)
+            stale.unlink()
+        try:
+            cpp_extension.load(
+                name=name,
+                sources=sources,
+                build_directory=str(build_dir),
+                extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
+                extra_ldflags=["-fopenmp"],
+                extra_cuda_cflags=["-O3"],
+                extra_include_paths=[str(CSRC)],
+                with_cuda=with_cuda,
+                is_python_module=False,
+                verbose=False,
+            )
+        except (RuntimeError, OSError, ImportError) as exc:
+            raise ExtensionUnavailable(
+                f"could not build the native top-k kernels in {build_dir}: {exc}. They build on first use with a C++ "
+                f"compiler (g++ with OpenMP); to retry and see the compiler output run {BUILD_COMMAND}, or opt into "
+                "the pure-torch reference with SWARMGRAD_TOPK_FALLBACK=reference."
+            ) from exc
+    logger.info("loaded native top-k kernels %s in %.1f s", name, time.perf_counter() - started)
+    _register_fakes()
+    _state["loaded"] = True
+    _state["cuda"] = with_cuda
+
+
+def has_cuda_kernels() -> bool:
+    """Whether the loaded library includes the CUDA kernels."""
+    return _state["cuda"]
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("swarmgrad::topk_abs")
+    def _topk_abs_fake(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        torch._check(0 <= k <= x.numel(), lambda: f"swarmgrad::topk_abs: k must be in [0, {x.numel()}], got {k}")
+        return x.new_empty((k,), dtype=torch.int64), x.new_empty((k,))
+
+    @torch.library.register_fake("swarmgrad::ef_step")
+    def _ef_step_fake(residual: torch.Tensor, grad: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        torch._check(0 <= k <= residual.numel(), lambda: f"swarmgrad::ef_step: k out of range, got {k}")
+        return residual.new_empty((k,), dtype=torch.int64), residual.new_empty((k,))
+
+    @torch.library.register_fake("swarmgrad::ef_step_momentum")
+    def _ef_step_momentum_fake(
+        residual: torch.Tensor, velocity: torch.Tensor, grad: torch.Tensor, momentum: float, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        torch._check(0 <= k <= residual.numel(), lambda: f"swarmgrad::ef_step_momentum: k out of range, got {k}")
+        return residual.new_empty((k,), dtype=torch.int64), residual.new_empty((k,))

@@ -1,0 +1,20 @@
+// Registration of the swarmgrad top-k operators (schemas and CPU kernels). The CUDA kernels register themselves
+// from topk_cuda.cu, which is compiled only where torch has CUDA. No Python module init: the library is loaded
+// with torch.ops.load_library, and the fake (meta) kernels live in training/topk/ops.py.
+#include <torch/library.h>
+
+#include "topk.h"
+
+TORCH_LIBRARY(swarmgrad, m) {
+  m.def("topk_abs(Tensor x, int k) -> (Tensor indices, Tensor values)");
+  m.def("ef_step(Tensor(a!) residual, Tensor grad, int k) -> (Tensor indices, Tensor values)");
+  m.def(
+      "ef_step_momentum(Tensor(a!) residual, Tensor(b!) velocity, Tensor grad, float momentum, int k) "
+      "-> (Tensor indices, Tensor values)");
+}
+
+TORCH_LIBRARY_IMPL(swarmgrad, CPU, m) {
+  m.impl("topk_abs", &swarmgrad_topk::topk_abs_cpu);
+  m.impl("ef_step", &swarmgrad_topk::ef_step_cpu);
+  m.impl("ef_step_momentum", &swarmgrad_topk::ef_step_momentum_cpu);
+}

@@ -1,0 +1,61 @@
+"""The public top-k operator and the choice between the native kernels and the pure-torch reference.
+
+This module owns `topk_abs` and the rule for which implementation runs: the native op
+`torch.ops.swarmgrad.topk_abs` (built on first use, see `build.py`), unless the caller opted into the reference,
+either with `implementation="reference"` or with the environment variable `SWARMGRAD_TOPK_FALLBACK=reference`
+(read at call time). A native build that fails is an error that says how to build; it never silently falls back.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+
+from swarmgrad.errors import ConfigError
+from training.topk.build import ExtensionUnavailable, has_cuda_kernels, load_extension
+from training.topk.reference import reference_topk_abs
+
+Implementation = Literal["native", "reference"]
+FALLBACK_ENV = "SWARMGRAD_TOPK_FALLBACK"
+
+
+def resolve_implementation(implementation: Implementation | None) -> Implementation:
+    """`implementation` if given, else `reference` when `SWARMGRAD_TOPK_FALLBACK=reference`, else `native`."""
+    if implementation is None:
+        env = os.environ.get(FALLBACK_ENV, "")
+        if env not in ("", "reference"):
+            raise ConfigError(FALLBACK_ENV, env, "unset, empty or 'reference'")
+        return "reference" if env == "reference" else "native"
+    if implementation not in ("native", "reference"):
+        raise ConfigError("implementation", implementation, "'native', 'reference' or None")
+    return implementation
+
+
+def ensure_native(device: torch.device) -> None:
+    """Load the native kernels and check they cover `device`. Raises `ExtensionUnavailable`."""
+    load_extension()
+    if device.type == "cuda" and not has_cuda_kernels():
+        raise ExtensionUnavailable(
+            "the native top-k kernels were built without CUDA (torch has no CUDA or no CUDA toolkit was found); "
+            "move the tensor to the CPU or opt into the reference with SWARMGRAD_TOPK_FALLBACK=reference"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise ExtensionUnavailable(f"no native top-k kernel for device {device}")
+
+
+def topk_abs(
+    x: torch.Tensor, k: int, *, implementation: Implementation | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (int64, ascending) and signed values (x's dtype) of the `k` largest `|x|` of `x` flattened.
+
+    `x` is float32, float16 or bfloat16, of any shape and strides; `0 <= k <= x.numel()`. NaN ranks above +Inf
+    (as in `torch.topk`); among equal magnitudes the lowest indices are taken by the native kernels (the
+    reference may take any of them).
+    """
+    if resolve_implementation(implementation) == "reference":
+        return reference_topk_abs(x, k)
+    ensure_native(x.device)
+    indices, values = torch.ops.swarmgrad.topk_abs(x, k)
+    return indices, values

@@ -1,0 +1,62 @@
+"""Pure-torch reference implementations of the top-k operators: the test oracle and the opt-in fallback.
+
+This module owns the *meaning* of each operator; the C++/CUDA kernels in `csrc/` must agree with it (up to the
+choice among tied elements). It must stay plain torch: no compiled code, no I/O, no randomness.
+
+Conventions shared with the kernels:
+
+* magnitude order is the order of `|x|` with NaN ranked above +Inf (as `torch.topk` ranks NaN);
+* the k selected indices come back sorted ascending (int64), with the original signed values in `x`'s dtype;
+* among elements of equal magnitude any subset may be chosen; the count is always exactly k.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_topk_args(x: torch.Tensor, k: int) -> None:
+    """The argument checks every implementation applies (mirrors the kernels' `TORCH_CHECK`s)."""
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"topk_abs: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if not 0 <= k <= x.numel():
+        raise ValueError(f"topk_abs: k must be in [0, {x.numel()}], got {k}")
+
+
+def reference_topk_abs(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (int64, ascending) and signed values of the `k` largest `|x|` of `x` flattened."""
+    check_topk_args(x, k)
+    flat = x.reshape(-1)
+    # torch.topk ranks NaN above every number, which is the documented order; fp32 keeps fp16/bf16 exact.
+    _, indices = torch.topk(flat.abs().float(), k, sorted=False)
+    indices, _ = torch.sort(indices)
+    return indices, flat[indices]
+
+
+def reference_ef_step(
+    residual: torch.Tensor,
+    grad: torch.Tensor,
+    k: int,
+    velocity: torch.Tensor | None = None,
+    momentum: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One error-feedback step, in place on `residual` (and `velocity`), returning what is sent.
+
+    Without momentum: `residual += grad`, select the top-k of `residual`, return them and zero them in `residual`.
+    With momentum correction (Deep Gradient Compression, arXiv 1712.01887, section 3.2): `velocity = momentum *
+    velocity + grad; residual += velocity`, select from `residual`, and zero the selected entries of both buffers
+    (momentum factor masking). Either way `sent + new residual == residual + (grad or new velocity)`, exactly.
+    """
+    if velocity is None:
+        residual.add_(grad.reshape(-1))
+    else:
+        velocity.mul_(momentum).add_(grad.reshape(-1))
+        residual.add_(velocity)
+    indices, values = reference_topk_abs(residual, k)
+    values = values.clone()
+    residual[indices] = 0.0
+    if velocity is not None:
+        velocity[indices] = 0.0
+    return indices, values
