@@ -6,10 +6,14 @@ them all on exit. `tests/test_transport_conformance.py` runs every check against
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Protocol
 
+from p2p.host import HostConfig
+from p2p.libp2p_transport import LibP2PTransport
 from p2p.transport import Transport
 from sim.transport import SimNetwork, SimTransport
 
@@ -39,4 +43,32 @@ class SimHarness:
         return transport.local_peer
 
 
-HARNESSES: list[Harness] = [SimHarness()]
+class LibP2PHarness:
+    """Real py-libp2p hosts on 127.0.0.1 (free ports), each with a fresh identity in a temporary directory."""
+
+    name = "libp2p"
+
+    @asynccontextmanager
+    async def open(self, count: int, max_message_bytes: int) -> AsyncIterator[list[Transport]]:
+        with tempfile.TemporaryDirectory(prefix="swarmgrad-keys-") as keys:
+            async with AsyncExitStack() as stack:
+                transports: list[Transport] = [
+                    await stack.enter_async_context(
+                        LibP2PTransport.open(
+                            HostConfig(
+                                key_path=Path(keys) / f"peer{i}.key",
+                                max_message_bytes=max_message_bytes,
+                                max_in_flight_bytes_per_peer=max(max_message_bytes, 256 * 1024 * 1024),
+                            )
+                        )
+                    )
+                    for i in range(count)
+                ]
+                yield transports
+
+    def address(self, transport: Transport) -> str:
+        assert isinstance(transport, LibP2PTransport)
+        return transport.listen_multiaddrs[0]
+
+
+HARNESSES: list[Harness] = [SimHarness(), LibP2PHarness()]

@@ -1,0 +1,473 @@
+"""`LibP2PTransport`: the `Transport` contract (p2p/transport.py) over a py-libp2p host (Noise + yamux over TCP).
+
+Wire format: each protocol is a libp2p stream protocol; on a stream, a message is one frame, the 12-byte header of
+`p2p.codec.encode_frame_header` followed by the body. Outbound, one stream per (peer, protocol) is opened on first
+use, kept open and reused, and guarded by a lock so that only one task writes to it (yamux interleaves concurrent
+writes, LIBP2P_NOTES #4); bodies are written in chunks of `WRITE_CHUNK_BYTES`. A send cancelled or failed midway
+resets that stream, so the receiver sees a truncated frame and drops it, and the next send opens a fresh stream.
+
+Inbound, each stream is read by its own handler: it parses the header with the limit of that protocol *before*
+holding any buffer, reserves the body size from the sender's in-flight budget (`max_in_flight_bytes_per_peer`:
+beyond it, reading pauses and yamux flow control holds the sender back), then reads the body in bounded reads
+(py-libp2p's own framed reads stop near 6.8 MB, LIBP2P_NOTES #8). A bad header, an oversized announcement or a
+truncated frame resets the stream, is counted in `remote_errors` and reported to the `PeerPolicy`. Every handler
+runs behind a boundary that catches, logs and counts anything unexpected and resets the stream, because an
+exception escaping a py-libp2p stream handler kills the whole host (LIBP2P_NOTES #2).
+
+This module must not decode messages (the driver does, with a `Schema`) nor hold protocol logic.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import multiaddr
+import trio
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.custom_types import TProtocol
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.network.stream.exceptions import StreamError
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+
+from p2p.codec import FRAME_HEADER_SIZE, encode_frame_header, parse_frame_header
+from p2p.host import HostConfig, listen_multiaddrs, running_host
+from p2p.transport import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_QUEUE_LEN, Delivery, PeerPolicy, Transport
+from swarmgrad.errors import (
+    ConfigError,
+    DecodeError,
+    LocalProtocolError,
+    MessageTooLarge,
+    PeerUnreachable,
+    TransportClosed,
+)
+from swarmgrad.machine import PeerDown, PeerId, PeerUp
+
+log = logging.getLogger(__name__)
+
+WRITE_CHUNK_BYTES = 1024 * 1024
+"""Bodies are written to a stream in pieces of this size (yamux then splits by its flow-control window)."""
+READ_CHUNK_BYTES = 1024 * 1024
+"""The most one read asks a stream for."""
+CLEANUP_TIMEOUT_S = 2.0
+"""Bound on resetting a stream after a failure or a cancellation (done shielded, so it must be bounded)."""
+_MAX_FRAME_BODY_BYTES = 2**64 - 1
+"""What a frame header can announce at all (u64): used to tell an oversized frame from a malformed one."""
+
+# Errors py-libp2p raises when a stream or connection fails under us (reset, EOF, closed, dial failure, ...).
+_STREAM_FAILURES = (BaseLibp2pError, OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+class _Truncated(Exception):
+    """The stream ended inside a frame (a cancelled send, a crashed peer, or a hostile one)."""
+
+
+@dataclass
+class _Outbound:
+    """The kept-open stream for one (peer, protocol), and the lock that makes its user the only writer."""
+
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    stream: INetStream | None = None
+
+
+@dataclass
+class _Inbox:
+    channel: trio.MemorySendChannel[Delivery]
+    max_message_bytes: int
+
+
+async def _reset_quietly(stream: INetStream) -> None:
+    """Reset `stream`, shielded from cancellation and bounded in time; a stream already gone is fine."""
+    with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT_S):
+        try:
+            await stream.reset()
+        except _STREAM_FAILURES as exc:
+            log.debug("reset of a failed stream failed too: %s", exc)
+
+
+class _ConnectionWatcher(INotifee):
+    """Forwards py-libp2p's connection notifications to the transport."""
+
+    def __init__(self, on_connected: Callable[[INetConn], None], on_disconnected: Callable[[INetConn], None]) -> None:
+        self._on_connected = on_connected
+        self._on_disconnected = on_disconnected
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        self._on_connected(conn)
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        self._on_disconnected(conn)
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        return None
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        return None
+
+    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        return None
+
+    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        return None
+
+
+class LibP2PTransport(Transport):
+    """The `Transport` contract on a py-libp2p host. Open it with `async with LibP2PTransport.open(config)`."""
+
+    def __init__(self, host: IHost, config: HostConfig, policy: PeerPolicy | None, nursery: trio.Nursery) -> None:
+        """Use `open`; this wraps a host that `running_host` is already running."""
+        self._host = host
+        self._config = config
+        self._policy = policy
+        self._nursery = nursery
+        self._local_peer = str(host.get_id())
+        self._inboxes: dict[str, _Inbox] = {}
+        self._outbound: dict[tuple[PeerId, str], _Outbound] = {}
+        self._watchers: list[trio.MemorySendChannel[PeerUp | PeerDown]] = []
+        self._connected: set[PeerId] = set()
+        self._in_flight_bytes: Counter[PeerId] = Counter()
+        self._in_flight_released: dict[PeerId, trio.Event] = {}
+        self._counters: Counter[str] = Counter()
+        self._closed = False
+        host.get_network().register_notifee(_ConnectionWatcher(self._on_connected, self._on_disconnected))
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, config: HostConfig, policy: PeerPolicy | None = None) -> AsyncIterator[LibP2PTransport]:
+        """Run a host for `config` and a transport on it; on exit, close both and release every socket."""
+        async with running_host(config) as host, trio.open_nursery() as nursery:
+            transport = cls(host, config, policy, nursery)
+            try:
+                yield transport
+            finally:
+                await transport.aclose()
+                nursery.cancel_scope.cancel()
+
+    # ---- what other components use ------------------------------------------------------------------------------
+
+    @property
+    def host(self) -> IHost:
+        """The py-libp2p host, for components that register their own protocols or run the DHT on it."""
+        return self._host
+
+    @property
+    def listen_multiaddrs(self) -> list[str]:
+        """Where other peers can reach this one: full multiaddrs with the bound port, ending in `/p2p/<peer id>`."""
+        return listen_multiaddrs(self._host)
+
+    # ---- the Transport contract ---------------------------------------------------------------------------------
+
+    @property
+    def local_peer(self) -> PeerId:
+        return self._local_peer
+
+    def listen(
+        self, protocol: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, queue_len: int = DEFAULT_QUEUE_LEN
+    ) -> trio.MemoryReceiveChannel[Delivery]:
+        self._check_open()
+        if protocol in self._inboxes:
+            raise LocalProtocolError(f"{protocol} already has a listener")
+        if not 1 <= max_message_bytes <= self._config.max_in_flight_bytes_per_peer:
+            raise ConfigError(
+                "max_message_bytes",
+                max_message_bytes,
+                f"in [1, max_in_flight_bytes_per_peer = {self._config.max_in_flight_bytes_per_peer}]",
+            )
+        send, recv = trio.open_memory_channel[Delivery](queue_len)
+        inbox = _Inbox(send, max_message_bytes)
+        self._inboxes[protocol] = inbox
+
+        async def handler(stream: INetStream) -> None:
+            await self._guard(stream, protocol, inbox)
+
+        self._host.set_stream_handler(TProtocol(protocol), handler)
+        return recv
+
+    async def send(self, peer: PeerId, protocol: str, payload: bytes) -> None:
+        self._check_open()
+        if len(payload) > self._config.max_message_bytes:
+            raise MessageTooLarge(f"payload of {len(payload)} bytes exceeds {self._config.max_message_bytes}")
+        if not self._allows(peer):
+            raise PeerUnreachable(f"peer {peer} is refused by the peer policy")
+        outbound = self._outbound.setdefault((peer, protocol), _Outbound())
+        async with outbound.lock:
+            self._check_open()
+            reused = outbound.stream is not None
+            try:
+                await self._send_on(outbound, peer, protocol, payload)
+            except PeerUnreachable:
+                if not reused:
+                    raise
+                # The kept stream had died (the receiver reset it, or the connection was replaced). The frame did
+                # not get through whole, so the receiver dropped it: one retry on a fresh stream keeps the order.
+                self._counters["stream_retries"] += 1
+                await self._send_on(outbound, peer, protocol, payload)
+        self._counters["messages_out"] += 1
+        self._counters["bytes_out"] += len(payload)
+
+    async def connect(self, address: str) -> PeerId:
+        self._check_open()
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(address))
+        except (ValueError, TypeError, multiaddr.exceptions.Error, BaseLibp2pError) as exc:
+            raise PeerUnreachable(f"{address!r} is not a multiaddr ending in /p2p/<peer id>: {exc}") from exc
+        peer = str(info.peer_id)
+        if peer == self._local_peer:
+            raise PeerUnreachable(f"{address} is this peer itself")
+        if not self._allows(peer):
+            raise PeerUnreachable(f"peer {peer} at {address} is refused by the peer policy")
+        with trio.move_on_after(self._config.connect_timeout_s) as scope:
+            try:
+                await self._host.connect(info)
+            except _STREAM_FAILURES as exc:
+                self._check_open()
+                raise PeerUnreachable(f"cannot connect to {address}: {exc}") from exc
+        if scope.cancelled_caught:
+            raise PeerUnreachable(
+                f"cannot connect to {address}: no connection within {self._config.connect_timeout_s} s"
+            )
+        return peer
+
+    def peer_events(self) -> trio.MemoryReceiveChannel[PeerUp | PeerDown]:
+        send, recv = trio.open_memory_channel[PeerUp | PeerDown](DEFAULT_QUEUE_LEN)
+        if self._closed:
+            send.close()
+        else:
+            self._watchers.append(send)
+        return recv
+
+    def connected_peers(self) -> list[PeerId]:
+        return sorted(self._connected)
+
+    def statistics(self) -> dict[str, int]:
+        return dict(self._counters)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for inbox in self._inboxes.values():
+            inbox.channel.close()
+        await self._host.close()
+        for watcher in self._watchers:
+            watcher.close()
+        self._watchers.clear()
+        self._connected.clear()
+        for event in self._in_flight_released.values():
+            event.set()
+
+    # ---- sending ------------------------------------------------------------------------------------------------
+
+    async def _send_on(self, outbound: _Outbound, peer: PeerId, protocol: str, payload: bytes) -> None:
+        """Write one frame on the kept stream of `outbound` (opened if needed); the caller holds its lock."""
+        if outbound.stream is None:
+            outbound.stream = await self._open_stream(peer, protocol)
+        stream = outbound.stream
+        try:
+            await self._write_frame(stream, payload)
+        except BaseException as exc:
+            # Cancelled or failed midway: the receiver may hold part of a frame, so this stream is unusable.
+            outbound.stream = None
+            await _reset_quietly(stream)
+            if isinstance(exc, _STREAM_FAILURES):
+                self._check_open()
+                raise PeerUnreachable(f"sending to {peer} under {protocol} failed: {exc!r}") from exc
+            raise
+
+    async def _open_stream(self, peer: PeerId, protocol: str) -> INetStream:
+        try:
+            peer_id = ID.from_base58(peer)
+        except ValueError as exc:
+            raise PeerUnreachable(f"{peer!r} is not a peer id: {exc}") from exc
+        stream: INetStream | None = None
+        with trio.move_on_after(self._config.connect_timeout_s + self._config.stream_open_timeout_s):
+            try:
+                stream = await self._host.new_stream(peer_id, [TProtocol(protocol)])
+            except _STREAM_FAILURES as exc:
+                self._check_open()
+                raise PeerUnreachable(f"cannot open a {protocol} stream to {peer}: {exc}") from exc
+        if stream is None:
+            raise PeerUnreachable(f"cannot open a {protocol} stream to {peer}: timed out")
+        return stream
+
+    @staticmethod
+    async def _write_frame(stream: INetStream, payload: bytes) -> None:
+        header = encode_frame_header(len(payload))
+        first = WRITE_CHUNK_BYTES - FRAME_HEADER_SIZE
+        await stream.write(header + payload[:first])
+        for start in range(first, len(payload), WRITE_CHUNK_BYTES):
+            await stream.write(payload[start : start + WRITE_CHUNK_BYTES])
+
+    # ---- receiving ----------------------------------------------------------------------------------------------
+
+    async def _guard(self, stream: INetStream, protocol: str, inbox: _Inbox) -> None:
+        """The boundary around one inbound stream: nothing escapes into py-libp2p, which would kill the host."""
+        peer = str(stream.muxed_conn.peer_id)
+        try:
+            await self._serve(stream, peer, protocol, inbox)
+        except DecodeError as exc:
+            self._remote_error(peer, f"bad frame under {protocol}: {exc}")
+            await _reset_quietly(stream)
+        except _Truncated as exc:
+            self._counters["truncated_frames"] += 1
+            self._remote_error(peer, f"truncated frame under {protocol}: {exc}")
+            await _reset_quietly(stream)
+        except Exception:
+            self._counters["handler_errors"] += 1
+            log.exception("stream handler for %s from %s failed; stream reset, host kept", protocol, peer)
+            await _reset_quietly(stream)
+
+    async def _serve(self, stream: INetStream, peer: PeerId, protocol: str, inbox: _Inbox) -> None:
+        if not self._allows(peer):
+            self._counters["refused_streams"] += 1
+            await _reset_quietly(stream)
+            return
+        while not self._closed:
+            first = await self._read_some(stream, FRAME_HEADER_SIZE)
+            if not first:
+                break  # the sender closed the stream between frames
+            header = first + await self._read_exactly(stream, FRAME_HEADER_SIZE - len(first), FRAME_HEADER_SIZE)
+            try:
+                size = parse_frame_header(header, inbox.max_message_bytes)
+            except DecodeError:
+                # Well formed but over this protocol's limit? Then skip its body unread, so the stream (and the
+                # messages queued behind it) stays usable; anything else desynchronises the stream: reset it.
+                oversize = parse_frame_header(header, _MAX_FRAME_BODY_BYTES)
+                self._remote_error(peer, f"frame of {oversize} bytes over the {inbox.max_message_bytes} limit")
+                if await self._skip(stream, peer, oversize):
+                    continue
+                await _reset_quietly(stream)
+                return
+            await self._reserve(peer, size)
+            try:
+                body = await self._read_exactly(stream, size, size)
+                self._deliver(inbox, Delivery(peer, protocol, body))
+            finally:
+                self._release(peer, size)
+        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT_S):
+            try:
+                await stream.close()
+            except _STREAM_FAILURES as exc:
+                log.debug("closing a finished inbound stream failed: %s", exc)
+
+    async def _skip(self, stream: INetStream, peer: PeerId, size: int) -> bool:
+        """Read and discard `size` bytes without holding them. False when the stream ended first or the policy
+        refused the peer meanwhile (the frame is already reported: the caller just drops the stream)."""
+        remaining = size
+        while remaining:
+            if not self._allows(peer):
+                return False
+            piece = await self._read_some(stream, min(remaining, READ_CHUNK_BYTES))
+            if not piece:
+                return False
+            remaining -= len(piece)
+        self._counters["skipped_bytes"] += size
+        return True
+
+    @staticmethod
+    async def _read_some(stream: INetStream, limit: int) -> bytes:
+        """Up to `limit` bytes; empty when the stream has ended (closed or reset)."""
+        try:
+            return await stream.read(limit)
+        except StreamError:
+            return b""
+
+    @classmethod
+    async def _read_exactly(cls, stream: INetStream, size: int, frame_part_bytes: int) -> bytes:
+        """Exactly `size` bytes, in reads of at most `READ_CHUNK_BYTES`; `_Truncated` if the stream ends first."""
+        pieces: list[bytes] = []
+        remaining = size
+        while remaining:
+            piece = await cls._read_some(stream, min(remaining, READ_CHUNK_BYTES))
+            if not piece:
+                got = frame_part_bytes - remaining
+                raise _Truncated(f"the stream ended after {got} of {frame_part_bytes} bytes")
+            pieces.append(piece)
+            remaining -= len(piece)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _deliver(self, inbox: _Inbox, delivery: Delivery) -> None:
+        try:
+            inbox.channel.send_nowait(delivery)
+        except trio.WouldBlock:
+            self._counters["dropped_full"] += 1
+            return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._counters["dropped_no_listener"] += 1
+            return
+        self._counters["messages_in"] += 1
+        self._counters["bytes_in"] += len(delivery.payload)
+
+    async def _reserve(self, peer: PeerId, size: int) -> None:
+        """Wait until `peer` has room for `size` more bytes in flight, then take it."""
+        limit = self._config.max_in_flight_bytes_per_peer
+        while self._in_flight_bytes[peer] + size > limit and not self._closed:
+            self._counters["in_flight_waits"] += 1
+            await self._in_flight_released.setdefault(peer, trio.Event()).wait()
+        self._in_flight_bytes[peer] += size
+
+    def _release(self, peer: PeerId, size: int) -> None:
+        self._in_flight_bytes[peer] -= size
+        if self._in_flight_bytes[peer] <= 0:
+            del self._in_flight_bytes[peer]
+        event = self._in_flight_released.pop(peer, None)
+        if event is not None:
+            event.set()
+
+    # ---- peers --------------------------------------------------------------------------------------------------
+
+    def _allows(self, peer: PeerId) -> bool:
+        return self._policy is None or self._policy.allows(peer)
+
+    def _remote_error(self, peer: PeerId, reason: str) -> None:
+        self._counters["remote_errors"] += 1
+        log.info("peer %s: %s", peer, reason)
+        if self._policy is not None:
+            self._policy.report(peer, reason)
+            if not self._policy.allows(peer) and not self._closed:
+                self._nursery.start_soon(self._disconnect, ID.from_base58(peer))
+
+    def _on_connected(self, conn: INetConn) -> None:
+        peer_id = conn.muxed_conn.peer_id
+        peer = str(peer_id)
+        if self._closed or peer in self._connected:
+            return
+        if not self._allows(peer):
+            self._counters["refused_connections"] += 1
+            self._nursery.start_soon(self._disconnect, peer_id)
+            return
+        self._connected.add(peer)
+        self._emit(PeerUp(peer))
+
+    def _on_disconnected(self, conn: INetConn) -> None:
+        peer_id = conn.muxed_conn.peer_id
+        peer = str(peer_id)
+        if self._host.get_network().get_connections(peer_id):
+            return  # a duplicate connection closed; the peer is still connected
+        for (other, _), outbound in self._outbound.items():
+            if other == peer:
+                outbound.stream = None  # its streams died with the connection; the next send opens a new one
+        if peer in self._connected:
+            self._connected.discard(peer)
+            self._emit(PeerDown(peer))
+
+    async def _disconnect(self, peer_id: ID) -> None:
+        try:
+            await self._host.disconnect(peer_id)
+        except _STREAM_FAILURES as exc:
+            log.debug("closing the refused connection of %s failed: %s", peer_id, exc)
+
+    def _emit(self, event: PeerUp | PeerDown) -> None:
+        for watcher in self._watchers:
+            try:
+                watcher.send_nowait(event)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                self._counters["dropped_peer_events"] += 1
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportClosed(f"transport of {self._local_peer} is closed")
