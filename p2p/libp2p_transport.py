@@ -20,6 +20,7 @@ This module must not decode messages (the driver does, with a `Schema`) nor hold
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -67,11 +68,22 @@ class _Truncated(Exception):
 
 
 @dataclass
-class _Outbound:
-    """The kept-open stream for one (peer, protocol), and the lock that makes its user the only writer."""
+class _Frame:
+    """One payload waiting for its writer; `done` is set once it was written whole, abandoned, or failed."""
 
-    lock: trio.Lock = field(default_factory=trio.Lock)
+    payload: bytes
+    done: trio.Event = field(default_factory=trio.Event)
+    error: PeerUnreachable | TransportClosed | None = None
+    abandoned: bool = False
+
+
+@dataclass
+class _Outbound:
+    """The kept-open stream for one (peer, protocol) and the queue of its only writer task."""
+
+    queue: trio.MemorySendChannel[_Frame]
     stream: INetStream | None = None
+    closed: bool = False
 
 
 @dataclass
@@ -193,19 +205,20 @@ class LibP2PTransport(Transport):
             raise MessageTooLarge(f"payload of {len(payload)} bytes exceeds {self._config.max_message_bytes}")
         if not self._allows(peer):
             raise PeerUnreachable(f"peer {peer} is refused by the peer policy")
-        outbound = self._outbound.setdefault((peer, protocol), _Outbound())
-        async with outbound.lock:
-            self._check_open()
-            reused = outbound.stream is not None
-            try:
-                await self._send_on(outbound, peer, protocol, payload)
-            except PeerUnreachable:
-                if not reused:
-                    raise
-                # The kept stream had died (the receiver reset it, or the connection was replaced). The frame did
-                # not get through whole, so the receiver dropped it: one retry on a fresh stream keeps the order.
-                self._counters["stream_retries"] += 1
-                await self._send_on(outbound, peer, protocol, payload)
+        outbound = self._outbound.get((peer, protocol))
+        if outbound is None:
+            send, recv = trio.open_memory_channel[_Frame](math.inf)  # bounded by the callers waiting on it
+            outbound = self._outbound[(peer, protocol)] = _Outbound(send)
+            self._nursery.start_soon(self._write_queue, outbound, peer, protocol, recv)
+        frame = _Frame(payload)
+        outbound.queue.send_nowait(frame)
+        try:
+            await frame.done.wait()
+        except BaseException:
+            frame.abandoned = True  # cancelled: the writer drops it, or resets the stream if it is half written
+            raise
+        if frame.error is not None:
+            raise frame.error
         self._counters["messages_out"] += 1
         self._counters["bytes_out"] += len(payload)
 
@@ -252,6 +265,9 @@ class LibP2PTransport(Transport):
         self._closed = True
         for inbox in self._inboxes.values():
             inbox.channel.close()
+        for outbound in self._outbound.values():
+            outbound.closed = True
+            outbound.queue.close()
         await self._host.close()
         for watcher in self._watchers:
             watcher.close()
@@ -262,21 +278,74 @@ class LibP2PTransport(Transport):
 
     # ---- sending ------------------------------------------------------------------------------------------------
 
-    async def _send_on(self, outbound: _Outbound, peer: PeerId, protocol: str, payload: bytes) -> None:
-        """Write one frame on the kept stream of `outbound` (opened if needed); the caller holds its lock."""
+    async def _write_queue(
+        self, outbound: _Outbound, peer: PeerId, protocol: str, queue: trio.MemoryReceiveChannel[_Frame]
+    ) -> None:
+        """The only writer of `outbound`'s stream. It runs in the transport's nursery, so a caller's cancellation
+        never interrupts a py-libp2p write: a write cut midway would leave half a yamux or Noise frame on the
+        connection and break every stream on it. An abandoned frame is cut at a chunk boundary instead, by a reset."""
+        frame: _Frame | None = None
+        try:
+            async for frame in queue:
+                if not frame.abandoned:
+                    try:
+                        await self._write_with_retry(outbound, peer, protocol, frame)
+                    except (PeerUnreachable, TransportClosed) as exc:
+                        frame.error = exc
+                frame.done.set()
+                frame = None
+        finally:
+            # Cancelled with the transport, or the queue was closed: nobody may wait forever.
+            stopped = TransportClosed(f"transport of {self._local_peer} is closed")
+            pending = [] if frame is None else [frame]
+            while True:
+                try:
+                    pending.append(queue.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            for waiting in pending:
+                waiting.error = stopped if self._closed else PeerUnreachable(f"the connection to {peer} closed")
+                waiting.done.set()
+            if outbound.stream is not None:
+                await _reset_quietly(outbound.stream)
+                outbound.stream = None
+
+    async def _write_with_retry(self, outbound: _Outbound, peer: PeerId, protocol: str, frame: _Frame) -> None:
+        reused = outbound.stream is not None
+        try:
+            await self._write_on_stream(outbound, peer, protocol, frame)
+        except PeerUnreachable:
+            if not reused:
+                raise
+            # The kept stream had died (the receiver reset it, or the connection was replaced). The frame did not
+            # get through whole, so the receiver dropped it: one retry on a fresh stream keeps the order.
+            self._counters["stream_retries"] += 1
+            await self._write_on_stream(outbound, peer, protocol, frame)
+
+    async def _write_on_stream(self, outbound: _Outbound, peer: PeerId, protocol: str, frame: _Frame) -> None:
+        """Write `frame` on the kept stream (opened if needed), in chunks; reset the stream if it fails or the frame
+        is abandoned midway."""
+        if outbound.closed:
+            raise PeerUnreachable(f"the connection to {peer} closed")
         if outbound.stream is None:
             outbound.stream = await self._open_stream(peer, protocol)
         stream = outbound.stream
+        payload = frame.payload
+        first = WRITE_CHUNK_BYTES - FRAME_HEADER_SIZE
         try:
-            await self._write_frame(stream, payload)
-        except BaseException as exc:
-            # Cancelled or failed midway: the receiver may hold part of a frame, so this stream is unusable.
+            await stream.write(encode_frame_header(len(payload)) + payload[:first])
+            for start in range(first, len(payload), WRITE_CHUNK_BYTES):
+                if frame.abandoned:
+                    self._counters["abandoned_frames"] += 1
+                    outbound.stream = None
+                    await _reset_quietly(stream)
+                    return
+                await stream.write(payload[start : start + WRITE_CHUNK_BYTES])
+        except _STREAM_FAILURES as exc:
             outbound.stream = None
             await _reset_quietly(stream)
-            if isinstance(exc, _STREAM_FAILURES):
-                self._check_open()
-                raise PeerUnreachable(f"sending to {peer} under {protocol} failed: {exc!r}") from exc
-            raise
+            self._check_open()
+            raise PeerUnreachable(f"sending to {peer} under {protocol} failed: {exc!r}") from exc
 
     async def _open_stream(self, peer: PeerId, protocol: str) -> INetStream:
         try:
@@ -293,14 +362,6 @@ class LibP2PTransport(Transport):
         if stream is None:
             raise PeerUnreachable(f"cannot open a {protocol} stream to {peer}: timed out")
         return stream
-
-    @staticmethod
-    async def _write_frame(stream: INetStream, payload: bytes) -> None:
-        header = encode_frame_header(len(payload))
-        first = WRITE_CHUNK_BYTES - FRAME_HEADER_SIZE
-        await stream.write(header + payload[:first])
-        for start in range(first, len(payload), WRITE_CHUNK_BYTES):
-            await stream.write(payload[start : start + WRITE_CHUNK_BYTES])
 
     # ---- receiving ----------------------------------------------------------------------------------------------
 
@@ -448,9 +509,11 @@ class LibP2PTransport(Transport):
         peer = str(peer_id)
         if self._host.get_network().get_connections(peer_id):
             return  # a duplicate connection closed; the peer is still connected
-        for (other, _), outbound in self._outbound.items():
-            if other == peer:
-                outbound.stream = None  # its streams died with the connection; the next send opens a new one
+        for key in [key for key in self._outbound if key[0] == peer]:
+            # Its streams died with the connection. Frames already queued fail; the next send starts a new writer.
+            outbound = self._outbound.pop(key)
+            outbound.closed = True
+            outbound.queue.close()
         if peer in self._connected:
             self._connected.discard(peer)
             self._emit(PeerDown(peer))
