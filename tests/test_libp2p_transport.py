@@ -276,3 +276,40 @@ async def test_closing_ten_hosts_leaves_no_file_descriptor_behind(tmp_path: Path
     assert after - before == set(), (
         f"leaked descriptors: {[os.readlink(f'/proc/self/fd/{fd}') for fd in after - before]}"
     )
+
+
+async def test_a_private_network_admits_only_holders_of_its_key(tmp_path: Path) -> None:
+    psk = bytes(range(32))
+    with trio.fail_after(TIMEOUT_S):
+        async with (
+            transports(tmp_path / "member", 2, psk=psk) as (a, b),
+            transports(tmp_path / "outsider", 1, psk=bytes(32), connect_timeout_s=2) as (outsider,),
+        ):
+            inbox = b.listen(PROTO)
+            await a.connect(b.listen_multiaddrs[0])
+            await a.send(b.local_peer, PROTO, b"members only")
+            assert (await inbox.receive()).payload == b"members only"
+            with pytest.raises(PeerUnreachable, match="cannot connect"):
+                await outsider.connect(b.listen_multiaddrs[0])
+            assert outsider.local_peer not in b.connected_peers()
+
+
+async def test_the_in_flight_budget_holds_a_peer_back_without_losing_anything(tmp_path: Path) -> None:
+    """With room for one 1 MiB frame per peer, two protocols' streams from one peer take turns."""
+    other = "/swarmgrad/test-other/1.0.0"
+    with trio.fail_after(TIMEOUT_S):
+        async with transports(tmp_path, 2, max_message_bytes=MiB, max_in_flight_bytes_per_peer=MiB) as (rx, tx):
+            inboxes = {PROTO: rx.listen(PROTO, max_message_bytes=MiB), other: rx.listen(other, max_message_bytes=MiB)}
+            await tx.connect(rx.listen_multiaddrs[0])
+
+            async def send_five(protocol: str) -> None:
+                for i in range(5):
+                    await tx.send(rx.local_peer, protocol, bytes([i]) * MiB)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_five, PROTO)
+                nursery.start_soon(send_five, other)
+                for protocol, inbox in inboxes.items():
+                    got = [await inbox.receive() for _ in range(5)]
+                    assert [d.payload == bytes([i]) * MiB for i, d in enumerate(got)] == [True] * 5, protocol
+            assert rx.statistics().get("remote_errors", 0) == 0
