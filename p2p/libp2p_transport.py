@@ -131,7 +131,8 @@ class LibP2PTransport(Transport):
     """The `Transport` contract on a py-libp2p host. Open it with `async with LibP2PTransport.open(config)`."""
 
     def __init__(self, host: IHost, config: HostConfig, policy: PeerPolicy | None, nursery: trio.Nursery) -> None:
-        """Use `open`; this wraps a host that `running_host` is already running."""
+        """Wrap a host that is already running (`running_host`, or a node that runs one); writer tasks run in
+        `nursery`. `open` does all of this for a host of its own. `aclose()` closes the host too."""
         self._host = host
         self._config = config
         self._policy = policy
