@@ -11,7 +11,8 @@
 * **`ScoringPolicy`** (public swarms): a `PeerPolicy` for a swarm where every peer is a stranger. Each remote
   error a transport or driver reports adds to the peer's score, which decays over time; a peer whose score
   reaches the threshold is banned for a while (longer each time it offends again). It also caps the number of
-  inbound connections and the bytes in flight per peer, so one hostile peer cannot exhaust memory.
+  inbound connections; together with the transport's per-peer in-flight bytes cap
+  (`HostConfig.max_in_flight_bytes_per_peer`), one hostile peer cannot exhaust memory.
 
 This module does no network I/O and reads no clock: the policy is handed a `clock` callable by its owner.
 """
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from swarmgrad.errors import ConfigError, LocalProtocolError, SwarmgradError
+from swarmgrad.errors import ConfigError, SwarmgradError
 
 SWARM_KEY_CODEC = "/key/swarm/psk/1.0.0/"
 SWARM_KEY_ENCODING = "/base16/"
@@ -145,7 +146,6 @@ class ScoringConfig:
     ban_duration_s: float = 60.0
     max_ban_duration_s: float = 3600.0
     max_inbound_connections: int = 64
-    max_in_flight_bytes_per_peer: int = 512 * 1024 * 1024
 
     def __post_init__(self) -> None:
         for name in ("ban_threshold", "score_half_life_s", "ban_duration_s"):
@@ -156,10 +156,8 @@ class ScoringConfig:
             raise ConfigError(
                 "max_ban_duration_s", self.max_ban_duration_s, f">= ban_duration_s ({self.ban_duration_s})"
             )
-        for name in ("max_inbound_connections", "max_in_flight_bytes_per_peer"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
-                raise ConfigError(name, value, "an integer >= 1")
+        if not (isinstance(self.max_inbound_connections, int) and self.max_inbound_connections >= 1):
+            raise ConfigError("max_inbound_connections", self.max_inbound_connections, "an integer >= 1")
 
 
 class ScoringPolicy:
@@ -173,7 +171,6 @@ class ScoringPolicy:
         self._banned_until: dict[str, float] = {}
         self._offences: Counter[str] = Counter()  # bans so far, per peer
         self._inbound: set[str] = set()
-        self._in_flight_bytes: Counter[str] = Counter()
         self._counters: Counter[str] = Counter()
 
     # ---- PeerPolicy ------------------------------------------------------------------------------------------------
@@ -221,27 +218,6 @@ class ScoringPolicy:
         """The inbound connection from `peer` closed."""
         self._inbound.discard(peer)
 
-    def reserve_bytes(self, peer: str, size_bytes: int) -> bool:
-        """Reserve `size_bytes` of buffer for a message from `peer` before reading it; False when that would take
-        the peer over its in-flight cap (the caller refuses the message and reports the peer)."""
-        if size_bytes < 0:
-            raise LocalProtocolError(f"reserve_bytes({peer!r}, {size_bytes}): size must be >= 0")
-        if self._in_flight_bytes[peer] + size_bytes > self.config.max_in_flight_bytes_per_peer:
-            self._counters["refused_in_flight"] += 1
-            return False
-        self._in_flight_bytes[peer] += size_bytes
-        return True
-
-    def release_bytes(self, peer: str, size_bytes: int) -> None:
-        """Give back bytes reserved with `reserve_bytes`."""
-        left = self._in_flight_bytes[peer] - size_bytes
-        if left < 0:
-            raise LocalProtocolError(f"release_bytes({peer!r}, {size_bytes}): only {left + size_bytes} reserved")
-        if left:
-            self._in_flight_bytes[peer] = left
-        else:
-            del self._in_flight_bytes[peer]
-
     # ---- inspection ------------------------------------------------------------------------------------------------
 
     def score(self, peer: str) -> float:
@@ -262,5 +238,4 @@ class ScoringPolicy:
         stats = dict(self._counters)
         stats["banned"] = len(self.banned_peers())
         stats["inbound_connections"] = len(self._inbound)
-        stats["in_flight_bytes"] = sum(self._in_flight_bytes.values())
         return stats

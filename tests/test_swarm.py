@@ -18,7 +18,7 @@ from p2p.swarm import (
     validate_swarm_id,
     write_swarm_key,
 )
-from swarmgrad.errors import ConfigError, LocalProtocolError
+from swarmgrad.errors import ConfigError
 
 KEY = SwarmKey(bytes(range(32)))
 
@@ -139,18 +139,6 @@ def test_inbound_cap_and_banned_peers_are_refused() -> None:
     policy.release_inbound("b")
     assert not policy.admit_inbound("d")
     assert policy.statistics()["refused_inbound_cap"] == 1
-
-
-def test_in_flight_bytes_are_capped_per_peer() -> None:
-    policy = ScoringPolicy(ScoringConfig(max_in_flight_bytes_per_peer=100), FakeClock())
-    assert policy.reserve_bytes("a", 60)
-    assert not policy.reserve_bytes("a", 41)
-    assert policy.reserve_bytes("b", 100)  # the cap is per peer
-    policy.release_bytes("a", 60)
-    assert policy.reserve_bytes("a", 100)
-    assert policy.statistics()["in_flight_bytes"] == 200
-    with pytest.raises(LocalProtocolError):
-        policy.release_bytes("a", 101)
 
 
 @pytest.mark.parametrize(

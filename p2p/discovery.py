@@ -1,0 +1,460 @@
+"""Swarm discovery over the libp2p Kademlia DHT: join, advertise, look the others up.
+
+py-libp2p always speaks `/ipfs/kad/1.0.0` (its `protocol_prefix` is ignored, LIBP2P_NOTES #6), so one DHT may carry
+many swarms; what keeps them apart is the key namespace and a validator:
+
+* Every peer publishes a signed **member record** under `/swarmgrad/<swarm-id>/member/<peer-id>`: its swarm id,
+  peer id, public key, listen addresses and an absolute expiry (`record_ttl_s` ahead, republished every
+  `republish_interval_s`). `MemberRecordValidator`, registered for the `swarmgrad` namespace, rejects a record that
+  is malformed, not signed by the peer its key names, stored under another swarm's or peer's key, expired, or
+  valid for longer than `MAX_RECORD_TTL_S`. A peer that left stops republishing, so its record expires and it
+  disappears from lookups.
+* Every peer also announces itself as a **provider** of `/swarmgrad/<swarm-id>/members` (a Kademlia provider
+  record). A lookup asks the DHT for that key's providers (deduplicated, LIBP2P_NOTES #6), then fetches and
+  verifies each new provider's member record; only a verified, unexpired record of our swarm becomes a
+  `CandidateFound(via="dht")`. Provider records live 48 h in py-libp2p: the member record is what expires.
+
+A peer also hands out its own member record on `record_protocol(swarm_id)`: a peer connected to us (a bootstrap
+peer, or one that dialled in) is verified by asking it directly, which is faster than a DHT lookup and works before
+its record has spread; the record must still verify exactly as one from the DHT.
+
+Joining: the DHT's routing table stays empty after a plain connect (LIBP2P_NOTES #6), so `Discovery.join` dials
+each bootstrap multiaddr (bounded by `dial_timeout_s`), adds it to the DHT explicitly and refreshes the routing
+table; a bootstrap peer whose own member record verifies is reported `via="bootstrap"`.
+
+This module owns the DHT and the record format. It must not decide who is live (that is `p2p.membership`) and it
+must not dial peers it found (the node does that when the membership machine asks).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import multiaddr
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.serialization import deserialize_public_key
+from libp2p.custom_types import TProtocol
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.io.utils import read_exactly
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.kad_dht.kad_dht import _encode_key as _encode_dht_key
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.records.validator import Validator
+from libp2p.tools.anyio_service import background_trio_service
+
+from p2p.codec import FRAME_HEADER_SIZE, Schema, encode_frame_header, parse_frame_header
+from p2p.membership import VIA_BOOTSTRAP, VIA_DHT, VIA_INBOUND, CandidateFound
+from p2p.swarm import validate_swarm_id
+from swarmgrad.errors import ConfigError, DecodeError, PeerUnreachable
+
+if TYPE_CHECKING:  # libp2p installs trio-typing, whose stale `trio-stubs` hide trio's own `TaskStatus` from mypy
+    from trio_typing import TaskStatus
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "swarmgrad"
+MAX_RECORD_TTL_S = 3600.0
+"""A record may claim to be valid at most this far ahead (plus `CLOCK_SKEW_S`): nobody can pin a stale entry."""
+CLOCK_SKEW_S = 30.0
+"""Tolerated difference between two peers' wall clocks when checking record expiry."""
+_MAX_ADDRS = 16
+MAX_RECORD_BYTES = 16 * 1024
+"""A member record is a few hundred bytes; anything announced larger is refused before it is read."""
+
+
+def record_protocol(swarm_id: str) -> TProtocol:
+    """The stream protocol on which a member of `swarm_id` hands out its own member record. A peer of another
+    swarm does not speak it, so protocol negotiation alone keeps swarms apart on a shared connection."""
+    return TProtocol(f"/swarmgrad/{swarm_id}/member-record/1.0.0")
+
+
+def member_key(swarm_id: str, peer_id: str) -> str:
+    """The DHT key of `peer_id`'s member record in swarm `swarm_id`."""
+    return f"/{NAMESPACE}/{swarm_id}/member/{peer_id}"
+
+
+def members_key(swarm_id: str) -> str:
+    """The DHT key every member of `swarm_id` provides."""
+    return f"/{NAMESPACE}/{swarm_id}/members"
+
+
+def parse_bootstrap_addr(addr: str) -> PeerInfo:
+    """A bootstrap multiaddr (`/ip4/<ip>/tcp/<port>/p2p/<peer id>`) as a `PeerInfo`; `ConfigError` naming it
+    when it is malformed or lacks the peer id."""
+    try:
+        return info_from_p2p_addr(multiaddr.Multiaddr(addr))
+    except (ValueError, TypeError, KeyError, multiaddr.exceptions.Error) as exc:
+        raise ConfigError("bootstrap", addr, f"a multiaddr ending in /p2p/<peer id> ({exc})") from exc
+
+
+@dataclass(frozen=True)
+class MemberRecord:
+    """A peer's signed claim to be a member of a swarm, reachable at `addrs` until `expires_at_unix_s`."""
+
+    swarm_id: str
+    peer_id: str
+    public_key: bytes
+    addrs: tuple[str, ...]
+    expires_at_unix_s: float
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.addrs) > _MAX_ADDRS:
+            raise ValueError(f"{len(self.addrs)} addresses, at most {_MAX_ADDRS}")
+        if not math.isfinite(self.expires_at_unix_s):
+            raise ValueError("expiry is not finite")
+
+
+RECORD_SCHEMA = Schema("swarmgrad-member-record", {1: MemberRecord})
+_SIGNING_CONTEXT = b"swarmgrad member record v1\x00"
+
+
+def _signed_bytes(record: MemberRecord) -> bytes:
+    return _SIGNING_CONTEXT + RECORD_SCHEMA.encode(replace(record, signature=b""))
+
+
+def make_member_record(
+    key_pair: KeyPair, swarm_id: str, addrs: tuple[str, ...], expires_at_unix_s: float
+) -> MemberRecord:
+    """A member record for the owner of `key_pair`, signed with its private key."""
+    unsigned = MemberRecord(
+        swarm_id=swarm_id,
+        peer_id=ID.from_pubkey(key_pair.public_key).to_base58(),
+        public_key=key_pair.public_key.serialize(),
+        addrs=addrs,
+        expires_at_unix_s=expires_at_unix_s,
+        signature=b"",
+    )
+    return replace(unsigned, signature=key_pair.private_key.sign(_signed_bytes(unsigned)))
+
+
+def verify_member_record(key: str, value: bytes, now_unix_s: float) -> MemberRecord:
+    """Decode and check a member record stored under `key`. Raises `DecodeError` saying what is wrong."""
+    parts = key.split("/")
+    if len(parts) != 5 or parts[0] != "" or parts[1] != NAMESPACE or parts[3] != "member":
+        raise DecodeError(f"{key!r} is not a member record key")
+    record = RECORD_SCHEMA.decode(value)
+    if not isinstance(record, MemberRecord):
+        raise DecodeError("not a member record")
+    if record.swarm_id != parts[2] or record.peer_id != parts[4]:
+        raise DecodeError(f"record of {record.peer_id} in swarm {record.swarm_id!r} stored under {key!r}")
+    try:
+        public_key = deserialize_public_key(record.public_key)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DecodeError(f"bad public key: {exc}") from exc
+    if ID.from_pubkey(public_key).to_base58() != record.peer_id:
+        raise DecodeError(f"public key does not belong to {record.peer_id}")
+    if not public_key.verify(_signed_bytes(record), record.signature):
+        raise DecodeError(f"bad signature on the record of {record.peer_id}")
+    if record.expires_at_unix_s <= now_unix_s - CLOCK_SKEW_S:
+        raise DecodeError(f"record of {record.peer_id} expired")
+    if record.expires_at_unix_s > now_unix_s + MAX_RECORD_TTL_S + CLOCK_SKEW_S:
+        raise DecodeError(f"record of {record.peer_id} claims validity beyond {MAX_RECORD_TTL_S} s")
+    return record
+
+
+class MemberRecordValidator(Validator):
+    """The DHT validator of the `swarmgrad` namespace (see `verify_member_record`); prefers the latest record."""
+
+    def __init__(self, clock_unix_s: Callable[[], float]) -> None:
+        self._clock_unix_s = clock_unix_s
+
+    def validate(self, key: str, value: bytes) -> None:
+        try:
+            verify_member_record(key, value, self._clock_unix_s())
+        except DecodeError as exc:
+            raise ValueError(f"invalid swarmgrad record: {exc}") from exc
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        best, best_expiry = 0, -math.inf
+        for index, value in enumerate(values):
+            try:
+                expiry = verify_member_record(key, value, self._clock_unix_s()).expires_at_unix_s
+            except DecodeError:
+                continue
+            if expiry > best_expiry:
+                best, best_expiry = index, expiry
+        return best
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    """How a peer joins, advertises and looks up its swarm."""
+
+    swarm_id: str
+    bootstrap_addrs: tuple[str, ...] = ()
+    """Multiaddrs ending in `/p2p/<peer id>`. Empty for the first peer of a swarm."""
+    dial_timeout_s: float = 2.0
+    """Bound on dialling one bootstrap peer, pnet handshake included (a wrong swarm key fails only after ~30-40 s
+    in py-libp2p otherwise)."""
+    record_ttl_s: float = 60.0
+    republish_interval_s: float = 20.0
+    min_lookup_interval_s: float = 0.5
+    """First gap between lookups; it doubles after each lookup that finds nobody new, up to the maximum."""
+    max_lookup_interval_s: float = 8.0
+    lookup_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        validate_swarm_id(self.swarm_id)
+        if not isinstance(self.bootstrap_addrs, tuple):
+            raise ConfigError("bootstrap_addrs", self.bootstrap_addrs, "a tuple of multiaddr strings")
+        for addr in self.bootstrap_addrs:
+            parse_bootstrap_addr(addr)
+        for name in (
+            "dial_timeout_s",
+            "record_ttl_s",
+            "republish_interval_s",
+            "min_lookup_interval_s",
+            "max_lookup_interval_s",
+            "lookup_timeout_s",
+        ):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(name, value, "a finite number of seconds > 0")
+        if self.record_ttl_s > MAX_RECORD_TTL_S:
+            raise ConfigError("record_ttl_s", self.record_ttl_s, f"<= {MAX_RECORD_TTL_S}")
+        if self.republish_interval_s >= self.record_ttl_s:
+            raise ConfigError(
+                "republish_interval_s", self.republish_interval_s, f"< record_ttl_s ({self.record_ttl_s})"
+            )
+        if self.max_lookup_interval_s < self.min_lookup_interval_s:
+            raise ConfigError(
+                "max_lookup_interval_s",
+                self.max_lookup_interval_s,
+                f">= min_lookup_interval_s ({self.min_lookup_interval_s})",
+            )
+
+
+class BootstrapFailed(PeerUnreachable):
+    """No bootstrap peer could be reached; the message names every address and why it failed."""
+
+
+class Discovery:
+    """The DHT service of one peer. `run()` joins and then advertises and looks up until cancelled; each verified
+    member found is handed to `on_found` as a `CandidateFound`."""
+
+    def __init__(
+        self,
+        host: IHost,
+        key_pair: KeyPair,
+        config: DiscoveryConfig,
+        on_found: Callable[[CandidateFound], None],
+        clock_unix_s: Callable[[], float] = time.time,
+    ) -> None:
+        self.host = host
+        self.config = config
+        self._key_pair = key_pair
+        self._on_found = on_found
+        self._clock_unix_s = clock_unix_s
+        self.local_peer = host.get_id().to_base58()
+        self.dht = KadDHT(host, DHTMode.SERVER)
+        self.dht.register_validator(NAMESPACE, MemberRecordValidator(clock_unix_s))
+        self._reported: dict[str, float] = {}  # peer -> expiry of the record last reported
+        self._own_record = b""
+        host.set_stream_handler(record_protocol(config.swarm_id), self._serve_record)
+        self._counters: Counter[str] = Counter()
+        self.joined = trio.Event()
+
+    def statistics(self) -> dict[str, int]:
+        """Counters: lookups, providers seen, records verified or rejected, publishes, bootstrap dials."""
+        stats = dict(self._counters)
+        stats["routing_table_size"] = self.dht.get_routing_table_size()
+        stats["known_members"] = len(self._reported)
+        return stats
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the DHT, join through the bootstrap peers, publish, then look up and republish until cancelled.
+        `task_status.started()` is called once joined and published. Raises `BootstrapFailed` when bootstrap
+        addresses were given and none could be reached."""
+        self._own_record = self._sign_record()  # served to peers we dial while joining
+        async with background_trio_service(self.dht), trio.open_nursery() as nursery:
+            bootstrap_peers = await self.join()
+            await self.publish()
+            self.joined.set()
+            for peer in bootstrap_peers:
+                nursery.start_soon(self.check_peer, peer, VIA_BOOTSTRAP)
+            nursery.start_soon(self._republish_forever)
+            task_status.started()
+            await self._lookup_forever()
+
+    async def join(self) -> list[str]:
+        """Dial every bootstrap address and add the peers that answered to the DHT; return their peer ids."""
+        joined: list[str] = []
+        failures: list[str] = []
+        for addr in self.config.bootstrap_addrs:
+            info = parse_bootstrap_addr(addr)
+            self._counters["bootstrap_dials"] += 1
+            reason = await bounded_connect(self.host, info, self.config.dial_timeout_s)
+            if reason is not None:
+                log.warning("bootstrap peer %s: %s", addr, reason)
+                failures.append(f"{addr}: {reason}")
+                continue
+            await self.dht.add_peer(info.peer_id)
+            joined.append(info.peer_id.to_base58())
+        if self.config.bootstrap_addrs and not joined:
+            raise BootstrapFailed("no bootstrap peer could be reached: " + "; ".join(failures))
+        if joined:
+            await self.dht.refresh_routing_table()
+        return joined
+
+    def _sign_record(self) -> bytes:
+        addrs = tuple(sorted(str(addr) for addr in self.host.get_addrs()))[:_MAX_ADDRS]
+        expires_at = self._clock_unix_s() + self.config.record_ttl_s
+        return RECORD_SCHEMA.encode(make_member_record(self._key_pair, self.config.swarm_id, addrs, expires_at))
+
+    async def publish(self) -> None:
+        """Put a fresh member record and announce this peer as a provider of the swarm's members key."""
+        self._own_record = self._sign_record()
+        await self.dht.put_value(member_key(self.config.swarm_id, self.local_peer), self._own_record)
+        await self.dht.provide(members_key(self.config.swarm_id))
+        self._counters["publishes"] += 1
+
+    async def lookup(self) -> tuple[int, int]:
+        """One round: ask the peers closest to the members key (and our own store) for its providers, then verify
+        each provider not yet reported. Returns (members newly reported, providers whose record did not verify)."""
+        self._counters["lookups"] += 1
+        seen: set[str] = set()
+        with trio.move_on_after(self.config.lookup_timeout_s):
+            seen = await self._find_providers()
+        seen.discard(self.local_peer)
+        self._counters["providers_seen"] += len(seen)
+        now = self._clock_unix_s()
+        for peer in sorted(p for p, expiry in self._reported.items() if expiry <= now):
+            del self._reported[peer]  # its record expired: report it again only if a fresh one turns up
+        results: dict[str, bool] = {}
+
+        async def check(peer: str) -> None:
+            results[peer] = await self.check_peer(peer, VIA_DHT)
+
+        async with trio.open_nursery() as nursery:
+            for peer in sorted(seen - set(self._reported)):
+                nursery.start_soon(check, peer)
+        new = sum(results.values())
+        return new, len(results) - new
+
+    async def _find_providers(self) -> set[str]:
+        """Providers of the members key, from our store and from each of the peers closest to the key.
+
+        py-libp2p's `find_providers` returns the local store alone whenever it holds any provider, and every member
+        provides the key itself, so it would never ask the network: this asks the closest peers directly (in a
+        swarm smaller than the bucket size k = 20, that is every DHT peer). It uses the provider store's one-peer
+        query, private in py-libp2p 0.8 (pinned < 0.9 in pyproject.toml).
+        """
+        key = _encode_dht_key(members_key(self.config.swarm_id))
+        store = self.dht.provider_store
+        found = {info.peer_id.to_base58() for info in store.get_providers(key)}
+        closest = await self.dht.peer_routing.find_closest_peers_network(key)
+
+        async def ask(peer: ID) -> None:
+            # py-libp2p logs and absorbs every failure of this query, returning no providers
+            providers, _closer = await store._get_providers_from_peer_with_closers(peer, key)
+            found.update(info.peer_id.to_base58() for info in providers)
+
+        async with trio.open_nursery() as nursery:
+            for peer in sorted(closest, key=lambda p: p.to_base58()):
+                if peer != self.dht.local_peer_id:
+                    nursery.start_soon(ask, peer)
+        return found
+
+    async def check_peer(self, peer: str, via: str) -> bool:
+        """Fetch and verify `peer`'s member record (from the peer itself when it is connected to us; from the DHT
+        otherwise); report it (once) as found `via` when it is a member. Returns
+        whether a record verified."""
+        key = member_key(self.config.swarm_id, peer)
+        with trio.move_on_after(self.config.lookup_timeout_s):
+            connected = bool(self.host.get_network().get_connections(ID.from_base58(peer)))
+            if via in (VIA_BOOTSTRAP, VIA_INBOUND) or connected:
+                value = await self._fetch_record(peer)
+            else:
+                # quorum 1: the first valid answer ends the query instead of waiting on every peer (LIBP2P_NOTES #6)
+                value = await self.dht.get_value(key, quorum=1)
+            if value is None:
+                self._counters["records_missing"] += 1
+                return False
+            try:
+                record = verify_member_record(key, value, self._clock_unix_s())
+            except DecodeError as exc:
+                self._counters["records_rejected"] += 1
+                log.info("member record of %s rejected: %s", peer, exc)
+                return False
+            self._counters["records_verified"] += 1
+            first = peer not in self._reported
+            self._reported[peer] = record.expires_at_unix_s
+            if first:
+                self._on_found(CandidateFound(peer, record.addrs, via))
+            return True
+        self._counters["record_timeouts"] += 1
+        return False
+
+    async def _fetch_record(self, peer: str) -> bytes | None:
+        """Ask `peer` for its member record over `record_protocol`; None when it does not speak it (another swarm,
+        or not a swarmgrad member) or the stream fails."""
+        try:
+            stream = await self.host.new_stream(ID.from_base58(peer), [record_protocol(self.config.swarm_id)])
+        except (BaseLibp2pError, OSError) as exc:
+            log.debug("%s does not serve a member record of swarm %s: %s", peer, self.config.swarm_id, exc)
+            return None
+        try:
+            size = parse_frame_header(await read_exactly(stream, FRAME_HEADER_SIZE), MAX_RECORD_BYTES)
+            return await read_exactly(stream, size)
+        except (BaseLibp2pError, OSError, DecodeError) as exc:
+            log.info("bad member record stream from %s: %s", peer, exc)
+            self._counters["record_stream_errors"] += 1
+            return None
+        finally:
+            await stream.close()
+
+    async def _serve_record(self, stream: INetStream) -> None:
+        """Stream-handler boundary: write our member record and close. An error here must never reach py-libp2p,
+        which would take the whole host down (LIBP2P_NOTES #2)."""
+        try:
+            if not self._own_record:  # not published yet: nothing to vouch for
+                await stream.reset()
+                return
+            await stream.write(encode_frame_header(len(self._own_record)) + self._own_record)
+            await stream.close()
+        except Exception as exc:  # noqa: BLE001 - the handler boundary: log, count, reset, keep the host alive
+            self._counters["record_serve_errors"] += 1
+            log.info("serving our member record failed: %s: %s", type(exc).__name__, exc)
+            await stream.reset()
+
+    async def _lookup_forever(self) -> None:
+        interval_s = self.config.min_lookup_interval_s
+        while True:
+            new, unverified = await self.lookup()
+            if new or unverified:
+                interval_s = self.config.min_lookup_interval_s
+            else:
+                interval_s = min(interval_s * 2, self.config.max_lookup_interval_s)
+            await trio.sleep(interval_s)
+
+    async def _republish_forever(self) -> None:
+        while True:
+            await trio.sleep(self.config.republish_interval_s)
+            await self.publish()
+
+
+async def bounded_connect(host: IHost, info: PeerInfo, timeout_s: float) -> str | None:
+    """Dial `info` within `timeout_s` (pnet handshake included). Returns None on success, else a reason naming the
+    likely cause: a private-swarm peer with another key (or none) never completes the handshake, so a timeout says
+    so. Logs nothing; the caller decides."""
+    with trio.move_on_after(timeout_s) as scope:
+        try:
+            await host.connect(info)
+        except (BaseLibp2pError, OSError) as exc:
+            return f"connection failed: {type(exc).__name__}: {exc}"
+    if scope.cancelled_caught:
+        return (
+            f"handshake did not complete within {timeout_s} s: the peer is unreachable, or it is in a private swarm "
+            "with another swarm key (or this peer has none, or it has one and this peer has not)"
+        )
+    return None

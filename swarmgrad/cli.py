@@ -1,0 +1,291 @@
+"""The `swarmgrad` command line: argument parsing, the subcommands' top level, exit codes.
+
+Subcommands here: `id` (print this peer's id and listen multiaddrs), `keygen` (write a new private-swarm key) and
+`node` (run a discovery-only member of a swarm: a bootstrap peer, or a probe for tests and benchmarks). Other
+modules add subcommands by convention: a module listed in `SUBCOMMAND_MODULES` defines
+`register(subparsers) -> None`, which adds its parser with `set_defaults(run=<function(args) -> int>)`; it can
+reuse `add_swarm_arguments` and `node_config_from_args` for the flags every swarm member shares.
+
+`node` prints one JSON object per line on stdout (`listening`, `peer_discovered` with `via`, `peer_up`,
+`peer_down`, `peer_forgotten`, `stats`), for people and tests alike; logs go to stderr. Every error the user can
+fix (malformed or unreachable bootstrap address, bad swarm id, port in use, bad key file) is one line on stderr
+naming the value, and a non-zero exit status: 2 for a bad argument, 1 for anything else. This is the one place where
+`except SwarmgradError` ends the program; nothing here is protocol logic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import math
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from p2p.discovery import DiscoveryConfig
+from p2p.host import HostConfig
+from p2p.identity import load_or_create_identity, peer_id_of
+from p2p.membership import MembershipConfig, PeerDiscovered, PeerForgotten
+from p2p.node import NodeConfig, SwarmNode, open_node
+from p2p.swarm import SwarmKey, load_swarm_key, validate_swarm_id, write_swarm_key
+from swarmgrad.errors import ConfigError, SwarmgradError
+from swarmgrad.machine import PeerDown, PeerUp
+
+SUBCOMMAND_MODULES = ("swarmgrad.peer",)
+"""Modules that may add subcommands through `register(subparsers)`; one that is not installed is skipped."""
+
+DEFAULT_DATA_DIR = Path.home() / ".swarmgrad"
+DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/7400"
+IDENTITY_FILE = "identity.key"
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+log = logging.getLogger("swarmgrad.cli")
+
+
+class UnknownSwarm(SwarmgradError):
+    """Bootstrap peers answered, but no member of the swarm could be found through them."""
+
+
+# ---- shared flags ---------------------------------------------------------------------------------------------------
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from exc
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number > 0")
+    return value
+
+
+def add_swarm_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of every swarm member: data dir, listen addresses, bootstrap peers, swarm id and key."""
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help=f"where this peer keeps its identity ({IDENTITY_FILE}); default {DEFAULT_DATA_DIR}",
+    )
+    parser.add_argument(
+        "--listen",
+        action="append",
+        metavar="MULTIADDR",
+        help=f"TCP multiaddr to listen on (repeatable); default {DEFAULT_LISTEN}; port 0 picks a free port",
+    )
+    parser.add_argument(
+        "--bootstrap",
+        action="append",
+        default=[],
+        metavar="MULTIADDR",
+        help="a peer of the swarm, /ip4/<ip>/tcp/<port>/p2p/<peer id> (repeatable); none for the first peer",
+    )
+    parser.add_argument("--swarm-id", required=True, help="the swarm's name: a-z, 0-9, '.', '_', '-'")
+    parser.add_argument(
+        "--swarm-key", type=Path, metavar="FILE", help="pre-shared key file of a private swarm (see `swarmgrad keygen`)"
+    )
+    parser.add_argument("--max-peers", type=int, default=MembershipConfig.max_peers, help="bound on the live peer set")
+
+
+def node_config_from_args(args: argparse.Namespace) -> NodeConfig:
+    """The `NodeConfig` the shared flags describe. Raises `ConfigError` / `SwarmKeyError` naming the bad value."""
+    validate_swarm_id(args.swarm_id)
+    swarm_key: SwarmKey | None = None if args.swarm_key is None else load_swarm_key(args.swarm_key)
+    return NodeConfig(
+        host=HostConfig(
+            key_path=args.data_dir / IDENTITY_FILE,
+            listen_addrs=tuple(args.listen or [DEFAULT_LISTEN]),
+            psk=None if swarm_key is None else swarm_key.key,
+        ),
+        discovery=DiscoveryConfig(swarm_id=args.swarm_id, bootstrap_addrs=tuple(args.bootstrap)),
+        membership=MembershipConfig(max_peers=args.max_peers),
+    )
+
+
+# ---- subcommands ----------------------------------------------------------------------------------------------------
+
+
+def _run_id(args: argparse.Namespace) -> int:
+    key_path = args.data_dir / IDENTITY_FILE
+    peer_id = peer_id_of(load_or_create_identity(key_path))
+    listen = args.listen or [DEFAULT_LISTEN]
+    HostConfig(key_path=key_path, listen_addrs=tuple(listen))  # validates the addresses
+    addrs = [f"{addr}/p2p/{peer_id}" for addr in listen]
+    if args.json:
+        print(json.dumps({"peer_id": peer_id, "addrs": addrs, "identity_file": str(key_path)}))
+    else:
+        print(peer_id)
+        for addr in addrs:
+            print(addr)
+    return 0
+
+
+def _run_keygen(args: argparse.Namespace) -> int:
+    write_swarm_key(args.out, SwarmKey(secrets.token_bytes(32)))
+    print(f"wrote a new swarm key to {args.out}; give it, over a secure channel, to every peer of the private swarm")
+    return 0
+
+
+def _emit(record: dict[str, object]) -> None:
+    print(json.dumps(record, sort_keys=True), flush=True)
+
+
+async def _serve_node(config: NodeConfig, args: argparse.Namespace) -> None:
+    async with open_node(config) as node:
+        events = node.subscribe()
+        _emit(
+            {
+                "event": "listening",
+                "peer_id": node.peer_id,
+                "addrs": node.listen_multiaddrs,
+                "swarm_id": config.discovery.swarm_id,
+                "private": config.host.psk is not None,
+                "t": time.time(),
+            }
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_report_events, events)
+            nursery.start_soon(_report_stats, node, args.stats_interval_s)
+            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+            if config.discovery.bootstrap_addrs:
+                await _require_members(node, config, args.join_timeout_s)
+            if args.run_for_s is not None:
+                await trio.sleep(args.run_for_s)
+                nursery.cancel_scope.cancel()
+        _emit({"event": "stats", "t": time.time(), **node.statistics()})
+
+
+async def _require_members(node: SwarmNode, config: NodeConfig, timeout_s: float) -> None:
+    events = node.subscribe()
+    with trio.move_on_after(timeout_s):
+        async for event in events:
+            if isinstance(event, PeerDiscovered):
+                return
+    raise UnknownSwarm(
+        f"no member of swarm {config.discovery.swarm_id!r} found within {timeout_s} s through "
+        f"{', '.join(config.discovery.bootstrap_addrs)}: check --swarm-id (and --swarm-key)"
+    )
+
+
+async def _report_events(events: trio.MemoryReceiveChannel[object]) -> None:
+    async for event in events:
+        now = time.time()
+        if isinstance(event, PeerDiscovered):
+            _emit({"event": "peer_discovered", "peer": event.peer, "via": event.via, "t": now})
+        elif isinstance(event, PeerUp):
+            _emit({"event": "peer_up", "peer": event.peer, "t": now})
+        elif isinstance(event, PeerDown):
+            _emit({"event": "peer_down", "peer": event.peer, "t": now})
+        elif isinstance(event, PeerForgotten):
+            _emit({"event": "peer_forgotten", "peer": event.peer, "failures": event.failures, "t": now})
+
+
+async def _report_stats(node: SwarmNode, interval_s: float | None) -> None:
+    if interval_s is None:
+        return
+    while True:
+        await trio.sleep(interval_s)
+        _emit({"event": "stats", "t": time.time(), "live": node.live_peers(), **node.statistics()})
+
+
+async def _stop_on_signal(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            scope.cancel()
+            return
+
+
+def _run_node(args: argparse.Namespace) -> int:
+    config = node_config_from_args(args)
+    trio.run(_serve_node, config, args)
+    return 0
+
+
+# ---- parser and entry point -----------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swarmgrad", description="Peer-to-peer training with no coordinator.")
+    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--libp2p-log-level",
+        default="ERROR",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="level of py-libp2p's own (noisy) logs; default ERROR",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    id_parser = subparsers.add_parser("id", help="print this peer's id and listen multiaddrs (creates the identity)")
+    id_parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    id_parser.add_argument("--listen", action="append", metavar="MULTIADDR")
+    id_parser.add_argument("--json", action="store_true", help="one JSON object instead of lines")
+    id_parser.set_defaults(run=_run_id)
+
+    keygen = subparsers.add_parser("keygen", help="write a new swarm key (libp2p pnet, /key/swarm/psk/1.0.0/)")
+    keygen.add_argument("--out", type=Path, required=True, metavar="FILE", help="where to write it (mode 0600)")
+    keygen.set_defaults(run=_run_keygen)
+
+    node = subparsers.add_parser("node", help="run a discovery-only member of a swarm (e.g. a bootstrap peer)")
+    add_swarm_arguments(node)
+    node.add_argument(
+        "--join-timeout-s",
+        type=_positive_float,
+        default=15.0,
+        help="with --bootstrap: fail unless a member of the swarm is found within this time (default 15)",
+    )
+    node.add_argument("--run-for-s", type=_positive_float, help="stop after this many seconds (default: run on)")
+    node.add_argument("--stats-interval-s", type=_positive_float, help="print a stats line this often")
+    node.set_defaults(run=_run_node)
+
+    for module_name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `swarmgrad` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("libp2p").setLevel(args.libp2p_log_level)
+    try:
+        status: int = args.run(args)
+    except (SwarmgradError, BaseExceptionGroup) as exc:
+        error = _user_error(exc)
+        if error is None:
+            raise
+        print(f"swarmgrad {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(error, ConfigError) else EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    return status
+
+
+def _user_error(exc: BaseException) -> SwarmgradError | None:
+    """The `SwarmgradError` that `exc` is, or the first one of an exception group made only of them (trio nurseries
+    wrap what their tasks raise); None for anything else (a bug, which propagates with its traceback)."""
+    if isinstance(exc, SwarmgradError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        matched, rest = exc.split(SwarmgradError)
+        if matched is not None and rest is None:
+            return _user_error(matched.exceptions[0])
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
