@@ -36,7 +36,7 @@ from p2p.libp2p_transport import READ_CHUNK_BYTES, WRITE_CHUNK_BYTES, LibP2PTran
 from p2p.transport import Delivery
 
 PAYLOAD_BYTES = 100_000_000
-RUNS = 3
+RUNS = 5
 DATA_PROTOCOL = "/swarmgrad/bench/data/1.0.0"
 ACK_PROTOCOL = "/swarmgrad/bench/ack/1.0.0"
 RAW_PROTOCOL = TProtocol("/swarmgrad/bench/raw/1.0.0")
