@@ -1,0 +1,183 @@
+"""Discovery: member records (signing, tampering, expiry, swarm and peer binding), the DHT validator, config
+checks, and a small swarm of real hosts in one process (join, lookup, records that expire after a peer leaves)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+
+from p2p.discovery import (
+    CLOCK_SKEW_S,
+    MAX_RECORD_TTL_S,
+    RECORD_SCHEMA,
+    BootstrapFailed,
+    Discovery,
+    DiscoveryConfig,
+    MemberRecordValidator,
+    make_member_record,
+    member_key,
+    parse_bootstrap_addr,
+    verify_member_record,
+)
+from p2p.host import HostConfig, listen_multiaddrs, running_host
+from p2p.identity import load_or_create_identity
+from p2p.membership import CandidateFound
+from p2p.node import NodeConfig, open_node
+from swarmgrad.errors import ConfigError, DecodeError
+
+NOW = 1_000_000.0
+KEYS = create_new_key_pair(b"\x01" * 32)
+OTHER = create_new_key_pair(b"\x02" * 32)
+
+
+def record_bytes(swarm: str = "s1", expires: float = NOW + 60, keys=KEYS) -> tuple[str, bytes]:
+    record = make_member_record(keys, swarm, ("/ip4/127.0.0.1/tcp/1",), expires)
+    return member_key(swarm, record.peer_id), RECORD_SCHEMA.encode(record)
+
+
+def test_a_signed_record_verifies() -> None:
+    key, value = record_bytes()
+    record = verify_member_record(key, value, NOW)
+    assert record.swarm_id == "s1" and record.addrs == ("/ip4/127.0.0.1/tcp/1",)
+
+
+def test_a_record_is_bound_to_its_swarm_and_peer() -> None:
+    key, value = record_bytes(swarm="s1")
+    peer = key.rsplit("/", 1)[1]
+    with pytest.raises(DecodeError, match="stored under"):
+        verify_member_record(member_key("s2", peer), value, NOW)
+    other_peer = member_key("s1", make_member_record(OTHER, "s1", (), NOW + 1).peer_id)
+    with pytest.raises(DecodeError, match="stored under"):
+        verify_member_record(other_peer, value, NOW)
+    with pytest.raises(DecodeError, match="not a member record key"):
+        verify_member_record("/pk/whatever", value, NOW)
+
+
+def test_tampered_or_foreign_signed_records_are_rejected() -> None:
+    record = make_member_record(KEYS, "s1", ("/ip4/127.0.0.1/tcp/1",), NOW + 60)
+    key = member_key("s1", record.peer_id)
+    moved = dataclasses.replace(record, addrs=("/ip4/6.6.6.6/tcp/1",))
+    with pytest.raises(DecodeError, match="bad signature"):
+        verify_member_record(key, RECORD_SCHEMA.encode(moved), NOW)
+    forged = dataclasses.replace(record, public_key=OTHER.public_key.serialize())
+    with pytest.raises(DecodeError, match="does not belong"):
+        verify_member_record(key, RECORD_SCHEMA.encode(forged), NOW)
+    with pytest.raises(DecodeError):
+        verify_member_record(key, b"\x01\x00garbage", NOW)
+
+
+def test_records_expire_and_cannot_claim_a_long_life() -> None:
+    key, value = record_bytes(expires=NOW + 10)
+    verify_member_record(key, value, NOW + 10 + CLOCK_SKEW_S - 1)  # within the tolerated clock skew
+    with pytest.raises(DecodeError, match="expired"):
+        verify_member_record(key, value, NOW + 10 + CLOCK_SKEW_S)
+    key, value = record_bytes(expires=NOW + MAX_RECORD_TTL_S + CLOCK_SKEW_S + 1)
+    with pytest.raises(DecodeError, match="beyond"):
+        verify_member_record(key, value, NOW)
+
+
+def test_validator_rejects_bad_records_and_selects_the_latest() -> None:
+    validator = MemberRecordValidator(lambda: NOW)
+    key, old = record_bytes(expires=NOW + 10)
+    _, new = record_bytes(expires=NOW + 50)
+    validator.validate(key, new)
+    with pytest.raises(ValueError, match="invalid swarmgrad record"):
+        validator.validate(key, b"junk")
+    assert validator.select(key, [old, b"junk", new]) == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"swarm_id": "Has Space"}, "swarm_id"),
+        ({"swarm_id": "s", "bootstrap_addrs": ("/ip4/127.0.0.1/tcp/1",)}, "bootstrap"),
+        ({"swarm_id": "s", "bootstrap_addrs": ("not a multiaddr",)}, "bootstrap"),
+        ({"swarm_id": "s", "record_ttl_s": 10.0, "republish_interval_s": 10.0}, "republish_interval_s"),
+        ({"swarm_id": "s", "dial_timeout_s": 0}, "dial_timeout_s"),
+        ({"swarm_id": "s", "record_ttl_s": MAX_RECORD_TTL_S * 2}, "record_ttl_s"),
+    ],
+)
+def test_config_errors_name_the_value(kwargs: dict, field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        DiscoveryConfig(**kwargs)
+    assert info.value.field == field
+
+
+def test_bootstrap_addr_parses() -> None:
+    peer = make_member_record(KEYS, "s", (), NOW).peer_id
+    info = parse_bootstrap_addr(f"/ip4/127.0.0.1/tcp/4001/p2p/{peer}")
+    assert info.peer_id.to_base58() == peer
+
+
+# ---- real hosts in one process ----------------------------------------------------------------------------------
+
+
+def node_config(tmp: Path, name: str, swarm: str, bootstrap: tuple[str, ...] = (), **discovery: float) -> NodeConfig:
+    return NodeConfig(
+        host=HostConfig(key_path=tmp / name / "identity.key"),
+        discovery=DiscoveryConfig(swarm_id=swarm, bootstrap_addrs=bootstrap, **discovery),  # type: ignore[arg-type]
+    )
+
+
+async def test_unreachable_bootstrap_fails_fast_naming_the_address(tmp_path: Path) -> None:
+    peer = make_member_record(KEYS, "s", (), NOW).peer_id
+    addr = f"/ip4/127.0.0.1/tcp/1/p2p/{peer}"
+    with trio.fail_after(15):
+        with pytest.RaisesGroup(pytest.RaisesExc(BootstrapFailed, match="tcp/1/p2p"), flatten_subgroups=True):
+            async with open_node(node_config(tmp_path, "a", "s", (addr,))):
+                pytest.fail("the node must not start")
+
+
+class SharedClock:
+    """A wall clock for every Discovery of a test, which the test moves forward."""
+
+    def __init__(self) -> None:
+        self.now_unix_s = NOW
+
+    def __call__(self) -> float:
+        return self.now_unix_s
+
+
+@asynccontextmanager
+async def discovery_on_host(
+    tmp: Path, name: str, bootstrap: tuple[str, ...], clock: SharedClock, found: list[CandidateFound]
+) -> AsyncIterator[Discovery]:
+    config = HostConfig(key_path=tmp / name / "identity.key")
+    key_pair = load_or_create_identity(config.key_path)
+    async with running_host(config) as host, trio.open_nursery() as nursery:
+        discovery = Discovery(
+            host,
+            key_pair,
+            DiscoveryConfig(swarm_id="s", bootstrap_addrs=bootstrap, record_ttl_s=10.0, republish_interval_s=0.5),
+            found.append,
+            clock_unix_s=clock,
+        )
+        await nursery.start(discovery.run)
+        yield discovery
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_departed_peer_disappears_from_lookups_when_its_record_expires(tmp_path: Path) -> None:
+    clock = SharedClock()
+    found_by_a: list[CandidateFound] = []
+    with trio.fail_after(60):
+        async with discovery_on_host(tmp_path, "boot", (), clock, []) as boot:
+            addr = listen_multiaddrs(boot.host)[0]
+            async with discovery_on_host(tmp_path, "a", (addr,), clock, found_by_a) as a:
+                async with discovery_on_host(tmp_path, "b", (addr,), clock, []) as b:
+                    b_id = b.local_peer
+                    assert await a.check_peer(b_id, "dht")
+                    assert b_id in {c.peer for c in found_by_a}
+                # b left and stopped republishing; boot and a go on. Move every clock past b's record's expiry.
+                clock.now_unix_s += 10.0 + CLOCK_SKEW_S + 1.0
+                await a.publish()
+                await boot.publish()
+                assert await a.check_peer(boot.local_peer, "dht")
+                assert not await a.check_peer(b_id, "dht")
+                assert a.statistics()["records_rejected"] >= 1, a.statistics()  # found in the DHT, refused as expired
