@@ -327,6 +327,7 @@ class LibP2PTransport(Transport):
         """Write `frame` on the kept stream (opened if needed), in chunks; reset the stream if it fails or the frame
         is abandoned midway."""
         if outbound.closed:
+            self._check_open()
             raise PeerUnreachable(f"the connection to {peer} closed")
         if outbound.stream is None:
             outbound.stream = await self._open_stream(peer, protocol)

@@ -313,3 +313,25 @@ async def test_the_in_flight_budget_holds_a_peer_back_without_losing_anything(tm
                     got = [await inbox.receive() for _ in range(5)]
                     assert [d.payload == bytes([i]) * MiB for i, d in enumerate(got)] == [True] * 5, protocol
             assert rx.statistics().get("remote_errors", 0) == 0
+
+
+async def test_closing_fails_queued_sends_with_transport_closed(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT_S):
+        async with transports(tmp_path, 2) as (a, b):
+            b.listen(PROTO, max_message_bytes=64 * MiB)
+            await a.connect(b.listen_multiaddrs[0])
+            outcomes: list[str] = []
+
+            async def send_big() -> None:
+                try:
+                    await a.send(b.local_peer, PROTO, bytes(48 * MiB))
+                    outcomes.append("sent")
+                except TransportClosed:
+                    outcomes.append("closed")
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(3):
+                    nursery.start_soon(send_big)
+                await trio.lowlevel.checkpoint()  # the three sends are queued; the first may be on the wire
+                await a.aclose()
+            assert outcomes.count("closed") >= 2, outcomes
