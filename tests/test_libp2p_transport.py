@@ -15,12 +15,14 @@ from pathlib import Path
 
 import pytest
 import trio
+from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from p2p.codec import FRAME_HEADER_SIZE, Schema, encode_frame_header
 from p2p.host import HostConfig
 from p2p.libp2p_transport import LibP2PTransport
+from p2p.transport import Delivery
 from swarmgrad.driver import Driver
 from swarmgrad.errors import MessageTooLarge, PeerUnreachable, TransportClosed
 from swarmgrad.machine import Action, Event, Notify, PeerDown, PeerId, PeerUp, Received
@@ -59,12 +61,14 @@ async def transports(
         yield opened
 
 
-async def raw_stream(attacker: LibP2PTransport, victim: LibP2PTransport, protocol: str = PROTO):  # type: ignore[no-untyped-def]
+async def raw_stream(attacker: LibP2PTransport, victim: LibP2PTransport, protocol: str = PROTO) -> INetStream:
     await attacker.connect(victim.listen_multiaddrs[0])
     return await attacker.host.new_stream(ID.from_base58(victim.local_peer), [TProtocol(protocol)])
 
 
-async def assert_still_serves(victim: LibP2PTransport, inbox: trio.MemoryReceiveChannel, good: LibP2PTransport) -> None:  # type: ignore[type-arg]
+async def assert_still_serves(
+    victim: LibP2PTransport, inbox: trio.MemoryReceiveChannel[Delivery], good: LibP2PTransport
+) -> None:
     await good.connect(victim.listen_multiaddrs[0])
     await good.send(victim.local_peer, PROTO, b"still here")
     delivery = await inbox.receive()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -21,7 +21,7 @@ from sim.transport import SimNetwork, SimTransport
 class Harness(Protocol):
     name: str
 
-    def open(self, count: int, max_message_bytes: int) -> AsyncIterator[list[Transport]]: ...
+    def open(self, count: int, max_message_bytes: int) -> AbstractAsyncContextManager[list[Transport]]: ...
 
     def address(self, transport: Transport) -> str: ...
 
