@@ -60,7 +60,7 @@ _MAX_FRAME_BODY_BYTES = 2**64 - 1
 """What a frame header can announce at all (u64): used to tell an oversized frame from a malformed one."""
 
 # Errors py-libp2p raises when a stream or connection fails under us (reset, EOF, closed, dial failure, ...).
-_STREAM_FAILURES = (BaseLibp2pError, OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+_STREAM_FAILURES = (BaseLibp2pError, OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError)
 
 
 class _Truncated(Exception):
@@ -293,6 +293,15 @@ class LibP2PTransport(Transport):
                         await self._write_with_retry(outbound, peer, protocol, frame)
                     except (PeerUnreachable, TransportClosed) as exc:
                         frame.error = exc
+                    except Exception as exc:
+                        # The outbound counterpart of a stream-handler boundary: an error py-libp2p was not
+                        # expected to raise must not escape into the transport's nursery and stop the peer.
+                        self._counters["writer_errors"] += 1
+                        log.exception("writing to %s under %s failed unexpectedly; stream reset", peer, protocol)
+                        if outbound.stream is not None:
+                            await _reset_quietly(outbound.stream)
+                            outbound.stream = None
+                        frame.error = PeerUnreachable(f"sending to {peer} under {protocol} failed: {exc!r}")
                 frame.done.set()
                 frame = None
         finally:

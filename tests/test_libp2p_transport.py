@@ -339,3 +339,28 @@ async def test_closing_fails_queued_sends_with_transport_closed(tmp_path: Path) 
                 await trio.lowlevel.checkpoint()  # the three sends are queued; the first may be on the wire
                 await a.aclose()
             assert outcomes.count("closed") >= 2, outcomes
+
+
+async def test_an_unexpected_error_while_sending_fails_that_send_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with trio.fail_after(TIMEOUT_S):
+        async with transports(tmp_path, 2) as (a, b):
+            inbox = b.listen(PROTO)
+            await a.connect(b.listen_multiaddrs[0])
+            real_new_stream = a.host.new_stream
+            calls = 0
+
+            async def flaky_new_stream(peer_id: ID, protocols: list[TProtocol]) -> INetStream:
+                nonlocal calls
+                calls += 1
+                if calls == 1:
+                    raise RuntimeError("a bug py-libp2p might have")
+                return await real_new_stream(peer_id, protocols)
+
+            monkeypatch.setattr(a.host, "new_stream", flaky_new_stream)
+            with pytest.raises(PeerUnreachable, match="a bug py-libp2p might have"):
+                await a.send(b.local_peer, PROTO, b"lost")
+            assert a.statistics()["writer_errors"] == 1
+            await a.send(b.local_peer, PROTO, b"delivered")
+            assert (await inbox.receive()).payload == b"delivered"
