@@ -193,7 +193,7 @@ class DiscoveryConfig:
     swarm_id: str
     bootstrap_addrs: tuple[str, ...] = ()
     """Multiaddrs ending in `/p2p/<peer id>`. Empty for the first peer of a swarm."""
-    dial_timeout_s: float = 2.0
+    dial_timeout_s: float = 1.5
     """Bound on dialling one bootstrap peer, pnet handshake included (a wrong swarm key fails only after ~30-40 s
     in py-libp2p otherwise)."""
     record_ttl_s: float = 60.0

@@ -138,10 +138,12 @@ def write_swarm_key(path: Path, key: SwarmKey) -> None:
 
 @dataclass(frozen=True)
 class ScoringConfig:
-    """Limits of `ScoringPolicy`. Defaults: a peer is banned after ~5 remote errors in quick succession (one error
-    adds 1.0; the score halves every `score_half_life_s`), first for a minute, doubling up to an hour."""
+    """Limits of `ScoringPolicy`. Each remote error adds 1.0 to a peer's score, which halves every
+    `score_half_life_s`; a peer whose score reaches `ban_threshold` is banned, first for `ban_duration_s`, then twice
+    as long on each new ban up to `max_ban_duration_s`. The default threshold (4.5) bans on the fifth error in quick
+    succession; a peer that errs less than about once a minute is never banned."""
 
-    ban_threshold: float = 5.0
+    ban_threshold: float = 4.5
     score_half_life_s: float = 60.0
     ban_duration_s: float = 60.0
     max_ban_duration_s: float = 3600.0
