@@ -27,19 +27,59 @@
 namespace swarmgrad_topk {
 namespace {
 
-constexpr int64_t kBlock = 16;                // elements tested together (vectorised) before any branch
+constexpr int64_t kBlock = 8;                 // elements tested together (vectorised) before any branch
 constexpr int64_t kGrain = int64_t{1} << 20;  // fewer elements per thread than this: threading does not pay
 constexpr int64_t kSmall = int64_t{1} << 15;  // up to this size every element is a candidate
-constexpr int64_t kSamples = int64_t{1} << 15;
+constexpr int64_t kSampleRuns = 512;
+constexpr int64_t kSampleRun = 32;
 constexpr int kLowBits = 15;  // radix levels: key >> 15 (16 bits), then key & 0x7fff
 constexpr int64_t kHighBins = int64_t{1} << 16;
 constexpr int64_t kLowBins = int64_t{1} << kLowBits;
 constexpr uint32_t kLowMask = (1u << kLowBits) - 1;
 
-inline uint32_t key_of(float f) {
+// Blocks of kBlock keys held as kQuads native 16-byte GCC/Clang generic vectors: they compile to SSE2 on x86-64
+// and NEON on arm64 (plain loops here were left scalar by the compiler, and wider generic vectors than the
+// hardware has get their compares split into scalar code).
+constexpr int64_t kQuads = kBlock / 4;
+typedef int32_t Quad __attribute__((vector_size(16)));
+typedef float FloatQuad __attribute__((vector_size(16)));
+typedef uint16_t HalfQuad __attribute__((vector_size(8)));
+
+struct KeyBlock {
+  Quad q[kQuads];
+};
+
+template <class V, class T>
+inline V load_vec(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <class V, class T>
+inline void store_vec(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+inline Quad bits_of(FloatQuad f) {
+  Quad bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  return bits;
+}
+
+// Whether any key of the block is > below.
+inline bool any_above(const KeyBlock& keys, Quad below) {
+  Quad acc = keys.q[0] > below;
+  for (int64_t q = 1; q < kQuads; ++q) acc |= keys.q[q] > below;
+  uint64_t words[2];
+  std::memcpy(words, &acc, sizeof words);
+  return (words[0] | words[1]) != 0;
+}
+
+inline uint32_t bits_of(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
-  return u & 0x7fffffffu;
+  return u;
 }
 
 inline uint64_t splitmix64(uint64_t z) {
@@ -73,40 +113,57 @@ void for_each_chunk(const Chunks& chunks, const F& f) {
   });
 }
 
-// ---- sources: where keys come from. `peek` is the key an element will have, `advance` applies the element's
-// update (if any) and returns its key, `key` reads it after the update. Each element is advanced exactly once.
+// ---- sources: where the values come from. `advance` applies an element's update (if any) and returns its raw
+// bits (float32 bits, or float16/bfloat16 bits zero-extended), `raw` reads them after the update, and `peek` is
+// the key the element will have. Each element is advanced exactly once. Keys are `raw & kMask`.
 
 template <typename Bits>
 struct ReadSource {
-  const Bits* p;
+  using Value = Bits;
   static constexpr uint32_t kMask = sizeof(Bits) == 4 ? 0x7fffffffu : 0x7fffu;
-  uint32_t key(int64_t i) const { return static_cast<uint32_t>(p[i]) & kMask; }
-  uint32_t peek(int64_t i) const { return key(i); }
-  uint32_t advance(int64_t i) const { return key(i); }
-  void advance_block(int64_t i, uint32_t* keys) const {
-    for (int64_t j = 0; j < kBlock; ++j) keys[j] = static_cast<uint32_t>(p[i + j]) & kMask;
+  const Bits* p;
+  uint32_t raw(int64_t i) const { return p[i]; }
+  uint32_t peek(int64_t i) const { return raw(i) & kMask; }
+  uint32_t advance(int64_t i) const { return raw(i); }
+  KeyBlock advance_block(int64_t i) const {
+    KeyBlock out;
+    for (int64_t q = 0; q < kQuads; ++q) {
+      if constexpr (sizeof(Bits) == 4) {
+        out.q[q] = load_vec<Quad>(p + i + 4 * q);
+      } else {
+        out.q[q] = __builtin_convertvector(load_vec<HalfQuad>(p + i + 4 * q), Quad);
+      }
+    }
+    return out;
   }
 };
 
 struct FeedbackSource {
+  using Value = uint32_t;
+  static constexpr uint32_t kMask = 0x7fffffffu;
   float* r;
   const float* g;
-  uint32_t key(int64_t i) const { return key_of(r[i]); }
-  uint32_t peek(int64_t i) const { return key_of(r[i] + g[i]); }
+  uint32_t raw(int64_t i) const { return bits_of(r[i]); }
+  uint32_t peek(int64_t i) const { return bits_of(r[i] + g[i]) & kMask; }
   uint32_t advance(int64_t i) const {
     r[i] = r[i] + g[i];
-    return key_of(r[i]);
+    return raw(i);
   }
-  void advance_block(int64_t i, uint32_t* keys) const {
-    for (int64_t j = 0; j < kBlock; ++j) {
-      const float s = r[i + j] + g[i + j];
-      r[i + j] = s;
-      keys[j] = key_of(s);
+  KeyBlock advance_block(int64_t i) const {
+    KeyBlock out;
+    for (int64_t q = 0; q < kQuads; ++q) {
+      const int64_t at = i + 4 * q;
+      const FloatQuad s = load_vec<FloatQuad>(r + at) + load_vec<FloatQuad>(g + at);
+      store_vec(r + at, s);
+      out.q[q] = bits_of(s);
     }
+    return out;
   }
 };
 
 struct MomentumSource {
+  using Value = uint32_t;
+  static constexpr uint32_t kMask = 0x7fffffffu;
   float* r;
   float* v;
   const float* g;
@@ -116,161 +173,185 @@ struct MomentumSource {
     const float u = v[i] * m;
     return u + g[i];
   }
-  uint32_t key(int64_t i) const { return key_of(r[i]); }
-  uint32_t peek(int64_t i) const { return key_of(r[i] + velocity(i)); }
+  uint32_t raw(int64_t i) const { return bits_of(r[i]); }
+  uint32_t peek(int64_t i) const { return bits_of(r[i] + velocity(i)) & kMask; }
   uint32_t advance(int64_t i) const {
     const float u = velocity(i);
     v[i] = u;
     r[i] = r[i] + u;
-    return key_of(r[i]);
+    return raw(i);
   }
-  void advance_block(int64_t i, uint32_t* keys) const {
-    for (int64_t j = 0; j < kBlock; ++j) {
-      const float u = v[i + j] * m;
-      const float w = u + g[i + j];
-      v[i + j] = w;
-      const float s = r[i + j] + w;
-      r[i + j] = s;
-      keys[j] = key_of(s);
+  KeyBlock advance_block(int64_t i) const {
+    KeyBlock out;
+    for (int64_t q = 0; q < kQuads; ++q) {
+      const int64_t at = i + 4 * q;
+      const FloatQuad u = load_vec<FloatQuad>(v + at) * m;
+      const FloatQuad w = u + load_vec<FloatQuad>(g + at);
+      store_vec(v + at, w);
+      const FloatQuad s = load_vec<FloatQuad>(r + at) + w;
+      store_vec(r + at, s);
+      out.q[q] = bits_of(s);
     }
+    return out;
   }
 };
 
-// ---- candidates: the elements of one chunk whose key clears a threshold, in index order.
+// ---- candidates: the elements of one chunk whose key clears a threshold, in index order, with their raw bits
+// (so that the selected values need no second, random read of the data).
 
 struct Candidates {
   std::unique_ptr<int64_t[]> idx;
-  std::unique_ptr<uint32_t[]> key;
-  int64_t count = 0;     // may exceed capacity: then the chunk overflowed and its buffers are incomplete
-  int64_t capacity = 0;
+  std::unique_ptr<uint32_t[]> raw;
+  int64_t count = 0;
+  bool overflowed = false;  // more elements cleared the threshold than the buffers hold: they are incomplete
 };
 
+// Streams over [b, e), advancing every element, and keeps those whose key is >= threshold. Blocks of kBlock keys
+// are tested with vector compares (keys and threshold are below 2**31, so signed compares are exact); a block
+// with a hit is stored without branches, every slot written and the count advanced by the test's outcome.
 template <class Src>
 void scan_chunk(const Src& src, int64_t b, int64_t e, uint32_t threshold, int64_t capacity, Candidates& out) {
-  out.idx.reset(new int64_t[capacity]);
-  out.key.reset(new uint32_t[capacity]);
-  out.capacity = capacity;
+  out.idx.reset(new int64_t[capacity + kBlock]);
+  out.raw.reset(new uint32_t[capacity + kBlock]);
   int64_t* idx = out.idx.get();
-  uint32_t* key = out.key.get();
+  uint32_t* raw = out.raw.get();
+  const auto t = static_cast<int32_t>(threshold);
+  const Quad below = Quad{} + (t - 1);  // keys >= t as keys > t - 1: SSE2 has only a greater-than compare
+  constexpr auto mask = static_cast<int32_t>(Src::kMask);
   int64_t count = 0;
-  auto push = [&](int64_t i, uint32_t k) {
-    if (count < capacity) {
-      idx[count] = i;
-      key[count] = k;
-    }
-    ++count;
-  };
-  alignas(64) uint32_t keys[kBlock];
+  bool overflowed = false;
   int64_t i = b;
   for (; i + kBlock <= e; i += kBlock) {
-    src.advance_block(i, keys);
-    uint32_t hit = 0;
-    for (int64_t j = 0; j < kBlock; ++j) hit |= static_cast<uint32_t>(keys[j] >= threshold);
-    if (hit) {
-      for (int64_t j = 0; j < kBlock; ++j) {
-        if (keys[j] >= threshold) push(i + j, keys[j]);
-      }
+    const KeyBlock bits = src.advance_block(i);
+    KeyBlock keys;
+    for (int64_t q = 0; q < kQuads; ++q) keys.q[q] = bits.q[q] & mask;
+    if (!any_above(keys, below)) continue;
+    if (overflowed || count > capacity) {
+      overflowed = true;
+      continue;
+    }
+    alignas(64) int32_t key_lanes[kBlock];
+    alignas(64) uint32_t raw_lanes[kBlock];
+    for (int64_t q = 0; q < kQuads; ++q) {
+      store_vec(key_lanes + 4 * q, keys.q[q]);
+      store_vec(raw_lanes + 4 * q, bits.q[q]);
+    }
+    for (int64_t j = 0; j < kBlock; ++j) {
+      idx[count] = i + j;
+      raw[count] = raw_lanes[j];
+      count += key_lanes[j] >= t;
     }
   }
   for (; i < e; ++i) {
-    const uint32_t k = src.advance(i);
-    if (k >= threshold) push(i, k);
+    const uint32_t bits = src.advance(i);
+    const bool hit = static_cast<int32_t>(bits & Src::kMask) >= t;
+    if (overflowed || count > capacity) {
+      overflowed = overflowed || hit;
+      continue;
+    }
+    idx[count] = i;
+    raw[count] = bits;
+    count += hit;
   }
   out.count = count;
+  out.overflowed = overflowed;
 }
 
-// Given, per chunk, how many keys are above the k-th key and how many equal it, the output offset of each chunk
-// and how many of its ties it takes (the lowest indices first).
-void plan_output(const std::vector<int64_t>& above, const std::vector<int64_t>& equal, int64_t ties,
-                 std::vector<int64_t>& offset, std::vector<int64_t>& tie_quota) {
-  const size_t chunks = above.size();
-  offset.assign(chunks, 0);
-  tie_quota.assign(chunks, 0);
-  int64_t pos = 0;
-  for (size_t c = 0; c < chunks; ++c) {
-    offset[c] = pos;
-    tie_quota[c] = std::min(equal[c], ties);
-    ties -= tie_quota[c];
-    pos += above[c] + tie_quota[c];
-  }
-}
+// ---- exact selection: a two-level radix select on histograms of the keys (16 high bits, then 15 low bits),
+// over "parts": ordered sequences of keys at ascending positions, each part's positions below the next part's.
+// Per-part histograms give each part's output offset, so parts are counted and written in parallel.
 
-// The k largest keys among complete candidate buffers (whose union holds at least k elements), ascending indices.
-void finish_from_candidates(const std::vector<Candidates>& cands, int64_t k, int64_t* out) {
-  std::vector<uint32_t> keys;
-  for (const Candidates& c : cands) keys.insert(keys.end(), c.key.get(), c.key.get() + c.count);
-  const int64_t m = static_cast<int64_t>(keys.size());
-  std::nth_element(keys.begin(), keys.begin() + (m - k), keys.end());
-  const uint32_t kth = keys[m - k];
-  int64_t above_total = 0;
-  std::vector<int64_t> above(cands.size(), 0), equal(cands.size(), 0);
-  for (size_t c = 0; c < cands.size(); ++c) {
-    for (int64_t j = 0; j < cands[c].count; ++j) {
-      above[c] += cands[c].key[j] > kth;
-      equal[c] += cands[c].key[j] == kth;
-    }
-    above_total += above[c];
-  }
-  std::vector<int64_t> offset, tie_quota;
-  plan_output(above, equal, k - above_total, offset, tie_quota);
-  for (size_t c = 0; c < cands.size(); ++c) {
-    int64_t pos = offset[c];
-    int64_t ties = tie_quota[c];
-    for (int64_t j = 0; j < cands[c].count; ++j) {
-      const uint32_t key = cands[c].key[j];
-      if (key > kth || (key == kth && ties-- > 0)) out[pos++] = cands[c].idx[j];
-    }
-  }
-}
-
-// Exact two-level radix select over the current keys of `src` (already advanced).
 template <class Src>
-void radix_select(const Src& src, const Chunks& chunks, int64_t k, int64_t* out) {
-  const int64_t count = chunks.count;
-  std::vector<int64_t> high(count * kHighBins, 0);
-  for_each_chunk(chunks, [&](int64_t c) {
-    int64_t* h = high.data() + c * kHighBins;
-    for (int64_t i = chunks.begin(c); i < chunks.end(c); ++i) ++h[src.key(i) >> kLowBits];
-  });
-  std::vector<int64_t> total(kHighBins, 0);
-  for (int64_t c = 0; c < count; ++c) {
-    for (int64_t b = 0; b < kHighBins; ++b) total[b] += high[c * kHighBins + b];
+struct SourceParts {  // the (already advanced) data itself, chunk by chunk
+  const Chunks& chunks;
+  const Src& src;
+  int64_t count() const { return chunks.count; }
+  int64_t size(int64_t c) const { return chunks.end(c) - chunks.begin(c); }
+  int64_t position(int64_t c, int64_t j) const { return chunks.begin(c) + j; }
+  uint32_t raw(int64_t c, int64_t j) const { return src.raw(position(c, j)); }
+  uint32_t key(int64_t c, int64_t j) const { return raw(c, j) & Src::kMask; }
+};
+
+template <class Src>
+struct CandidateParts {  // the candidates kept by scan_chunk
+  const std::vector<Candidates>& cands;
+  int64_t count() const { return static_cast<int64_t>(cands.size()); }
+  int64_t size(int64_t c) const { return cands[c].count; }
+  int64_t position(int64_t c, int64_t j) const { return cands[c].idx[j]; }
+  uint32_t raw(int64_t c, int64_t j) const { return cands[c].raw[j]; }
+  uint32_t key(int64_t c, int64_t j) const { return raw(c, j) & Src::kMask; }
+};
+
+template <class Parts, class F>
+void for_each_part(const Parts& parts, const F& f) {
+  if (parts.count() == 1) {
+    f(0);
+    return;
   }
-  int64_t above = 0;
-  int64_t bin = kHighBins - 1;
+  at::parallel_for(0, parts.count(), 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) f(c);
+  });
+}
+
+// Sums per-part histograms and finds, scanning from the top bin, the bin holding the k-th largest key; `above`
+// (keys in higher bins, accumulated across levels) is updated.
+int64_t find_bin(const std::vector<int64_t>& hist, int64_t parts, int64_t bins, int64_t k, int64_t& above) {
+  std::vector<int64_t> total(bins, 0);
+  for (int64_t c = 0; c < parts; ++c) {
+    for (int64_t b = 0; b < bins; ++b) total[b] += hist[c * bins + b];
+  }
+  int64_t bin = bins - 1;
   while (above + total[bin] < k) above += total[bin--];
-  const uint32_t high_bits = static_cast<uint32_t>(bin);
+  return bin;
+}
+
+// Writes the ascending positions and the raw bits of the k largest keys of `parts` (which hold at least k keys)
+// to `out_idx` and `out_val`; ties at the k-th key go to the lowest positions.
+template <class Parts, typename Value>
+void radix_select(const Parts& parts, int64_t k, int64_t* out_idx, Value* out_val) {
+  const int64_t count = parts.count();
+  std::vector<int64_t> high(count * kHighBins, 0);
+  for_each_part(parts, [&](int64_t c) {
+    int64_t* h = high.data() + c * kHighBins;
+    for (int64_t j = 0; j < parts.size(c); ++j) ++h[parts.key(c, j) >> kLowBits];
+  });
+  int64_t above = 0;
+  const int64_t bin = find_bin(high, count, kHighBins, k, above);
+  const auto high_bits = static_cast<uint32_t>(bin);
 
   std::vector<int64_t> low(count * kLowBins, 0);
-  for_each_chunk(chunks, [&](int64_t c) {
+  for_each_part(parts, [&](int64_t c) {
     int64_t* h = low.data() + c * kLowBins;
-    for (int64_t i = chunks.begin(c); i < chunks.end(c); ++i) {
-      const uint32_t key = src.key(i);
+    for (int64_t j = 0; j < parts.size(c); ++j) {
+      const uint32_t key = parts.key(c, j);
       if ((key >> kLowBits) == high_bits) ++h[key & kLowMask];
     }
   });
-  std::vector<int64_t> low_total(kLowBins, 0);
-  for (int64_t c = 0; c < count; ++c) {
-    for (int64_t b = 0; b < kLowBins; ++b) low_total[b] += low[c * kLowBins + b];
-  }
-  int64_t low_bin = kLowBins - 1;
-  while (above + low_total[low_bin] < k) above += low_total[low_bin--];
+  const int64_t low_bin = find_bin(low, count, kLowBins, k, above);
   const uint32_t kth = (high_bits << kLowBits) | static_cast<uint32_t>(low_bin);
 
-  std::vector<int64_t> chunk_above(count, 0), chunk_equal(count, 0);
+  // Each part's output offset and its share of the ties, lowest positions first.
+  std::vector<int64_t> offset(count, 0), tie_quota(count, 0);
+  int64_t ties = k - above;
+  int64_t pos = 0;
   for (int64_t c = 0; c < count; ++c) {
-    for (int64_t b = bin + 1; b < kHighBins; ++b) chunk_above[c] += high[c * kHighBins + b];
-    for (int64_t b = low_bin + 1; b < kLowBins; ++b) chunk_above[c] += low[c * kLowBins + b];
-    chunk_equal[c] = low[c * kLowBins + low_bin];
+    int64_t part_above = 0;
+    for (int64_t b = bin + 1; b < kHighBins; ++b) part_above += high[c * kHighBins + b];
+    for (int64_t b = low_bin + 1; b < kLowBins; ++b) part_above += low[c * kLowBins + b];
+    offset[c] = pos;
+    tie_quota[c] = std::min(low[c * kLowBins + low_bin], ties);
+    ties -= tie_quota[c];
+    pos += part_above + tie_quota[c];
   }
-  std::vector<int64_t> offset, tie_quota;
-  plan_output(chunk_above, chunk_equal, k - above, offset, tie_quota);
-  for_each_chunk(chunks, [&](int64_t c) {
-    int64_t pos = offset[c];
-    int64_t ties = tie_quota[c];
-    for (int64_t i = chunks.begin(c); i < chunks.end(c); ++i) {
-      const uint32_t key = src.key(i);
-      if (key > kth || (key == kth && ties-- > 0)) out[pos++] = i;
+  for_each_part(parts, [&](int64_t c) {
+    int64_t at = offset[c];
+    int64_t part_ties = tie_quota[c];
+    for (int64_t j = 0; j < parts.size(c); ++j) {
+      const uint32_t key = parts.key(c, j);
+      if (key > kth || (key == kth && part_ties-- > 0)) {
+        out_idx[at] = parts.position(c, j);
+        out_val[at++] = static_cast<Value>(parts.raw(c, j));
+      }
     }
   });
 }
@@ -282,71 +363,71 @@ void advance_all(const Src& src, const Chunks& chunks) {
   });
 }
 
-// Writes the ascending indices of the k largest keys of `src` (n elements) to `out`, advancing every element
-// exactly once, whatever the path. Requires 0 <= k <= n.
+// Threshold from a fixed pseudo-random sample of kSampleRuns runs of kSampleRun consecutive keys (few cache
+// misses): the sample's r-th largest key, with r above the sample's expected count above the true k-th key
+// (+3 standard deviations, +8), so that the stream almost always keeps at least k elements.
 template <class Src>
-void select_topk(const Src& src, int64_t n, int64_t k, int64_t* out) {
+uint32_t sample_threshold(const Src& src, int64_t n, int64_t k, int64_t& rank) {
+  std::vector<uint32_t> sample(kSampleRuns * kSampleRun);
+  const auto starts = static_cast<uint64_t>(n - kSampleRun + 1);
+  for (int64_t r = 0; r < kSampleRuns; ++r) {
+    const auto start = static_cast<int64_t>(splitmix64(static_cast<uint64_t>(r)) % starts);
+    for (int64_t j = 0; j < kSampleRun; ++j) sample[r * kSampleRun + j] = src.peek(start + j);
+  }
+  const auto size = static_cast<int64_t>(sample.size());
+  const double expected = static_cast<double>(size) * static_cast<double>(k) / static_cast<double>(n);
+  rank = std::min<int64_t>(size, static_cast<int64_t>(std::ceil(expected + 3.0 * std::sqrt(expected) + 8)));
+  std::nth_element(sample.begin(), sample.begin() + (size - rank), sample.end());
+  return sample[size - rank];
+}
+
+// Writes the ascending indices and the raw bits of the k largest keys of `src` (n elements) to `out_idx` and
+// `out_val`, advancing every element exactly once, whatever the path. Requires 0 <= k <= n.
+template <class Src>
+void select_topk(const Src& src, int64_t n, int64_t k, int64_t* out_idx, typename Src::Value* out_val) {
   const Chunks chunks = make_chunks(n);
   if (k == 0) {
     advance_all(src, chunks);
     return;
   }
-  if (n <= kSmall) {
+  if (n <= kSmall) {  // every element is a candidate
     std::vector<Candidates> all(1);
     scan_chunk(src, 0, n, 0, n, all[0]);
-    finish_from_candidates(all, k, out);
+    radix_select(CandidateParts<Src>{all}, k, out_idx, out_val);
     return;
   }
-  if (k * 8 > n) {  // a threshold would keep most elements: go straight to the radix select
+  if (k * 8 > n) {  // a threshold would keep most elements: select on the data directly
     advance_all(src, chunks);
-    radix_select(src, chunks, k, out);
+    radix_select(SourceParts<Src>{chunks, src}, k, out_idx, out_val);
     return;
   }
-  // Threshold from a fixed pseudo-random sample: its r-th largest key, with r well above the sample's expected
-  // count above the true k-th key (+25 %, +4 standard deviations, +16), so the stream keeps more than k elements.
-  std::vector<uint32_t> sample(kSamples);
-  for (int64_t j = 0; j < kSamples; ++j) {
-    sample[j] = src.peek(static_cast<int64_t>(splitmix64(static_cast<uint64_t>(j)) % static_cast<uint64_t>(n)));
-  }
-  const double expected = static_cast<double>(kSamples) * static_cast<double>(k) / static_cast<double>(n);
-  const int64_t rank =
-      std::min<int64_t>(kSamples, static_cast<int64_t>(std::ceil(expected * 1.25 + 4.0 * std::sqrt(expected) + 16)));
-  std::nth_element(sample.begin(), sample.begin() + (kSamples - rank), sample.end());
-  const uint32_t threshold = sample[kSamples - rank];
-
+  int64_t rank = 0;
+  const uint32_t threshold = sample_threshold(src, n, k, rank);
+  const double kept_fraction = static_cast<double>(rank) / static_cast<double>(kSampleRuns * kSampleRun);
   std::vector<Candidates> cands(chunks.count);
   for_each_chunk(chunks, [&](int64_t c) {
     const int64_t b = chunks.begin(c), e = chunks.end(c);
-    const double planned = static_cast<double>(e - b) * static_cast<double>(rank) / static_cast<double>(kSamples);
-    const int64_t capacity = std::min<int64_t>(e - b, std::max<int64_t>(4096, static_cast<int64_t>(3.0 * planned)));
-    scan_chunk(src, b, e, threshold, capacity, cands[c]);
+    const auto planned = static_cast<int64_t>(3.0 * kept_fraction * static_cast<double>(e - b));
+    scan_chunk(src, b, e, threshold, std::min<int64_t>(e - b, std::max<int64_t>(4096, planned)), cands[c]);
   });
   int64_t kept = 0;
-  bool overflow = false;
+  bool overflowed = false;
   for (const Candidates& c : cands) {
     kept += c.count;
-    overflow = overflow || c.count > c.capacity;
+    overflowed = overflowed || c.overflowed;
   }
-  if (!overflow && kept >= k) {
-    finish_from_candidates(cands, k, out);
-  } else {
-    radix_select(src, chunks, k, out);
+  if (!overflowed && kept >= k) {
+    radix_select(CandidateParts<Src>{cands}, k, out_idx, out_val);
+  } else {  // the sample misled: select on the (already advanced) data directly
+    radix_select(SourceParts<Src>{chunks, src}, k, out_idx, out_val);
   }
 }
 
-template <typename T>
-void gather(const T* src, const int64_t* idx, int64_t k, T* dst) {
+// Zeroes the selected entries in every buffer of `zeroed`.
+void zero_selected(const std::vector<float*>& zeroed, const int64_t* idx, int64_t k) {
   at::parallel_for(0, k, int64_t{1} << 16, [&](int64_t b, int64_t e) {
-    for (int64_t j = b; j < e; ++j) dst[j] = src[idx[j]];
-  });
-}
-
-// Reads the selected entries of the residual into `values`, then zeroes them in every buffer of `zeroed`.
-void take_selected(float* residual, const std::vector<float*>& zeroed, const int64_t* idx, int64_t k, float* values) {
-  at::parallel_for(0, k, int64_t{1} << 16, [&](int64_t b, int64_t e) {
-    for (int64_t j = b; j < e; ++j) {
-      values[j] = residual[idx[j]];
-      for (float* buf : zeroed) buf[idx[j]] = 0.0f;
+    for (float* buf : zeroed) {
+      for (int64_t j = b; j < e; ++j) buf[idx[j]] = 0.0f;
     }
   });
 }
@@ -377,12 +458,10 @@ std::tuple<at::Tensor, at::Tensor> topk_abs_cpu(const at::Tensor& x, int64_t k) 
   int64_t* idx = indices.data_ptr<int64_t>();
   if (x.element_size() == 4) {
     const auto* bits = static_cast<const uint32_t*>(xc.data_ptr());
-    select_topk(ReadSource<uint32_t>{bits}, n, k, idx);
-    gather(bits, idx, k, static_cast<uint32_t*>(values.data_ptr()));
+    select_topk(ReadSource<uint32_t>{bits}, n, k, idx, static_cast<uint32_t*>(values.data_ptr()));
   } else {
     const auto* bits = static_cast<const uint16_t*>(xc.data_ptr());
-    select_topk(ReadSource<uint16_t>{bits}, n, k, idx);
-    gather(bits, idx, k, static_cast<uint16_t*>(values.data_ptr()));
+    select_topk(ReadSource<uint16_t>{bits}, n, k, idx, static_cast<uint16_t*>(values.data_ptr()));
   }
   return {indices, values};
 }
@@ -393,8 +472,9 @@ std::tuple<at::Tensor, at::Tensor> ef_step_cpu(at::Tensor& residual, const at::T
   at::Tensor indices = at::empty({k}, residual.options().dtype(at::kLong));
   at::Tensor values = at::empty({k}, residual.options());
   float* r = residual.data_ptr<float>();
-  select_topk(FeedbackSource{r, g.data_ptr<float>()}, residual.numel(), k, indices.data_ptr<int64_t>());
-  take_selected(r, {r}, indices.data_ptr<int64_t>(), k, values.data_ptr<float>());
+  select_topk(FeedbackSource{r, g.data_ptr<float>()}, residual.numel(), k, indices.data_ptr<int64_t>(),
+              static_cast<uint32_t*>(values.data_ptr()));
+  zero_selected({r}, indices.data_ptr<int64_t>(), k);
   return {indices, values};
 }
 
@@ -412,8 +492,8 @@ std::tuple<at::Tensor, at::Tensor> ef_step_momentum_cpu(
   float* r = residual.data_ptr<float>();
   float* v = velocity.data_ptr<float>();
   select_topk(MomentumSource{r, v, g.data_ptr<float>(), static_cast<float>(momentum)}, residual.numel(), k,
-              indices.data_ptr<int64_t>());
-  take_selected(r, {r, v}, indices.data_ptr<int64_t>(), k, values.data_ptr<float>());
+              indices.data_ptr<int64_t>(), static_cast<uint32_t*>(values.data_ptr()));
+  zero_selected({r, v}, indices.data_ptr<int64_t>(), k);
   return {indices, values};
 }
 
