@@ -2,9 +2,11 @@
 
 Subcommands here: `id` (print this peer's id and listen multiaddrs), `keygen` (write a new private-swarm key) and
 `node` (run a discovery-only member of a swarm: a bootstrap peer, or a probe for tests and benchmarks). Other
-modules add subcommands by convention: a module listed in `SUBCOMMAND_MODULES` defines
-`register(subparsers) -> None`, which adds its parser with `set_defaults(run=<function(args) -> int>)`; it can
-reuse `add_swarm_arguments` and `node_config_from_args` for the flags every swarm member shares.
+modules add subcommands by convention: a module listed in `PLUGIN_SUBCOMMANDS` defines
+`register(subparsers) -> None`, which adds its parser (under the listed name) with
+`set_defaults(run=<function(args) -> int>)`; it can reuse `add_swarm_arguments` and `node_config_from_args` for
+the flags every swarm member shares. A plugin module is imported only when its subcommand runs, so `swarmgrad id`
+or `node` never pays for (or breaks on) torch and the training stack.
 
 `node` prints one JSON object per line on stdout (`listening`, `peer_discovered` with `via`, `peer_up`,
 `peer_down`, `peer_forgotten`, `stats`), for people and tests alike; logs go to stderr. Every error the user can
@@ -38,8 +40,8 @@ from p2p.swarm import SwarmKey, load_swarm_key, validate_swarm_id, write_swarm_k
 from swarmgrad.errors import ConfigError, SwarmgradError
 from swarmgrad.machine import PeerDown, PeerUp
 
-SUBCOMMAND_MODULES = ("swarmgrad.peer",)
-"""Modules that may add subcommands through `register(subparsers)`; one that is not installed is skipped."""
+PLUGIN_SUBCOMMANDS = {"peer": ("swarmgrad.peer", "run a training peer (see `swarmgrad peer --help`)")}
+"""Subcommand name -> (module whose `register(subparsers)` adds it, one-line help shown by `swarmgrad --help`)."""
 
 DEFAULT_DATA_DIR = Path.home() / ".swarmgrad"
 DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/7400"
@@ -212,7 +214,8 @@ def _run_node(args: argparse.Namespace) -> int:
 # ---- parser and entry point -----------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; the plugin subcommand `command` (if any) gets its real parser, the others a stub for `--help`."""
     parser = argparse.ArgumentParser(prog="swarmgrad", description="Peer-to-peer training with no coordinator.")
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument(
@@ -245,21 +248,19 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--stats-interval-s", type=_positive_float, help="print a stats line this often")
     node.set_defaults(run=_run_node)
 
-    for module_name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        module.register(subparsers)
+    for name, (module_name, help_text) in PLUGIN_SUBCOMMANDS.items():
+        if name == command:
+            importlib.import_module(module_name).register(subparsers)
+        else:
+            subparsers.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `swarmgrad` console script; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = build_parser().parse_known_args(argv)[0].command
+    args = build_parser(command).parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("libp2p").setLevel(args.libp2p_log_level)
     try:

@@ -19,9 +19,6 @@ from pathlib import Path
 from typing import Any
 
 Event = dict[str, Any]
-# `swarmgrad.cli.main` with only its own subcommands: these tests exercise discovery whatever the state of the
-# subcommands other modules register (tests/test_cli_p2p.py runs the real entry point).
-_ISOLATED_CLI = "import sys, swarmgrad.cli as c; c.SUBCOMMAND_MODULES = (); sys.exit(c.main(sys.argv[1:]))"
 
 
 def discovered_at_least(count: int) -> Callable[[list[Event]], bool]:
@@ -42,7 +39,7 @@ class NodeProcess:
         self._stderr = self.stderr_path.open("w")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _ISOLATED_CLI, "--log-level", "INFO", *args],
+            [sys.executable, "-m", "swarmgrad.cli", "--log-level", "INFO", *args],
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             text=True,

@@ -1,0 +1,178 @@
+"""The `swarmgrad id`, `keygen` and `node` subcommands: output, exit statuses, and one clear stderr line naming the
+bad value for every input error (malformed or unreachable bootstrap, bad swarm id, port in use, bad key files),
+with nothing left running or bound afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from swarmgrad.cli import main
+from tests.node_processes import node_group
+
+PEER = "12D3KooWJ5sfJHRinwuoZS3LLPAeCZRzMcVTe6vSWaAq2xknveCN"
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    status = main(argv)
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_id_is_stable_across_restarts_and_prints_dialable_addresses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["id", "--data-dir", str(tmp_path), "--listen", "/ip4/127.0.0.1/tcp/7400"]
+    status, first, _ = run(argv, capsys)
+    assert status == 0
+    peer_id, addr = first.split()
+    assert addr == f"/ip4/127.0.0.1/tcp/7400/p2p/{peer_id}"
+    assert oct(os.stat(tmp_path / "identity.key").st_mode & 0o777) == "0o600"
+    status, second, _ = run([*argv, "--json"], capsys)
+    assert status == 0 and json.loads(second)["peer_id"] == peer_id
+
+
+def test_id_refuses_a_key_file_others_can_read_and_says_how_to_fix_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(["id", "--data-dir", str(tmp_path)], capsys)[0] == 0
+    (tmp_path / "identity.key").chmod(0o644)
+    status, out, err = run(["id", "--data-dir", str(tmp_path)], capsys)
+    assert status == 1 and out == ""
+    assert "0644" in err and f"chmod 600 {tmp_path / 'identity.key'}" in err
+
+
+def test_keygen_writes_a_private_key_file_and_never_overwrites(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "swarm.key"
+    assert run(["keygen", "--out", str(path)], capsys)[0] == 0
+    lines = path.read_text().splitlines()
+    assert lines[:2] == ["/key/swarm/psk/1.0.0/", "/base16/"] and len(lines[2]) == 64
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    status, _, err = run(["keygen", "--out", str(path)], capsys)
+    assert status == 1 and "already exists" in err and path.read_text().splitlines() == lines
+
+
+@pytest.mark.parametrize(
+    ("extra", "status", "named"),
+    [
+        (["--swarm-id", "Not Valid"], 2, "'Not Valid'"),
+        (["--swarm-id", "s", "--bootstrap", "/ip4/127.0.0.1/tcp/4001"], 2, "/ip4/127.0.0.1/tcp/4001"),
+        (["--swarm-id", "s", "--bootstrap", "hello"], 2, "'hello'"),
+        (["--swarm-id", "s", "--listen", "/ip4/127.0.0.1/udp/1"], 2, "/ip4/127.0.0.1/udp/1"),
+        (["--swarm-id", "s", "--swarm-key", "/nonexistent/swarm.key"], 1, "/nonexistent/swarm.key"),
+    ],
+)
+def test_node_input_errors_name_the_value(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], status: int, named: str
+) -> None:
+    got, out, err = run(["node", "--data-dir", str(tmp_path), "--listen", "/ip4/127.0.0.1/tcp/0", *extra], capsys)
+    assert got == status
+    assert out == ""
+    assert err.startswith("swarmgrad node: error:") and named in err, err
+
+
+def test_node_refuses_a_malformed_swarm_key_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key = tmp_path / "swarm.key"
+    key.write_text("/key/swarm/psk/1.0.0/\n/base16/\nnot-hex\n")
+    key.chmod(0o600)
+    status, _, err = run(["node", "--data-dir", str(tmp_path), "--swarm-id", "s", "--swarm-key", str(key)], capsys)
+    assert status == 1 and str(key) in err and "64 hexadecimal digits" in err
+
+
+def test_node_on_a_port_in_use_fails_naming_the_address(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        addr = f"/ip4/127.0.0.1/tcp/{taken.getsockname()[1]}"
+        status, out, err = run(["node", "--data-dir", str(tmp_path), "--swarm-id", "s", "--listen", addr], capsys)
+    assert status == 1 and out == ""
+    assert addr in err and "in use" in err
+
+
+def test_node_with_an_unreachable_bootstrap_fails_fast_and_releases_its_port(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = free_port()
+    dead = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{PEER}"
+    started = time.monotonic()
+    status, out, err = run(
+        [
+            "node",
+            "--data-dir",
+            str(tmp_path),
+            "--swarm-id",
+            "s",
+            "--listen",
+            f"/ip4/127.0.0.1/tcp/{port}",
+            "--bootstrap",
+            dead,
+        ],
+        capsys,
+    )
+    assert status == 1
+    assert dead in err and "no bootstrap peer could be reached" in err
+    assert time.monotonic() - started < 15
+    assert "listening" not in out  # it never announced itself
+    with socket.socket() as probe:  # nothing half-started: the listen port is free again
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", port))
+
+
+@pytest.mark.slow
+def test_node_joining_a_bootstrap_peer_of_another_swarm_fails_naming_the_swarm(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with node_group(tmp_path) as group:
+        boot = group.start("boot", swarm_id="alpha")
+        addr = boot.wait_listening()["addrs"][0]
+        status, _, err = run(
+            [
+                "node",
+                "--data-dir",
+                str(tmp_path / "b"),
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--swarm-id",
+                "beta",
+                "--bootstrap",
+                addr,
+                "--join-timeout-s",
+                "3",
+            ],
+            capsys,
+        )
+    assert status == 1
+    assert "no member of swarm 'beta'" in err and addr in err
+
+
+def test_console_entry_point_lists_the_subcommands_without_importing_the_training_stack() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; from swarmgrad.cli import main; code = main(['--help'])"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    for name in ("id", "keygen", "node", "peer"):
+        assert f"    {name} " in result.stdout
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, swarmgrad.cli; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert probe.stdout.strip() == "False"
