@@ -38,15 +38,29 @@ def _check_view(diffs: torch.Tensor, mask: torch.Tensor) -> None:
 
 
 def _check_weights(diffs: torch.Tensor, weights: torch.Tensor) -> None:
-    if weights.shape != (diffs.shape[0],):
-        raise LocalProtocolError(f"weights must have shape ({diffs.shape[0]},), got {tuple(weights.shape)}")
+    if weights.shape not in ((diffs.shape[0],), diffs.shape):
+        raise LocalProtocolError(
+            f"weights must have shape ({diffs.shape[0]},) or {tuple(diffs.shape)}, got {tuple(weights.shape)}"
+        )
+
+
+def _per_entry(diffs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return weights[:, None].expand(diffs.shape) if weights.dim() == 1 else weights
+
+
+def coordinate_weights(mask: torch.Tensor) -> torch.Tensor:
+    """Per entry `1 / (count + 1)`, count = entries present in its column: each coordinate is averaged equally
+    between the peer itself and the neighbours that sent it (0 where absent)."""
+    count = mask.sum(dim=0, keepdim=True)
+    return mask / (count + 1.0)
 
 
 def weighted_mean(diffs: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """`sum_j weights[j] * diffs[j]` over the entries present in `mask` (absent entries count as 0)."""
+    """`sum_j weights[j] * diffs[j]` over the entries present in `mask` (absent entries count as 0). `weights` is
+    one weight per row or one per entry."""
     _check_view(diffs, mask)
     _check_weights(diffs, weights)
-    return (torch.where(mask, diffs, 0.0) * weights[:, None]).sum(dim=0)
+    return (torch.where(mask, diffs, 0.0) * _per_entry(diffs, weights)).sum(dim=0)
 
 
 def trimmed_mean(diffs: torch.Tensor, mask: torch.Tensor, trim: int) -> torch.Tensor:
@@ -78,10 +92,10 @@ def clip_scales(norms: torch.Tensor, radius: float) -> torch.Tensor:
 
 
 def clipped_gossip(diffs: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor, radius: float) -> torch.Tensor:
-    """ClippedGossip: `sum_j weights[j] * clip_radius(diffs[j])`."""
+    """ClippedGossip: `sum_j weights[j] * clip_radius(diffs[j])` (per-row or per-entry weights)."""
     _check_weights(diffs, weights)
     scales = clip_scales(row_norms(diffs, mask), radius)
-    return weighted_mean(diffs, mask, weights * scales)
+    return weighted_mean(diffs, mask, _per_entry(diffs, weights) * scales[:, None])
 
 
 def adaptive_clip_radius(norm_history: Sequence[float], multiplier: float) -> float:

@@ -1,0 +1,50 @@
+"""The gossip wire protocol: one message type, its schema, and the model-shape fingerprint. No I/O, no state.
+
+A `SparseUpdate` carries what a peer tells one neighbour in one round: the *values* of its parameter vector at a
+few coordinates (a top-k `SparsePayload`), tagged with the swarm id, the round number and a fingerprint of the
+model's shape. The sender is not in the message: it is the transport's authenticated peer id (Noise on libp2p).
+`reply=False` asks the receiver to answer with its own update for the same round (push-pull); `reply=True` is that
+answer. The round machine (`gossip.round`) decides what is stale, replayed or mismatched; this module only checks
+that each field is well formed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from p2p.codec import Schema
+from training.topk import SparsePayload
+
+PROTOCOL = "/swarmgrad/gossip/1.0.0"
+FINGERPRINT_BYTES = 16
+MAX_SWARM_ID_CHARS = 128
+
+
+@dataclass(frozen=True)
+class SparseUpdate:
+    """A peer's parameter values at a few coordinates, for one round of one swarm."""
+
+    swarm_id: str
+    round: int
+    fingerprint: bytes
+    reply: bool
+    payload: SparsePayload
+
+    def __post_init__(self) -> None:
+        if not 0 < len(self.swarm_id) <= MAX_SWARM_ID_CHARS:
+            raise ValueError(f"swarm_id must have 1 to {MAX_SWARM_ID_CHARS} characters, got {len(self.swarm_id)}")
+        if self.round < 0:
+            raise ValueError(f"round must be >= 0, got {self.round}")
+        if len(self.fingerprint) != FINGERPRINT_BYTES:
+            raise ValueError(f"fingerprint must be {FINGERPRINT_BYTES} bytes, got {len(self.fingerprint)}")
+
+
+SCHEMA = Schema("gossip", {1: SparseUpdate})
+
+
+def model_fingerprint(shapes: Sequence[Sequence[int]], dtype: str = "float32") -> bytes:
+    """A 16-byte digest of the parameter shapes (in order) and dtype: peers with different models never mix."""
+    text = dtype + ";" + ";".join(",".join(str(int(d)) for d in shape) for shape in shapes)
+    return hashlib.sha256(text.encode()).digest()[:FINGERPRINT_BYTES]

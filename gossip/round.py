@@ -1,0 +1,447 @@
+"""`GossipRound`: the sans-IO machine of compressed, robust gossip averaging. No trio, no sockets, no clock reads.
+
+Theory of operation
+===================
+
+Each peer i holds a flat fp32 parameter vector `x_i`. The training loop calls for a round after its local steps
+(H local steps per round is the training loop's choice; a DiLoCo-style outer loop, arXiv 2311.08105, with the
+averaging done by gossip as in NoLoCo, arXiv 2506.10911). One round r at peer i:
+
+1. **Pick neighbours.** `neighbours_per_round` (m) peers drawn uniformly, without replacement (`rng.sample` on
+   the sorted list), from the peers that are *eligible* this round: those whose pair coin
+   `sha256(swarm, round, sender, receiver)` is below `2 m / live peers` (about 2m of them). A fresh random graph
+   each round, which mixes like an expander -- and one that a receiver can check: it aggregates an unsolicited
+   request only if the sender was eligible to pick it, so a Byzantine peer cannot push its values into every
+   honest peer every round (it reaches about 2m of them, like an honest peer reaches m).
+2. **Choose what to say: error-compensated top-k.** As in CHOCO-SGD (Koloskova, Stich, Jaggi, arXiv 1902.00340 and
+   1907.09356) the peer keeps a *public copy* `p_i`: what it last told the swarm about each coordinate. It selects
+   the support `S = top-k |x_i - p_i|` (k = density * n), so a coordinate that changed (by training or by
+   averaging) but was not sent keeps its difference in `x_i - p_i` until it is large enough to be sent: that
+   difference is the error-feedback memory. Unlike CHOCO, the peer sends the *values* `x_i[S]`, not the compressed
+   difference, and sets `p_i[S] = x_i[S]` (as rounded for the wire).
+3. **Push-pull.** It sends that `SparseUpdate` to each chosen neighbour; a peer receiving an update with
+   `reply=False` answers, unless it already sent one to that peer this round, with its own values *on the
+   requester's coordinates*. So an exchange is two-sided on the same coordinates, and each side mixes the
+   other's values there (with equal weights the pair's sum is preserved).
+4. **Aggregate at the round's end** -- when every chosen neighbour has answered (or failed to be reached), or at
+   the deadline, whichever comes first. For each neighbour j heard from, `d_j = x_j[S_j] - x_i[S_j]` (a sparse
+   difference against the receiver's *own* exact values) and `x_i[U] += step_size * rule(d)`, with `rule` one of
+   `gossip.aggregate` (weights `1/(m+1)` for m neighbours heard, so the peer keeps at least its own share).
+
+Why values and not CHOCO's compressed differences: CHOCO needs each receiver to hold the sender's public copy,
+which stays consistent only if every receiver sees every message of the sender. With a fresh random neighbour set
+each round and messages lost at deadlines, no two peers provably share such a copy (per-neighbour copies would cost
+one model-sized buffer per peer ever met). Sending values against the receiver's own state needs no shared state
+at all: a lost or late message loses only its contribution and can never desynchronise anything. The public copy
+lives only on the sender, where it decides *which* coordinates are worth sending.
+
+What converges to what: for `step_size` in (0, 1] every update of a coordinate is a convex combination of the
+peer's value and values it received, so with honest peers each coordinate stays in the hull of the initial values,
+and the spread (consensus distance) contracts whenever the coordinate is exchanged. Error compensation makes every
+coordinate with a non-zero disagreement eventually selected, so the consensus distance shrinks geometrically
+(`tests/test_gossip_sim.py` measures the rate at density 1 %). Without it (`error_feedback=False`, support
+= top-k |x_i|) the same large-magnitude coordinates are sent every round and the rest never mix: the consensus
+distance stalls. The common limit is a weighted average of the initial vectors -- exactly the mean in expectation
+for symmetric exchanges, not exactly per run (one-sided exchanges at deadlines and the clipping move it), and the
+step-size instability of CHOCO does not arise because receivers never extrapolate from an estimated copy. The
+fp16 wire format rounds values to ~1e-4 relative, which is the floor of the consensus distance. With training in
+between rounds this is local SGD with sparse gossip averaging; in the stationary case the peers track their
+average to within the drift of H local steps.
+
+Robustness: `aggregation="clipped"` (the default) bounds what any neighbour can do to a peer per round by
+`step_size * tau / (m+1)`; see `gossip.aggregate`. Dead, hung or slow neighbours only lose their contribution:
+the round never waits past its deadline, and every send carries that deadline.
+
+Round numbers and messages: a peer's rounds strictly increase. Per sender, a message for a round at or below the
+last one seen from that sender is a replay: `RemoteProtocolError` (the driver scores the peer). Other checks that
+raise it: wrong swarm id, wrong model fingerprint, a payload that does not decode or holds non-finite values. A
+message for a past round is late: dropped and counted. One for a future round within `max_future_rounds` is
+buffered (at most `max_buffered_updates` in all, decoded and checked first); further ahead it is dropped and
+counted. A new round's number is the larger of the next round and the lower median of the latest rounds heard from
+live peers, so a peer that joins late or falls behind catches up, and a Byzantine minority cannot push it ahead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import torch
+
+from gossip import aggregate
+from gossip.messages import MAX_SWARM_ID_CHARS, SparseUpdate
+from swarmgrad.errors import ConfigError, DecodeError, LocalProtocolError, RemoteProtocolError
+from swarmgrad.machine import (
+    Action,
+    CancelTimer,
+    Command,
+    Event,
+    Notify,
+    PeerDown,
+    PeerId,
+    PeerUp,
+    Received,
+    Send,
+    SendFailed,
+    SetTimer,
+    TimerFired,
+)
+from training.topk import pack_sparse, topk_abs, unpack_sparse
+from training.topk.payload import VALUE_FORMATS
+
+AGGREGATIONS = ("mean", "trimmed_mean", "clipped")
+ELIGIBLE_FACTOR = 2.0
+"""A sender picks its neighbours among the peers whose pair coin is below `ELIGIBLE_FACTOR * m / live peers`."""
+ACCEPT_FACTOR = 2.5
+"""A receiver aggregates an unsolicited request if the coin is below this bound (slack for differing peer views)."""
+
+
+def pair_coin(swarm_id: str, number: int, sender: PeerId, receiver: PeerId) -> float:
+    """A uniform number in [0, 1) that anyone can compute for (swarm, round, sender, receiver)."""
+    digest = hashlib.sha256(f"{swarm_id}\x00{number}\x00{sender}\x00{receiver}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2.0**64
+
+
+@dataclass(frozen=True)
+class GossipConfig:
+    """How a peer gossips. Every swarm member must use the same `swarm_id`, `density` and `value_format`.
+
+    Defaults: `step_size=0.5` lies well inside the convex range (0, 1] (TOPK_NOTES: a CHOCO step of 0.5 diverged,
+    but that was an extrapolating update; this one is a convex combination); `neighbours_per_round=3`; a clip
+    radius of 1x the median of the last 64 difference norms (in `tests/test_gossip_sim.py`, 2x let 4 flooding
+    Byzantine peers of 16 double the honest spread with noise, 0.5x halved the consensus speed); the buffering
+    bounds are small because honest peers run at most a round or two apart.
+    """
+
+    swarm_id: str
+    density: float
+    round_deadline_s: float
+    seed: int
+    neighbours_per_round: int = 3
+    step_size: float = 0.5
+    aggregation: str = "clipped"
+    trim_count: int = 1
+    clip_radius: float | None = None
+    clip_multiplier: float = 1.0
+    clip_history_len: int = 64
+    error_feedback: bool = True
+    value_format: str = "fp16"
+    max_future_rounds: int = 4
+    max_buffered_updates: int = 64
+
+    def __post_init__(self) -> None:
+        if not 0 < len(self.swarm_id) <= MAX_SWARM_ID_CHARS:
+            raise ConfigError("swarm_id", self.swarm_id, f"a string of 1 to {MAX_SWARM_ID_CHARS} characters")
+        if not 0 < self.density <= 1:
+            raise ConfigError("density", self.density, "in (0, 1]")
+        if not (self.round_deadline_s > 0 and math.isfinite(self.round_deadline_s)):
+            raise ConfigError("round_deadline_s", self.round_deadline_s, "a finite number > 0")
+        if self.neighbours_per_round < 1:
+            raise ConfigError("neighbours_per_round", self.neighbours_per_round, ">= 1")
+        if not 0 < self.step_size <= 1:
+            raise ConfigError("step_size", self.step_size, "in (0, 1]")
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError("aggregation", self.aggregation, f"one of {AGGREGATIONS}")
+        if self.trim_count < 0:
+            raise ConfigError("trim_count", self.trim_count, ">= 0")
+        if self.clip_radius is not None and not (self.clip_radius > 0 and math.isfinite(self.clip_radius)):
+            raise ConfigError("clip_radius", self.clip_radius, "None (adaptive) or a finite number > 0")
+        if not (self.clip_multiplier > 0 and math.isfinite(self.clip_multiplier)):
+            raise ConfigError("clip_multiplier", self.clip_multiplier, "a finite number > 0")
+        if self.clip_history_len < 1:
+            raise ConfigError("clip_history_len", self.clip_history_len, ">= 1")
+        if self.value_format not in VALUE_FORMATS:
+            raise ConfigError("value_format", self.value_format, f"one of {VALUE_FORMATS}")
+        if self.max_future_rounds < 0:
+            raise ConfigError("max_future_rounds", self.max_future_rounds, ">= 0")
+        if self.max_buffered_updates < 0:
+            raise ConfigError("max_buffered_updates", self.max_buffered_updates, ">= 0")
+
+    def k_for(self, numel: int) -> int:
+        """How many coordinates a peer sends per round for a vector of `numel` elements."""
+        return min(numel, max(1, math.ceil(self.density * numel)))
+
+
+@dataclass(frozen=True, eq=False)
+class StartRound(Command):
+    """Begin the next round with this peer's current flat fp32 parameters (the machine copies them)."""
+
+    params: torch.Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class RoundCompleted:
+    """A round ended: `params` is the new vector to load. `missing` are chosen neighbours that did not answer."""
+
+    round: int
+    params: torch.Tensor
+    contributors: tuple[PeerId, ...]
+    missing: tuple[PeerId, ...]
+    clipped: int
+    timed_out: bool
+
+
+@dataclass
+class _Round:
+    number: int
+    deadline: float
+    params: torch.Tensor
+    update: SparseUpdate
+    chosen: frozenset[PeerId]
+    expected: set[PeerId]
+    sent_to: set[PeerId]
+    received: dict[PeerId, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+class GossipRound:
+    """The gossip machine of one peer. Feed it `StartRound`, `Received`, `TimerFired`, peer events, `SendFailed`;
+    it emits `Send`s (each bounded by the round deadline), its round timer and `Notify(RoundCompleted)`."""
+
+    def __init__(
+        self, config: GossipConfig, local_peer: PeerId, numel: int, fingerprint: bytes, rng: random.Random
+    ) -> None:
+        if numel < 1:
+            raise LocalProtocolError(f"numel must be >= 1, got {numel}")
+        self.config = config
+        self.numel = numel
+        self.k = config.k_for(numel)
+        self.fingerprint = fingerprint
+        self.local_peer = local_peer
+        self._rng = rng
+        self._live: set[PeerId] = set()
+        self._public: torch.Tensor | None = None
+        self._round: _Round | None = None
+        self._next_round = 0
+        self._last: _Round | None = None  # the last completed round, to answer late requests for it
+        self._latest_from: dict[PeerId, int] = {}
+        self._buffer: dict[int, dict[PeerId, tuple[SparseUpdate, torch.Tensor, torch.Tensor]]] = {}
+        self._norms: deque[float] = deque(maxlen=config.clip_history_len)
+        self._counters: Counter[str] = Counter()
+
+    # ---- public -------------------------------------------------------------------------------------------------
+
+    @property
+    def live_peers(self) -> list[PeerId]:
+        return sorted(self._live)
+
+    @property
+    def in_round(self) -> bool:
+        return self._round is not None
+
+    def statistics(self) -> dict[str, int]:
+        """Counters: rounds, timeouts, updates received / aggregated / late / buffered / dropped, replies, clips."""
+        return dict(self._counters)
+
+    def step(self, now: float, event: Event) -> list[Action]:
+        if isinstance(event, StartRound):
+            return self._start(now, event.params)
+        if isinstance(event, Received):
+            return self._received(now, event.peer, event.msg)
+        if isinstance(event, TimerFired):
+            if self._round is not None and event.key == self._timer_key(self._round.number):
+                return self._complete(timed_out=True)
+            return []
+        if isinstance(event, PeerUp):
+            self._live.add(event.peer)
+            return []
+        if isinstance(event, PeerDown):
+            self._live.discard(event.peer)
+            return self._forget_expected(event.peer)
+        if isinstance(event, SendFailed):
+            self._counters["send_failed"] += 1
+            return self._forget_expected(event.peer)
+        raise LocalProtocolError(f"GossipRound cannot handle {type(event).__name__}")
+
+    # ---- rounds -------------------------------------------------------------------------------------------------
+
+    def _start(self, now: float, params: torch.Tensor) -> list[Action]:
+        if self._round is not None:
+            raise LocalProtocolError(f"round {self._round.number} is still running")
+        if params.dtype != torch.float32 or params.dim() != 1 or params.numel() != self.numel:
+            raise LocalProtocolError(f"params must be a flat float32 tensor of {self.numel}, got {params.shape}")
+        if not bool(torch.isfinite(params).all()):
+            raise LocalProtocolError("params hold NaN or Inf: refusing to gossip them")
+        number = self._catch_up_round()
+        x = params.detach().clone()
+        if self.config.error_feedback:
+            if self._public is None:
+                self._public = torch.zeros(self.numel)
+            indices, _ = topk_abs(x - self._public, self.k)
+        else:
+            indices, _ = topk_abs(x, self.k)
+        update = self._pack(number, False, indices, x)
+        eligible = [p for p in sorted(self._live) if self._eligible(number, self.local_peer, p, ELIGIBLE_FACTOR)]
+        chosen = self._rng.sample(eligible, min(self.config.neighbours_per_round, len(eligible)))
+        deadline = now + self.config.round_deadline_s
+        current = _Round(number, deadline, x, update, frozenset(chosen), set(chosen), set(chosen))
+        self._round = current
+        self._counters["rounds"] += 1
+        actions: list[Action] = [Send(peer, update, deadline) for peer in sorted(chosen)]
+        actions.append(SetTimer(self._timer_key(number), deadline))
+        for stale in sorted(r for r in self._buffer if r < number):
+            self._counters["late_dropped"] += len(self._buffer.pop(stale))
+        for peer, (msg, indices_in, values_in) in sorted(self._buffer.pop(number, {}).items()):
+            actions.extend(self._accept(current, peer, msg, indices_in, values_in))
+        if not current.expected:
+            actions.extend(self._complete(timed_out=False))
+        return actions
+
+    def _catch_up_round(self) -> int:
+        latest = sorted(self._latest_from[p] for p in self._live if p in self._latest_from)
+        if not latest:
+            return self._next_round
+        return max(self._next_round, latest[(len(latest) - 1) // 2])
+
+    def _accept(
+        self, current: _Round, peer: PeerId, msg: SparseUpdate, indices: torch.Tensor, values: torch.Tensor
+    ) -> list[Action]:
+        if peer in current.chosen or self._eligible(current.number, peer, self.local_peer, ACCEPT_FACTOR):
+            current.received[peer] = (indices, values)
+            current.expected.discard(peer)
+            self._counters["updates_aggregated"] += 1
+        else:
+            self._counters["unsolicited_answered"] += 1
+        if msg.reply or peer in current.sent_to:
+            return []
+        current.sent_to.add(peer)
+        self._counters["replies_sent"] += 1
+        reply = self._pack(current.number, True, indices, current.params)
+        return [Send(peer, reply, current.deadline)]
+
+    def _forget_expected(self, peer: PeerId) -> list[Action]:
+        current = self._round
+        if current is None or peer not in current.expected:
+            return []
+        current.expected.discard(peer)
+        return [] if current.expected else self._complete(timed_out=False)
+
+    def _complete(self, timed_out: bool) -> list[Action]:
+        current = self._round
+        if current is None:
+            raise LocalProtocolError("no round to complete")
+        params, clipped = self._aggregate(current)
+        self._round = None
+        self._last = current
+        self._next_round = current.number + 1
+        self._counters["rounds_timed_out"] += int(timed_out)
+        self._counters["neighbours_answered"] += len(current.received)
+        self._counters["clipped"] += clipped
+        current.params = torch.empty(0)  # handed over below: the machine keeps no alias of the caller's vector
+        done = RoundCompleted(
+            current.number, params, tuple(sorted(current.received)), tuple(sorted(current.expected)), clipped, timed_out
+        )
+        actions: list[Action] = [] if timed_out else [CancelTimer(self._timer_key(current.number))]
+        actions.append(Notify(done))
+        return actions
+
+    def _aggregate(self, current: _Round) -> tuple[torch.Tensor, int]:
+        x = current.params
+        peers = sorted(current.received)
+        if not peers:
+            return x, 0
+        all_indices = torch.cat([current.received[p][0] for p in peers])
+        union, position = torch.unique(all_indices, return_inverse=True)
+        diffs = torch.zeros(len(peers), union.numel())
+        mask = torch.zeros(len(peers), union.numel(), dtype=torch.bool)
+        start = 0
+        for row, peer in enumerate(peers):
+            indices, values = current.received[peer]
+            where = position[start : start + indices.numel()]
+            start += indices.numel()
+            diffs[row, where] = values - x[indices]
+            mask[row, where] = True
+        weights = aggregate.coordinate_weights(mask)
+        clipped = 0
+        if self.config.aggregation == "mean":
+            move = aggregate.weighted_mean(diffs, mask, weights)
+        elif self.config.aggregation == "trimmed_mean":
+            own = torch.zeros(1, union.numel())
+            move = aggregate.trimmed_mean(
+                torch.cat([own, diffs]),
+                torch.cat([torch.ones(1, union.numel(), dtype=torch.bool), mask]),
+                self.config.trim_count,
+            )
+        else:
+            norms = aggregate.row_norms(diffs, mask)
+            self._norms.extend(float(n) for n in norms)
+            radius = self.config.clip_radius
+            if radius is None:
+                radius = aggregate.adaptive_clip_radius(list(self._norms), self.config.clip_multiplier)
+            clipped = int((norms > radius).sum())
+            move = aggregate.clipped_gossip(diffs, mask, weights, radius)
+        x[union] += self.config.step_size * move
+        return x, clipped
+
+    # ---- messages -----------------------------------------------------------------------------------------------
+
+    def _received(self, now: float, peer: PeerId, msg: object) -> list[Action]:
+        if not isinstance(msg, SparseUpdate):
+            raise RemoteProtocolError(peer, f"unexpected message {type(msg).__name__}")
+        if msg.swarm_id != self.config.swarm_id:
+            raise RemoteProtocolError(peer, f"update for swarm {msg.swarm_id!r}, this is {self.config.swarm_id!r}")
+        if msg.fingerprint != self.fingerprint:
+            raise RemoteProtocolError(peer, "update for a model of another shape (fingerprint mismatch)")
+        latest = self._latest_from.get(peer)
+        if latest is not None and msg.round <= latest:
+            raise RemoteProtocolError(peer, f"replayed or stale round {msg.round} (already had round {latest})")
+        try:
+            indices, values = unpack_sparse(msg.payload, self.numel, max_k=self.k)
+        except DecodeError as exc:
+            raise RemoteProtocolError(peer, f"bad sparse payload: {exc}") from exc
+        # Valid: from here on the state may change.
+        self._latest_from[peer] = msg.round
+        self._counters["updates_received"] += 1
+        current = self._round
+        if current is not None and msg.round == current.number:
+            actions = self._accept(current, peer, msg, indices, values)
+            if not current.expected:
+                actions.extend(self._complete(timed_out=False))
+            return actions
+        base = current.number if current is not None else self._next_round
+        if msg.round < base:
+            self._counters["late_dropped"] += 1
+            return self._answer_late(now, peer, msg)
+        if msg.round > base + self.config.max_future_rounds:
+            self._counters["future_dropped"] += 1
+            return []
+        if sum(len(b) for b in self._buffer.values()) >= self.config.max_buffered_updates:
+            self._counters["buffer_full_dropped"] += 1
+            return []
+        self._buffer.setdefault(msg.round, {})[peer] = (msg, indices, values)
+        self._counters["future_buffered"] += 1
+        return []
+
+    def _answer_late(self, now: float, peer: PeerId, msg: SparseUpdate) -> list[Action]:
+        """A request for the round this peer just finished still gets that round's update (one-sided exchange)."""
+        last = self._last
+        if msg.reply or last is None or msg.round != last.number or peer in last.sent_to:
+            return []
+        last.sent_to.add(peer)
+        self._counters["late_replies_sent"] += 1
+        return [Send(peer, self._as_reply(last.update), now + self.config.round_deadline_s)]
+
+    def _pack(self, number: int, reply: bool, indices: torch.Tensor, x: torch.Tensor) -> SparseUpdate:
+        """An update with `x`'s values at `indices`; the public copy records what was told (as rounded)."""
+        payload = pack_sparse(indices, x[indices], self.numel, value_format=self.config.value_format)
+        if self._public is not None:
+            sent_indices, sent_values = unpack_sparse(payload, self.numel)
+            self._public[sent_indices] = sent_values
+        return SparseUpdate(self.config.swarm_id, number, self.fingerprint, reply, payload)
+
+    @staticmethod
+    def _as_reply(update: SparseUpdate) -> SparseUpdate:
+        return SparseUpdate(update.swarm_id, update.round, update.fingerprint, True, update.payload)
+
+    def _eligible(self, number: int, sender: PeerId, receiver: PeerId, factor: float) -> bool:
+        """Whether `sender` may pick `receiver` in round `number` (a coin both sides compute; see the docstring)."""
+        live = len(self._live | {sender, receiver} - {self.local_peer})
+        return (
+            pair_coin(self.config.swarm_id, number, sender, receiver) < factor * self.config.neighbours_per_round / live
+        )
+
+    @staticmethod
+    def _timer_key(number: int) -> tuple[str, int]:
+        return ("gossip-round", number)

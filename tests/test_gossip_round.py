@@ -1,0 +1,267 @@
+"""The gossip round machine with no I/O: feed events, assert the exact actions, deadlines and counters."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from gossip.messages import SparseUpdate, model_fingerprint
+from gossip.round import (
+    ACCEPT_FACTOR,
+    ELIGIBLE_FACTOR,
+    GossipConfig,
+    GossipRound,
+    RoundCompleted,
+    StartRound,
+    pair_coin,
+)
+from swarmgrad.errors import ConfigError, LocalProtocolError, RemoteProtocolError
+from swarmgrad.machine import (
+    Action,
+    CancelTimer,
+    Event,
+    Notify,
+    PeerDown,
+    PeerUp,
+    Received,
+    Send,
+    SendFailed,
+    SetTimer,
+    TimerFired,
+)
+from training.topk import pack_sparse, unpack_sparse
+
+NUMEL = 200
+FP = model_fingerprint([(NUMEL,)])
+DEADLINE_S = 2.0
+
+
+def config(**overrides: object) -> GossipConfig:
+    values: dict[str, object] = {
+        "swarm_id": "test",
+        "density": 0.05,
+        "round_deadline_s": DEADLINE_S,
+        "seed": 1,
+        "neighbours_per_round": 2,
+        "value_format": "fp32",
+    }
+    values.update(overrides)
+    return GossipConfig(**values)  # type: ignore[arg-type]
+
+
+def machine(peers: list[str], seed: int = 1, **overrides: object) -> GossipRound:
+    m = GossipRound(config(**overrides), "me", NUMEL, FP, random.Random(seed))
+    for peer in peers:
+        m.step(0.0, PeerUp(peer))
+    return m
+
+
+def update(round_: int, value: float = 1.0, reply: bool = False, numel: int = NUMEL, **fields: object) -> SparseUpdate:
+    indices = torch.arange(0, NUMEL, NUMEL // 10, dtype=torch.int64)
+    payload = pack_sparse(indices, torch.full((indices.numel(),), value), numel, value_format="fp32")
+    args: dict[str, object] = {"swarm_id": "test", "round": round_, "fingerprint": FP, "reply": reply}
+    args.update(fields)
+    return SparseUpdate(payload=payload, **args)  # type: ignore[arg-type]
+
+
+def sends(actions: list[Action]) -> list[Send]:
+    return [a for a in actions if isinstance(a, Send)]
+
+
+def completed(actions: list[Action]) -> RoundCompleted | None:
+    done = [a.event for a in actions if isinstance(a, Notify) and isinstance(a.event, RoundCompleted)]
+    assert len(done) <= 1
+    return done[0] if done else None
+
+
+def test_config_rejects_bad_values_naming_the_field() -> None:
+    for field, value in [
+        ("density", 0.0),
+        ("density", 1.5),
+        ("round_deadline_s", float("inf")),
+        ("neighbours_per_round", 0),
+        ("step_size", 1.5),
+        ("aggregation", "median"),
+        ("clip_radius", -1.0),
+        ("value_format", "fp64"),
+        ("max_future_rounds", -1),
+        ("swarm_id", ""),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            config(**{field: value})
+        assert info.value.field == field
+
+
+def test_start_sends_to_chosen_neighbours_with_the_round_deadline() -> None:
+    m = machine(["a", "b", "c", "d"])
+    actions = m.step(10.0, StartRound(torch.randn(NUMEL)))
+    out = sends(actions)
+    assert len(out) == 2 and len({s.peer for s in out}) == 2
+    assert all(s.deadline == 10.0 + DEADLINE_S for s in out)
+    assert all(isinstance(s.msg, SparseUpdate) and s.msg.round == 0 and not s.msg.reply for s in out)
+    assert SetTimer(("gossip-round", 0), 10.0 + DEADLINE_S) in actions
+    with pytest.raises(LocalProtocolError):
+        m.step(10.5, StartRound(torch.randn(NUMEL)))
+
+
+def test_neighbour_choice_is_deterministic_per_seed_and_fresh_each_round() -> None:
+    def choices(seed: int) -> list[tuple[str, ...]]:
+        m = machine([f"p{i:02d}" for i in range(12)], seed=seed)
+        rounds = []
+        for r in range(8):
+            rounds.append(tuple(s.peer for s in sends(m.step(float(r), StartRound(torch.randn(NUMEL))))))
+            m.step(float(r) + DEADLINE_S, TimerFired(("gossip-round", r)))
+        return rounds
+
+    assert choices(5) == choices(5)
+    assert choices(5) != choices(6)
+    assert len(set(choices(5))) > 4  # a fresh choice most rounds
+
+
+def test_round_never_waits_past_its_deadline_and_keeps_own_params() -> None:
+    m = machine(["a", "b"])
+    params = torch.randn(NUMEL)
+    m.step(0.0, StartRound(params))
+    assert m.step(DEADLINE_S - 0.1, TimerFired(("gossip-round", 7))) == []  # another round's timer: ignored
+    done = completed(m.step(DEADLINE_S, TimerFired(("gossip-round", 0))))
+    assert done is not None and done.timed_out and done.round == 0
+    assert done.missing == ("a", "b") and done.contributors == ()
+    assert torch.equal(done.params, params)
+    assert m.statistics()["rounds_timed_out"] == 1
+
+
+def test_two_peers_exchange_and_move_toward_each_other_before_the_deadline() -> None:
+    a, b = machine(["b"], seed=1), machine(["a"], seed=2)
+    xa, xb = torch.zeros(NUMEL), torch.ones(NUMEL)
+    out_a = sends(a.step(0.0, StartRound(xa)))
+    out_b = sends(b.step(0.0, StartRound(xb)))
+    assert [s.peer for s in out_a] == ["b"] and [s.peer for s in out_b] == ["a"]
+    # Both chose each other: no replies needed; each completes on the other's request.
+    got_b = b.step(0.1, Received("a", out_a[0].msg))
+    got_a = a.step(0.1, Received("b", out_b[0].msg))
+    assert sends(got_a) == [] and sends(got_b) == []
+    done_a, done_b = completed(got_a), completed(got_b)
+    assert done_a is not None and done_b is not None and not done_a.timed_out
+    assert CancelTimer(("gossip-round", 0)) in got_a
+    moved_a = done_a.params.ne(0).nonzero().flatten()
+    assert moved_a.numel() == a.k  # moved exactly on b's support, by step_size / 2 of the difference
+    assert torch.allclose(done_a.params[moved_a], torch.full((a.k,), 0.5 * 0.5))
+
+
+def test_requests_get_one_reply_on_their_coordinates_and_count_only_if_the_sender_was_eligible() -> None:
+    peers = [f"p{i}" for i in range(20)]
+    m = machine(peers, neighbours_per_round=2)
+    chosen_sends = sends(m.step(0.0, StartRound(torch.randn(NUMEL))))
+    assert all(pair_coin("test", 0, "me", s.peer) < ELIGIBLE_FACTOR * 2 / len(peers) for s in chosen_sends)
+    chosen, second = chosen_sends[0].peer, chosen_sends[1].peer
+    others = [p for p in peers if p not in (chosen, second)]
+    bound = ACCEPT_FACTOR * 2 / len(peers)
+    eligible = next(p for p in others if pair_coin("test", 0, p, "me") < bound)
+    ineligible = next(p for p in others if pair_coin("test", 0, p, "me") >= bound)
+    for peer in (eligible, ineligible):
+        reply = sends(m.step(0.1, Received(peer, update(0))))
+        assert len(reply) == 1 and reply[0].peer == peer and reply[0].msg.reply and reply[0].deadline == DEADLINE_S
+        assert _indices(reply[0].msg) == _indices(update(0))  # answered on the requester's coordinates
+    assert completed(m.step(0.2, Received(chosen, update(0, reply=True)))) is None
+    done = completed(m.step(0.3, Received(second, update(0, reply=True))))
+    assert done is not None and done.contributors == tuple(sorted([chosen, second, eligible]))
+    assert m.statistics()["unsolicited_answered"] == 1
+
+
+def test_replayed_stale_and_mismatched_updates_are_remote_errors_and_change_nothing() -> None:
+    m = machine(["a", "b"])
+    m.step(0.0, StartRound(torch.randn(NUMEL)))
+    m.step(0.1, Received("a", update(0)))
+    before = m.statistics()
+    for peer, msg in [
+        ("a", update(0)),  # replay of the same round
+        ("b", update(0, swarm_id="other")),
+        ("b", update(0, fingerprint=b"x" * 16)),
+        ("b", update(0, numel=NUMEL + 1)),
+        ("b", "not an update"),
+    ]:
+        with pytest.raises(RemoteProtocolError) as info:
+            m.step(0.2, Received(peer, msg))
+        assert info.value.peer == peer
+    assert m.statistics() == before
+    m.step(1.0, TimerFired(("gossip-round", 0)))
+    with pytest.raises(RemoteProtocolError, match="replayed or stale"):
+        m.step(1.1, Received("a", update(0, reply=True)))
+
+
+def test_late_updates_are_dropped_and_counted_but_a_late_request_still_gets_an_answer() -> None:
+    m = machine(["a", "b"], neighbours_per_round=1)
+    chosen = sends(m.step(0.0, StartRound(torch.randn(NUMEL))))[0].peer
+    other = "b" if chosen == "a" else "a"
+    m.step(DEADLINE_S, TimerFired(("gossip-round", 0)))
+    answer = sends(m.step(2.5, Received(other, update(0))))
+    assert [s.peer for s in answer] == [other] and answer[0].msg.round == 0 and answer[0].msg.reply
+    assert answer[0].deadline == 2.5 + DEADLINE_S
+    assert sends(m.step(2.6, Received(chosen, update(0, reply=True)))) == []
+    assert m.statistics()["late_dropped"] == 2
+
+
+def test_future_updates_are_buffered_up_to_a_bound_and_used_in_their_round() -> None:
+    m = machine(["a", "b", "c"], neighbours_per_round=3, max_future_rounds=2, max_buffered_updates=2)
+    assert m.step(0.0, Received("a", update(1, value=5.0))) == []  # next round is 0: round 1 is future
+    assert m.step(0.0, Received("b", update(1))) == []
+    assert m.step(0.0, Received("c", update(1))) == []  # buffer full (2)
+    assert m.step(0.0, Received("c", update(9))) == []  # beyond the window
+    stats = m.statistics()
+    assert (stats["future_buffered"], stats["buffer_full_dropped"], stats["future_dropped"]) == (2, 1, 1)
+    # The peers are in round 1 already (lower median of 1, 1, 9): this peer joins round 1 and uses the buffer.
+    actions = m.step(3.0, StartRound(torch.zeros(NUMEL)))
+    assert {s.msg.round for s in sends(actions)} == {1} and completed(actions) is None
+    done = completed(m.step(3.0 + DEADLINE_S, TimerFired(("gossip-round", 1))))
+    assert done is not None and done.contributors == ("a", "b") and done.missing == ("c",)
+    assert float(done.params.max()) > 0
+
+
+def test_a_lagging_peer_catches_up_to_the_median_round_of_its_peers() -> None:
+    m = machine(["a", "b", "c"], max_future_rounds=0)
+    for peer, round_ in [("a", 40), ("b", 41), ("c", 10**6)]:
+        m.step(0.0, Received(peer, update(round_)))  # too far ahead to buffer, but remembered
+    out = sends(m.step(1.0, StartRound(torch.zeros(NUMEL))))
+    assert {s.msg.round for s in out} == {41}  # lower median of (40, 41, 10**6): the outlier cannot drag it
+
+
+def test_send_failure_and_peer_down_stop_the_wait_for_that_neighbour() -> None:
+    m = machine(["a", "b"], neighbours_per_round=2)
+    m.step(0.0, StartRound(torch.zeros(NUMEL)))
+    assert completed(m.step(0.1, SendFailed("a", "deadline passed"))) is None
+    done = completed(m.step(0.2, PeerDown("b")))
+    assert done is not None and not done.timed_out and done.missing == ()
+    assert m.live_peers == ["a"]
+
+
+def test_error_feedback_cycles_through_coordinates_and_its_absence_repeats_them() -> None:
+    def supports(error_feedback: bool) -> list[set[int]]:
+        m = machine(["a"], error_feedback=error_feedback)
+        x = torch.linspace(1.0, 2.0, NUMEL)
+        seen = []
+        for r in range(4):
+            msg = sends(m.step(float(r), StartRound(x)))[0].msg
+            seen.append(_indices(msg))
+            m.step(float(r) + DEADLINE_S, TimerFired(("gossip-round", r)))
+        return seen
+
+    with_ef, without = supports(True), supports(False)
+    assert all(not (with_ef[i] & with_ef[j]) for i in range(4) for j in range(i + 1, 4))
+    assert all(s == without[0] for s in without)
+
+
+def _indices(msg: SparseUpdate) -> set[int]:
+    indices, _ = unpack_sparse(msg.payload, NUMEL)
+    return set(indices.tolist())
+
+
+def test_machine_rejects_misuse() -> None:
+    m = machine(["a"])
+    with pytest.raises(LocalProtocolError):
+        m.step(0.0, StartRound(torch.zeros(NUMEL + 1)))
+    with pytest.raises(LocalProtocolError):
+        m.step(0.0, StartRound(torch.full((NUMEL,), float("nan"))))
+    bogus: Event = TimerFired(("gossip-round", 0))
+    assert m.step(0.0, bogus) == []
