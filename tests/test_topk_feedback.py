@@ -157,3 +157,17 @@ def test_misuse_and_bad_config_are_rejected() -> None:
     with pytest.raises(ConfigError):
         TopKConfig(density=float("nan"))
     assert k_for_density(100, 0.01) == 1 and k_for_density(10, 1e-9) == 1 and k_for_density(10, 1.0) == 10
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("momentum", [None, 0.9])
+def test_cuda_invariant_and_agreement_with_reference(momentum: float | None) -> None:
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    n = 3_000_000
+    grads = [torch.randn(n, generator=gen, device="cuda") for _ in range(4)]
+    native = ErrorFeedback(n, 0.01, momentum=momentum, device="cuda")
+    run_and_check_invariant(native, grads)
+    reference = ErrorFeedback(n, 0.01, momentum=momentum, device="cuda", implementation="reference")
+    run_and_check_invariant(reference, grads)
+    torch.testing.assert_close(native.residual, reference.residual, rtol=1e-6, atol=1e-6)

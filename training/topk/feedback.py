@@ -77,6 +77,7 @@ class ErrorFeedback:
         momentum: float | None = None,
         warmup_steps: int = 0,
         implementation: Implementation | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
         if not (isinstance(numel, int) and numel > 0):
             raise ConfigError("numel", numel, "an int > 0")
@@ -84,9 +85,11 @@ class ErrorFeedback:
         self.numel = numel
         self.implementation = resolve_implementation(implementation)
         if self.implementation == "native":
-            ensure_native(torch.device("cpu"))
-        self.residual = torch.zeros(numel, dtype=torch.float32)
-        self.velocity: torch.Tensor | None = None if momentum is None else torch.zeros(numel, dtype=torch.float32)
+            ensure_native(torch.device(device))
+        self.residual = torch.zeros(numel, dtype=torch.float32, device=device)
+        self.velocity: torch.Tensor | None = (
+            None if momentum is None else torch.zeros(numel, dtype=torch.float32, device=device)
+        )
         self.steps = 0
 
     @property
