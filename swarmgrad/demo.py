@@ -1,0 +1,280 @@
+"""`make demo`: a swarm of 4 real peer processes on 127.0.0.1 trains `digits`, next to a single-process baseline.
+
+It starts one bootstrap peer and three that find each other through it (DHT), shows the swarm's progress, and ends
+with each peer's test accuracy beside a single process trained on as many samples as one peer, and the bytes each
+peer sent beside what the same messages would have cost dense (fp32, whole vector). Exit status: 0 when every peer
+reaches `--target` accuracy, 1 when one misses it, 2 when a peer fails to start or finish in time.
+
+It also owns `PeerProcess`, the handle on one `swarmgrad peer --json` child process that the end-to-end tests and
+`benchmarks/train.py` use: start it, read its JSON events, wait for one (bounded), stop or kill it. Everything it
+starts it stops. It contains no training or protocol logic of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+Event = dict[str, Any]
+
+DEFAULT_PEERS = 4
+DEFAULT_ROUNDS = 200
+DEFAULT_TARGET = 0.90
+START_TIMEOUT_S = 60.0
+FINISH_TIMEOUT_S = 100.0
+
+
+class PeerFailed(Exception):
+    """A peer process exited or went silent before doing what was waited for."""
+
+
+class PeerProcess:
+    """One `swarmgrad peer --json` child process; its stderr goes to `log_path`."""
+
+    def __init__(self, name: str, args: Sequence[str], log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        self.events: queue.Queue[Event] = queue.Queue()
+        self.history: list[Event] = []
+        self._log = open(log_path, "ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "swarmgrad.cli", "peer", "--json", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=env,
+        )
+        self._reader = threading.Thread(target=self._read, name=f"{name}-stdout", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            try:
+                event = json.loads(raw)
+            except json.JSONDecodeError:
+                event = {"event": "unparsed", "line": raw.decode(errors="replace").rstrip()}
+            self.events.put(event)
+
+    def next_event(self, timeout_s: float) -> Event | None:
+        """The next event, or None if none came within `timeout_s`."""
+        try:
+            event = self.events.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+        self.history.append(event)
+        return event
+
+    def wait_for(self, kind: str, timeout_s: float, where: Callable[[Event], bool] = lambda e: True) -> Event:
+        """Read events until one of `kind` that satisfies `where`; raises `PeerFailed` on exit or timeout."""
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            event = self.next_event(min(left, 0.5))
+            if event is not None and event["event"] == kind and where(event):
+                return event
+            if event is None and self.proc.poll() is not None and self.events.empty():
+                self._reader.join(timeout=1.0)
+                if self.events.empty():
+                    raise PeerFailed(f"{self.name} exited with status {self.proc.returncode} (log: {self.log_path})")
+        raise PeerFailed(f"{self.name}: no {kind!r} event within {timeout_s} s (log: {self.log_path})")
+
+    def seen(self, kind: str) -> list[Event]:
+        """Events of `kind` read so far."""
+        return [e for e in self.history if e["event"] == kind]
+
+    def signal(self, signum: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+
+    def wait(self, timeout_s: float) -> int:
+        """Wait for the process to exit (killing it after `timeout_s`); drain its events; return its status."""
+        try:
+            status = self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            status = self.proc.wait(timeout=10.0)
+        self._reader.join(timeout=5.0)
+        while self.next_event(0.0) is not None:
+            pass
+        self._log.close()
+        return status
+
+    def stop(self) -> int:
+        """SIGTERM, then the kill after 20 s: for cleanup."""
+        self.signal(signal.SIGTERM)
+        return self.wait(20.0)
+
+
+def peer_args(
+    data_dir: Path, *, swarm_id: str, rounds: int, bootstrap: str | None = None, extra: Sequence[str] = ()
+) -> list[str]:
+    """The flags of one local demo/test peer: loopback, a free port, one torch thread, plain progress."""
+    args = [
+        "--data-dir",
+        str(data_dir),
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--swarm-id",
+        swarm_id,
+        "--task",
+        "digits",
+        "--max-rounds",
+        str(rounds),
+        "--progress",
+        "plain",
+        "--set",
+        "peer.torch_threads=1",
+        "--set",
+        "network.dial_timeout_s=30",
+    ]
+    if bootstrap is not None:
+        args += ["--bootstrap", bootstrap]
+    return [*args, *extra]
+
+
+def start_swarm(
+    workdir: Path, count: int, *, swarm_id: str, rounds: int, extra: Sequence[str] = ()
+) -> tuple[list[PeerProcess], str]:
+    """Start a bootstrap peer, wait for its address, then start `count - 1` more that bootstrap from it. Returns
+    the processes and the bootstrap address. On failure, stops whatever it started."""
+    peers: list[PeerProcess] = []
+    try:
+        first = PeerProcess(
+            "peer-0",
+            peer_args(workdir / "peer-0", swarm_id=swarm_id, rounds=rounds, extra=extra),
+            workdir / "peer-0.log",
+        )
+        peers.append(first)
+        address = first.wait_for("listening", START_TIMEOUT_S)["addrs"][0]
+        for index in range(1, count):
+            name = f"peer-{index}"
+            args = peer_args(workdir / name, swarm_id=swarm_id, rounds=rounds, bootstrap=address, extra=extra)
+            peers.append(PeerProcess(name, args, workdir / f"{name}.log"))
+    except BaseException:
+        for peer in peers:
+            peer.stop()
+        raise
+    return peers, address
+
+
+def baseline_accuracy(samples: int) -> float:
+    """Test accuracy of one process trained on `samples` examples drawn from the whole training set, with the same
+    model, optimizer and batch size as the peers."""
+    import torch
+
+    from training.tasks.digits import DigitsTask, make_task
+
+    task = DigitsTask(shard_fraction=1.0, optimizer=make_task().optimizer)
+    model = task.build_model()
+    optimizer = task.optimizer.build(list(model.parameters()))
+    batches = task.shard("baseline").batches()
+    torch.set_num_threads(1)
+    for _ in range(max(1, samples // task.optimizer.batch_size)):
+        loss = task.loss(model, next(batches))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return task.evaluate(model).value
+
+
+def show_progress(peers: Sequence[PeerProcess], timeout_s: float) -> dict[str, Event]:
+    """Print the swarm's evaluations as they come; return each peer's `finished` event. Raises `PeerFailed` when a
+    peer exits without finishing or the swarm is not done within `timeout_s`."""
+    finished: dict[str, Event] = {}
+    latest: dict[str, Event] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(finished) < len(peers):
+        if time.monotonic() > deadline:
+            raise PeerFailed(f"the swarm did not finish within {timeout_s:.0f} s")
+        for peer in peers:
+            if peer.name in finished:
+                continue
+            event = peer.next_event(0.05)
+            if event is None:
+                if peer.proc.poll() is not None and peer.events.empty():
+                    raise PeerFailed(f"{peer.name} exited with status {peer.proc.returncode} (log: {peer.log_path})")
+                continue
+            if event["event"] == "finished":
+                finished[peer.name] = event
+            elif event["event"] == "round":
+                latest[peer.name] = event
+                if peer.name == peers[0].name and event["round"] % 50 == 0:
+                    cells = "  ".join(f"{name} r{e['round']:4d} {e['value']:.3f}" for name, e in sorted(latest.items()))
+                    peers_up = max(e["peers"] for e in latest.values())
+                    print(f"  {cells}   (live peers seen: {peers_up})", flush=True)
+            elif event["event"] == "model_refused":
+                print(f"  {peer.name} refused a model from {event['peer']}: {event['reason']}", flush=True)
+    return finished
+
+
+def report(finished: dict[str, Event], baseline: float, target: float) -> bool:
+    """Print the result table; return whether every peer reached `target`."""
+    print()
+    print(
+        f"{'peer':8} {'rounds':>6} {'samples':>8} {'test acc':>9} {'bytes sent':>12} {'dense would':>13} {'ratio':>7}"
+    )
+    ok = True
+    for name in sorted(finished):
+        e = finished[name]
+        dense = e["dense_bytes_equivalent"]
+        ratio = dense / e["bytes_sent"] if e["bytes_sent"] else float("inf")
+        ok = ok and e["value"] >= target
+        print(
+            f"{name:8} {e['round']:6d} {e['samples']:8d} {e['value']:9.4f} {e['bytes_sent']:12,d} {dense:13,d}"
+            f" {ratio:6.1f}x"
+        )
+    samples = max(e["samples"] for e in finished.values())
+    print(f"{'baseline':8} {'':6} {samples:8d} {baseline:9.4f}   (one process, same number of samples as one peer)")
+    verdict = "every peer reached" if ok else "NOT every peer reached"
+    print(f"\n{verdict} the target test accuracy of {target:.2f}")
+    return ok
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m swarmgrad.demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--peers", type=int, default=DEFAULT_PEERS)
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
+    parser.add_argument("--target", type=float, default=DEFAULT_TARGET, help="test accuracy every peer must reach")
+    parser.add_argument("--keep", type=Path, help="keep the peers' data directories and logs here")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="swarmgrad-demo-") as tmp:
+        workdir = args.keep or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        print(f"starting {args.peers} peers on 127.0.0.1 (logs in {workdir}) ...", flush=True)
+        wait = ["--set", f"network.min_peers={args.peers - 1}"]
+        try:
+            peers, address = start_swarm(workdir, args.peers, swarm_id="demo", rounds=args.rounds, extra=wait)
+        except PeerFailed as exc:
+            print(f"demo failed: {exc}", file=sys.stderr)
+            return 2
+        try:
+            print(f"bootstrap peer: {address}", flush=True)
+            print(f"training digits for {args.rounds} rounds; test accuracy per peer:", flush=True)
+            finished = show_progress(peers, FINISH_TIMEOUT_S)
+        except PeerFailed as exc:
+            print(f"demo failed: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            for peer in peers:
+                peer.stop()
+        samples = max(e["samples"] for e in finished.values())
+        ok = report(finished, baseline_accuracy(samples), args.target)
+    print(f"demo took {time.monotonic() - started:.0f} s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,520 @@
+"""`swarmgrad peer`: one training member of a swarm, as a user runs it on a Linux host.
+
+This module assembles the parts and owns only the glue: the subcommand's flags (merged over the TOML config, see
+`swarmgrad.config`), the data directory (`identity.key`, `checkpoints/`, `peer.log`), the trio side (the p2p node
+with discovery and membership, a `LibP2PTransport` on its host, the gossip service, the model-fetch driver, signal
+handling, the optional Prometheus endpoint) and the training thread that runs `training.loop.TrainingLoop`. It holds
+no protocol logic and no training math.
+
+Life of a peer: load the config and the task; resume from its own newest checkpoint, if any; join the swarm; with no
+checkpoint of its own, fetch the current model from a neighbour (validated against the task, never unpickled; a bad
+offer is refused with a log line and the next neighbour is asked); train until `max_rounds` or a signal. SIGINT or
+SIGTERM lets the current round finish, saves a checkpoint and leaves the swarm.
+
+Exit status: 0 finished or stopped cleanly (checkpoint saved); 1 a runtime failure (bootstrap unreachable, port in
+use, swarm key or identity file unusable, ...); 2 a configuration or usage error (unknown task or key, bad value or
+multiaddr, unwritable data directory). Errors are one line on stderr naming the problem (`swarmgrad.cli.main`).
+
+With `--json`, one JSON object per line on stdout (`listening`, `model`, `round` at each evaluation, `epoch`,
+`finished`), for scripts and tests; the progress display goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+import trio
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+from gossip.messages import model_fingerprint
+from gossip.service import GossipService
+from p2p.discovery import DiscoveryConfig
+from p2p.host import HostConfig
+from p2p.identity import load_or_create_identity, peer_id_of
+from p2p.libp2p_transport import LibP2PTransport
+from p2p.node import NodeConfig, SwarmNode, open_node
+from p2p.swarm import load_swarm_key
+from swarmgrad.config import PeerConfig, load_config, parse_override
+from swarmgrad.driver import Driver
+from swarmgrad.errors import ConfigError, DecodeError
+from swarmgrad.machine import PeerDown, PeerUp
+from swarmgrad.model_fetch import (
+    MESSAGE_OVERHEAD_BYTES,
+    PROTOCOL,
+    SCHEMA,
+    DeclineRequest,
+    FetchFailed,
+    FetchModel,
+    ModelFetch,
+    ModelOffered,
+    ModelRequested,
+    RejectOffer,
+    ServeModel,
+)
+from training.checkpoint import CheckpointStore, config_hash, decode_state, encode_state
+from training.loop import EpochReached, RoundReport, TrainingLoop
+from training.tasks import Task, load_task
+from training.tasks.base import Evaluation, model_spec, peer_seed
+
+log = logging.getLogger(__name__)
+
+IDENTITY_FILE = "identity.key"
+CHECKPOINT_DIR = "checkpoints"
+LOG_FILE = "peer.log"
+EXIT_OK = 0
+
+
+# ---- command line -------------------------------------------------------------------------------------------------
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `swarmgrad peer` (called by `swarmgrad.cli`)."""
+    parser = subparsers.add_parser(
+        "peer",
+        help="train with a swarm (see docs/peer.md)",
+        description="Train a task with a swarm of peers. Flags override the --config file; see docs/peer.md.",
+    )
+    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
+    parser.add_argument("--data-dir", type=Path, help="identity, checkpoints and log live here (peer.data_dir)")
+    parser.add_argument("--task", help="digits, charlm, or package.module:factory (peer.task)")
+    parser.add_argument("--swarm-id", help="the swarm's name (network.swarm_id)")
+    parser.add_argument("--swarm-key", type=Path, metavar="FILE", help="private swarm key file (network.swarm_key)")
+    parser.add_argument("--listen", action="append", metavar="MULTIADDR", help="repeatable (network.listen)")
+    parser.add_argument(
+        "--bootstrap", action="append", metavar="MULTIADDR", help="/ip4/.../tcp/.../p2p/<id>, repeatable"
+    )
+    parser.add_argument("--max-rounds", type=int, help="stop after this many rounds (training.max_rounds)")
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics here (metrics.prometheus_port)")
+    parser.add_argument("--progress", choices=["auto", "tty", "plain"], help="progress display (metrics.progress)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="any config value, e.g. gossip.density=0.02",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON event per line on stdout")
+    parser.set_defaults(run=run_peer)
+
+
+def config_from_args(args: argparse.Namespace) -> PeerConfig:
+    """The config file with the flags applied on top. Raises `ConfigError` naming the field."""
+    overrides: dict[str, object] = dict(parse_override(text) for text in args.set)
+    flags = {
+        "peer.data_dir": None if args.data_dir is None else str(args.data_dir),
+        "peer.task": args.task,
+        "network.swarm_id": args.swarm_id,
+        "network.swarm_key": None if args.swarm_key is None else str(args.swarm_key),
+        "network.listen": args.listen,
+        "network.bootstrap": args.bootstrap,
+        "training.max_rounds": args.max_rounds,
+        "metrics.prometheus_port": args.metrics_port,
+        "metrics.progress": args.progress,
+    }
+    overrides.update({key: value for key, value in flags.items() if value is not None})
+    return load_config(args.config, overrides)
+
+
+def run_peer(args: argparse.Namespace) -> int:
+    """The `swarmgrad peer` subcommand."""
+    config = config_from_args(args)
+    data_dir = prepare_data_dir(config.peer.data_dir)
+    _log_to_file(data_dir / LOG_FILE, config.peer.log_level)
+    task = load_task(config.peer.task)
+    if config.peer.torch_threads:
+        torch.set_num_threads(config.peer.torch_threads)
+    events = EventLog(sys.stdout if args.json else None)
+    peer = Peer(config, task, data_dir, events)
+    return trio.run(peer.serve)
+
+
+def prepare_data_dir(path: Path) -> Path:
+    """Create the data directory if needed; a `ConfigError` on `peer.data_dir` unless it is a writable directory."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError("peer.data_dir", str(path), f"a directory this user can create ({exc.strerror})") from exc
+    if not path.is_dir() or not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        raise ConfigError("peer.data_dir", str(path), "a directory this user can read and write")
+    return path
+
+
+def _log_to_file(path: Path, level_name: str) -> None:
+    root = logging.getLogger()
+    level = getattr(logging, level_name.upper())
+    for handler in root.handlers:  # the console keeps the level the CLI set
+        if handler.level == logging.NOTSET:
+            handler.setLevel(root.level)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(level)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(min(root.level, level))
+
+
+# ---- output -------------------------------------------------------------------------------------------------------
+
+
+class EventLog:
+    """JSON lines on `stream` (or nothing), written whole from either thread."""
+
+    def __init__(self, stream: IO[str] | None) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def emit(self, event: str, **fields: Any) -> None:
+        if self._stream is None:
+            return
+        line = json.dumps({"event": event, "unix_s": round(time.time(), 3), **fields}, sort_keys=True)
+        with self._lock:
+            print(line, file=self._stream, flush=True)
+
+
+@dataclass
+class SwarmView:
+    """What the training thread may read of the trio side: plain values, replaced whole."""
+
+    peers: int = 0
+
+
+class Progress:
+    """Round, loss, metric, peers and bytes/s: a status line rewritten in place on a terminal, plain log lines at
+    each evaluation otherwise."""
+
+    def __init__(self, stream: IO[str], live: bool, clock: Callable[[], float] = time.monotonic) -> None:
+        self.stream = stream
+        self.live = live
+        self.clock = clock
+        self._last_time = clock()
+        self._last_bytes = 0
+        self._last_draw = -math.inf
+
+    def update(self, report: RoundReport, peers: int, evaluation: Evaluation | None) -> None:
+        now = self.clock()
+        sent = int(report.averager.get("bytes_sent", 0))
+        rate = (sent - self._last_bytes) / max(now - self._last_time, 1e-9)
+        if not self.live and report.evaluation is None:
+            return
+        if self.live and report.evaluation is None and now - self._last_draw < 0.25:
+            return
+        self._last_time, self._last_bytes, self._last_draw = now, sent, now
+        metric = "" if evaluation is None else f"  {evaluation.metric} {evaluation.value:.4f}"
+        line = (
+            f"round {report.round:6d}  epoch {report.epoch:4d}  loss {report.train_loss:.4f}{metric}"
+            f"  peers {peers:3d}  sent {sent / 1e6:8.2f} MB  {rate / 1e3:8.1f} kB/s"
+        )
+        if self.live:
+            self.stream.write("\r\x1b[2K" + line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.live:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class Metrics:
+    """The Prometheus gauges, on their own registry, served on `host:port` by prometheus_client's thread."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.registry = CollectorRegistry()
+        self.round = Gauge("swarmgrad_round", "Training rounds done", registry=self.registry)
+        self.train_loss = Gauge(
+            "swarmgrad_train_loss", "Mean local training loss of the last round", registry=self.registry
+        )
+        self.eval_value = Gauge("swarmgrad_eval_value", "Headline held-out metric", ["metric"], registry=self.registry)
+        self.peers = Gauge("swarmgrad_peers", "Live peers in the swarm", registry=self.registry)
+        self.bytes_sent = Gauge("swarmgrad_gossip_bytes_sent", "Bytes sent by gossip", registry=self.registry)
+        self.server, self.thread = start_http_server(port, addr=host, registry=self.registry)
+
+    def update(self, report: RoundReport, peers: int) -> None:
+        self.round.set(report.round)
+        self.train_loss.set(report.train_loss)
+        if report.evaluation is not None:
+            self.eval_value.labels(report.evaluation.metric).set(report.evaluation.value)
+        self.peers.set(peers)
+        self.bytes_sent.set(float(report.averager.get("bytes_sent", 0)))
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# ---- the peer -----------------------------------------------------------------------------------------------------
+
+
+class Peer:
+    """One peer's run: see the module docstring."""
+
+    def __init__(self, config: PeerConfig, task: Task, data_dir: Path, events: EventLog) -> None:
+        self.config = config
+        self.task = task
+        self.events = events
+        key_path = data_dir / IDENTITY_FILE
+        self.peer_id = peer_id_of(load_or_create_identity(key_path))
+        swarm_key = None if config.network.swarm_key is None else load_swarm_key(config.network.swarm_key)
+        own = f"/p2p/{self.peer_id}"
+        bootstrap = tuple(addr for addr in config.network.bootstrap if not addr.endswith(own))
+        self.node_config = NodeConfig(
+            host=HostConfig(
+                key_path=key_path,
+                listen_addrs=config.network.listen,
+                psk=None if swarm_key is None else swarm_key.key,
+            ),
+            discovery=DiscoveryConfig(
+                swarm_id=config.network.swarm_id,
+                bootstrap_addrs=bootstrap,
+                dial_timeout_s=config.network.dial_timeout_s,
+            ),
+            seed=peer_seed(self.peer_id),
+        )
+        self.store = CheckpointStore(
+            data_dir / CHECKPOINT_DIR, keep=config.checkpoint.keep, max_bytes=config.checkpoint.max_bytes
+        )
+        self.view = SwarmView()
+        self.stop = threading.Event()
+        self.progress = Progress(sys.stderr, _live_progress(config.metrics.progress))
+        self.metrics: Metrics | None = None
+        model = task.build_model()
+        self.spec = model_spec(model)
+        self.shapes = [tuple(p.shape) for p in model.parameters()]
+        self.numel = sum(p.numel() for p in model.parameters())
+        self.config_hash = config_hash(config.training_settings())
+        self._snapshot_lock = threading.Lock()
+        self._snapshot: tuple[int, dict[str, torch.Tensor]] | None = None
+        self.remote_errors = 0
+
+    # ---- trio side ----------------------------------------------------------------------------------------------
+
+    async def serve(self) -> int:
+        """Join, (resume or fetch,) train, leave. Returns the exit status."""
+        if self.config.metrics.prometheus_port:
+            self.metrics = Metrics(self.config.metrics.prometheus_host, self.config.metrics.prometheus_port)
+        try:
+            async with open_node(self.node_config) as node, trio.open_nursery() as nursery:
+                status = await self._serve_on(node, nursery)
+                nursery.cancel_scope.cancel()
+        finally:
+            self.progress.close()
+            if self.metrics is not None:
+                self.metrics.close()
+        log.info("left the swarm")
+        return status
+
+    async def _serve_on(self, node: SwarmNode, nursery: trio.Nursery) -> int:
+        transport = LibP2PTransport(node.host, self.node_config.host, node.policy, nursery)
+        gossip = GossipService(
+            transport,
+            self.config.gossip.gossip_config(swarm_id=self.config.network.swarm_id, seed=peer_seed(self.peer_id)),
+            numel=self.numel,
+            fingerprint=model_fingerprint(self.shapes),
+            follow_transport_peers=False,
+            on_peer_error=self._peer_error(node),
+        )
+        fetch = Driver(
+            ModelFetch(self.config.checkpoint.fetch_timeout_s),
+            transport,
+            PROTOCOL,
+            SCHEMA,
+            max_message_bytes=self.config.checkpoint.max_bytes + MESSAGE_OVERHEAD_BYTES,
+            on_peer_error=self._peer_error(node),
+        )
+        outcomes_send, outcomes = trio.open_memory_channel[ModelOffered | FetchFailed](4)
+        await nursery.start(gossip.run)
+        await nursery.start(fetch.run)
+        nursery.start_soon(self._follow_membership, node, gossip, fetch)
+        nursery.start_soon(self._answer_fetch, fetch, outcomes_send)
+        nursery.start_soon(self._stop_on_signal)
+        self.events.emit("listening", peer_id=self.peer_id, addrs=node.listen_multiaddrs, task=self.task.name)
+        log.info("peer %s listening on %s", self.peer_id, ", ".join(node.listen_multiaddrs))
+
+        loop = TrainingLoop(
+            self.task,
+            gossip,
+            self.config.training,
+            peer_id=self.peer_id,
+            store=self.store,
+            config_hash=self.config_hash,
+            on_round=lambda report: self._on_round(report, loop),
+            on_epoch=self._on_epoch,
+        )
+        resumed = await trio.to_thread.run_sync(loop.resume)
+        await self._wait_for_peers(node)
+        if resumed is not None:
+            self.events.emit("model", source="checkpoint", round=resumed.round, model_hash=resumed.model_hash)
+        elif self.config.checkpoint.fetch_from_peers and self.node_config.discovery.bootstrap_addrs:
+            await self._fetch_model(node, fetch, outcomes, loop)
+        self._publish(loop.round, loop.state())
+
+        last = await trio.to_thread.run_sync(loop.run, self.stop)
+        final = await trio.to_thread.run_sync(self.task.evaluate, loop.model)
+        stats = gossip.statistics()
+        sent_messages = int(stats.get("driver_sent", 0))
+        self.events.emit(
+            "finished",
+            round=loop.round,
+            samples=loop.samples,
+            metric=final.metric,
+            value=final.value,
+            loss=final.loss,
+            bytes_sent=int(stats.get("bytes_sent", 0)),
+            gossip_messages_sent=sent_messages,
+            dense_bytes_equivalent=sent_messages * self.numel * 4,
+            remote_errors=self.remote_errors,
+            stopped_by_signal=self.stop.is_set(),
+        )
+        log.info(
+            "finished at round %d: %s %.4f (%s)", loop.round, final.metric, final.value, "stopped" if last else "idle"
+        )
+        return EXIT_OK
+
+    def _peer_error(self, node: SwarmNode) -> Callable[[str, str], None]:
+        def report(peer: str, reason: str) -> None:
+            self.remote_errors += 1
+            node.policy.report(peer, reason)
+
+        return report
+
+    async def _follow_membership(self, node: SwarmNode, gossip: GossipService, fetch: Driver) -> None:
+        events = node.subscribe()
+        for peer in node.live_peers():
+            gossip.peer_up(peer)
+        self.view.peers = len(node.live_peers())
+        async for event in events:
+            if isinstance(event, PeerUp):
+                gossip.peer_up(event.peer)
+                log.info("peer up: %s", event.peer)
+            elif isinstance(event, PeerDown):
+                gossip.peer_down(event.peer)
+                fetch.submit(event)
+                log.info("peer down: %s", event.peer)
+            self.view.peers = len(node.live_peers())
+
+    async def _answer_fetch(self, fetch: Driver, outcomes: trio.MemorySendChannel[ModelOffered | FetchFailed]) -> None:
+        async for note in fetch.notifications:
+            if isinstance(note, ModelRequested):
+                with self._snapshot_lock:
+                    snapshot = self._snapshot
+                if snapshot is None or snapshot[0] == 0:
+                    fetch.submit(DeclineRequest(note.peer, note.nonce, "no trained model yet"))
+                    continue
+                body = await trio.to_thread.run_sync(encode_state, snapshot[1])
+                fetch.submit(ServeModel(note.peer, note.nonce, snapshot[0], self.task.name, body))
+                log.info("sent the model of round %d to %s (%d bytes)", snapshot[0], note.peer, len(body))
+            elif isinstance(note, ModelOffered | FetchFailed):
+                await outcomes.send(note)
+
+    async def _fetch_model(
+        self,
+        node: SwarmNode,
+        fetch: Driver,
+        outcomes: trio.MemoryReceiveChannel[ModelOffered | FetchFailed],
+        loop: TrainingLoop,
+    ) -> None:
+        """Ask neighbours for the current model; adopt the first valid one. Training starts from the task's initial
+        model when none is given in `fetch_timeout_s` per neighbour."""
+        timeout_s = self.config.checkpoint.fetch_timeout_s
+        with trio.move_on_after(timeout_s):
+            while not node.live_peers():
+                await trio.sleep(0.1)
+        candidates = tuple(node.live_peers())
+        fetch.submit(FetchModel(candidates))
+        async for outcome in outcomes:
+            if isinstance(outcome, FetchFailed):
+                reasons = "; ".join(f"{peer}: {why}" for peer, why in outcome.reasons) or "no live neighbour"
+                log.warning("no neighbour gave a usable model (%s); starting from the initial model", reasons)
+                self.events.emit("model", source="initial", round=0)
+                return
+            offer = outcome.offer
+            try:
+                if offer.task != self.task.name:
+                    raise DecodeError(f"the model is for task {offer.task!r}, not {self.task.name!r}")
+                state = await trio.to_thread.run_sync(self._decode_offer, offer.body)
+            except DecodeError as exc:
+                self.remote_errors += 1
+                node.policy.report(outcome.peer, f"bad model offer: {exc}")
+                log.warning("refused the model offered by %s: %s", outcome.peer, exc)
+                self.events.emit("model_refused", peer=outcome.peer, reason=str(exc))
+                fetch.submit(RejectOffer(outcome.peer))
+                continue
+            loop.load_state(state, offer.round)
+            log.info("adopted the model of round %d from %s", offer.round, outcome.peer)
+            self.events.emit("model", source="peer", peer=outcome.peer, round=offer.round)
+            return
+
+    async def _wait_for_peers(self, node: SwarmNode) -> None:
+        wanted = self.config.network.min_peers
+        if not wanted:
+            return
+        with trio.move_on_after(self.config.network.min_peers_timeout_s):
+            while len(node.live_peers()) < wanted:
+                await trio.sleep(0.1)
+            return
+        log.warning(
+            "only %d of %d peers live after %.0f s: training anyway",
+            len(node.live_peers()),
+            wanted,
+            self.config.network.min_peers_timeout_s,
+        )
+
+    def _decode_offer(self, body: bytes) -> dict[str, torch.Tensor]:
+        return decode_state(body, self.spec, max_bytes=self.config.checkpoint.max_bytes)
+
+    async def _stop_on_signal(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.warning("%s: finishing the current round, saving, leaving", signal.Signals(signum).name)
+                self.stop.set()
+                return
+
+    # ---- training thread side -----------------------------------------------------------------------------------
+
+    def _publish(self, round_: int, state: dict[str, torch.Tensor]) -> None:
+        with self._snapshot_lock:
+            self._snapshot = (round_, state)
+
+    def _on_round(self, report: RoundReport, loop: TrainingLoop) -> None:
+        # runs in the training thread, after each round: keep the model a late joiner is served, and report
+        self._publish(report.round, loop.state())
+        peers = self.view.peers
+        self.progress.update(report, peers, report.evaluation)
+        if self.metrics is not None:
+            self.metrics.update(report, peers)
+        if report.evaluation is not None:
+            self.events.emit(
+                "round",
+                round=report.round,
+                epoch=report.epoch,
+                train_loss=report.train_loss,
+                metric=report.evaluation.metric,
+                value=report.evaluation.value,
+                samples=report.samples,
+                peers=peers,
+                bytes_sent=int(report.averager.get("bytes_sent", 0)),
+            )
+
+    def _on_epoch(self, reached: EpochReached) -> None:
+        # The seam for epoch consensus: "epoch E reached, here is my checkpoint hash". Logged and emitted for now.
+        log.info("epoch %d at round %d: model %s", reached.epoch, reached.round, reached.model_hash)
+        self.events.emit("epoch", epoch=reached.epoch, round=reached.round, model_hash=reached.model_hash)
+
+
+def _live_progress(mode: str) -> bool:
+    if mode == "auto":
+        return sys.stderr.isatty()
+    return mode == "tty"

@@ -1,0 +1,144 @@
+"""PeerConfig: TOML loading, CLI overrides, and errors that name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from swarmgrad.config import LOG_LEVELS, PeerConfig, load_config, parse_override
+from swarmgrad.errors import ConfigError
+
+BOOTSTRAP = "/ip4/127.0.0.1/tcp/4001/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+
+FULL = f"""
+[peer]
+task = "charlm"
+data_dir = "/var/lib/swarmgrad"
+log_level = "debug"
+
+[network]
+swarm_id = "lab-7"
+listen = ["/ip4/0.0.0.0/tcp/4101"]
+bootstrap = ["{BOOTSTRAP}"]
+swarm_key = "/etc/swarmgrad/swarm.key"
+dial_timeout_s = 3
+
+[training]
+inner_steps = 2
+epoch_rounds = 100
+eval_every_rounds = 5
+max_rounds = 1000
+
+[checkpoint]
+keep = 5
+fetch_from_peers = false
+
+[gossip]
+density = 0.05
+round_deadline_s = 2.5
+
+[metrics]
+prometheus_port = 9100
+progress = "plain"
+"""
+
+
+def test_defaults_are_valid() -> None:
+    config = load_config(None)
+    assert config == PeerConfig()
+    assert config.peer.task == "digits" and config.network.bootstrap == () and config.metrics.prometheus_port == 0
+    assert config.metrics.prometheus_host == "127.0.0.1"
+
+
+def test_full_file_round_trips_into_typed_sections(tmp_path: Path) -> None:
+    path = tmp_path / "peer.toml"
+    path.write_text(FULL)
+    config = load_config(path)
+    assert config.peer.task == "charlm" and config.peer.data_dir == Path("/var/lib/swarmgrad")
+    assert config.network.listen == ("/ip4/0.0.0.0/tcp/4101",) and config.network.bootstrap == (BOOTSTRAP,)
+    assert config.network.swarm_key == Path("/etc/swarmgrad/swarm.key")
+    assert config.network.dial_timeout_s == 3.0 and isinstance(config.network.dial_timeout_s, float)
+    assert config.training.inner_steps == 2 and config.training.max_rounds == 1000
+    assert config.checkpoint.keep == 5 and config.checkpoint.fetch_from_peers is False
+    assert config.gossip.density == 0.05
+    gossip = config.gossip.gossip_config(swarm_id="lab-7", seed=3)
+    assert gossip.density == 0.05 and gossip.swarm_id == "lab-7" and gossip.seed == 3
+    assert config.metrics.prometheus_port == 9100 and config.metrics.progress == "plain"
+
+
+def test_overrides_win_over_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "peer.toml"
+    path.write_text(FULL)
+    config = load_config(path, {"training.max_rounds": 7, "network.bootstrap": [], "peer.task": "digits"})
+    assert config.training.max_rounds == 7 and config.network.bootstrap == () and config.peer.task == "digits"
+    assert config.training.inner_steps == 2  # untouched keys keep the file's values
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("training.inner_steps=3", ("training.inner_steps", 3)),
+        ("gossip.density=0.1", ("gossip.density", 0.1)),
+        ("checkpoint.fetch_from_peers=false", ("checkpoint.fetch_from_peers", False)),
+        ("peer.task=digits", ("peer.task", "digits")),
+        ('network.listen=["/ip4/0.0.0.0/tcp/1"]', ("network.listen", ["/ip4/0.0.0.0/tcp/1"])),
+    ],
+)
+def test_set_flags_parse_as_toml_values(text: str, expected: tuple[str, object]) -> None:
+    assert parse_override(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"training.bogus": 1}, "training.bogus"),
+        ({"nosection.key": 1}, "nosection"),
+        ({"training.inner_steps": 0}, "training.inner_steps"),
+        ({"training.inner_steps": "2"}, "training.inner_steps"),
+        ({"training.inner_steps": True}, "training.inner_steps"),
+        ({"gossip.density": 1.5}, "gossip.density"),
+        ({"gossip.aggregation": "median-of-nothing"}, "gossip.aggregation"),
+        ({"peer.task": "nosuch"}, "peer.task"),
+        ({"peer.log_level": "loud"}, "peer.log_level"),
+        ({"network.bootstrap": ["/ip4/1.2.3.4/tcp/1"]}, "network.bootstrap"),
+        ({"network.bootstrap": ["not a multiaddr"]}, "network.bootstrap"),
+        ({"network.listen": ["/ip4/999.0.0.1/tcp/1"]}, "network.listen"),
+        ({"network.listen": []}, "network.listen"),
+        ({"network.swarm_id": "Bad Id"}, "network.swarm_id"),
+        ({"checkpoint.keep": 0}, "checkpoint.keep"),
+        ({"metrics.prometheus_port": 70000}, "metrics.prometheus_port"),
+        ({"metrics.progress": "fancy"}, "metrics.progress"),
+        ({"training": 3}, "training"),
+    ],
+)
+def test_bad_values_name_the_field(overrides: dict[str, object], field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert info.value.field == field, str(info.value)
+
+
+def test_unknown_key_in_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "peer.toml"
+    path.write_text("[training]\ninner_step = 2\n")
+    with pytest.raises(ConfigError, match="inner_steps") as info:
+        load_config(path)
+    assert info.value.field == "training.inner_step"
+
+
+def test_missing_or_malformed_files_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "absent.toml")
+    assert info.value.field == "config"
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[training\n")
+    with pytest.raises(ConfigError, match="valid TOML"):
+        load_config(bad)
+    with pytest.raises(ConfigError):
+        parse_override("no-equals-sign")
+
+
+def test_training_settings_hash_inputs_cover_what_peers_must_share() -> None:
+    settings = PeerConfig().training_settings()
+    assert set(settings) == {"task", "training", "gossip"}
+    assert "info" in LOG_LEVELS
