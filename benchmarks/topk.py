@@ -2,8 +2,9 @@
 memory-read floor (one `x.sum()` over the same tensor), the fused error-feedback step against the same step in
 torch ops, and the sparse payload (bytes per selected entry, encode and decode time) in every value format.
 
-Prints one JSON line per (size, density) case; every figure is a median over repeats measured in this run.
-Usage: `python benchmarks/topk.py [--sizes 1e6,1e7,1e8] [--densities 0.001,0.01] [--device cpu|cuda]`.
+Prints one JSON line per (size, density) case; every time is a median over rounds measured in this run, and every
+ratio the median of the per-round ratios (the calls of one round run back to back, under the same load).
+Usage: `python benchmarks/topk.py [--sizes 1e6,1e7,1e8] [--densities 0.001,0.01] [--device cpu|cuda] [--threads N]`.
 """
 
 from __future__ import annotations
@@ -25,19 +26,35 @@ from training.topk.payload import VALUE_FORMATS
 from training.topk.reference import reference_ef_step
 
 
-def median_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median wall time of `fn` in milliseconds, after one warm-up call."""
+def elapsed_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall time of one call of `fn` in milliseconds (the device synchronised around it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
     fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def paired(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, list[float]]:
+    """Times every function once per round, round after round (after one warm-up round), so that each round's
+    ratios compare calls made under the same load; returns the times of every round, by name."""
+    for fn in fns.values():
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(elapsed_ms(fn, device))
+    return times
+
+
+def median_ratio(num: list[float], den: list[float]) -> float:
+    return round(statistics.median(a / b for a, b in zip(num, den, strict=True)), 2)
+
+
+def med(times: list[float]) -> float:
+    return round(statistics.median(times), 3)
 
 
 def run_case(n: int, density: float, device: torch.device) -> dict[str, object]:
@@ -45,9 +62,11 @@ def run_case(n: int, density: float, device: torch.device) -> dict[str, object]:
     gen = torch.Generator(device=device).manual_seed(n)
     x = torch.randn(n, generator=gen, device=device)
     k = k_for_density(n, density)
-    native_ms = median_ms(lambda: topk_abs(x, k), repeats, device)
-    torch_ms = median_ms(lambda: torch.topk(x.abs(), k), repeats, device)
-    floor_ms = median_ms(lambda: x.sum(), repeats, device)
+    t = paired(
+        {"native": lambda: topk_abs(x, k), "torch_topk": lambda: torch.topk(x.abs(), k), "floor": lambda: x.sum()},
+        repeats,
+        device,
+    )
     case: dict[str, object] = {
         "bench": "topk",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -55,36 +74,45 @@ def run_case(n: int, density: float, device: torch.device) -> dict[str, object]:
         "n": n,
         "density": density,
         "k": k,
-        "native_ms": round(native_ms, 3),
-        "torch_topk_ms": round(torch_ms, 3),
-        "read_floor_ms": round(floor_ms, 3),
-        "speedup_vs_torch_topk": round(torch_ms / native_ms, 2),
-        "native_vs_floor": round(native_ms / floor_ms, 2),
-        "torch_topk_vs_floor": round(torch_ms / floor_ms, 2),
+        "native_ms": med(t["native"]),
+        "torch_topk_ms": med(t["torch_topk"]),
+        "read_floor_ms": med(t["floor"]),
+        "speedup_vs_torch_topk": median_ratio(t["torch_topk"], t["native"]),
+        "native_vs_floor": median_ratio(t["native"], t["floor"]),
+        "torch_topk_vs_floor": median_ratio(t["torch_topk"], t["floor"]),
     }
     if device.type == "cpu":
         grad = torch.randn(n, generator=gen)
         ef = ErrorFeedback(n, density)
         residual = torch.zeros(n)
-        ef_ms = median_ms(lambda: ef.compress(grad), repeats, device)
-        torch_ef_ms = median_ms(lambda: reference_ef_step(residual, grad, k), repeats, device)
+        e = paired(
+            {"native": lambda: ef.compress(grad), "torch_ops": lambda: reference_ef_step(residual, grad, k)},
+            repeats,
+            device,
+        )
         case.update(
-            ef_step_native_ms=round(ef_ms, 3),
-            ef_step_torch_ops_ms=round(torch_ef_ms, 3),
-            ef_step_speedup=round(torch_ef_ms / ef_ms, 2),
+            ef_step_native_ms=med(e["native"]),
+            ef_step_torch_ops_ms=med(e["torch_ops"]),
+            ef_step_speedup=median_ratio(e["torch_ops"], e["native"]),
         )
         indices, values = topk_abs(x, k)
         payload: dict[str, object] = {}
         for fmt in VALUE_FORMATS:
             packed = pack_sparse(indices, values, n, value_format=fmt)
+            p = paired(
+                {
+                    "encode": lambda f=fmt: pack_sparse(indices, values, n, value_format=f),  # type: ignore[misc]
+                    "decode": lambda q=packed: unpack_sparse(q, n, max_k=k),  # type: ignore[misc]
+                },
+                5,
+                device,
+            )
             payload[fmt] = {
                 "index_format": packed.index_format,
                 "bytes_per_selected": round(packed.size_bytes / k, 3),
                 "vs_dense_fp32": round(4 * n / packed.size_bytes, 1),
-                "encode_ms": round(
-                    median_ms(lambda f=fmt: pack_sparse(indices, values, n, value_format=f), 5, device), 3
-                ),  # type: ignore[misc]
-                "decode_ms": round(median_ms(lambda p=packed: unpack_sparse(p, n, max_k=k), 5, device), 3),  # type: ignore[misc]
+                "encode_ms": med(p["encode"]),
+                "decode_ms": med(p["decode"]),
             }
         case["payload"] = payload
     return case
@@ -95,7 +123,10 @@ def main() -> None:
     parser.add_argument("--sizes", default="1e6,1e7,1e8", help="comma-separated element counts")
     parser.add_argument("--densities", default="0.001,0.01", help="comma-separated densities")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     load_extension()
     for size in args.sizes.split(","):

@@ -282,10 +282,12 @@ struct CandidateParts {  // the candidates kept by scan_chunk
   uint32_t key(int64_t c, int64_t j) const { return raw(c, j) & Src::kMask; }
 };
 
+// Runs f on every part, in parallel only when `parallel` (a parallel region costs a barrier, which is dear on a
+// busy machine: small selections run on the calling thread).
 template <class Parts, class F>
-void for_each_part(const Parts& parts, const F& f) {
-  if (parts.count() == 1) {
-    f(0);
+void for_each_part(const Parts& parts, bool parallel, const F& f) {
+  if (!parallel || parts.count() == 1) {
+    for (int64_t c = 0; c < parts.count(); ++c) f(c);
     return;
   }
   at::parallel_for(0, parts.count(), 1, [&](int64_t b, int64_t e) {
@@ -310,8 +312,11 @@ int64_t find_bin(const std::vector<int64_t>& hist, int64_t parts, int64_t bins, 
 template <class Parts, typename Value>
 void radix_select(const Parts& parts, int64_t k, int64_t* out_idx, Value* out_val) {
   const int64_t count = parts.count();
+  int64_t total = 0;
+  for (int64_t c = 0; c < count; ++c) total += parts.size(c);
+  const bool parallel = total >= 2 * kGrain;
   std::vector<int64_t> high(count * kHighBins, 0);
-  for_each_part(parts, [&](int64_t c) {
+  for_each_part(parts, parallel, [&](int64_t c) {
     int64_t* h = high.data() + c * kHighBins;
     for (int64_t j = 0; j < parts.size(c); ++j) ++h[parts.key(c, j) >> kLowBits];
   });
@@ -320,7 +325,7 @@ void radix_select(const Parts& parts, int64_t k, int64_t* out_idx, Value* out_va
   const auto high_bits = static_cast<uint32_t>(bin);
 
   std::vector<int64_t> low(count * kLowBins, 0);
-  for_each_part(parts, [&](int64_t c) {
+  for_each_part(parts, parallel, [&](int64_t c) {
     int64_t* h = low.data() + c * kLowBins;
     for (int64_t j = 0; j < parts.size(c); ++j) {
       const uint32_t key = parts.key(c, j);
@@ -343,7 +348,7 @@ void radix_select(const Parts& parts, int64_t k, int64_t* out_idx, Value* out_va
     ties -= tie_quota[c];
     pos += part_above + tie_quota[c];
   }
-  for_each_part(parts, [&](int64_t c) {
+  for_each_part(parts, parallel, [&](int64_t c) {
     int64_t at = offset[c];
     int64_t part_ties = tie_quota[c];
     for (int64_t j = 0; j < parts.size(c); ++j) {
@@ -425,7 +430,7 @@ void select_topk(const Src& src, int64_t n, int64_t k, int64_t* out_idx, typenam
 
 // Zeroes the selected entries in every buffer of `zeroed`.
 void zero_selected(const std::vector<float*>& zeroed, const int64_t* idx, int64_t k) {
-  at::parallel_for(0, k, int64_t{1} << 16, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, k, kGrain, [&](int64_t b, int64_t e) {
     for (float* buf : zeroed) {
       for (int64_t j = b; j < e; ++j) buf[idx[j]] = 0.0f;
     }
