@@ -4,9 +4,10 @@ Prints one JSON line. Swarm: 4 `swarmgrad peer` processes (one bootstrap, three 
 each waits until `--min-peers` others are live, then trains; one that comes later fetches the current model),
 evaluating every 5 rounds. `swarm_time_to_target_s` is the time from launching the first process until every peer
 has reported the target accuracy, `per_peer_...` the time for each, `first_evaluation_s` when each peer first
-reported (start-up: interpreter, imports, joining). Baseline: one process (also launched fresh, so it pays the same interpreter and import costs) trains the
-same model on the whole training set, evaluating every 5 steps. Bytes: what each peer's gossip sent, against what
-the same messages would have cost dense (fp32, the whole parameter vector). The goal of the issue: <= 10 s from
+reported (start-up: interpreter, imports, joining). Baseline: one process (also launched fresh, so it pays the
+same interpreter and import costs) trains the same model on the whole training set, evaluating every 5 steps.
+Bytes: what each peer's transport sent (gossip, plus any model it served to a joiner), against what its gossip
+messages would have cost dense (fp32, the whole parameter vector). The goal of the issue: <= 10 s from
 launch with >= 50x fewer bytes than dense.
 
 Run: .venv/bin/python benchmarks/train.py [--rounds N] [--target 0.95]
