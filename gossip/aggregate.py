@@ -16,7 +16,8 @@ the rules bound:
   `clip_tau(d) = d * min(1, tau / ||d||)`. A Byzantine neighbour moves the peer by at most `w_j * tau` per round.
   `adaptive_clip_radius` picks `tau` as a multiple of the median of recent difference norms: a Byzantine
   minority of the history cannot move the median outside the range of honest norms, and `tau` shrinks as the
-  honest peers converge.
+  honest peers converge. The caller records norms `capped` at a multiple of the current radius, so that one
+  peer knocked far from the others cannot be made to trust ever larger differences.
 """
 
 from __future__ import annotations
@@ -96,6 +97,11 @@ def clipped_gossip(diffs: torch.Tensor, mask: torch.Tensor, weights: torch.Tenso
     _check_weights(diffs, weights)
     scales = clip_scales(row_norms(diffs, mask), radius)
     return weighted_mean(diffs, mask, _per_entry(diffs, weights) * scales[:, None])
+
+
+def capped(norms: torch.Tensor, cap: float) -> list[float]:
+    """The norms as floats, each at most `cap`: what a clip-radius history records."""
+    return [min(float(n), cap) for n in norms]
 
 
 def adaptive_clip_radius(norm_history: Sequence[float], multiplier: float) -> float:

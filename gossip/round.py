@@ -93,6 +93,9 @@ from training.topk import pack_sparse, topk_abs, unpack_sparse
 from training.topk.payload import VALUE_FORMATS
 
 AGGREGATIONS = ("mean", "trimmed_mean", "clipped")
+RADIUS_GROWTH = 2.0
+"""Norms enter the clip history capped at this multiple of the current radius, so the radius can at most double
+per history window, and only when a majority of neighbours' differences are that large."""
 ELIGIBLE_FACTOR = 2.0
 """A sender picks its neighbours among the peers whose pair coin is below `ELIGIBLE_FACTOR * m / live peers`."""
 ACCEPT_FACTOR = 2.5
@@ -262,7 +265,7 @@ class GossipRound:
             raise LocalProtocolError(f"round {self._round.number} is still running")
         if params.dtype != torch.float32 or params.dim() != 1 or params.numel() != self.numel:
             raise LocalProtocolError(f"params must be a flat float32 tensor of {self.numel}, got {params.shape}")
-        if not bool(torch.isfinite(params).all()):
+        if not math.isfinite(float(params.sum())):  # NaN and Inf propagate into the sum; one pass, no bool mask
             raise LocalProtocolError("params hold NaN or Inf: refusing to gossip them")
         number = self._catch_up_round()
         x = params.detach().clone()
@@ -342,8 +345,12 @@ class GossipRound:
         peers = sorted(current.received)
         if not peers:
             return x, 0
-        all_indices = torch.cat([current.received[p][0] for p in peers])
-        union, position = torch.unique(all_indices, return_inverse=True)
+        supports = [current.received[p][0] for p in peers]
+        if all(torch.equal(support, supports[0]) for support in supports[1:]):
+            # The usual case: every neighbour answered on this peer's own coordinates.
+            union, position = supports[0], torch.arange(supports[0].numel()).repeat(len(peers))
+        else:
+            union, position = torch.unique(torch.cat(supports), return_inverse=True)
         diffs = torch.zeros(len(peers), union.numel())
         mask = torch.zeros(len(peers), union.numel(), dtype=torch.bool)
         start = 0
@@ -366,7 +373,11 @@ class GossipRound:
             )
         else:
             norms = aggregate.row_norms(diffs, mask)
-            self._norms.extend(float(n) for n in norms)
+            if self._norms:  # what enters the history is capped: a Byzantine minority cannot inflate the radius
+                previous = aggregate.adaptive_clip_radius(list(self._norms), self.config.clip_multiplier)
+                self._norms.extend(aggregate.capped(norms, RADIUS_GROWTH * previous))
+            else:  # cold start from the smallest difference: the radius then grows by at most RADIUS_GROWTH a round
+                self._norms.append(float(norms.min()))
             radius = self.config.clip_radius
             if radius is None:
                 radius = aggregate.adaptive_clip_radius(list(self._norms), self.config.clip_multiplier)
