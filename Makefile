@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test lint bench setup
+.PHONY: demo test lint bench setup
 
 setup: $(STAMP)
 
@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
+
+demo: $(STAMP)
+	$(PY) -m swarmgrad.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
