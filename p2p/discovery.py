@@ -19,8 +19,8 @@ peer, or one that dialled in) is verified by asking it directly, which is faster
 its record has spread; the record must still verify exactly as one from the DHT.
 
 Joining: the DHT's routing table stays empty after a plain connect (LIBP2P_NOTES #6), so `Discovery.join` dials
-each bootstrap multiaddr (bounded by `dial_timeout_s`), adds it to the DHT explicitly and refreshes the routing
-table; a bootstrap peer whose own member record verifies is reported `via="bootstrap"`.
+each bootstrap multiaddr (bounded by `dial_timeout_s`), adds it to the DHT explicitly and looks up its own id; a
+bootstrap peer whose own member record verifies is reported `via="bootstrap"`.
 
 This module owns the DHT and the record format. It must not decide who is live (that is `p2p.membership`) and it
 must not dial peers it found (the node does that when the membership machine asks).
@@ -196,6 +196,10 @@ class DiscoveryConfig:
     dial_timeout_s: float = 1.5
     """Bound on dialling one bootstrap peer, pnet handshake included (a wrong swarm key fails only after ~30-40 s
     in py-libp2p otherwise)."""
+    bootstrap_attempts: int = 3
+    """Rounds of dialling the bootstrap addresses before giving up (a busy bootstrap peer may miss one dial)."""
+    bootstrap_retry_s: float = 1.0
+    """Pause between two rounds."""
     record_ttl_s: float = 60.0
     republish_interval_s: float = 20.0
     min_lookup_interval_s: float = 0.5
@@ -209,8 +213,11 @@ class DiscoveryConfig:
             raise ConfigError("bootstrap_addrs", self.bootstrap_addrs, "a tuple of multiaddr strings")
         for addr in self.bootstrap_addrs:
             parse_bootstrap_addr(addr)
+        if not (isinstance(self.bootstrap_attempts, int) and self.bootstrap_attempts >= 1):
+            raise ConfigError("bootstrap_attempts", self.bootstrap_attempts, "an integer >= 1")
         for name in (
             "dial_timeout_s",
+            "bootstrap_retry_s",
             "record_ttl_s",
             "republish_interval_s",
             "min_lookup_interval_s",
@@ -262,7 +269,6 @@ class Discovery:
         self._own_record = b""
         host.set_stream_handler(record_protocol(config.swarm_id), self._serve_record)
         self._counters: Counter[str] = Counter()
-        self.joined = trio.Event()
 
     def statistics(self) -> dict[str, int]:
         """Counters: lookups, providers seen, records verified or rejected, publishes, bootstrap dials."""
@@ -272,38 +278,53 @@ class Discovery:
         return stats
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Start the DHT, join through the bootstrap peers, publish, then look up and republish until cancelled.
-        `task_status.started()` is called once joined and published. Raises `BootstrapFailed` when bootstrap
-        addresses were given and none could be reached."""
-        self._own_record = self._sign_record()  # served to peers we dial while joining
+        """Start the DHT and join through the bootstrap peers; `task_status.started()` then, while this peer's
+        records are published (at once, then every `republish_interval_s`) and lookups run, until cancelled.
+        Raises `BootstrapFailed` when bootstrap addresses were given and none could be reached."""
+        self._own_record = self._sign_record()  # served at once, to the peers we dial while joining
         async with background_trio_service(self.dht), trio.open_nursery() as nursery:
+            started = trio.current_time()
             bootstrap_peers = await self.join()
-            await self.publish()
-            self.joined.set()
+            log.info(
+                "joined through %d bootstrap peer(s) in %.2f s", len(bootstrap_peers), trio.current_time() - started
+            )
             for peer in bootstrap_peers:
                 nursery.start_soon(self.check_peer, peer, VIA_BOOTSTRAP)
-            nursery.start_soon(self._republish_forever)
+            nursery.start_soon(self._publish_forever)
             task_status.started()
             await self._lookup_forever()
 
     async def join(self) -> list[str]:
-        """Dial every bootstrap address and add the peers that answered to the DHT; return their peer ids."""
+        """Dial the bootstrap addresses (up to `bootstrap_attempts` rounds, until one answers) and add the peers
+        that answered to the DHT; return their peer ids. Each dial is bounded by `dial_timeout_s` and each failure
+        logged with its likely cause."""
         joined: list[str] = []
-        failures: list[str] = []
-        for addr in self.config.bootstrap_addrs:
-            info = parse_bootstrap_addr(addr)
-            self._counters["bootstrap_dials"] += 1
-            reason = await bounded_connect(self.host, info, self.config.dial_timeout_s)
-            if reason is not None:
-                log.warning("bootstrap peer %s: %s", addr, reason)
-                failures.append(f"{addr}: {reason}")
-                continue
-            await self.dht.add_peer(info.peer_id)
-            joined.append(info.peer_id.to_base58())
+        failures: dict[str, str] = {}
+        for attempt in range(self.config.bootstrap_attempts):
+            if attempt:
+                await trio.sleep(self.config.bootstrap_retry_s)
+            for addr in self.config.bootstrap_addrs:
+                info = parse_bootstrap_addr(addr)
+                self._counters["bootstrap_dials"] += 1
+                reason = await bounded_connect(self.host, info, self.config.dial_timeout_s)
+                if reason is not None:
+                    log.warning("bootstrap peer %s (attempt %d): %s", addr, attempt + 1, reason)
+                    failures[addr] = reason
+                    continue
+                await self.dht.add_peer(info.peer_id)
+                joined.append(info.peer_id.to_base58())
+            if joined or not self.config.bootstrap_addrs:
+                break
         if self.config.bootstrap_addrs and not joined:
-            raise BootstrapFailed("no bootstrap peer could be reached: " + "; ".join(failures))
+            raise BootstrapFailed(
+                f"no bootstrap peer could be reached in {self.config.bootstrap_attempts} attempts: "
+                + "; ".join(f"{addr}: {reason}" for addr, reason in failures.items())
+            )
         if joined:
-            await self.dht.refresh_routing_table()
+            # A lookup of our own id fills the routing table with our neighbours (LIBP2P_NOTES #6). py-libp2p's full
+            # `refresh_routing_table` also looks up a random key per bucket: several seconds when many peers join at
+            # once, for nothing publishing needs; the DHT's own maintenance loop refreshes later.
+            await self.dht.peer_routing.find_closest_peers_network(self.host.get_id().to_bytes())
         return joined
 
     def _sign_record(self) -> bytes:
@@ -314,8 +335,9 @@ class Discovery:
     async def publish(self) -> None:
         """Put a fresh member record and announce this peer as a provider of the swarm's members key."""
         self._own_record = self._sign_record()
-        await self.dht.put_value(member_key(self.config.swarm_id, self.local_peer), self._own_record)
-        await self.dht.provide(members_key(self.config.swarm_id))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.dht.put_value, member_key(self.config.swarm_id, self.local_peer), self._own_record)
+            nursery.start_soon(self.dht.provide, members_key(self.config.swarm_id))
         self._counters["publishes"] += 1
 
     async def lookup(self) -> tuple[int, int]:
@@ -437,10 +459,12 @@ class Discovery:
                 interval_s = min(interval_s * 2, self.config.max_lookup_interval_s)
             await trio.sleep(interval_s)
 
-    async def _republish_forever(self) -> None:
+    async def _publish_forever(self) -> None:
         while True:
-            await trio.sleep(self.config.republish_interval_s)
+            started = trio.current_time()
             await self.publish()
+            log.debug("published in %.2f s", trio.current_time() - started)
+            await trio.sleep(self.config.republish_interval_s)
 
 
 async def bounded_connect(host: IHost, info: PeerInfo, timeout_s: float) -> str | None:

@@ -57,17 +57,21 @@ async def test_private_swarm_admits_only_holders_of_the_key_and_refuses_others_q
                 await wait_live(b, a.peer_id)
                 await wait_live(a, b.peer_id)
                 for name, psk in (("wrong-key", OTHER_KEY), ("no-key", None)):
-                    started = time.monotonic()
+                    caplog.clear()
+                    started = time.time()
                     with pytest.RaisesGroup(
                         pytest.RaisesExc(BootstrapFailed, match="another swarm key"), flatten_subgroups=True
                     ):
                         async with open_node(config(tmp_path, name, psk, (addr,))):
                             pytest.fail(f"{name} must not join")
-                    # the dial is bounded at 1.5 s; the rest is starting and closing the host
-                    assert time.monotonic() - started < 5.0, name
+                    # each handshake is cut at 1.5 s and logged (py-libp2p alone takes ~30-40 s); the node gives up
+                    # after its bootstrap attempts
+                    first_refusal = next(r for r in caplog.records if r.name == "p2p.discovery")
+                    assert "handshake did not complete within 1.5 s" in first_refusal.getMessage()
+                    assert "another swarm key" in first_refusal.getMessage()
+                    assert first_refusal.created - started < 2.5, name
+                    assert time.time() - started < 15.0, name
                 assert a.live_peers() == [b.peer_id]
-                assert "handshake did not complete within 1.5 s" in caplog.text
-                assert "another swarm key" in caplog.text
 
 
 async def test_hostile_peer_is_banned_and_an_honest_peer_keeps_its_service(tmp_path: Path) -> None:

@@ -1,0 +1,156 @@
+"""Benchmark: how fast `swarmgrad node` processes on loopback find each other through the DHT.
+
+One bootstrap peer, then 15 peers started together, each given only the bootstrap's address. For each joiner:
+the time from its process start and from its `listening` line (joined and published) until it has discovered at
+least 8 other members, and the bytes it moved through its sockets meanwhile (`/proc/<pid>/io` rchar + wchar
+between `listening` and the end of the run: DHT traffic plus pings, identify and member-record fetches; logs are
+kept at WARNING so that stderr writes stay negligible). Baseline, measured in the same run: the bootstrap
+process's own start-up time (spawn to `listening` with no peer to find), i.e. what importing py-libp2p and starting
+a host cost on this machine.
+
+Prints one JSON line: medians and p90s in seconds, bytes per peer, how peers were first found (bootstrap, dht,
+inbound) and the ratio of the median discovery time to the 3 s goal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+NUM_PEERS = int(os.environ.get("BENCH_PEERS", 16))
+TARGET_KNOWN = 8
+TIMEOUT_S = 120.0
+GOAL_S = 3.0
+
+
+def proc_io_bytes(pid: int) -> int:
+    fields = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return int(fields["rchar"]) + int(fields["wchar"])
+
+
+class Peer:
+    def __init__(self, name: str, tmp: Path, swarm_id: str, bootstrap: str | None) -> None:
+        args = [
+            sys.executable,
+            "-m",
+            "swarmgrad.cli",
+            "--log-level",
+            os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
+            "node",
+            "--data-dir",
+            str(tmp / name),
+        ]
+        args += ["--listen", "/ip4/127.0.0.1/tcp/0", "--swarm-id", swarm_id]
+        if bootstrap is not None:
+            args += ["--bootstrap", bootstrap]
+        self.spawned_at = time.time()
+        self.stderr_path = tmp / f"{name}.err"
+        with self.stderr_path.open("w") as stderr:
+            self.proc = subprocess.Popen(
+                args, stdout=subprocess.PIPE, stderr=stderr, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1")
+            )
+        self.listening: dict[str, Any] | None = None
+        self.io_at_listening = 0
+        self.found: dict[str, tuple[str, float]] = {}
+        self.reached_at: float | None = None
+        self.cond = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            event = json.loads(line)
+            with self.cond:
+                if event["event"] == "listening":
+                    self.listening = event
+                    self.io_at_listening = proc_io_bytes(self.proc.pid)
+                elif event["event"] == "peer_discovered":
+                    self.found.setdefault(event["peer"], (event["via"], event["t"]))
+                    if len(self.found) >= TARGET_KNOWN and self.reached_at is None:
+                        self.reached_at = event["t"]
+                self.cond.notify_all()
+
+    def wait(self, predicate: Any, deadline: float) -> bool:
+        with self.cond:
+            return self.cond.wait_for(predicate, timeout=max(0.0, deadline - time.time()))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+def p90(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        peers: list[Peer] = []
+        try:
+            boot = Peer("boot", tmp, "bench", None)
+            peers.append(boot)
+            deadline = time.time() + TIMEOUT_S
+            if not boot.wait(lambda: boot.listening is not None, deadline):
+                raise SystemExit("the bootstrap peer did not start")
+            assert boot.listening is not None
+            baseline_startup_s = boot.listening["t"] - boot.spawned_at
+            addr = boot.listening["addrs"][0]
+            joiners = [Peer(f"p{i}", tmp, "bench", addr) for i in range(1, NUM_PEERS)]
+            peers += joiners
+            for peer in joiners:
+                peer.wait(lambda p=peer: p.reached_at is not None, deadline)
+            io_bytes = [proc_io_bytes(p.proc.pid) - p.io_at_listening for p in joiners if p.proc.poll() is None]
+            exited = [p.stderr_path.read_text().strip().splitlines()[-1:] for p in joiners if p.proc.poll() is not None]
+        finally:
+            for peer in peers:
+                peer.stop()
+    reached = [p for p in joiners if p.reached_at is not None and p.listening is not None]
+    from_spawn = [p.reached_at - p.spawned_at for p in reached]  # type: ignore[operator]
+    from_listening = [p.reached_at - p.listening["t"] for p in reached]  # type: ignore[index,operator]
+    startup = [p.listening["t"] - p.spawned_at for p in joiners if p.listening is not None]
+    paths = Counter(via for p in joiners for via, _ in p.found.values())
+    median_listening = statistics.median(from_listening) if from_listening else None
+    print(
+        json.dumps(
+            {
+                "benchmark": "discovery",
+                "peers": NUM_PEERS,
+                "target_known": TARGET_KNOWN,
+                "reached_target": len(reached),
+                "joiners": len(joiners),
+                "time_to_target_from_listening_s": {
+                    "median": median_listening,
+                    "p90": p90(from_listening) if from_listening else None,
+                },
+                "time_to_target_from_spawn_s": {
+                    "median": statistics.median(from_spawn) if from_spawn else None,
+                    "p90": p90(from_spawn) if from_spawn else None,
+                },
+                "startup_s_median": statistics.median(startup) if startup else None,
+                "baseline_bootstrap_startup_s": baseline_startup_s,
+                "socket_io_bytes_per_peer_median": statistics.median(io_bytes) if io_bytes else None,
+                "first_found_via": dict(sorted(paths.items())),
+                "exited_early": len(exited),
+                "exit_reasons": sorted({line[0][:200] for line in exited if line}),
+                "median_vs_goal_3s": None if median_listening is None else median_listening / GOAL_S,
+                "cpu_count": os.cpu_count(),
+            },
+            sort_keys=False,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
