@@ -24,7 +24,8 @@ averaging done by gossip as in NoLoCo, arXiv 2506.10911). One round r at peer i:
    requester's coordinates*. So an exchange is two-sided on the same coordinates, and each side mixes the
    other's values there (with equal weights the pair's sum is preserved).
 4. **Aggregate at the round's end** -- when every chosen neighbour has answered (or failed to be reached), or at
-   the deadline, whichever comes first. For each neighbour j heard from, `d_j = x_j[S_j] - x_i[S_j]` (a sparse
+   the deadline, whichever comes first. A chosen neighbour that did not answer is not asked again for
+   `miss_backoff_rounds` rounds. For each neighbour j heard from, `d_j = x_j[S_j] - x_i[S_j]` (a sparse
    difference against the receiver's *own* exact values) and `x_i[U] += step_size * rule(d)`, with `rule` one of
    `gossip.aggregate` (weights `1/(m+1)` for m neighbours heard, so the peer keeps at least its own share).
 
@@ -116,7 +117,9 @@ class GossipConfig:
     but that was an extrapolating update; this one is a convex combination); `neighbours_per_round=3`; a clip
     radius of 1x the median of the last 64 difference norms (in `tests/test_gossip_sim.py`, 2x let 4 flooding
     Byzantine peers of 16 double the honest spread with noise, 0.5x halved the consensus speed); the buffering
-    bounds are small because honest peers run at most a round or two apart.
+    bounds are small because honest peers run at most a round or two apart; a neighbour that missed a deadline
+    is not asked for the next 4 rounds (a hung peer keeps its connection open and would cost a whole deadline in
+    every round that picks it).
     """
 
     swarm_id: str
@@ -134,6 +137,7 @@ class GossipConfig:
     value_format: str = "fp16"
     max_future_rounds: int = 4
     max_buffered_updates: int = 64
+    miss_backoff_rounds: int = 4
 
     def __post_init__(self) -> None:
         if not 0 < len(self.swarm_id) <= MAX_SWARM_ID_CHARS:
@@ -162,6 +166,8 @@ class GossipConfig:
             raise ConfigError("max_future_rounds", self.max_future_rounds, ">= 0")
         if self.max_buffered_updates < 0:
             raise ConfigError("max_buffered_updates", self.max_buffered_updates, ">= 0")
+        if self.miss_backoff_rounds < 0:
+            raise ConfigError("miss_backoff_rounds", self.miss_backoff_rounds, ">= 0")
 
     def k_for(self, numel: int) -> int:
         """How many coordinates a peer sends per round for a vector of `numel` elements."""
@@ -220,6 +226,7 @@ class GossipRound:
         self._next_round = 0
         self._last: _Round | None = None  # the last completed round, to answer late requests for it
         self._latest_from: dict[PeerId, int] = {}
+        self._backoff_until: dict[PeerId, int] = {}  # a chosen neighbour that did not answer is not asked again
         self._buffer: dict[int, dict[PeerId, tuple[SparseUpdate, torch.Tensor, torch.Tensor]]] = {}
         self._norms: deque[float] = deque(maxlen=config.clip_history_len)
         self._counters: Counter[str] = Counter()
@@ -276,7 +283,11 @@ class GossipRound:
         else:
             indices, _ = topk_abs(x, self.k)
         update = self._pack(number, False, indices, x)
-        eligible = [p for p in sorted(self._live) if self._eligible(number, self.local_peer, p, ELIGIBLE_FACTOR)]
+        eligible = [
+            p
+            for p in sorted(self._live)
+            if self._eligible(number, self.local_peer, p, ELIGIBLE_FACTOR) and self._backoff_until.get(p, 0) <= number
+        ]
         chosen = self._rng.sample(eligible, min(self.config.neighbours_per_round, len(eligible)))
         deadline = now + self.config.round_deadline_s
         current = _Round(number, deadline, x, update, frozenset(chosen), set(chosen), set(chosen))
@@ -329,6 +340,8 @@ class GossipRound:
         self._round = None
         self._last = current
         self._next_round = current.number + 1
+        for peer in current.expected:
+            self._backoff_until[peer] = current.number + 1 + self.config.miss_backoff_rounds
         self._counters["rounds_timed_out"] += int(timed_out)
         self._counters["neighbours_answered"] += len(current.received)
         self._counters["clipped"] += clipped

@@ -87,6 +87,7 @@ def test_config_rejects_bad_values_naming_the_field() -> None:
         ("clip_radius", -1.0),
         ("value_format", "fp64"),
         ("max_future_rounds", -1),
+        ("miss_backoff_rounds", -1),
         ("swarm_id", ""),
     ]:
         with pytest.raises(ConfigError) as info:
@@ -130,6 +131,20 @@ def test_round_never_waits_past_its_deadline_and_keeps_own_params() -> None:
     assert done.missing == ("a", "b") and done.contributors == ()
     assert torch.equal(done.params, params)
     assert m.statistics()["rounds_timed_out"] == 1
+
+
+def test_a_neighbour_that_missed_the_deadline_is_not_asked_for_a_few_rounds() -> None:
+    m = machine(["a", "b"], miss_backoff_rounds=2)
+    m.step(0.0, StartRound(torch.zeros(NUMEL)))
+    m.step(0.1, Received("b", update(0, reply=True)))
+    m.step(DEADLINE_S, TimerFired(("gossip-round", 0)))  # a never answered
+    asked = []
+    for r in range(1, 5):
+        asked.append(sorted(s.peer for s in sends(m.step(10.0 * r, StartRound(torch.zeros(NUMEL))))))
+        m.step(10.0 * r + 0.1, Received("b", update(r, reply=True)))
+        if m.in_round:
+            m.step(10.0 * r + DEADLINE_S, TimerFired(("gossip-round", r)))
+    assert asked == [["b"], ["b"], ["a", "b"], ["b"]]  # a missed round 3 too
 
 
 def test_two_peers_exchange_and_move_toward_each_other_before_the_deadline() -> None:
@@ -238,7 +253,7 @@ def test_send_failure_and_peer_down_stop_the_wait_for_that_neighbour() -> None:
 
 def test_error_feedback_cycles_through_coordinates_and_its_absence_repeats_them() -> None:
     def supports(error_feedback: bool) -> list[set[int]]:
-        m = machine(["a"], error_feedback=error_feedback)
+        m = machine(["a"], error_feedback=error_feedback, miss_backoff_rounds=0)
         x = torch.linspace(1.0, 2.0, NUMEL)
         seen = []
         for r in range(4):

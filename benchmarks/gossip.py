@@ -1,0 +1,118 @@
+"""Gossip rounds of 4 peer processes on 127.0.0.1: sparse (top-k 1 %) against a dense exchange, same transport.
+
+Runs `gossip.loopback` twice with 4 processes each (LibP2PTransport, Noise + yamux) over a 10M-element fp32 vector:
+
+* `sparse`: the `GossipService` (error-compensated top-k values, fp16, 1 chosen neighbour per round; with
+  push-pull a peer also answers whoever chose it, so it sends about 2 messages a round, as in the dense mode),
+  `SPARSE_ROUNDS` rounds;
+* `dense` (the baseline, measured in the same run): each peer sends its whole fp32 vector to two fixed neighbours
+  and averages what it receives, `DENSE_ROUNDS` rounds.
+
+Round 0 of each run (stream opening, first native top-k call) is left out. Prints one JSON line: the median seconds
+per round and median bytes sent per peer per round of each mode, their ratios, the fraction of sparse rounds that
+ended at their deadline, and the load average (the figures are from a shared 2-core box). Goals: sparse <= 0.2 s
+per round and <= 1/50 of the dense bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PEERS = 4
+NUMEL = 10_000_000
+DENSITY = 0.01
+SPARSE_ROUNDS = 12
+DENSE_ROUNDS = 5
+SPARSE_DEADLINE_S = 5.0
+DENSE_DEADLINE_S = 60.0
+RUN_TIMEOUT_S = 500.0
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_mode(mode: str, rounds: int, deadline_s: float) -> list[dict[str, float]]:
+    with tempfile.TemporaryDirectory(prefix=f"gossip-bench-{mode}-") as tmp:
+        directory = Path(tmp)
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "gossip.loopback",
+                    "--index",
+                    str(i),
+                    "--peers",
+                    str(PEERS),
+                    "--dir",
+                    str(directory),
+                    "--numel",
+                    str(NUMEL),
+                    "--rounds",
+                    str(rounds),
+                    "--deadline-s",
+                    str(deadline_s),
+                    "--density",
+                    str(DENSITY),
+                    "--neighbours",
+                    "1",
+                    "--mode",
+                    mode,
+                ],
+                cwd=REPO,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for i in range(PEERS)
+        ]
+        try:
+            deadline = time.monotonic() + RUN_TIMEOUT_S
+            for proc in procs:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(timeout=30)
+        if any(proc.returncode != 0 for proc in procs):
+            raise SystemExit(f"{mode}: a peer failed: {[proc.returncode for proc in procs]}")
+        records = []
+        for i in range(PEERS):
+            lines = (directory / f"peer{i}.jsonl").read_text().splitlines()
+            records.extend(json.loads(line) for line in lines)
+    return [r for r in records if r["round"] > 0]
+
+
+def main() -> None:
+    sparse = run_mode("sparse", SPARSE_ROUNDS, SPARSE_DEADLINE_S)
+    dense = run_mode("dense", DENSE_ROUNDS, DENSE_DEADLINE_S)
+    sparse_s = statistics.median(r["seconds"] for r in sparse)
+    dense_s = statistics.median(r["seconds"] for r in dense)
+    sparse_bytes = statistics.median(r["bytes_sent"] for r in sparse)
+    dense_bytes = statistics.median(r["bytes_sent"] for r in dense)
+    result = {
+        "benchmark": "gossip",
+        "peers": PEERS,
+        "numel": NUMEL,
+        "density": DENSITY,
+        "sparse_s_per_round_median": round(sparse_s, 4),
+        "dense_s_per_round_median": round(dense_s, 4),
+        "sparse_bytes_per_peer_round_median": sparse_bytes,
+        "dense_bytes_per_peer_round_median": dense_bytes,
+        "bytes_ratio_sparse_over_dense": round(sparse_bytes / dense_bytes, 5),
+        "time_ratio_sparse_over_dense": round(sparse_s / dense_s, 4),
+        "sparse_rounds_timed_out_fraction": round(sum(r["timed_out"] for r in sparse) / len(sparse), 3),
+        "sparse_neighbours_heard_median": statistics.median(r["heard"] for r in sparse),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "goal": "sparse <= 0.2 s per round and <= 1/50 of dense bytes",
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
