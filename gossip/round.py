@@ -11,8 +11,8 @@ averaging done by gossip as in NoLoCo, arXiv 2506.10911). One round r at peer i:
    the sorted list), from the peers that are *eligible* this round: those whose pair coin
    `sha256(swarm, round, sender, receiver)` is below `2 m / live peers` (about 2m of them). A fresh random graph
    each round, which mixes like an expander -- and one that a receiver can check: it aggregates an unsolicited
-   request only if the sender was eligible to pick it, so a Byzantine peer cannot push its values into every
-   honest peer every round (it reaches about 2m of them, like an honest peer reaches m).
+   request only if the sender was eligible to pick it (with a little slack, `ACCEPT_FACTOR`), so a Byzantine peer
+   cannot push its values into every honest peer every round: it reaches about 2.5m of them, an honest one m.
 2. **Choose what to say: error-compensated top-k.** As in CHOCO-SGD (Koloskova, Stich, Jaggi, arXiv 1902.00340 and
    1907.09356) the peer keeps a *public copy* `p_i`: what it last told the swarm about each coordinate. It selects
    the support `S = top-k |x_i - p_i|` (k = density * n), so a coordinate that changed (by training or by
@@ -25,9 +25,11 @@ averaging done by gossip as in NoLoCo, arXiv 2506.10911). One round r at peer i:
    other's values there (with equal weights the pair's sum is preserved).
 4. **Aggregate at the round's end** -- when every chosen neighbour has answered (or failed to be reached), or at
    the deadline, whichever comes first. A chosen neighbour that did not answer is not asked again for
-   `miss_backoff_rounds` rounds. For each neighbour j heard from, `d_j = x_j[S_j] - x_i[S_j]` (a sparse
-   difference against the receiver's *own* exact values) and `x_i[U] += step_size * rule(d)`, with `rule` one of
-   `gossip.aggregate` (weights `1/(m+1)` for m neighbours heard, so the peer keeps at least its own share).
+   `miss_backoff_rounds` rounds. The peer aggregates the updates of the neighbours it chose and of eligible
+   requesters: for each such j, `d_j = x_j[S_j] - x_i[S_j]` (a sparse difference against the receiver's *own*
+   exact values) and `x_i[U] += step_size * rule(d)` over the union U of the supports, with `rule` one of
+   `gossip.aggregate` and per-coordinate weights `1/(c+1)`, c = how many of them sent that coordinate (the peer
+   keeps an equal share for itself).
 
 Why values and not CHOCO's compressed differences: CHOCO needs each receiver to hold the sender's public copy,
 which stays consistent only if every receiver sees every message of the sender. With a fresh random neighbour set
@@ -50,12 +52,14 @@ between rounds this is local SGD with sparse gossip averaging; in the stationary
 average to within the drift of H local steps.
 
 Robustness: `aggregation="clipped"` (the default) bounds what any neighbour can do to a peer per round by
-`step_size * tau / (m+1)`; see `gossip.aggregate`. Dead, hung or slow neighbours only lose their contribution:
-the round never waits past its deadline, and every send carries that deadline.
+`step_size * tau / 2` in norm (a weight is at most 1/2); tau is adaptive, and the history it comes from is capped
+so that a Byzantine minority cannot inflate it (`gossip.aggregate`). Dead, hung or slow neighbours only lose
+their contribution: the round never waits past its deadline, and every send carries that deadline.
 
 Round numbers and messages: a peer's rounds strictly increase. Per sender, a message for a round at or below the
 last one seen from that sender is a replay: `RemoteProtocolError` (the driver scores the peer). Other checks that
-raise it: wrong swarm id, wrong model fingerprint, a payload that does not decode or holds non-finite values. A
+raise it: wrong swarm id, wrong model fingerprint, a payload that `unpack_sparse` rejects (wrong size, out of
+range or repeated indices, non-finite values, more than k entries). A
 message for a past round is late: dropped and counted. One for a future round within `max_future_rounds` is
 buffered (at most `max_buffered_updates` in all, decoded and checked first); further ahead it is dropped and
 counted. A new round's number is the larger of the next round and the lower median of the latest rounds heard from
