@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from swarmgrad.errors import ConfigError
+from swarmgrad.errors import ConfigError, LocalProtocolError
 from training.topk import reference_topk_abs, topk_abs
 from training.topk.build import load_extension
+from training.topk.ops import Implementation
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -109,15 +110,18 @@ def test_empty_tensor() -> None:
         assert indices.shape == (0,) and values.shape == (0,) and values.dtype == dtype
 
 
-def test_bad_arguments_are_rejected() -> None:
-    with pytest.raises(RuntimeError, match="k must be in"):
-        topk_abs(torch.randn(10), 11)
-    with pytest.raises(RuntimeError, match="k must be in"):
-        topk_abs(torch.randn(10), -1)
-    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
-        topk_abs(torch.arange(10), 1)
-    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
-        topk_abs(torch.randn(10, dtype=torch.float64), 1)
+@pytest.mark.parametrize("implementation", ["native", "reference"])
+def test_bad_arguments_are_rejected(implementation: Implementation) -> None:
+    for x, k, message in (
+        (torch.randn(10), 11, "k must be in"),
+        (torch.randn(10), -1, "k must be in"),
+        (torch.arange(10), 1, "float32, float16 or bfloat16"),
+        (torch.randn(10, dtype=torch.float64), 1, "float32, float16 or bfloat16"),
+    ):
+        with pytest.raises(LocalProtocolError, match=message):
+            topk_abs(x, k, implementation=implementation)
+        with pytest.raises(RuntimeError, match=message):  # the op's own TORCH_CHECKs
+            torch.ops.swarmgrad.topk_abs(x, k)
 
 
 def test_reference_fallback_is_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from swarmgrad.errors import ConfigError
 from training.topk.build import ExtensionUnavailable, has_cuda_kernels, load_extension
-from training.topk.reference import reference_topk_abs
+from training.topk.reference import check_topk_args, reference_topk_abs
 
 Implementation = Literal["native", "reference"]
 FALLBACK_ENV = "SWARMGRAD_TOPK_FALLBACK"
@@ -52,8 +52,9 @@ def topk_abs(
 
     `x` is float32, float16 or bfloat16, of any shape and strides; `0 <= k <= x.numel()`. NaN ranks above +Inf
     (as in `torch.topk`); among equal magnitudes the lowest indices are taken by the native kernels (the
-    reference may take any of them).
+    reference may take any of them). A bad dtype or k raises `LocalProtocolError`.
     """
+    check_topk_args(x, k)
     if resolve_implementation(implementation) == "reference":
         return reference_topk_abs(x, k)
     ensure_native(x.device)

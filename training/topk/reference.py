@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import torch
 
+from swarmgrad.errors import LocalProtocolError
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_topk_args(x: torch.Tensor, k: int) -> None:
-    """The argument checks every implementation applies (mirrors the kernels' `TORCH_CHECK`s)."""
+    """The argument checks of `topk_abs` whatever the implementation (the kernels' `TORCH_CHECK`s, which raise
+    `RuntimeError` when the op is called directly, check the same). Raises `LocalProtocolError`: a caller's bug."""
     if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"topk_abs: x must be float32, float16 or bfloat16, got {x.dtype}")
+        raise LocalProtocolError(f"topk_abs: x must be float32, float16 or bfloat16, got {x.dtype}")
     if not 0 <= k <= x.numel():
-        raise ValueError(f"topk_abs: k must be in [0, {x.numel()}], got {k}")
+        raise LocalProtocolError(f"topk_abs: k must be in [0, {x.numel()}], got {k}")
 
 
 def reference_topk_abs(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
