@@ -59,8 +59,8 @@ def test_swarm_trains_survives_a_kill_restarts_and_takes_a_late_joiner(tmp_path:
         extra=["--set", "network.min_peers=3", "--set", "training.epoch_rounds=25"],
     )
     try:
-        for peer in peers:
-            peer.wait_for("round", START_S)
+        for peer in peers:  # each knows only the bootstrap address: the other two it found through the DHT
+            peer.wait_for("round", START_S, reached(0, peers=3))
         victim = peers[3]
         victim_id = victim.history[0]["peer_id"]
         victim.wait_for("epoch", 120.0)  # a checkpoint exists
