@@ -52,7 +52,7 @@ from libp2p.records.validator import Validator
 from libp2p.tools.anyio_service import background_trio_service
 
 from p2p.codec import FRAME_HEADER_SIZE, Schema, encode_frame_header, parse_frame_header
-from p2p.membership import VIA_BOOTSTRAP, VIA_DHT, VIA_INBOUND, CandidateFound
+from p2p.membership import VIA_BOOTSTRAP, VIA_DHT, CandidateFound
 from p2p.swarm import validate_swarm_id
 from swarmgrad.errors import ConfigError, DecodeError, PeerUnreachable
 
@@ -203,7 +203,8 @@ class DiscoveryConfig:
     record_ttl_s: float = 60.0
     republish_interval_s: float = 20.0
     min_lookup_interval_s: float = 0.5
-    """First gap between lookups; it doubles after each lookup that finds nobody new, up to the maximum."""
+    """First gap between lookups; it doubles after each lookup that finds nobody new, up to the maximum, and falls
+    back to the minimum when a peer connects to us (it may be a new member)."""
     max_lookup_interval_s: float = 8.0
     lookup_timeout_s: float = 10.0
 
@@ -267,6 +268,7 @@ class Discovery:
         self.dht.register_validator(NAMESPACE, MemberRecordValidator(clock_unix_s))
         self._reported: dict[str, float] = {}  # peer -> expiry of the record last reported
         self._own_record = b""
+        self._wake = trio.Event()
         host.set_stream_handler(record_protocol(config.swarm_id), self._serve_record)
         self._counters: Counter[str] = Counter()
 
@@ -388,13 +390,13 @@ class Discovery:
         return found
 
     async def check_peer(self, peer: str, via: str) -> bool:
-        """Fetch and verify `peer`'s member record (from the peer itself when it is connected to us; from the DHT
-        otherwise); report it (once) as found `via` when it is a member. Returns
+        """Fetch and verify `peer`'s member record (from the peer itself when it is connected to us, as a bootstrap
+        peer is; from the DHT otherwise); report it (once) as found `via` when it is a member. Returns
         whether a record verified."""
         key = member_key(self.config.swarm_id, peer)
         with trio.move_on_after(self.config.lookup_timeout_s):
             connected = bool(self.host.get_network().get_connections(ID.from_base58(peer)))
-            if via in (VIA_BOOTSTRAP, VIA_INBOUND) or connected:
+            if via == VIA_BOOTSTRAP or connected:
                 value = await self._fetch_record(peer)
             else:
                 # quorum 1: the first valid answer ends the query instead of waiting on every peer (LIBP2P_NOTES #6)
@@ -449,15 +451,21 @@ class Discovery:
             log.info("serving our member record failed: %s: %s", type(exc).__name__, exc)
             await stream.reset()
 
+    def wake(self) -> None:
+        """Look up now, and at the shortest interval again (a new connection may be a new member)."""
+        self._wake.set()
+
     async def _lookup_forever(self) -> None:
         interval_s = self.config.min_lookup_interval_s
         while True:
+            self._wake = trio.Event()
             new, unverified = await self.lookup()
-            if new or unverified:
+            if new or unverified or self._wake.is_set():
                 interval_s = self.config.min_lookup_interval_s
             else:
                 interval_s = min(interval_s * 2, self.config.max_lookup_interval_s)
-            await trio.sleep(interval_s)
+            with trio.move_on_after(interval_s):
+                await self._wake.wait()
 
     async def _publish_forever(self) -> None:
         while True:

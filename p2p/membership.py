@@ -40,8 +40,7 @@ from swarmgrad.machine import (
 
 VIA_BOOTSTRAP = "bootstrap"
 VIA_DHT = "dht"
-VIA_INBOUND = "inbound"
-_VIAS = (VIA_BOOTSTRAP, VIA_DHT, VIA_INBOUND)
+_VIAS = (VIA_BOOTSTRAP, VIA_DHT)
 _PING_TIMER = ("membership", "ping")
 
 
@@ -79,8 +78,8 @@ class Start(Command):
 
 @dataclass(frozen=True)
 class CandidateFound(Command):
-    """Discovery verified that `peer` is a member of our swarm, reachable at `addrs`, found `via` bootstrap, dht or
-    an inbound connection."""
+    """Discovery verified that `peer` is a member of our swarm, reachable at `addrs`, found `via` a bootstrap
+    connection or a DHT lookup."""
 
     peer: PeerId
     addrs: tuple[str, ...]
@@ -152,7 +151,7 @@ class PingRequested:
 
 @dataclass(frozen=True)
 class PeerDiscovered:
-    """`peer` joined the live set, first found `via` bootstrap, dht or inbound (for logs and tests)."""
+    """`peer` joined the live set, first found `via` bootstrap or dht (for logs and tests)."""
 
     peer: PeerId
     via: str

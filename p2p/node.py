@@ -42,7 +42,6 @@ from p2p.discovery import Discovery, DiscoveryConfig, bounded_connect
 from p2p.host import HostConfig, listen_multiaddrs, running_host
 from p2p.identity import load_or_create_identity
 from p2p.membership import (
-    VIA_INBOUND,
     ConnectionClosed,
     ConnectionOpened,
     DialFailed,
@@ -194,7 +193,7 @@ class SwarmNode:
         self._counters["connections_opened"] += 1
         self._submit(ConnectionOpened(peer))
         if inbound and peer not in self.membership.live_peers():
-            self._start(self.discovery.check_peer, peer, VIA_INBOUND)
+            self.discovery.wake()  # a stranger connected: maybe a new member, whose record a lookup would find
 
     def _on_disconnected(self, conn: INetConn) -> None:
         peer_id = conn.muxed_conn.peer_id
