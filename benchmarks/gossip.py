@@ -29,7 +29,7 @@ PEERS = 4
 NUMEL = 10_000_000
 DENSITY = 0.01
 SPARSE_ROUNDS = 12
-DENSE_ROUNDS = 5
+DENSE_ROUNDS = 4
 SPARSE_DEADLINE_S = 5.0
 DENSE_DEADLINE_S = 60.0
 RUN_TIMEOUT_S = 500.0
@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 def run_mode(mode: str, rounds: int, deadline_s: float) -> list[dict[str, float]]:
     with tempfile.TemporaryDirectory(prefix=f"gossip-bench-{mode}-") as tmp:
         directory = Path(tmp)
+        logs = [(directory / f"peer{i}.err").open("wb") for i in range(PEERS)]
         procs = [
             subprocess.Popen(
                 [
@@ -66,7 +67,7 @@ def run_mode(mode: str, rounds: int, deadline_s: float) -> list[dict[str, float]
                 ],
                 cwd=REPO,
                 stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+                stderr=logs[i],
             )
             for i in range(PEERS)
         ]
@@ -79,8 +80,11 @@ def run_mode(mode: str, rounds: int, deadline_s: float) -> list[dict[str, float]
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait(timeout=30)
+            for log in logs:
+                log.close()
         if any(proc.returncode != 0 for proc in procs):
-            raise SystemExit(f"{mode}: a peer failed: {[proc.returncode for proc in procs]}")
+            errors = [(directory / f"peer{i}.err").read_text()[-2000:] for i in range(PEERS)]
+            raise SystemExit(f"{mode}: a peer failed: {[proc.returncode for proc in procs]}: {errors}")
         records = []
         for i in range(PEERS):
             lines = (directory / f"peer{i}.jsonl").read_text().splitlines()

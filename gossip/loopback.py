@@ -29,7 +29,7 @@ from gossip.service import GossipService
 from p2p.codec import Schema
 from p2p.host import HostConfig
 from p2p.libp2p_transport import LibP2PTransport
-from swarmgrad.errors import LocalProtocolError
+from swarmgrad.errors import LocalProtocolError, TransportError
 
 DENSE_PROTOCOL = "/swarmgrad/gossip-dense-baseline/1.0.0"
 SETUP_TIMEOUT_S = 60.0
@@ -114,6 +114,14 @@ async def _sparse_rounds(transport: LibP2PTransport, args: argparse.Namespace, x
         nursery.cancel_scope.cancel()
 
 
+async def _send_counting_failure(transport: LibP2PTransport, peer: str, body: bytes) -> None:
+    """A dense send that fails (the neighbour finished and closed first) loses that contribution, as in gossip."""
+    try:
+        await transport.send(peer, DENSE_PROTOCOL, body)
+    except TransportError as exc:
+        logging.getLogger(__name__).warning("dense send to %s failed: %s", peer, exc)
+
+
 async def _dense_rounds(transport: LibP2PTransport, args: argparse.Namespace, x: torch.Tensor, log: Path) -> None:
     inbox = transport.listen(DENSE_PROTOCOL, max_message_bytes=x.numel() * 4 + 4096, queue_len=8)
     peers = transport.connected_peers()
@@ -126,7 +134,7 @@ async def _dense_rounds(transport: LibP2PTransport, args: argparse.Namespace, x:
         with trio.move_on_after(args.deadline_s):
             async with trio.open_nursery() as nursery:
                 for peer in neighbours:
-                    nursery.start_soon(transport.send, peer, DENSE_PROTOCOL, body)
+                    nursery.start_soon(_send_counting_failure, transport, peer, body)
             while len(pending.get(number, [])) < len(neighbours):
                 delivery = await inbox.receive()
                 msg = DENSE_SCHEMA.decode(delivery.payload)
