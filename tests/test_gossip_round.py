@@ -66,6 +66,11 @@ def update(round_: int, value: float = 1.0, reply: bool = False, numel: int = NU
     return SparseUpdate(payload=payload, **args)  # type: ignore[arg-type]
 
 
+def body(send: Send) -> SparseUpdate:
+    assert isinstance(send.msg, SparseUpdate)
+    return send.msg
+
+
 def sends(actions: list[Action]) -> list[Send]:
     return [a for a in actions if isinstance(a, Send)]
 
@@ -177,8 +182,8 @@ def test_requests_get_one_reply_on_their_coordinates_and_count_only_if_the_sende
     ineligible = next(p for p in others if pair_coin("test", 0, p, "me") >= bound)
     for peer in (eligible, ineligible):
         reply = sends(m.step(0.1, Received(peer, update(0))))
-        assert len(reply) == 1 and reply[0].peer == peer and reply[0].msg.reply and reply[0].deadline == DEADLINE_S
-        assert _indices(reply[0].msg) == _indices(update(0))  # answered on the requester's coordinates
+        assert len(reply) == 1 and reply[0].peer == peer and body(reply[0]).reply and reply[0].deadline == DEADLINE_S
+        assert _indices(body(reply[0])) == _indices(update(0))  # answered on the requester's coordinates
     assert completed(m.step(0.2, Received(chosen, update(0, reply=True)))) is None
     done = completed(m.step(0.3, Received(second, update(0, reply=True))))
     assert done is not None and done.contributors == tuple(sorted([chosen, second, eligible]))
@@ -212,7 +217,7 @@ def test_late_updates_are_dropped_and_counted_but_a_late_request_still_gets_an_a
     other = "b" if chosen == "a" else "a"
     m.step(DEADLINE_S, TimerFired(("gossip-round", 0)))
     answer = sends(m.step(2.5, Received(other, update(0))))
-    assert [s.peer for s in answer] == [other] and answer[0].msg.round == 0 and answer[0].msg.reply
+    assert [s.peer for s in answer] == [other] and body(answer[0]).round == 0 and body(answer[0]).reply
     assert answer[0].deadline == 2.5 + DEADLINE_S
     assert sends(m.step(2.6, Received(chosen, update(0, reply=True)))) == []
     assert m.statistics()["late_dropped"] == 2
@@ -228,7 +233,7 @@ def test_future_updates_are_buffered_up_to_a_bound_and_used_in_their_round() -> 
     assert (stats["future_buffered"], stats["buffer_full_dropped"], stats["future_dropped"]) == (2, 1, 1)
     # The peers are in round 1 already (lower median of 1, 1, 9): this peer joins round 1 and uses the buffer.
     actions = m.step(3.0, StartRound(torch.zeros(NUMEL)))
-    assert {s.msg.round for s in sends(actions)} == {1} and completed(actions) is None
+    assert {body(s).round for s in sends(actions)} == {1} and completed(actions) is None
     done = completed(m.step(3.0 + DEADLINE_S, TimerFired(("gossip-round", 1))))
     assert done is not None and done.contributors == ("a", "b") and done.missing == ("c",)
     assert float(done.params.max()) > 0
@@ -239,7 +244,7 @@ def test_a_lagging_peer_catches_up_to_the_median_round_of_its_peers() -> None:
     for peer, round_ in [("a", 40), ("b", 41), ("c", 10**6)]:
         m.step(0.0, Received(peer, update(round_)))  # too far ahead to buffer, but remembered
     out = sends(m.step(1.0, StartRound(torch.zeros(NUMEL))))
-    assert {s.msg.round for s in out} == {41}  # lower median of (40, 41, 10**6): the outlier cannot drag it
+    assert {body(s).round for s in out} == {41}  # lower median of (40, 41, 10**6): the outlier cannot drag it
 
 
 def test_send_failure_and_peer_down_stop_the_wait_for_that_neighbour() -> None:
@@ -257,8 +262,7 @@ def test_error_feedback_cycles_through_coordinates_and_its_absence_repeats_them(
         x = torch.linspace(1.0, 2.0, NUMEL)
         seen = []
         for r in range(4):
-            msg = sends(m.step(float(r), StartRound(x)))[0].msg
-            seen.append(_indices(msg))
+            seen.append(_indices(body(sends(m.step(float(r), StartRound(x)))[0])))
             m.step(float(r) + DEADLINE_S, TimerFired(("gossip-round", r)))
         return seen
 

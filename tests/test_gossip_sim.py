@@ -83,9 +83,8 @@ async def run_swarm(
                 await t.connect(other)
         services = []
         for i in range(honest):
-            cfg = GossipConfig(
-                swarm_id="sim", density=DENSITY, round_deadline_s=ROUND_DEADLINE_S, seed=seed * 1000 + i, **config
-            )  # type: ignore[arg-type]
+            options: dict[str, object] = {"swarm_id": "sim", "density": DENSITY, "seed": seed * 1000 + i}
+            cfg = GossipConfig(round_deadline_s=ROUND_DEADLINE_S, **options, **config)  # type: ignore[arg-type]
             services.append(GossipService(transports[i], cfg, NUMEL, FP, on_peer_error=scored))
         async with trio.open_nursery() as nursery:
             for service in services:
