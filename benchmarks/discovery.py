@@ -28,7 +28,7 @@ from typing import Any
 
 NUM_PEERS = int(os.environ.get("BENCH_PEERS", 16))
 TARGET_KNOWN = 8
-TIMEOUT_S = 120.0
+TIMEOUT_S = float(os.environ.get("BENCH_TIMEOUT_S", 120))
 GOAL_S = 3.0
 
 

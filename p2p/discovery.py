@@ -32,7 +32,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -207,6 +207,9 @@ class DiscoveryConfig:
     back to the minimum when a peer connects to us (it may be a new member)."""
     max_lookup_interval_s: float = 8.0
     lookup_timeout_s: float = 10.0
+    """Bound on one lookup round, and on fetching one member record."""
+    provider_query_timeout_s: float = 2.0
+    """Bound on asking one peer for the providers of the members key."""
 
     def __post_init__(self) -> None:
         validate_swarm_id(self.swarm_id)
@@ -224,6 +227,7 @@ class DiscoveryConfig:
             "min_lookup_interval_s",
             "max_lookup_interval_s",
             "lookup_timeout_s",
+            "provider_query_timeout_s",
         ):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -346,10 +350,12 @@ class Discovery:
         """One round: ask the peers closest to the members key (and our own store) for its providers, then verify
         each provider not yet reported. Returns (members newly reported, providers whose record did not verify)."""
         self._counters["lookups"] += 1
-        seen: set[str] = set()
+        started = trio.current_time()
+        seen: dict[str, list[multiaddr.Multiaddr]] = {}
         with trio.move_on_after(self.config.lookup_timeout_s):
-            seen = await self._find_providers()
-        seen.discard(self.local_peer)
+            await self._find_providers(seen)
+        providers_s = trio.current_time() - started
+        seen.pop(self.local_peer, None)
         self._counters["providers_seen"] += len(seen)
         now = self._clock_unix_s()
         for peer in sorted(p for p, expiry in self._reported.items() if expiry <= now):
@@ -357,48 +363,71 @@ class Discovery:
         results: dict[str, bool] = {}
 
         async def check(peer: str) -> None:
-            results[peer] = await self.check_peer(peer, VIA_DHT)
+            results[peer] = await self.check_peer(peer, VIA_DHT, seen[peer])
 
         async with trio.open_nursery() as nursery:
-            for peer in sorted(seen - set(self._reported)):
+            for peer in sorted(set(seen) - set(self._reported)):
                 nursery.start_soon(check, peer)
         new = sum(results.values())
+        log.debug(
+            "lookup: %d providers in %.2f s, %d new verified, %d not verified, in %.2f s in all",
+            len(seen),
+            providers_s,
+            new,
+            len(results) - new,
+            trio.current_time() - started,
+        )
         return new, len(results) - new
 
-    async def _find_providers(self) -> set[str]:
-        """Providers of the members key, from our store and from each of the peers closest to the key.
+    async def _find_providers(self, found: dict[str, list[multiaddr.Multiaddr]]) -> None:
+        """Add to `found` (peer -> its addresses) the providers of the members key: from our own store, then from
+        each of the peers of our routing table closest to the key, each asked within `provider_query_timeout_s` so
+        that one slow peer delays nobody (what arrived before the caller's deadline is kept).
 
         py-libp2p's `find_providers` returns the local store alone whenever it holds any provider, and every member
-        provides the key itself, so it would never ask the network: this asks the closest peers directly (in a
-        swarm smaller than the bucket size k = 20, that is every DHT peer). It uses the provider store's one-peer
-        query, private in py-libp2p 0.8 (pinned < 0.9 in pyproject.toml).
+        provides the key itself, so it would never ask the network; its iterative lookups also wait 10 s on each
+        unresponsive peer. So this asks the closest known peers directly (in a swarm smaller than the bucket size
+        k = 20, that is every DHT peer), with the provider store's one-peer query, private in py-libp2p 0.8 (pinned
+        < 0.9 in pyproject.toml).
         """
         key = _encode_dht_key(members_key(self.config.swarm_id))
         store = self.dht.provider_store
-        found = {info.peer_id.to_base58() for info in store.get_providers(key)}
-        closest = await self.dht.peer_routing.find_closest_peers_network(key)
+        for info in store.get_providers(key):
+            found.setdefault(info.peer_id.to_base58(), list(info.addrs))
+        closest = self.dht.routing_table.find_local_closest_peers(key)
 
         async def ask(peer: ID) -> None:
-            # py-libp2p logs and absorbs every failure of this query, returning no providers
-            providers, _closer = await store._get_providers_from_peer_with_closers(peer, key)
-            found.update(info.peer_id.to_base58() for info in providers)
+            with trio.move_on_after(self.config.provider_query_timeout_s):
+                # py-libp2p logs and absorbs every failure of this query, returning no providers
+                providers, _closer = await store._get_providers_from_peer_with_closers(peer, key)
+                for info in providers:
+                    found.setdefault(info.peer_id.to_base58(), list(info.addrs))
 
         async with trio.open_nursery() as nursery:
             for peer in sorted(closest, key=lambda p: p.to_base58()):
                 if peer != self.dht.local_peer_id:
                     nursery.start_soon(ask, peer)
-        return found
 
-    async def check_peer(self, peer: str, via: str) -> bool:
-        """Fetch and verify `peer`'s member record (from the peer itself when it is connected to us, as a bootstrap
-        peer is; from the DHT otherwise); report it (once) as found `via` when it is a member. Returns
-        whether a record verified."""
+    async def check_peer(self, peer: str, via: str, addrs: Sequence[multiaddr.Multiaddr] = ()) -> bool:
+        """Fetch and verify `peer`'s member record; report it (once) as found `via` when it is a member. Returns
+        whether a record verified.
+
+        The record comes from the peer itself when we are connected to it or can dial it at `addrs` (the addresses
+        of its provider record) within `dial_timeout_s`: one dial, which the membership machine would make anyway,
+        instead of a DHT walk that waits on every slow peer. Otherwise it comes from the DHT. Either way it must
+        verify: signed by `peer`, of our swarm, unexpired.
+        """
         key = member_key(self.config.swarm_id, peer)
+        peer_id = ID.from_base58(peer)
         with trio.move_on_after(self.config.lookup_timeout_s):
-            connected = bool(self.host.get_network().get_connections(ID.from_base58(peer)))
-            if via == VIA_BOOTSTRAP or connected:
+            value = None
+            reachable = bool(self.host.get_network().get_connections(peer_id))
+            if not reachable and addrs:
+                reason = await bounded_connect(self.host, PeerInfo(peer_id, list(addrs)), self.config.dial_timeout_s)
+                reachable = reason is None
+            if reachable:
                 value = await self._fetch_record(peer)
-            else:
+            if value is None:
                 # quorum 1: the first valid answer ends the query instead of waiting on every peer (LIBP2P_NOTES #6)
                 value = await self.dht.get_value(key, quorum=1)
             if value is None:
