@@ -196,6 +196,9 @@ class DiscoveryConfig:
     dial_timeout_s: float = 1.5
     """Bound on dialling one bootstrap peer, pnet handshake included (a wrong swarm key fails only after ~30-40 s
     in py-libp2p otherwise)."""
+    announce_addrs: tuple[str, ...] = ()
+    """TCP multiaddrs (without `/p2p/`) that other hosts can dial, put in the member record instead of the listen
+    addresses: needed when listening on 0.0.0.0, or behind a port mapping."""
     bootstrap_attempts: int = 3
     """Rounds of dialling the bootstrap addresses before giving up (a busy bootstrap peer may miss one dial)."""
     bootstrap_retry_s: float = 1.0
@@ -217,6 +220,15 @@ class DiscoveryConfig:
             raise ConfigError("bootstrap_addrs", self.bootstrap_addrs, "a tuple of multiaddr strings")
         for addr in self.bootstrap_addrs:
             parse_bootstrap_addr(addr)
+        if not isinstance(self.announce_addrs, tuple) or len(self.announce_addrs) > _MAX_ADDRS:
+            raise ConfigError("announce_addrs", self.announce_addrs, f"a tuple of at most {_MAX_ADDRS} multiaddrs")
+        for addr in self.announce_addrs:
+            try:
+                names = [protocol.name for protocol in multiaddr.Multiaddr(addr).protocols()]
+            except (ValueError, TypeError, multiaddr.exceptions.Error) as exc:
+                raise ConfigError("announce", addr, f"a multiaddr /ip4/<address>/tcp/<port> ({exc})") from exc
+            if names[-1:] == ["p2p"] or "tcp" not in names:
+                raise ConfigError("announce", addr, "a TCP multiaddr without /p2p/ (the peer id is added)")
         if not (isinstance(self.bootstrap_attempts, int) and self.bootstrap_attempts >= 1):
             raise ConfigError("bootstrap_attempts", self.bootstrap_attempts, "an integer >= 1")
         for name in (
@@ -288,6 +300,9 @@ class Discovery:
         records are published (at once, then every `republish_interval_s`) and lookups run, until cancelled.
         Raises `BootstrapFailed` when bootstrap addresses were given and none could be reached."""
         self._own_record = self._sign_record()  # served at once, to the peers we dial while joining
+        unspecified = [str(a) for a in self.host.get_addrs() if str(a).startswith(("/ip4/0.0.0.0/", "/ip6/::/"))]
+        if unspecified and not self.config.announce_addrs:
+            log.warning("advertising %s, which other hosts cannot dial: pass --announce", ", ".join(unspecified))
         async with background_trio_service(self.dht), trio.open_nursery() as nursery:
             started = trio.current_time()
             bootstrap_peers = await self.join()
@@ -334,7 +349,10 @@ class Discovery:
         return joined
 
     def _sign_record(self) -> bytes:
-        addrs = tuple(sorted(str(addr) for addr in self.host.get_addrs()))[:_MAX_ADDRS]
+        if self.config.announce_addrs:
+            addrs = tuple(f"{addr}/p2p/{self.local_peer}" for addr in self.config.announce_addrs)
+        else:
+            addrs = tuple(sorted(str(addr) for addr in self.host.get_addrs()))[:_MAX_ADDRS]
         expires_at = self._clock_unix_s() + self.config.record_ttl_s
         return RECORD_SCHEMA.encode(make_member_record(self._key_pair, self.config.swarm_id, addrs, expires_at))
 

@@ -90,6 +90,13 @@ def add_swarm_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="MULTIADDR",
         help="a peer of the swarm, /ip4/<ip>/tcp/<port>/p2p/<peer id> (repeatable); none for the first peer",
     )
+    parser.add_argument(
+        "--announce",
+        action="append",
+        default=[],
+        metavar="MULTIADDR",
+        help="address other hosts can dial, /ip4/<ip>/tcp/<port> (repeatable); needed when listening on 0.0.0.0",
+    )
     parser.add_argument("--swarm-id", required=True, help="the swarm's name: a-z, 0-9, '.', '_', '-'")
     parser.add_argument(
         "--swarm-key", type=Path, metavar="FILE", help="pre-shared key file of a private swarm (see `swarmgrad keygen`)"
@@ -107,7 +114,9 @@ def node_config_from_args(args: argparse.Namespace) -> NodeConfig:
             listen_addrs=tuple(args.listen or [DEFAULT_LISTEN]),
             psk=None if swarm_key is None else swarm_key.key,
         ),
-        discovery=DiscoveryConfig(swarm_id=args.swarm_id, bootstrap_addrs=tuple(args.bootstrap)),
+        discovery=DiscoveryConfig(
+            swarm_id=args.swarm_id, bootstrap_addrs=tuple(args.bootstrap), announce_addrs=tuple(args.announce)
+        ),
         membership=MembershipConfig(max_peers=args.max_peers),
     )
 

@@ -74,6 +74,7 @@ def test_keygen_writes_a_private_key_file_and_never_overwrites(
         (["--swarm-id", "s", "--bootstrap", "/ip4/127.0.0.1/tcp/4001"], 2, "/ip4/127.0.0.1/tcp/4001"),
         (["--swarm-id", "s", "--bootstrap", "hello"], 2, "'hello'"),
         (["--swarm-id", "s", "--listen", "/ip4/127.0.0.1/udp/1"], 2, "/ip4/127.0.0.1/udp/1"),
+        (["--swarm-id", "s", "--announce", "/ip4/192.0.2.1/udp/1"], 2, "/ip4/192.0.2.1/udp/1"),
         (["--swarm-id", "s", "--swarm-key", "/nonexistent/swarm.key"], 1, "/nonexistent/swarm.key"),
     ],
 )
