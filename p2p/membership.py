@@ -291,10 +291,10 @@ class Membership:
 
     def _schedule_redial(self, now: float, peer: PeerId, candidate: _Candidate, actions: list[Action]) -> None:
         candidate.dial_failures += 1
-        if candidate.dial_failures > self.config.max_dial_failures:
+        if candidate.dial_failures >= self.config.max_dial_failures:
             del self._candidates[peer]
             self._counters["forgotten"] += 1
-            actions.append(Notify(PeerForgotten(peer, candidate.dial_failures - 1)))
+            actions.append(Notify(PeerForgotten(peer, candidate.dial_failures)))
             return
         delay_s = redial_delay_s(candidate.dial_failures, self.config, self._rng)
         candidate.waiting_redial = True

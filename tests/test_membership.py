@@ -68,7 +68,7 @@ def test_unverified_connection_is_not_up() -> None:
 
 
 def test_dial_failure_backs_off_then_redials_then_forgets() -> None:
-    m = make(max_dial_failures=2, redial_base_s=1.0, redial_max_s=10.0)
+    m = make(max_dial_failures=3, redial_base_s=1.0, redial_max_s=10.0)
     m.step(0.0, CandidateFound("b", ("/a",), "dht"))
     actions = m.step(1.0, DialFailed("b", "refused"))
     (timer,) = actions
@@ -80,7 +80,7 @@ def test_dial_failure_backs_off_then_redials_then_forgets() -> None:
     (timer,) = actions
     assert isinstance(timer, SetTimer) and 4.0 <= timer.deadline < 5.0  # 2 s, jittered
     m.step(timer.deadline, TimerFired(timer.key))
-    assert notified(m.step(6.0, DialFailed("b", "refused"))) == [PeerForgotten("b", 2)]
+    assert notified(m.step(6.0, DialFailed("b", "refused"))) == [PeerForgotten("b", 3)]
     assert m.statistics()["candidates"] == 0
     assert m.statistics()["forgotten"] == 1
 
