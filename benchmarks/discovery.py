@@ -8,8 +8,8 @@ kept at WARNING so that stderr writes stay negligible). Baseline, measured in th
 process's own start-up time (spawn to `listening` with no peer to find), i.e. what importing py-libp2p and starting
 a host cost on this machine.
 
-Prints one JSON line: medians and p90s in seconds, bytes per peer, how peers were first found (bootstrap, dht,
-inbound) and the ratio of the median discovery time to the 3 s goal.
+Prints one JSON line: medians and p90s in seconds, bytes per peer, how peers were first found (bootstrap or
+dht) and the ratio of the median discovery time to the 3 s goal.
 """
 
 from __future__ import annotations
