@@ -24,12 +24,12 @@ averaging done by gossip as in NoLoCo, arXiv 2506.10911). One round r at peer i:
    requester's coordinates*. So an exchange is two-sided on the same coordinates, and each side mixes the
    other's values there (with equal weights the pair's sum is preserved).
 4. **Aggregate at the round's end** -- when every chosen neighbour has answered (or failed to be reached), or at
-   the deadline, whichever comes first. A chosen neighbour that did not answer is not asked again for
-   `miss_backoff_rounds` rounds. The peer aggregates the updates of the neighbours it chose and of eligible
-   requesters: for each such j, `d_j = x_j[S_j] - x_i[S_j]` (a sparse difference against the receiver's *own*
-   exact values) and `x_i[U] += step_size * rule(d)` over the union U of the supports, with `rule` one of
-   `gossip.aggregate` and per-coordinate weights `1/(c+1)`, c = how many of them sent that coordinate (the peer
-   keeps an equal share for itself).
+   the deadline, whichever comes first. A chosen neighbour that did not answer is asked again within the next
+   `miss_backoff_rounds` rounds only if there are not enough other eligible peers. The peer aggregates the
+   updates of the neighbours it chose and of eligible requesters: for each such j, `d_j = x_j[S_j] - x_i[S_j]`
+   (a sparse difference against the receiver's *own* exact values) and `x_i[U] += step_size * rule(d)` over the
+   union U of the supports, with `rule` one of `gossip.aggregate` and per-coordinate weights `1/(c+1)`, c = how
+   many of them sent that coordinate (the peer keeps an equal share for itself).
 
 Why values and not CHOCO's compressed differences: CHOCO needs each receiver to hold the sender's public copy,
 which stays consistent only if every receiver sees every message of the sender. With a fresh random neighbour set
@@ -122,8 +122,8 @@ class GossipConfig:
     radius of 1x the median of the last 64 difference norms (in `tests/test_gossip_sim.py`, 2x let 4 flooding
     Byzantine peers of 16 double the honest spread with noise, 0.5x halved the consensus speed); the buffering
     bounds are small because honest peers run at most a round or two apart; a neighbour that missed a deadline
-    is not asked for the next 4 rounds (a hung peer keeps its connection open and would cost a whole deadline in
-    every round that picks it).
+    is avoided for the next 4 rounds when others are eligible (a hung peer keeps its connection open and would
+    cost a whole deadline in every round that picks it).
     """
 
     swarm_id: str
@@ -285,12 +285,13 @@ class GossipRound:
         else:
             indices, _ = topk_abs(x, self.k)
         update = self._pack(number, False, indices, x)  # NaN and Inf rank first in top-k: `pack_sparse` refuses them
-        eligible = [
-            p
-            for p in sorted(self._live)
-            if self._eligible(number, self.local_peer, p, ELIGIBLE_FACTOR) and self._backoff_until.get(p, 0) <= number
-        ]
-        chosen = self._rng.sample(eligible, min(self.config.neighbours_per_round, len(eligible)))
+        eligible = [p for p in sorted(self._live) if self._eligible(number, self.local_peer, p, ELIGIBLE_FACTOR)]
+        rested = [p for p in eligible if self._backoff_until.get(p, 0) <= number]
+        backed_off = [p for p in eligible if self._backoff_until.get(p, 0) > number]
+        m = self.config.neighbours_per_round
+        chosen = self._rng.sample(rested, min(m, len(rested)))
+        if len(chosen) < m:  # never fewer neighbours than possible: backed-off peers fill the remaining places
+            chosen += self._rng.sample(backed_off, min(m - len(chosen), len(backed_off)))
         deadline = now + self.config.round_deadline_s
         current = _Round(number, deadline, x, update, frozenset(chosen), set(chosen), set(chosen))
         self._round = current
@@ -463,7 +464,7 @@ class GossipRound:
 
     def _eligible(self, number: int, sender: PeerId, receiver: PeerId, factor: float) -> bool:
         """Whether `sender` may pick `receiver` in round `number` (a coin both sides compute; see the docstring)."""
-        live = len(self._live | {sender, receiver} - {self.local_peer})
+        live = len((self._live | {sender, receiver}) - {self.local_peer})
         return (
             pair_coin(self.config.swarm_id, number, sender, receiver) < factor * self.config.neighbours_per_round / live
         )

@@ -86,12 +86,13 @@ def test_survivors_finish_rounds_by_the_deadline_and_keep_averaging(tmp_path: Pa
             assert len(rounds) == ROUNDS, f"peer {i} completed {len(rounds)} rounds"
             slowest = max(r["seconds"] for r in rounds)
             assert slowest <= DEADLINE_S + COMPUTE_SLACK_S, f"peer {i}: a round took {slowest:.2f} s"
-            after = [r for r in rounds if r["time"] > fault_time + DEADLINE_S + COMPUTE_SLACK_S]
-            assert after, f"peer {i} finished no round after the fault"
+            after = [r for r in rounds if r["time"] - r["seconds"] > fault_time]  # rounds started after the fault
+            assert after, f"peer {i} started no round after the fault"
             assert sum(r["heard"] > 0 for r in after) >= len(after) / 2, f"peer {i} stopped averaging: {after}"
-            # Peer i starts near mean i; the others' values pull it toward the middle (1.0 among the survivors).
-            start_mean, end_mean = float(i), rounds[-1]["mean"]
-            assert abs(end_mean - 1.0) < abs(start_mean - 1.0) or i == 1, (i, end_mean)
+            assert abs(rounds[-1]["mean"] - float(i)) > 1e-3, f"peer {i} (starting near mean {i}) never moved"
+        # Peer i starts near mean i: the survivors' means (0, 1, 2) come closer together.
+        final_means = [_rounds(tmp_path, i)[-1]["mean"] for i in survivors]
+        assert max(final_means) - min(final_means) < 2.0 - 1e-3, final_means
     finally:
         for proc in procs:
             if proc.poll() is None:

@@ -138,18 +138,22 @@ def test_round_never_waits_past_its_deadline_and_keeps_own_params() -> None:
     assert m.statistics()["rounds_timed_out"] == 1
 
 
-def test_a_neighbour_that_missed_the_deadline_is_not_asked_for_a_few_rounds() -> None:
-    m = machine(["a", "b"], miss_backoff_rounds=2)
-    m.step(0.0, StartRound(torch.zeros(NUMEL)))
-    m.step(0.1, Received("b", update(0, reply=True)))
-    m.step(DEADLINE_S, TimerFired(("gossip-round", 0)))  # a never answered
-    asked = []
-    for r in range(1, 5):
-        asked.append(sorted(s.peer for s in sends(m.step(10.0 * r, StartRound(torch.zeros(NUMEL))))))
-        m.step(10.0 * r + 0.1, Received("b", update(r, reply=True)))
-        if m.in_round:
-            m.step(10.0 * r + DEADLINE_S, TimerFired(("gossip-round", r)))
-    assert asked == [["b"], ["b"], ["a", "b"], ["b"]]  # a missed round 3 too
+def test_a_neighbour_that_missed_the_deadline_is_avoided_for_a_few_rounds() -> None:
+    m = machine(["a", "b", "c"], miss_backoff_rounds=2)
+    first = sorted(s.peer for s in sends(m.step(0.0, StartRound(torch.zeros(NUMEL)))))
+    answered, missed = first
+    m.step(0.1, Received(answered, update(0, reply=True)))
+    m.step(DEADLINE_S, TimerFired(("gossip-round", 0)))
+    for r in (1, 2):  # the two others are asked, not the one that missed
+        asked = sorted(s.peer for s in sends(m.step(10.0 * r, StartRound(torch.zeros(NUMEL)))))
+        assert missed not in asked and len(asked) == 2
+        for peer in asked:
+            m.step(10.0 * r + 0.1, Received(peer, update(r, reply=True)))
+    alone = machine(["a"], miss_backoff_rounds=2)
+    alone.step(0.0, StartRound(torch.zeros(NUMEL)))
+    alone.step(DEADLINE_S, TimerFired(("gossip-round", 0)))
+    # the only eligible peer is still asked: a backed-off peer fills a place nobody else can
+    assert [s.peer for s in sends(alone.step(10.0, StartRound(torch.zeros(NUMEL))))] == ["a"]
 
 
 def test_two_peers_exchange_and_move_toward_each_other_before_the_deadline() -> None:
