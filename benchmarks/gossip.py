@@ -5,7 +5,7 @@ Runs `gossip.loopback` twice with 4 processes each (LibP2PTransport, Noise + yam
 * `sparse`: the `GossipService` (error-compensated top-k values, fp16, 1 chosen neighbour per round; with
   push-pull a peer also answers whoever chose it, so it sends about 2 messages a round, as in the dense mode),
   `SPARSE_ROUNDS` rounds;
-* `dense` (the baseline, measured in the same run): each peer sends its whole fp32 vector to two fixed neighbours
+* `dense` (the baseline, measured in the same run): each peer sends its whole fp32 vector to its two ring neighbours
   and averages what it receives, `DENSE_ROUNDS` rounds.
 
 Round 0 of each run (stream opening, first native top-k call) is left out. Prints one JSON line: the median seconds

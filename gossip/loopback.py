@@ -4,8 +4,8 @@
 its identity in `D/peer<I>.key`), writes its multiaddr to `D/peer<I>.addr`, connects to the peers of lower index,
 waits until it sees all `N - 1` others, then runs `--rounds` rounds over a heterogeneous `--numel` vector (peer I
 starts at `randn + I`), with the `GossipService` (`--mode sparse`) or, as the baseline over the same transport, a
-dense exchange of the whole fp32 vector with two fixed neighbours (`--mode dense`). After every round it appends
-one JSON line to `D/peer<I>.jsonl`: wall-clock time, round, seconds taken, bytes sent, neighbours heard, the
+dense exchange of the whole fp32 vector with its two neighbours on a ring (`--mode dense`). After every round it
+appends one JSON line to `D/peer<I>.jsonl`: wall-clock time, round, seconds taken, bytes sent, neighbours heard, the
 vector's mean. It holds no protocol logic (the machine and the service do) and no peer uses it in production.
 """
 
@@ -124,8 +124,9 @@ async def _send_counting_failure(transport: LibP2PTransport, peer: str, body: by
 
 async def _dense_rounds(transport: LibP2PTransport, args: argparse.Namespace, x: torch.Tensor, log: Path) -> None:
     inbox = transport.listen(DENSE_PROTOCOL, max_message_bytes=x.numel() * 4 + 4096, queue_len=8)
-    peers = transport.connected_peers()
-    neighbours = sorted({peers[args.index % len(peers)], peers[(args.index + 1) % len(peers)]})
+    ring = sorted([*transport.connected_peers(), transport.local_peer])  # the same ring in every process
+    me = ring.index(transport.local_peer)
+    neighbours = sorted({ring[me - 1], ring[(me + 1) % len(ring)]})  # symmetric: each receives from both
     pending: dict[int, list[np.ndarray]] = {}
     for number in range(args.rounds):
         sent_before = transport.statistics().get("bytes_out", 0)
