@@ -60,7 +60,8 @@ Round numbers and messages: a peer's rounds strictly increase. Per sender, a mes
 last one seen from that sender is a replay: `RemoteProtocolError` (the driver scores the peer). Other checks that
 raise it: wrong swarm id, wrong model fingerprint, a payload that `unpack_sparse` rejects (wrong size, out of
 range or repeated indices, non-finite values, more than k entries). A
-message for a past round is late: dropped and counted. One for a future round within `max_future_rounds` is
+message for a past round is late: dropped and counted (a late request for one of the last `max_future_rounds`
+rounds is still answered, from the public copy). One for a future round within `max_future_rounds` is
 buffered (at most `max_buffered_updates` in all, decoded and checked first); further ahead it is dropped and
 counted. A new round's number is the larger of the next round and the lower median of the latest rounds heard from
 live peers, so a peer that joins late or falls behind catches up, and a Byzantine minority cannot push it ahead.
@@ -202,7 +203,6 @@ class _Round:
     number: int
     deadline: float
     params: torch.Tensor
-    update: SparseUpdate
     chosen: frozenset[PeerId]
     expected: set[PeerId]
     sent_to: set[PeerId]
@@ -228,7 +228,7 @@ class GossipRound:
         self._public: torch.Tensor | None = None
         self._round: _Round | None = None
         self._next_round = 0
-        self._last: _Round | None = None  # the last completed round, to answer late requests for it
+        self._answered: dict[int, set[PeerId]] = {}  # who was sent an update, per recent completed round
         self._latest_from: dict[PeerId, int] = {}
         self._backoff_until: dict[PeerId, int] = {}  # a chosen neighbour that did not answer is not asked again
         self._buffer: dict[int, dict[PeerId, tuple[SparseUpdate, torch.Tensor, torch.Tensor]]] = {}
@@ -293,7 +293,7 @@ class GossipRound:
         if len(chosen) < m:  # never fewer neighbours than possible: backed-off peers fill the remaining places
             chosen += self._rng.sample(backed_off, min(m - len(chosen), len(backed_off)))
         deadline = now + self.config.round_deadline_s
-        current = _Round(number, deadline, x, update, frozenset(chosen), set(chosen), set(chosen))
+        current = _Round(number, deadline, x, frozenset(chosen), set(chosen), set(chosen))
         self._round = current
         self._counters["rounds"] += 1
         actions: list[Action] = [Send(peer, update, deadline) for peer in sorted(chosen)]
@@ -341,7 +341,9 @@ class GossipRound:
             raise LocalProtocolError("no round to complete")
         params, clipped = self._aggregate(current)
         self._round = None
-        self._last = current
+        self._answered[current.number] = current.sent_to
+        for old in [r for r in self._answered if r < current.number - self.config.max_future_rounds]:
+            del self._answered[old]
         self._next_round = current.number + 1
         for peer in current.expected:
             self._backoff_until[peer] = current.number + 1 + self.config.miss_backoff_rounds
@@ -430,7 +432,7 @@ class GossipRound:
         base = current.number if current is not None else self._next_round
         if msg.round < base:
             self._counters["late_dropped"] += 1
-            return self._answer_late(now, peer, msg)
+            return self._answer_late(now, peer, msg, indices)
         if msg.round > base + self.config.max_future_rounds:
             self._counters["future_dropped"] += 1
             return []
@@ -441,14 +443,15 @@ class GossipRound:
         self._counters["future_buffered"] += 1
         return []
 
-    def _answer_late(self, now: float, peer: PeerId, msg: SparseUpdate) -> list[Action]:
-        """A request for the round this peer just finished still gets that round's update (one-sided exchange)."""
-        last = self._last
-        if msg.reply or last is None or msg.round != last.number or peer in last.sent_to:
+    def _answer_late(self, now: float, peer: PeerId, msg: SparseUpdate, indices: torch.Tensor) -> list[Action]:
+        """A request for a recent round this peer already finished still gets an answer, from the public copy (the
+        values this peer last told the swarm); a one-sided exchange. Without error feedback there is no copy."""
+        answered = self._answered.get(msg.round)
+        if msg.reply or self._public is None or answered is None or peer in answered:
             return []
-        last.sent_to.add(peer)
+        answered.add(peer)
         self._counters["late_replies_sent"] += 1
-        return [Send(peer, self._as_reply(last.update), now + self.config.round_deadline_s)]
+        return [Send(peer, self._pack(msg.round, True, indices, self._public), now + self.config.round_deadline_s)]
 
     def _pack(self, number: int, reply: bool, indices: torch.Tensor, x: torch.Tensor) -> SparseUpdate:
         """An update with `x`'s values at `indices`; the public copy records what was told (as rounded)."""
@@ -457,10 +460,6 @@ class GossipRound:
             sent_indices, sent_values = unpack_sparse(payload, self.numel)
             self._public[sent_indices] = sent_values
         return SparseUpdate(self.config.swarm_id, number, self.fingerprint, reply, payload)
-
-    @staticmethod
-    def _as_reply(update: SparseUpdate) -> SparseUpdate:
-        return SparseUpdate(update.swarm_id, update.round, update.fingerprint, True, update.payload)
 
     def _eligible(self, number: int, sender: PeerId, receiver: PeerId, factor: float) -> bool:
         """Whether `sender` may pick `receiver` in round `number` (a coin both sides compute; see the docstring)."""

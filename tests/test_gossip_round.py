@@ -227,6 +227,25 @@ def test_late_updates_are_dropped_and_counted_but_a_late_request_still_gets_an_a
     assert m.statistics()["late_dropped"] == 2
 
 
+def test_a_late_request_for_an_older_round_is_answered_from_the_public_copy() -> None:
+    m = machine(["a", "b", "c"], neighbours_per_round=1, max_future_rounds=2)
+    x = torch.linspace(-1.0, 1.0, NUMEL)
+    asked = []
+    for r in range(2):
+        asked.append(sends(m.step(10.0 * r, StartRound(x)))[0].peer)
+        m.step(10.0 * r + DEADLINE_S, TimerFired(("gossip-round", r)))
+    # round 0 is two rounds back: a peer that was not sent anything in round 0 still gets an answer
+    other = next(p for p in ["a", "b", "c"] if p not in asked)
+    answer = sends(m.step(30.0, Received(other, update(0))))
+    assert len(answer) == 1 and body(answer[0]).round == 0 and body(answer[0]).reply
+    indices, values = unpack_sparse(body(answer[0]).payload, NUMEL)
+    assert set(indices.tolist()) == _indices(update(0))  # on the requester's coordinates
+    assert float(values.abs().max()) <= 1.0  # values from the public copy: 0 where never told, else from x
+    # the peer asked in round 0 already had this peer's update for that round: no second message
+    assert sends(m.step(30.1, Received(asked[0], update(0)))) == []
+    assert m.statistics()["late_replies_sent"] == 1
+
+
 def test_future_updates_are_buffered_up_to_a_bound_and_used_in_their_round() -> None:
     m = machine(["a", "b", "c"], neighbours_per_round=3, max_future_rounds=2, max_buffered_updates=2)
     assert m.step(0.0, Received("a", update(1, value=5.0))) == []  # next round is 0: round 1 is future
