@@ -71,6 +71,9 @@ class NetworkConfig:
     swarm_id: str = "swarmgrad"
     listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/7400",)
     bootstrap: tuple[str, ...] = ()
+    announce: tuple[str, ...] = ()
+    """Dialable /ip4/<address>/tcp/<port> addresses to publish in this peer's member record, for a peer that listens
+    on 0.0.0.0 (which other hosts cannot dial); empty: publish the listen addresses."""
     swarm_key: Path | None = None
     dial_timeout_s: float = 10.0
     """Bound on dialling one bootstrap peer (handshake included): a wrong swarm key fails after this long."""
@@ -89,6 +92,10 @@ class NetworkConfig:
             names = [p.name for p in _parse_multiaddr("network.listen", text).protocols()]
             if names[:1] not in (["ip4"], ["ip6"]) or names[1:] != ["tcp"]:
                 raise ConfigError("network.listen", text, "a TCP multiaddr /ip4/<address>/tcp/<port>")
+        for text in self.announce:
+            names = [p.name for p in _parse_multiaddr("network.announce", text).protocols()]
+            if names[:1] not in (["ip4"], ["ip6"]) or names[1:] != ["tcp"]:
+                raise ConfigError("network.announce", text, "a TCP multiaddr /ip4/<address>/tcp/<port>")
         for text in self.bootstrap:
             names = [p.name for p in _parse_multiaddr("network.bootstrap", text).protocols()]
             if "tcp" not in names or names[-1] != "p2p":

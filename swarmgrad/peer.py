@@ -96,6 +96,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--bootstrap", action="append", metavar="MULTIADDR", help="/ip4/.../tcp/.../p2p/<id>, repeatable"
     )
+    parser.add_argument(
+        "--announce",
+        action="append",
+        metavar="MULTIADDR",
+        help="dialable /ip4/<address>/tcp/<port> to publish when listening on 0.0.0.0, repeatable (network.announce)",
+    )
     parser.add_argument("--max-rounds", type=int, help="stop after this many rounds (training.max_rounds)")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics here (metrics.prometheus_port)")
     parser.add_argument("--progress", choices=["auto", "tty", "plain"], help="progress display (metrics.progress)")
@@ -120,6 +126,7 @@ def config_from_args(args: argparse.Namespace) -> PeerConfig:
         "network.swarm_key": None if args.swarm_key is None else str(args.swarm_key),
         "network.listen": args.listen,
         "network.bootstrap": args.bootstrap,
+        "network.announce": args.announce,
         "training.max_rounds": args.max_rounds,
         "metrics.prometheus_port": args.metrics_port,
         "metrics.progress": args.progress,
@@ -279,6 +286,7 @@ class Peer:
             discovery=DiscoveryConfig(
                 swarm_id=config.network.swarm_id,
                 bootstrap_addrs=bootstrap,
+                announce_addrs=config.network.announce,
                 dial_timeout_s=config.network.dial_timeout_s,
             ),
             seed=peer_seed(self.peer_id),

@@ -105,6 +105,7 @@ def test_set_flags_parse_as_toml_values(text: str, expected: tuple[str, object])
         ({"network.bootstrap": ["not a multiaddr"]}, "network.bootstrap"),
         ({"network.listen": ["/ip4/999.0.0.1/tcp/1"]}, "network.listen"),
         ({"network.listen": []}, "network.listen"),
+        ({"network.announce": ["/ip4/192.0.2.7/tcp/1/p2p/x"]}, "network.announce"),
         ({"network.swarm_id": "Bad Id"}, "network.swarm_id"),
         ({"checkpoint.keep": 0}, "checkpoint.keep"),
         ({"metrics.prometheus_port": 70000}, "metrics.prometheus_port"),

@@ -34,12 +34,13 @@ def test_flags_override_the_config_file(tmp_path: Path) -> None:
     args = parse(
         "--config", str(path), "--task", "digits", "--bootstrap", BOOTSTRAP, "--max-rounds", "4",
         "--set", "gossip.density=0.05", "--data-dir", str(tmp_path / "d"), "--swarm-id", "lab",
+        "--announce", "/ip4/192.0.2.7/tcp/7400",
     )  # fmt: skip
     config = config_from_args(args)  # type: ignore[arg-type]
     assert config.peer.task == "digits" and config.peer.data_dir == tmp_path / "d"
     assert config.training.max_rounds == 4 and config.training.inner_steps == 3
     assert config.network.bootstrap == (BOOTSTRAP,) and config.network.swarm_id == "lab"
-    assert config.gossip.density == 0.05
+    assert config.gossip.density == 0.05 and config.network.announce == ("/ip4/192.0.2.7/tcp/7400",)
 
 
 def test_bad_flags_name_the_field(tmp_path: Path) -> None:
