@@ -31,9 +31,9 @@ def test_eight_peers_find_each_other_through_the_dht_and_see_a_killed_peer_go_do
         for name, found in paths.items():
             assert all(via in ("bootstrap", "dht") for via in found.values()), found
             assert {peer for peer, via in found.items() if via == "bootstrap"} <= {boot_id}, (name, found)
+        # so every peer (the bootstrap peer included) learned at least 4 of its >= 5 through a DHT lookup
         dht_finds = {name: sum(via == "dht" for via in found.values()) for name, found in paths.items()}
-        assert sum(dht_finds.values()) >= len(peers), paths
-        assert sum(count > 0 for count in dht_finds.values()) >= len(peers) // 2, paths
+        assert min(dht_finds.values()) >= 4, paths
 
         victim = peers[3]
         victim_id = victim.wait_listening()["peer_id"]
