@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,54 +33,23 @@ SPARSE_DEADLINE_S = 5.0
 DENSE_DEADLINE_S = 60.0
 RUN_TIMEOUT_S = 500.0
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from gossip.loopback import spawn_peers, stop_peers  # noqa: E402
 
 
 def run_mode(mode: str, rounds: int, deadline_s: float) -> list[dict[str, float]]:
     with tempfile.TemporaryDirectory(prefix=f"gossip-bench-{mode}-") as tmp:
         directory = Path(tmp)
-        logs = [(directory / f"peer{i}.err").open("wb") for i in range(PEERS)]
-        procs = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "gossip.loopback",
-                    "--index",
-                    str(i),
-                    "--peers",
-                    str(PEERS),
-                    "--dir",
-                    str(directory),
-                    "--numel",
-                    str(NUMEL),
-                    "--rounds",
-                    str(rounds),
-                    "--deadline-s",
-                    str(deadline_s),
-                    "--density",
-                    str(DENSITY),
-                    "--neighbours",
-                    "1",
-                    "--mode",
-                    mode,
-                ],
-                cwd=REPO,
-                stdout=subprocess.DEVNULL,
-                stderr=logs[i],
-            )
-            for i in range(PEERS)
-        ]
+        options = ["--numel", str(NUMEL), "--rounds", str(rounds), "--deadline-s", str(deadline_s)]
+        options += ["--density", str(DENSITY), "--neighbours", "1", "--mode", mode]
+        procs = spawn_peers(directory, PEERS, options)
         try:
             deadline = time.monotonic() + RUN_TIMEOUT_S
             for proc in procs:
                 proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(timeout=30)
-            for log in logs:
-                log.close()
+            stop_peers(procs)
         if any(proc.returncode != 0 for proc in procs):
             errors = [(directory / f"peer{i}.err").read_text()[-2000:] for i in range(PEERS)]
             raise SystemExit(f"{mode}: a peer failed: {[proc.returncode for proc in procs]}: {errors}")

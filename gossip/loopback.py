@@ -6,7 +6,8 @@ waits until it sees all `N - 1` others, then runs `--rounds` rounds over a heter
 starts at `randn + I`), with the `GossipService` (`--mode sparse`) or, as the baseline over the same transport, a
 dense exchange of the whole fp32 vector with its two neighbours on a ring (`--mode dense`). After every round it
 appends one JSON line to `D/peer<I>.jsonl`: wall-clock time, round, seconds taken, bytes sent, neighbours heard, the
-vector's mean. It holds no protocol logic (the machine and the service do) and no peer uses it in production.
+vector's mean. `spawn_peers` / `stop_peers` start and end such a group for the tests and the benchmark. It holds no
+protocol logic (the machine and the service do) and no peer uses it in production.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import dataclasses
 import json
 import logging
 import math
+import subprocess
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +36,7 @@ from p2p.libp2p_transport import LibP2PTransport
 from swarmgrad.errors import LocalProtocolError, TransportError
 
 DENSE_PROTOCOL = "/swarmgrad/gossip-dense-baseline/1.0.0"
+_ROOT = Path(__file__).resolve().parent.parent
 SETUP_TIMEOUT_S = 60.0
 """Bound on starting, finding and connecting to the other peers (imports of torch and libp2p take seconds)."""
 
@@ -45,6 +50,26 @@ class DenseVector:
 
 
 DENSE_SCHEMA = Schema("gossip-dense-baseline", {1: DenseVector})
+
+
+def spawn_peers(directory: Path, peers: int, options: Sequence[str]) -> list[subprocess.Popen[bytes]]:
+    """Start `peers` processes of this module sharing `directory` (each one's stderr in `peer<I>.err` there), with
+    `options` (`--numel`, `--rounds`, `--deadline-s`, ...) on every command line. End them with `stop_peers`."""
+    procs = []
+    for index in range(peers):
+        with (directory / f"peer{index}.err").open("wb") as stderr:
+            command = [sys.executable, "-m", "gossip.loopback", "--index", str(index), "--peers", str(peers)]
+            command += ["--dir", str(directory), *options]
+            procs.append(subprocess.Popen(command, cwd=_ROOT, stdout=subprocess.DEVNULL, stderr=stderr))
+    return procs
+
+
+def stop_peers(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+    """Kill whichever of `procs` still run (SIGKILL also ends a SIGSTOPped process) and reap them."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

@@ -8,11 +8,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from gossip.loopback import spawn_peers, stop_peers
 
 PEERS = 4
 NUMEL = 10_000_000
@@ -21,7 +22,6 @@ DEADLINE_S = 3.0
 COMPUTE_SLACK_S = 6.0  # top-k, packing and averaging of 10M floats on a busy 2-core box, per round
 START_TIMEOUT_S = 180.0
 RUN_TIMEOUT_S = 300.0
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _rounds(directory: Path, index: int) -> list[dict[str, float]]:
@@ -46,32 +46,9 @@ def _wait_for(predicate: object, timeout_s: float, what: str, procs: list[subpro
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
 def test_survivors_finish_rounds_by_the_deadline_and_keep_averaging(tmp_path: Path, fault: str) -> None:
-    logs = [(tmp_path / f"peer{i}.err").open("wb") for i in range(PEERS)]
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gossip.loopback",
-                "--index",
-                str(i),
-                "--peers",
-                str(PEERS),
-                "--dir",
-                str(tmp_path),
-                "--numel",
-                str(NUMEL),
-                "--rounds",
-                str(ROUNDS),
-                "--deadline-s",
-                str(DEADLINE_S),
-            ],
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=logs[i],
-        )
-        for i in range(PEERS)
-    ]
+    procs = spawn_peers(
+        tmp_path, PEERS, ["--numel", str(NUMEL), "--rounds", str(ROUNDS), "--deadline-s", str(DEADLINE_S)]
+    )
     victim = procs[PEERS - 1]
     survivors = range(PEERS - 1)
     try:
@@ -94,9 +71,4 @@ def test_survivors_finish_rounds_by_the_deadline_and_keep_averaging(tmp_path: Pa
         final_means = [_rounds(tmp_path, i)[-1]["mean"] for i in survivors]
         assert max(final_means) - min(final_means) < 2.0 - 1e-3, final_means
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()  # SIGKILL also ends a SIGSTOPped process
-                proc.wait(timeout=30)
-        for log in logs:
-            log.close()
+        stop_peers(procs)
