@@ -46,6 +46,7 @@ from libp2p.exceptions import BaseLibp2pError
 from libp2p.io.utils import read_exactly
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.kad_dht.kad_dht import _encode_key as _encode_dht_key
+from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.records.validator import Validator
@@ -320,7 +321,7 @@ class Discovery:
         that answered to the DHT; return their peer ids. Each dial is bounded by `dial_timeout_s` and each failure
         logged with its likely cause."""
         joined: list[str] = []
-        failures: dict[str, str] = {}
+        failures: dict[str, list[str]] = {}  # address -> the distinct reasons, first one first
         for attempt in range(self.config.bootstrap_attempts):
             if attempt:
                 await trio.sleep(self.config.bootstrap_retry_s)
@@ -330,7 +331,9 @@ class Discovery:
                 reason = await bounded_connect(self.host, info, self.config.dial_timeout_s)
                 if reason is not None:
                     log.warning("bootstrap peer %s (attempt %d): %s", addr, attempt + 1, reason)
-                    failures[addr] = reason
+                    reasons = failures.setdefault(addr, [])
+                    if reason not in reasons:
+                        reasons.append(reason)
                     continue
                 await self.dht.add_peer(info.peer_id)
                 joined.append(info.peer_id.to_base58())
@@ -339,7 +342,7 @@ class Discovery:
         if self.config.bootstrap_addrs and not joined:
             raise BootstrapFailed(
                 f"no bootstrap peer could be reached in {self.config.bootstrap_attempts} attempts: "
-                + "; ".join(f"{addr}: {reason}" for addr, reason in failures.items())
+                + "; ".join(f"{addr}: {' / '.join(reasons)}" for addr, reasons in failures.items())
             )
         if joined:
             # A lookup of our own id fills the routing table with our neighbours (LIBP2P_NOTES #6). py-libp2p's full
@@ -525,7 +528,14 @@ class Discovery:
 async def bounded_connect(host: IHost, info: PeerInfo, timeout_s: float) -> str | None:
     """Dial `info` within `timeout_s` (pnet handshake included). Returns None on success, else a reason naming the
     likely cause: a private-swarm peer with another key (or none) never completes the handshake, so a timeout says
-    so. Logs nothing; the caller decides."""
+    so. Logs nothing; the caller decides.
+
+    Our callers own the re-dial policy (bootstrap attempts, the membership machine's backoff), so the peer is first
+    lifted from py-libp2p's own negative cache, which otherwise refuses every dial to it for 60 s after one failure
+    without touching the network."""
+    network = host.get_network()
+    if isinstance(network, Swarm):
+        network.unblock_peer(info.peer_id)
     with trio.move_on_after(timeout_s) as scope:
         try:
             await host.connect(info)

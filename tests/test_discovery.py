@@ -20,6 +20,7 @@ from p2p.discovery import (
     Discovery,
     DiscoveryConfig,
     MemberRecordValidator,
+    bounded_connect,
     make_member_record,
     member_key,
     parse_bootstrap_addr,
@@ -132,6 +133,17 @@ async def test_unreachable_bootstrap_fails_fast_naming_the_address(tmp_path: Pat
         with pytest.RaisesGroup(pytest.RaisesExc(BootstrapFailed, match="tcp/1/p2p"), flatten_subgroups=True):
             async with open_node(node_config(tmp_path, "a", "s", (addr,))):
                 pytest.fail("the node must not start")
+
+
+async def test_every_bootstrap_attempt_dials_again(tmp_path: Path) -> None:
+    """py-libp2p refuses, for 60 s and without dialling, a peer whose addresses all failed once (its "negative
+    cache"): a retry must dial again, and a failure must keep its real cause."""
+    peer = make_member_record(KEYS, "s", (), NOW).peer_id
+    info = parse_bootstrap_addr(f"/ip4/127.0.0.1/tcp/1/p2p/{peer}")
+    async with running_host(HostConfig(key_path=tmp_path / "a" / "identity.key")) as host:
+        reasons = [await bounded_connect(host, info, 1.5) for _ in range(2)]
+    for reason in reasons:
+        assert reason is not None and "negative cache" not in reason and "connection failed" in reason
 
 
 class SharedClock:
