@@ -56,9 +56,12 @@ Robustness: `aggregation="clipped"` (the default) bounds what any neighbour can 
 so that a Byzantine minority cannot inflate it (`gossip.aggregate`). Dead, hung or slow neighbours only lose
 their contribution: the round never waits past its deadline, and every send carries that deadline.
 
-Round numbers and messages: a peer's rounds strictly increase. Per sender, a message for a round at or below the
-last one seen from that sender is a replay: `RemoteProtocolError` (the driver scores the peer). Other checks that
-raise it: wrong swarm id, wrong model fingerprint, a payload that `unpack_sparse` rejects (wrong size, out of
+Round numbers and messages: a peer's rounds strictly increase, and an honest peer sends another at most one message
+per round (a request, or a reply to its request, never both). Per sender, a second message for a round is a replay,
+and one more than `max_future_rounds` below the latest round seen from that sender is stale (an honest peer answers
+late requests only that far back): `RemoteProtocolError` (the driver scores the peer). A message for an older round
+than the sender's latest is otherwise normal: a peer that already sent its request for round r + 1 may still answer
+our request for round r late. Other checks that raise it: wrong swarm id, wrong model fingerprint, a payload that `unpack_sparse` rejects (wrong size, out of
 range or repeated indices, non-finite values, more than k entries). A
 message for a past round is late: dropped and counted (a late request for one of the last `max_future_rounds`
 rounds is still answered, from the public copy). One for a future round within `max_future_rounds` is
@@ -230,6 +233,7 @@ class GossipRound:
         self._next_round = 0
         self._answered: dict[int, set[PeerId]] = {}  # who was sent an update, per recent completed round
         self._latest_from: dict[PeerId, int] = {}
+        self._heard_from: dict[PeerId, set[int]] = {}  # rounds heard per sender, within `max_future_rounds` of latest
         self._backoff_until: dict[PeerId, int] = {}  # a chosen neighbour that did not answer is not asked again
         self._buffer: dict[int, dict[PeerId, tuple[SparseUpdate, torch.Tensor, torch.Tensor]]] = {}
         self._norms: deque[float] = deque(maxlen=config.clip_history_len)
@@ -414,14 +418,20 @@ class GossipRound:
         if msg.fingerprint != self.fingerprint:
             raise RemoteProtocolError(peer, "update for a model of another shape (fingerprint mismatch)")
         latest = self._latest_from.get(peer)
-        if latest is not None and msg.round <= latest:
-            raise RemoteProtocolError(peer, f"replayed or stale round {msg.round} (already had round {latest})")
+        heard = self._heard_from.get(peer, set())
+        if msg.round in heard:
+            raise RemoteProtocolError(peer, f"replayed round {msg.round} (an honest peer speaks once a round)")
+        if latest is not None and msg.round < latest - self.config.max_future_rounds:
+            raise RemoteProtocolError(peer, f"stale round {msg.round} (already had round {latest})")
         try:
             indices, values = unpack_sparse(msg.payload, self.numel, max_k=self.k)
         except DecodeError as exc:
             raise RemoteProtocolError(peer, f"bad sparse payload: {exc}") from exc
         # Valid: from here on the state may change.
-        self._latest_from[peer] = msg.round
+        latest = msg.round if latest is None else max(latest, msg.round)
+        self._latest_from[peer] = latest
+        heard.add(msg.round)
+        self._heard_from[peer] = {r for r in heard if r >= latest - self.config.max_future_rounds}
         self._counters["updates_received"] += 1
         current = self._round
         if current is not None and msg.round == current.number:

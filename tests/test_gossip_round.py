@@ -211,8 +211,22 @@ def test_replayed_stale_and_mismatched_updates_are_remote_errors_and_change_noth
         assert info.value.peer == peer
     assert m.statistics() == before
     m.step(1.0, TimerFired(("gossip-round", 0)))
-    with pytest.raises(RemoteProtocolError, match="replayed or stale"):
-        m.step(1.1, Received("a", update(0, reply=True)))
+    with pytest.raises(RemoteProtocolError, match="replayed round 0"):
+        m.step(1.1, Received("a", update(0, reply=True)))  # a request and a reply in one round: never honest
+
+
+def test_a_late_reply_after_the_senders_next_request_is_aggregated_but_far_older_rounds_are_stale() -> None:
+    m = machine(["a"], neighbours_per_round=1, max_future_rounds=2)
+    assert [s.peer for s in sends(m.step(0.0, StartRound(torch.zeros(NUMEL))))] == ["a"]
+    # a finished round 0 (without us) and already asks for round 1, then answers our round-0 request late
+    assert m.step(0.1, Received("a", update(1))) == []
+    done = completed(m.step(0.2, Received("a", update(0, reply=True))))
+    assert done is not None and done.contributors == ("a",) and not done.timed_out
+    assert m.statistics()["future_buffered"] == 1
+    for r in (2, 5):
+        m.step(0.3, Received("a", update(r)))
+    with pytest.raises(RemoteProtocolError, match="stale round 2"):  # 5 - 2 is beyond max_future_rounds = 2
+        m.step(0.4, Received("a", update(2, reply=True)))
 
 
 def test_late_updates_are_dropped_and_counted_but_a_late_request_still_gets_an_answer() -> None:
