@@ -43,7 +43,9 @@ class Averager(Protocol):
 
     def average(self, params: torch.Tensor) -> torch.Tensor:
         """Called from the training thread with this peer's flat fp32 parameters after its local steps; blocks for
-        at most about one round deadline; returns the vector to load (the peer's own if no neighbour answered)."""
+        at most about one round deadline; returns the vector to load (the peer's own if no neighbour answered).
+        The averager takes `params`: it may return that very tensor, updated in place, so the caller must not keep
+        using it as the vector it was before the call."""
         ...
 
     def statistics(self) -> dict[str, float | int]:
@@ -105,7 +107,8 @@ class GossipService:
         self.driver.submit(PeerDown(peer))
 
     async def average_async(self, params: torch.Tensor) -> torch.Tensor:
-        """One gossip round from trio: returns the averaged vector when the round completes (by its deadline)."""
+        """One gossip round from trio: returns the averaged vector when the round completes (by its deadline).
+        `params` is handed to the machine and comes back updated in place (see `StartRound`)."""
         if self._pending is not None:
             raise LocalProtocolError("average() is already running: one round at a time")
         done, holder = trio.Event(), list[RoundCompleted]()

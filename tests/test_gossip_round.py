@@ -129,12 +129,13 @@ def test_neighbour_choice_is_deterministic_per_seed_and_fresh_each_round() -> No
 def test_round_never_waits_past_its_deadline_and_keeps_own_params() -> None:
     m = machine(["a", "b"])
     params = torch.randn(NUMEL)
-    m.step(0.0, StartRound(params))
+    handed = params.clone()
+    m.step(0.0, StartRound(handed))
     assert m.step(DEADLINE_S - 0.1, TimerFired(("gossip-round", 7))) == []  # another round's timer: ignored
     done = completed(m.step(DEADLINE_S, TimerFired(("gossip-round", 0))))
     assert done is not None and done.timed_out and done.round == 0
     assert done.missing == ("a", "b") and done.contributors == ()
-    assert torch.equal(done.params, params)
+    assert torch.equal(done.params, params) and done.params.data_ptr() == handed.data_ptr()  # no copy
     assert m.statistics()["rounds_timed_out"] == 1
 
 

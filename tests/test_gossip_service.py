@@ -58,7 +58,7 @@ async def test_average_from_worker_threads_mixes_the_vectors() -> None:
         results: list[torch.Tensor] = [torch.empty(0)] * 3
 
         def train(i: int, averager: Averager) -> None:  # plain synchronous code, as in the training loop
-            x = starts[i]
+            x = starts[i].clone()  # the averager takes the tensor it is given
             for _ in range(3):
                 x = averager.average(x)
             results[i] = x
@@ -82,7 +82,7 @@ async def test_a_hung_receiver_costs_exactly_one_deadline(autojump_clock: trio.t
         net.freeze("b")  # b stops reading: a's send to it blocks, as to a SIGSTOPped process
         start = trio.current_time()
         x = torch.randn(NUMEL)
-        out = await services[0].average_async(x)
+        out = await services[0].average_async(x.clone())
         assert trio.current_time() - start == DEADLINE_S
         assert torch.equal(out, x)
         done = services[0].last_round
