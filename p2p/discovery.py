@@ -368,31 +368,37 @@ class Discovery:
         self._counters["publishes"] += 1
 
     async def lookup(self) -> tuple[int, int]:
-        """One round: ask the peers closest to the members key (and our own store) for its providers, then verify
-        each provider not yet reported. Returns (members newly reported, providers whose record did not verify)."""
+        """One round: ask the peers closest to the members key (and our own store) for its providers, and verify
+        each provider not yet reported as soon as one answer names it (a slow or silent peer delays nobody's
+        verification). Returns (members newly reported, providers whose record did not verify)."""
         self._counters["lookups"] += 1
         started = trio.current_time()
-        seen: dict[str, list[multiaddr.Multiaddr]] = {}
-        with trio.move_on_after(self.config.lookup_timeout_s):
-            await self._find_providers(seen)
-        providers_s = trio.current_time() - started
-        seen.pop(self.local_peer, None)
-        self._counters["providers_seen"] += len(seen)
         now = self._clock_unix_s()
         for peer in sorted(p for p, expiry in self._reported.items() if expiry <= now):
             del self._reported[peer]  # its record expired: report it again only if a fresh one turns up
+        seen: set[str] = {self.local_peer}
         results: dict[str, bool] = {}
 
-        async def check(peer: str) -> None:
-            results[peer] = await self.check_peer(peer, VIA_DHT, seen[peer])
+        async def check(peer: str, addrs: list[multiaddr.Multiaddr]) -> None:
+            results[peer] = await self.check_peer(peer, VIA_DHT, addrs)
 
         async with trio.open_nursery() as nursery:
-            for peer in sorted(set(seen) - set(self._reported)):
-                nursery.start_soon(check, peer)
+
+            def found(peer: str, addrs: list[multiaddr.Multiaddr]) -> None:
+                if peer in seen:
+                    return
+                seen.add(peer)
+                self._counters["providers_seen"] += 1
+                if peer not in self._reported:
+                    nursery.start_soon(check, peer, addrs)
+
+            with trio.move_on_after(self.config.lookup_timeout_s):
+                await self._find_providers(found)
+            providers_s = trio.current_time() - started
         new = sum(results.values())
         log.debug(
             "lookup: %d providers in %.2f s, %d new verified, %d not verified, in %.2f s in all",
-            len(seen),
+            len(seen) - 1,
             providers_s,
             new,
             len(results) - new,
@@ -400,10 +406,10 @@ class Discovery:
         )
         return new, len(results) - new
 
-    async def _find_providers(self, found: dict[str, list[multiaddr.Multiaddr]]) -> None:
-        """Add to `found` (peer -> its addresses) the providers of the members key: from our own store, then from
-        each of the peers of our routing table closest to the key, each asked within `provider_query_timeout_s` so
-        that one slow peer delays nobody (what arrived before the caller's deadline is kept).
+    async def _find_providers(self, found: Callable[[str, list[multiaddr.Multiaddr]], None]) -> None:
+        """Hand `found(peer, addresses)` each provider of the members key: from our own store, then from each of
+        the peers of our routing table closest to the key as it answers, each asked within
+        `provider_query_timeout_s`.
 
         py-libp2p's `find_providers` returns the local store alone whenever it holds any provider, and every member
         provides the key itself, so it would never ask the network; its iterative lookups also wait 10 s on each
@@ -414,7 +420,7 @@ class Discovery:
         key = _encode_dht_key(members_key(self.config.swarm_id))
         store = self.dht.provider_store
         for info in store.get_providers(key):
-            found.setdefault(info.peer_id.to_base58(), list(info.addrs))
+            found(info.peer_id.to_base58(), list(info.addrs))
         closest = self.dht.routing_table.find_local_closest_peers(key)
 
         async def ask(peer: ID) -> None:
@@ -422,7 +428,7 @@ class Discovery:
                 # py-libp2p logs and absorbs every failure of this query, returning no providers
                 providers, _closer = await store._get_providers_from_peer_with_closers(peer, key)
                 for info in providers:
-                    found.setdefault(info.peer_id.to_base58(), list(info.addrs))
+                    found(info.peer_id.to_base58(), list(info.addrs))
 
         async with trio.open_nursery() as nursery:
             for peer in sorted(closest, key=lambda p: p.to_base58()):
