@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +12,7 @@ from swarmgrad.errors import ConfigError
 from training.tasks import BUILTIN_TASKS, load_task, model_spec, resolve_task_name, shard_indices
 from training.tasks.base import OptimizerSettings, Task
 from training.tasks.charlm import UNKNOWN, VOCAB_SIZE, encode
-from training.tasks.digits import DigitsTask
+from training.tasks.digits import DigitsTask, digits_file, load_digits_arrays
 
 
 def make_small_digits() -> Task:
@@ -90,6 +91,20 @@ def test_models_are_identical_on_every_peer_and_leave_global_rng_alone(digits: T
     spec = model_spec(m1)
     assert list(spec) == sorted(spec)
     assert spec["0.weight"].shape == (128, 64) and spec["0.weight"].dtype == "float32"
+
+
+def test_digits_arrays_are_scikit_learns_whether_read_directly_or_through_load_digits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sklearn.datasets import load_digits
+
+    images, labels = load_digits(return_X_y=True)
+    assert digits_file() is not None  # this install is read without importing scikit-learn
+    direct = load_digits_arrays()
+    monkeypatch.setattr("training.tasks.digits.digits_file", lambda: None)
+    fallback = load_digits_arrays()
+    for got in (direct, fallback):
+        assert np.array_equal(got[0], images) and np.array_equal(got[1], labels) and got[1].dtype.kind == "i"
 
 
 def test_digits_shard_batches_cycle_within_the_shard(digits: Task) -> None:
