@@ -4,7 +4,8 @@ One frozen, validated dataclass per component (`PeerSection`, `NetworkConfig`, `
 `GossipSettings`, `MetricsConfig`), composed into `PeerConfig`; each TOML table is one of them:
 
     [peer]        task, data_dir, log_level, torch_threads
-    [network]     swarm_id, listen, bootstrap, swarm_key, dial_timeout_s, min_peers, min_peers_timeout_s
+    [network]     swarm_id, listen, bootstrap, announce, swarm_key, dial_timeout_s, bootstrap_attempts,
+                  bootstrap_retry_s, min_peers, min_peers_timeout_s
     [training]    inner_steps, epoch_rounds, eval_every_rounds, max_rounds      (training.loop.LoopConfig)
     [checkpoint]  keep, max_bytes, fetch_from_peers, fetch_timeout_s
     [gossip]      density, round_deadline_s, neighbours_per_round, step_size, aggregation, ...
@@ -77,6 +78,11 @@ class NetworkConfig:
     swarm_key: Path | None = None
     dial_timeout_s: float = 10.0
     """Bound on dialling one bootstrap peer (handshake included): a wrong swarm key fails after this long."""
+    bootstrap_attempts: int = 3
+    """Rounds of dialling the bootstrap peers before giving up: raise it where peers may start before their
+    bootstrap peer listens (a Kubernetes StatefulSet with parallel pod start)."""
+    bootstrap_retry_s: float = 1.0
+    """Pause between two rounds of bootstrap dials."""
     min_peers: int = 0
     """Wait until this many other peers are live before the first round (bounded by `min_peers_timeout_s`)."""
     min_peers_timeout_s: float = 60.0
@@ -102,6 +108,10 @@ class NetworkConfig:
                 raise ConfigError("network.bootstrap", text, "a multiaddr ending in /tcp/<port>/p2p/<peer id>")
         if not 0 < self.dial_timeout_s < float("inf"):
             raise ConfigError("network.dial_timeout_s", self.dial_timeout_s, "a finite number of seconds > 0")
+        if self.bootstrap_attempts < 1:
+            raise ConfigError("network.bootstrap_attempts", self.bootstrap_attempts, "an integer >= 1")
+        if not 0 < self.bootstrap_retry_s < float("inf"):
+            raise ConfigError("network.bootstrap_retry_s", self.bootstrap_retry_s, "a finite number of seconds > 0")
         if self.min_peers < 0:
             raise ConfigError("network.min_peers", self.min_peers, "an integer >= 0")
         if not 0 < self.min_peers_timeout_s < float("inf"):

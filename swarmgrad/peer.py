@@ -288,6 +288,8 @@ class Peer:
                 bootstrap_addrs=bootstrap,
                 announce_addrs=config.network.announce,
                 dial_timeout_s=config.network.dial_timeout_s,
+                bootstrap_attempts=config.network.bootstrap_attempts,
+                bootstrap_retry_s=config.network.bootstrap_retry_s,
             ),
             seed=peer_seed(self.peer_id),
         )

@@ -107,6 +107,8 @@ def test_set_flags_parse_as_toml_values(text: str, expected: tuple[str, object])
         ({"network.listen": []}, "network.listen"),
         ({"network.announce": ["/ip4/192.0.2.7/tcp/1/p2p/x"]}, "network.announce"),
         ({"network.swarm_id": "Bad Id"}, "network.swarm_id"),
+        ({"network.bootstrap_attempts": 0}, "network.bootstrap_attempts"),
+        ({"network.bootstrap_retry_s": 0}, "network.bootstrap_retry_s"),
         ({"checkpoint.keep": 0}, "checkpoint.keep"),
         ({"metrics.prometheus_port": 70000}, "metrics.prometheus_port"),
         ({"metrics.progress": "fancy"}, "metrics.progress"),

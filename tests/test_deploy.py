@@ -118,3 +118,5 @@ def test_statefulset_service_secret_and_config_fit_together(tmp_path: Path) -> N
     assert config.network.bootstrap[0].startswith(
         f"/dns4/{statefulset['metadata']['name']}-0.{service['metadata']['name']}/"
     )
+    if statefulset["spec"].get("podManagementPolicy") == "Parallel":  # joiners may start before pod 0 listens
+        assert config.network.bootstrap_attempts * config.network.bootstrap_retry_s >= 30
