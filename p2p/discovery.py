@@ -330,7 +330,16 @@ class Discovery:
                 self._counters["bootstrap_dials"] += 1
                 reason = await bounded_connect(self.host, info, self.config.dial_timeout_s)
                 if reason is not None:
-                    log.warning("bootstrap peer %s (attempt %d): %s", addr, attempt + 1, reason)
+                    # every new cause, and the last attempt, at WARNING; a repeated one (a peer not up yet) at INFO
+                    repeated = reason in failures.get(addr, ()) and attempt + 1 < self.config.bootstrap_attempts
+                    log.log(
+                        logging.INFO if repeated else logging.WARNING,
+                        "bootstrap peer %s (attempt %d of %d): %s",
+                        addr,
+                        attempt + 1,
+                        self.config.bootstrap_attempts,
+                        reason,
+                    )
                     reasons = failures.setdefault(addr, [])
                     if reason not in reasons:
                         reasons.append(reason)
