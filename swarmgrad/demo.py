@@ -16,7 +16,9 @@ import argparse
 import json
 import os
 import queue
+import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +34,7 @@ DEFAULT_PEERS = 4
 DEFAULT_ROUNDS = 200
 DEFAULT_TARGET = 0.90
 START_TIMEOUT_S = 60.0
+BOOTSTRAP_RETRY_S = 0.5
 FINISH_TIMEOUT_S = 300.0
 
 
@@ -118,14 +121,21 @@ class PeerProcess:
 
 
 def peer_args(
-    data_dir: Path, *, swarm_id: str, rounds: int, bootstrap: str | None = None, extra: Sequence[str] = ()
+    data_dir: Path,
+    *,
+    swarm_id: str,
+    rounds: int,
+    bootstrap: str | None = None,
+    listen: str = "/ip4/127.0.0.1/tcp/0",
+    extra: Sequence[str] = (),
 ) -> list[str]:
-    """The flags of one local demo/test peer: loopback, a free port, one torch thread, plain progress."""
+    """The flags of one local demo/test peer: loopback (a free port unless `listen` names one), one torch thread,
+    plain progress."""
     args = [
         "--data-dir",
         str(data_dir),
         "--listen",
-        "/ip4/127.0.0.1/tcp/0",
+        listen,
         "--swarm-id",
         swarm_id,
         "--task",
@@ -144,24 +154,44 @@ def peer_args(
     return [*args, *extra]
 
 
+def reserve_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now, from below the kernel's ephemeral range, so that no outgoing connection can
+    take it before the peer it is meant for binds it (a port from bind(0) could be)."""
+    low, _high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    candidates = list(range(max(1024, low - 12_000), low))
+    random.SystemRandom().shuffle(candidates)
+    for port in candidates[:200]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise PeerFailed(f"no free TCP port on {host} below {low}")
+
+
 def start_swarm(
     workdir: Path, count: int, *, swarm_id: str, rounds: int, extra: Sequence[str] = ()
 ) -> tuple[list[PeerProcess], str]:
-    """Start a bootstrap peer, wait for its address, then start `count - 1` more that bootstrap from it. Returns
-    the processes and the bootstrap address. On failure, stops whatever it started."""
+    """Start `count` peers at once: a bootstrap peer and `count - 1` that join through it. As in a real swarm, the
+    bootstrap peer's address is settled before it starts (its identity is created here, its port reserved), and the
+    others keep dialling it (up to `START_TIMEOUT_S`) until it listens: nobody waits for its start-up first.
+    Returns the processes and the bootstrap address. On failure, stops whatever it started."""
+    from p2p.identity import load_or_create_identity, peer_id_of
+
+    peer_id = peer_id_of(load_or_create_identity(workdir / "peer-0" / "identity.key"))
+    port = reserve_port()
+    address = f"/ip4/127.0.0.1/tcp/{port}/p2p/{peer_id}"
+    attempts = ["--set", f"network.bootstrap_attempts={int(START_TIMEOUT_S / BOOTSTRAP_RETRY_S)}"]
+    attempts += ["--set", f"network.bootstrap_retry_s={BOOTSTRAP_RETRY_S}"]
     peers: list[PeerProcess] = []
     try:
-        first = PeerProcess(
-            "peer-0",
-            peer_args(workdir / "peer-0", swarm_id=swarm_id, rounds=rounds, extra=extra),
-            workdir / "peer-0.log",
-        )
-        peers.append(first)
-        address = first.wait_for("listening", START_TIMEOUT_S)["addrs"][0]
+        args = peer_args(workdir / "peer-0", swarm_id=swarm_id, rounds=rounds, listen=address.split("/p2p/")[0])
+        peers.append(PeerProcess("peer-0", [*args, *extra], workdir / "peer-0.log"))
         for index in range(1, count):
             name = f"peer-{index}"
-            args = peer_args(workdir / name, swarm_id=swarm_id, rounds=rounds, bootstrap=address, extra=extra)
-            peers.append(PeerProcess(name, args, workdir / f"{name}.log"))
+            args = peer_args(workdir / name, swarm_id=swarm_id, rounds=rounds, bootstrap=address)
+            peers.append(PeerProcess(name, [*args, *attempts, *extra], workdir / f"{name}.log"))
     except BaseException:
         for peer in peers:
             peer.stop()
