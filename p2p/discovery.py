@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -540,6 +541,31 @@ class Discovery:
             await trio.sleep(self.config.republish_interval_s)
 
 
+_DNS_FAMILIES = {"dns4": socket.AF_INET, "dns6": socket.AF_INET6, "dns": socket.AF_UNSPEC}
+
+
+async def resolve_dns_addrs(addrs: Sequence[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+    """`addrs` with every `/dns4/`, `/dns6/` or `/dns/<name>` resolved by the system resolver (getaddrinfo: the
+    hosts file, the resolver's search domains), the other addresses as they are. py-libp2p 0.8.1 resolves with
+    dnspython, which reads no hosts file and applies no search domain, so `localhost` or a Kubernetes headless
+    service name (`swarmgrad-0.swarmgrad`) never resolves there. Raises `OSError` for a name that does not
+    resolve."""
+    resolved: list[multiaddr.Multiaddr] = []
+    for addr in addrs:
+        first = addr.protocols()[0].name
+        if first not in _DNS_FAMILIES:
+            resolved.append(addr)
+            continue
+        _, _, name, rest = str(addr).split("/", 3)  # "/dns4/<name>/tcp/7400" -> "<name>", "tcp/7400"
+        infos = await trio.socket.getaddrinfo(name, None, _DNS_FAMILIES[first], socket.SOCK_STREAM)
+        for family, _type, _proto, _canonical, sockaddr in infos:
+            ip = "ip4" if family == socket.AF_INET else "ip6"
+            candidate = multiaddr.Multiaddr(f"/{ip}/{sockaddr[0]}/{rest}")
+            if candidate not in resolved:
+                resolved.append(candidate)
+    return resolved
+
+
 async def bounded_connect(host: IHost, info: PeerInfo, timeout_s: float) -> str | None:
     """Dial `info` within `timeout_s` (pnet handshake included). Returns None on success, else a reason naming the
     likely cause: a private-swarm peer with another key (or none) never completes the handshake, so a timeout says
@@ -553,7 +579,11 @@ async def bounded_connect(host: IHost, info: PeerInfo, timeout_s: float) -> str 
         network.unblock_peer(info.peer_id)
     with trio.move_on_after(timeout_s) as scope:
         try:
-            await host.connect(info)
+            addrs = await resolve_dns_addrs(info.addrs)
+        except OSError as exc:
+            return f"cannot resolve its address: {type(exc).__name__}: {exc}"
+        try:
+            await host.connect(PeerInfo(info.peer_id, addrs))
         except (BaseLibp2pError, OSError) as exc:
             return f"connection failed: {type(exc).__name__}: {exc}"
     if scope.cancelled_caught:

@@ -8,9 +8,11 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import multiaddr
 import pytest
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
 
 from p2p.discovery import (
     CLOCK_SKEW_S,
@@ -24,6 +26,7 @@ from p2p.discovery import (
     make_member_record,
     member_key,
     parse_bootstrap_addr,
+    resolve_dns_addrs,
     verify_member_record,
 )
 from p2p.host import HostConfig, listen_multiaddrs, running_host
@@ -144,6 +147,24 @@ async def test_every_bootstrap_attempt_dials_again(tmp_path: Path) -> None:
         reasons = [await bounded_connect(host, info, 1.5) for _ in range(2)]
     for reason in reasons:
         assert reason is not None and "negative cache" not in reason and "connection failed" in reason
+
+
+async def test_dns_bootstrap_addresses_resolve_through_the_system_resolver(tmp_path: Path) -> None:
+    """`/dns4/<name>` as in the Kubernetes manifest: resolved by getaddrinfo (hosts file, search domains), which
+    py-libp2p's own resolver does not consult; a name that does not resolve is a reason naming that."""
+    async with open_node(node_config(tmp_path, "a", "s")) as a:
+        port = a.listen_multiaddrs[0].split("/tcp/")[1].split("/")[0]
+        by_name = f"/dns4/localhost/tcp/{port}/p2p/{a.peer_id}"
+        async with open_node(node_config(tmp_path, "b", "s", (by_name,))) as b:
+            assert b.host.get_network().get_connections(ID.from_base58(a.peer_id))
+        unresolvable = parse_bootstrap_addr(f"/dns4/no-such-host.invalid/tcp/{port}/p2p/{a.peer_id}")
+        reason = await bounded_connect(a.host, unresolvable, 5.0)
+        assert reason is not None and reason.startswith("cannot resolve its address"), reason
+    ip4 = multiaddr.Multiaddr("/ip4/192.0.2.1/tcp/7")
+    assert await resolve_dns_addrs([ip4, multiaddr.Multiaddr("/dns4/localhost/tcp/7")]) == [
+        ip4,
+        multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/7"),
+    ]
 
 
 class SharedClock:
