@@ -61,13 +61,13 @@ per round (a request, or a reply to its request, never both). Per sender, a seco
 and one more than `max_future_rounds` below the latest round seen from that sender is stale (an honest peer answers
 late requests only that far back): `RemoteProtocolError` (the driver scores the peer). A message for an older round
 than the sender's latest is otherwise normal: a peer that already sent its request for round r + 1 may still answer
-our request for round r late. Other checks that raise it: wrong swarm id, wrong model fingerprint, a payload that `unpack_sparse` rejects (wrong size, out of
-range or repeated indices, non-finite values, more than k entries). A
+our request for round r late. Other checks that raise it: wrong swarm id, wrong model fingerprint, a payload that
+`unpack_sparse` rejects (wrong size, out of range or repeated indices, non-finite values, more than k entries). A
 message for a past round is late: dropped and counted (a late request for one of the last `max_future_rounds`
-rounds is still answered, from the public copy). One for a future round within `max_future_rounds` is
-buffered (at most `max_buffered_updates` in all, decoded and checked first); further ahead it is dropped and
-counted. A new round's number is the larger of the next round and the lower median of the latest rounds heard from
-live peers, so a peer that joins late or falls behind catches up, and a Byzantine minority cannot push it ahead.
+rounds is still answered, from the public copy). One for a future round within `max_future_rounds` is buffered
+(at most `max_buffered_updates` in all, decoded and checked first); further ahead it is dropped and counted. A new
+round's number is the larger of the next round and the lower median of the latest rounds heard from live peers, so
+a peer that joins late or falls behind catches up, and a Byzantine minority cannot push it ahead.
 """
 
 from __future__ import annotations
