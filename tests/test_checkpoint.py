@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import save as safetensors_save
 
 from swarmgrad.errors import ConfigError, DecodeError
 from training.checkpoint import (
@@ -18,7 +19,9 @@ from training.checkpoint import (
     canonical_model_hash,
     config_hash,
     decode_state,
+    encode_optimizer_state,
     encode_state,
+    restore_optimizer_state,
 )
 from training.tasks.base import TensorSpec
 
@@ -150,3 +153,50 @@ def test_store_skips_damaged_and_foreign_checkpoints(tmp_path: Path, caplog: pyt
 def test_store_config_is_validated(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         CheckpointStore(tmp_path, keep=0, max_bytes=LIMIT)
+
+
+def trained_optimizer(kind: str) -> torch.optim.Optimizer:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 3)
+    optimizer = (
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        if kind == "sgd"
+        else torch.optim.AdamW(model.parameters(), lr=0.1)
+    )
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(4, 2)).square().sum().backward()
+        optimizer.step()
+    return optimizer
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_optimizer_state_round_trips_into_a_fresh_optimizer(kind: str) -> None:
+    optimizer = trained_optimizer(kind)
+    fresh = trained_optimizer(kind)
+    fresh.state.clear()
+    restore_optimizer_state(fresh, encode_optimizer_state(optimizer), max_bytes=LIMIT)
+    want, got = optimizer.state_dict()["state"], fresh.state_dict()["state"]
+    assert sorted(want) == sorted(got) and want
+    for index in want:
+        assert sorted(want[index]) == sorted(got[index])
+        for key in want[index]:
+            assert torch.equal(want[index][key], got[index][key]), (index, key)
+
+
+def test_optimizer_state_that_does_not_fit_the_parameters_is_refused_and_changes_nothing() -> None:
+    optimizer = trained_optimizer("sgd")
+    before = {i: v["momentum_buffer"].clone() for i, v in optimizer.state_dict()["state"].items()}
+    good = encode_optimizer_state(optimizer)
+    for data, message in [
+        (good[:-3], "damaged"),
+        (safetensors_save({"0.momentum_buffer": torch.zeros(5)}), "expected"),
+        (safetensors_save({"7.momentum_buffer": torch.zeros(3, 2)}), "names no parameter"),
+        (safetensors_save({"0.pickle": torch.zeros(3, 2)}), "names no parameter"),
+        (safetensors_save({"0.momentum_buffer": torch.full((3, 2), float("nan"))}), "NaN"),
+        (good, "exceeds"),
+    ]:
+        with pytest.raises(DecodeError, match=message):
+            restore_optimizer_state(optimizer, data, max_bytes=len(good) - 1 if message == "exceeds" else LIMIT)
+    for index, value in optimizer.state_dict()["state"].items():
+        assert torch.equal(value["momentum_buffer"], before[index])

@@ -147,8 +147,26 @@ def test_restart_resumes_from_the_latest_checkpoint(digits: Task, tmp_path: Path
     meta = second.resume()
     assert meta is not None and meta.round == 30 and meta.model_hash == saved
     assert second.round == 30 and canonical_model_hash(second.model.state_dict()) == saved
+    # the momentum buffers come back too: nothing of the local optimizer is lost on a restart
+    first_state, second_state = first.optimizer.state_dict()["state"], second.optimizer.state_dict()["state"]
+    assert sorted(first_state) == sorted(second_state) and first_state
+    for index, values in first_state.items():
+        assert torch.equal(values["momentum_buffer"], second_state[index]["momentum_buffer"])
     last = second.run(threading.Event())
     assert last is not None and last.round == 40 and last.samples == 10 * 32
+
+
+def test_a_damaged_optimizer_state_restarts_the_optimizer_but_keeps_the_model(
+    digits: Task, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = make_loop(digits, LoneAverager(), tmp_path, LoopConfig(epoch_rounds=20, max_rounds=20))
+    first.run(threading.Event())
+    (optimizer_file,) = tmp_path.rglob("*.optimizer.safetensors")
+    optimizer_file.write_bytes(b"garbage")
+    second = make_loop(digits, LoneAverager(), tmp_path, LoopConfig(epoch_rounds=20, max_rounds=40))
+    meta = second.resume()
+    assert meta is not None and meta.round == 20 and not second.optimizer.state_dict()["state"]
+    assert "optimizer state of checkpoint 20 not used" in caplog.text
 
 
 def test_fresh_directory_has_nothing_to_resume(digits: Task, tmp_path: Path) -> None:

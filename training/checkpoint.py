@@ -6,8 +6,10 @@ model" (the seam for epoch consensus). Nothing here is ever unpickled: bodies ar
 checked against the task's parameter names, shapes and dtypes (`TensorSpec`) before any tensor is built, and
 every float must be finite. It does no networking; it reads and writes only the directory it is given.
 
-Layout: `<dir>/ckpt-<round, 10 digits>.safetensors` then `<dir>/ckpt-<round>.json`; each is written to a temporary
-file and renamed, and the metadata is written last, so a checkpoint without its metadata is never trusted.
+Layout: `<dir>/ckpt-<round, 10 digits>.safetensors`, `<dir>/ckpt-<round>.optimizer.safetensors` (the local
+optimizer's momentum or moments, so that a restart loses nothing; never sent to peers), then `<dir>/ckpt-<round>.json`;
+each is written to a temporary file and renamed, and the metadata is written last, so a checkpoint without its
+metadata is never trusted.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from swarmgrad.errors import ConfigError, DecodeError
+from swarmgrad.errors import ConfigError, DecodeError, LocalProtocolError
 from training.tasks.base import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -144,6 +146,52 @@ def decode_state(data: bytes, spec: Mapping[str, TensorSpec], *, max_bytes: int)
     return state
 
 
+# ---- local optimizer state ----------------------------------------------------------------------------------------
+
+_OPTIMIZER_STATE_KEYS = frozenset({"momentum_buffer", "step", "exp_avg", "exp_avg_sq"})
+"""Per-parameter state of the optimizers a task may use (`OptimizerSettings`: SGD with momentum, AdamW)."""
+
+
+def encode_optimizer_state(optimizer: torch.optim.Optimizer) -> bytes:
+    """The optimizer's per-parameter state (momentum buffers, Adam moments and step counts) as safetensors bytes,
+    one tensor per `<parameter index>.<key>`. Hyperparameters are not kept: they come from the task's settings on
+    every start. This stays on the peer's disk; it is never sent to another peer."""
+    tensors: dict[str, torch.Tensor] = {}
+    for index, values in optimizer.state_dict()["state"].items():
+        for key, value in values.items():
+            if value is None:
+                continue
+            if key not in _OPTIMIZER_STATE_KEYS or not isinstance(value, torch.Tensor):
+                raise LocalProtocolError(f"optimizer state {key!r} ({type(value).__name__}) cannot be checkpointed")
+            tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+    return safetensors_save(tensors)
+
+
+def restore_optimizer_state(optimizer: torch.optim.Optimizer, data: bytes, *, max_bytes: int) -> None:
+    """Load what `encode_optimizer_state` wrote into `optimizer`, built over the same parameters. Raises
+    `DecodeError`, leaving the optimizer as it was, when the bytes are damaged or do not fit its parameters."""
+    if len(data) > max_bytes:
+        raise DecodeError(f"optimizer state of {len(data)} bytes exceeds the limit of {max_bytes}")
+    try:
+        tensors = safetensors_load(data)
+    except SafetensorError as exc:
+        raise DecodeError(f"optimizer state is damaged: {exc}") from exc
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        index_text, _, key = name.partition(".")
+        if not index_text.isdigit() or int(index_text) >= len(params) or key not in _OPTIMIZER_STATE_KEYS:
+            raise DecodeError(f"optimizer state entry {name!r} names no parameter state of this model")
+        expected = () if key == "step" else tuple(params[int(index_text)].shape)
+        if tuple(tensor.shape) != expected or not tensor.is_floating_point():
+            raise DecodeError(f"optimizer state {name!r} is {tensor.dtype}{list(tensor.shape)}, expected {expected}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise DecodeError(f"optimizer state {name!r} holds NaN or infinite values")
+        state.setdefault(int(index_text), {})[key] = tensor
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
 # ---- metadata and the store ---------------------------------------------------------------------------------------
 
 
@@ -190,11 +238,13 @@ class CheckpointMeta:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A checkpoint read back from disk: its metadata, its validated model state, and where its body lies."""
+    """A checkpoint read back from disk: its metadata, its validated model state, where its body lies, and the
+    local optimizer's state as written (None if it was not saved; `restore_optimizer_state` checks it)."""
 
     meta: CheckpointMeta
     state: dict[str, torch.Tensor]
     path: Path
+    optimizer_body: bytes | None = None
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -224,6 +274,9 @@ class CheckpointStore:
         stem = f"ckpt-{round_:010d}"
         return self.directory / f"{stem}.safetensors", self.directory / f"{stem}.json"
 
+    def _optimizer_path(self, round_: int) -> Path:
+        return self.directory / f"ckpt-{round_:010d}.optimizer.safetensors"
+
     def rounds(self) -> list[int]:
         """Rounds that have a metadata file, newest first."""
         found = []
@@ -233,16 +286,21 @@ class CheckpointStore:
                 found.append(int(digits))
         return sorted(found, reverse=True)
 
-    def save(self, state: Mapping[str, torch.Tensor], meta: CheckpointMeta) -> Path:
-        """Write body then metadata, each atomically; drop checkpoints beyond the newest `keep`. Returns the body's
-        path."""
+    def save(
+        self, state: Mapping[str, torch.Tensor], meta: CheckpointMeta, *, optimizer_body: bytes | None = None
+    ) -> Path:
+        """Write body (and the optimizer's state, if given) then metadata, each atomically; drop checkpoints beyond
+        the newest `keep`. Returns the body's path."""
         body, meta_path = self._paths(meta.round)
         _write_atomically(body, encode_state(state))
+        if optimizer_body is not None:
+            _write_atomically(self._optimizer_path(meta.round), optimizer_body)
         _write_atomically(meta_path, meta.to_json().encode())
         for old in self.rounds()[self.keep :]:
             old_body, old_meta = self._paths(old)
             old_meta.unlink(missing_ok=True)  # metadata first: a half-deleted checkpoint is never trusted
             old_body.unlink(missing_ok=True)
+            self._optimizer_path(old).unlink(missing_ok=True)
         return body
 
     def load(self, round_: int, spec: Mapping[str, TensorSpec]) -> Checkpoint:
@@ -258,7 +316,11 @@ class CheckpointStore:
             raise DecodeError(f"checkpoint {round_}: body does not hash to its metadata's model_hash")
         if meta.round != round_:
             raise DecodeError(f"checkpoint file for round {round_} says round {meta.round}")
-        return Checkpoint(meta, state, body)
+        try:
+            optimizer_body: bytes | None = self._optimizer_path(round_).read_bytes()
+        except FileNotFoundError:
+            optimizer_body = None
+        return Checkpoint(meta, state, body, optimizer_body)
 
     def latest(self, spec: Mapping[str, TensorSpec], *, task: str) -> Checkpoint | None:
         """The newest usable checkpoint of `task`, or None. Damaged or foreign ones are logged and skipped."""

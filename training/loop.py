@@ -22,9 +22,15 @@ from typing import Protocol
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from swarmgrad.errors import ConfigError, LocalProtocolError
+from swarmgrad.errors import ConfigError, DecodeError, LocalProtocolError
 from swarmgrad.machine import PeerId
-from training.checkpoint import CheckpointMeta, CheckpointStore, canonical_model_hash
+from training.checkpoint import (
+    CheckpointMeta,
+    CheckpointStore,
+    canonical_model_hash,
+    encode_optimizer_state,
+    restore_optimizer_state,
+)
 from training.tasks.base import Evaluation, Task, model_spec
 
 log = logging.getLogger(__name__)
@@ -127,13 +133,21 @@ class TrainingLoop:
         checkpoint = self.store.latest(self.spec, task=self.task.name)
         if checkpoint is None:
             return None
-        self.load_state(checkpoint.state, checkpoint.meta.round)
-        log.info("resumed from checkpoint at round %d (%s)", checkpoint.meta.round, checkpoint.path)
+        round_ = checkpoint.meta.round
+        self.load_state(checkpoint.state, round_)
+        if checkpoint.optimizer_body is None:
+            log.warning("checkpoint %d has no optimizer state: the optimizer starts afresh", round_)
+        else:
+            try:
+                restore_optimizer_state(self.optimizer, checkpoint.optimizer_body, max_bytes=self.store.max_bytes)
+            except DecodeError as exc:
+                log.warning("optimizer state of checkpoint %d not used (%s): it starts afresh", round_, exc)
+        log.info("resumed from checkpoint at round %d (%s)", round_, checkpoint.path)
         return checkpoint.meta
 
     def load_state(self, state: Mapping[str, torch.Tensor], round_: int) -> None:
-        """Adopt a validated model state (own checkpoint or a neighbour's) as of round `round_`. The local
-        optimizer's running statistics restart."""
+        """Adopt a validated model state (own checkpoint or a neighbour's) as of round `round_`, with a fresh local
+        optimizer (`resume` then restores its own)."""
         self.model.load_state_dict(dict(state))
         self.optimizer = self.task.optimizer.build(list(self.model.parameters()))
         self.round = round_
@@ -153,7 +167,7 @@ class TrainingLoop:
             task=self.task.name,
             config_hash=self.config_hash,
         )
-        return self.store.save(state, meta), meta
+        return self.store.save(state, meta, optimizer_body=encode_optimizer_state(self.optimizer)), meta
 
     # ---- the loop -----------------------------------------------------------------------------------------------
 
