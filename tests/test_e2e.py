@@ -91,7 +91,9 @@ def test_swarm_trains_survives_a_kill_restarts_and_takes_a_late_joiner(tmp_path:
         joined = late.wait_for("model", START_S)
         assert joined["source"] == "peer" and joined["round"] > 0
         for peer, start in ((restarted, resumed["round"]), (late, joined["round"])):
-            goal = start + 40
+            # far enough that the held-out accuracy of lr 0.1 SGD stops swinging by +-3 points (at round ~80 a
+            # restarted peer was seen stopping at 0.894 between evaluations of 0.95)
+            goal = start + 100
             peer.wait_for("round", 180.0, reached(goal, peers=2))
 
         running = [*survivors, restarted, late]
