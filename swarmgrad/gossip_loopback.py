@@ -1,7 +1,7 @@
 """Run gossip peers as separate OS processes on 127.0.0.1: the harness of the real-process tests and the benchmark.
 
-`python -m gossip.loopback --index I --peers N --dir D ...` runs one peer: a `LibP2PTransport` (Noise + yamux,
-its identity in `D/peer<I>.key`), writes its multiaddr to `D/peer<I>.addr`, connects to the peers of lower index,
+`python -m swarmgrad.gossip_loopback --index I --peers N --dir D ...` runs one peer: a `LibP2PTransport` (Noise +
+yamux, its identity in `D/peer<I>.key`), writes its multiaddr to `D/peer<I>.addr`, connects to the peers of lower index,
 waits until it sees all `N - 1` others, then runs `--rounds` rounds over a heterogeneous `--numel` vector (peer I
 starts at `randn + I`), with the `GossipService` (`--mode sparse`) or, as the baseline over the same transport, a
 dense exchange of the whole fp32 vector with its two neighbours on a ring (`--mode dense`). After every round it
@@ -58,8 +58,8 @@ def spawn_peers(directory: Path, peers: int, options: Sequence[str]) -> list[sub
     procs = []
     for index in range(peers):
         with (directory / f"peer{index}.err").open("wb") as stderr:
-            command = [sys.executable, "-m", "gossip.loopback", "--index", str(index), "--peers", str(peers)]
-            command += ["--dir", str(directory), *options]
+            command = [sys.executable, "-m", "swarmgrad.gossip_loopback", "--index", str(index)]
+            command += ["--peers", str(peers), "--dir", str(directory), *options]
             procs.append(subprocess.Popen(command, cwd=_ROOT, stdout=subprocess.DEVNULL, stderr=stderr))
     return procs
 
