@@ -236,8 +236,8 @@ class GossipRound:
         self._round: _Round | None = None
         self._next_round = 0
         self._answered: dict[int, set[PeerId]] = {}  # who was sent an update, per recent completed round
-        self._latest_from: dict[PeerId, int] = {}
-        self._heard_from: dict[PeerId, set[int]] = {}  # rounds heard per sender, within `max_future_rounds` of latest
+        # rounds heard per sender: its latest and those within `max_future_rounds` below it
+        self._heard_from: dict[PeerId, set[int]] = {}
         self._backoff_until: dict[PeerId, int] = {}  # a chosen neighbour that did not answer is not asked again
         self._buffer: dict[int, dict[PeerId, tuple[SparseUpdate, torch.Tensor, torch.Tensor]]] = {}
         self._norms: deque[float] = deque(maxlen=config.clip_history_len)
@@ -317,7 +317,7 @@ class GossipRound:
         return actions
 
     def _catch_up_round(self) -> int:
-        latest = sorted(self._latest_from[p] for p in self._live if p in self._latest_from)
+        latest = sorted(max(self._heard_from[p]) for p in self._live if p in self._heard_from)
         if not latest:
             return self._next_round
         return max(self._next_round, latest[(len(latest) - 1) // 2])
@@ -423,8 +423,8 @@ class GossipRound:
             raise RemoteProtocolError(peer, f"update for swarm {msg.swarm_id!r}, this is {self.config.swarm_id!r}")
         if msg.fingerprint != self.fingerprint:
             raise RemoteProtocolError(peer, "update for a model of another shape (fingerprint mismatch)")
-        latest = self._latest_from.get(peer)
         heard = self._heard_from.get(peer, set())
+        latest = max(heard) if heard else None
         if msg.round in heard:
             raise RemoteProtocolError(peer, f"replayed round {msg.round} (an honest peer speaks once a round)")
         if latest is not None and msg.round < latest - self.config.max_future_rounds:
@@ -435,7 +435,6 @@ class GossipRound:
             raise RemoteProtocolError(peer, f"bad sparse payload: {exc}") from exc
         # Valid: from here on the state may change.
         latest = msg.round if latest is None else max(latest, msg.round)
-        self._latest_from[peer] = latest
         heard.add(msg.round)
         self._heard_from[peer] = {r for r in heard if r >= latest - self.config.max_future_rounds}
         self._counters["updates_received"] += 1
