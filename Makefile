@@ -21,8 +21,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check swarmgrad p2p gossip training consensus sim tests benchmarks
-	$(VENV)/bin/mypy swarmgrad p2p gossip training consensus sim
+	$(VENV)/bin/ruff check swarmgrad p2p gossip training consensus sim testing tests benchmarks
+	$(VENV)/bin/mypy swarmgrad p2p gossip training consensus sim testing
 
 bench: $(STAMP)
 	@for b in benchmarks/*.py; do echo "== $$b" >&2; $(PY) $$b || exit 1; done

@@ -1,6 +1,6 @@
 """Gossip rounds of 4 peer processes on 127.0.0.1: sparse (top-k 1 %) against a dense exchange, same transport.
 
-Runs `swarmgrad.gossip_loopback` twice with 4 processes each (LibP2PTransport, Noise + yamux) over a 10M-element
+Runs `testing.gossip_loopback` twice with 4 processes each (LibP2PTransport, Noise + yamux) over a 10M-element
 fp32 vector:
 
 * `sparse`: the `GossipService` (error-compensated top-k values, fp16, 1 chosen neighbour per round; with
@@ -36,7 +36,7 @@ RUN_TIMEOUT_S = 500.0
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from swarmgrad.gossip_loopback import spawn_peers, stop_peers  # noqa: E402
+from testing.gossip_loopback import spawn_peers, stop_peers  # noqa: E402
 
 
 def run_mode(mode: str, rounds: int, deadline_s: float) -> list[dict[str, float]]:

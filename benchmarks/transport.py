@@ -35,7 +35,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 
 from p2p.host import HostConfig, listen_multiaddrs, running_host
 from p2p.libp2p_transport import READ_CHUNK_BYTES, WRITE_CHUNK_BYTES, LibP2PTransport
-from p2p.transport import Delivery
+from swarmgrad.core.transport import Delivery
 
 PAYLOAD_BYTES = 100_000_000
 RUNS = 5

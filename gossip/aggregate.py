@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
-from swarmgrad.errors import LocalProtocolError
+from swarmgrad.core.errors import LocalProtocolError
 
 
 def _check_view(diffs: torch.Tensor, mask: torch.Tensor) -> None:

@@ -14,7 +14,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from p2p.codec import Schema
+from swarmgrad.core.codec import Schema
 from training.topk import SparsePayload
 
 PROTOCOL = "/swarmgrad/gossip/1.0.0"

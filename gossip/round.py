@@ -82,8 +82,8 @@ import torch
 
 from gossip import aggregate
 from gossip.messages import MAX_SWARM_ID_CHARS, SparseUpdate
-from swarmgrad.errors import ConfigError, DecodeError, LocalProtocolError, RemoteProtocolError
-from swarmgrad.machine import (
+from swarmgrad.core.errors import ConfigError, DecodeError, LocalProtocolError, RemoteProtocolError
+from swarmgrad.core.machine import (
     Action,
     CancelTimer,
     Command,

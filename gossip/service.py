@@ -25,10 +25,10 @@ import trio
 
 from gossip.messages import PROTOCOL, SCHEMA
 from gossip.round import GossipConfig, GossipRound, RoundCompleted, StartRound
-from p2p.transport import Transport
-from swarmgrad.driver import Driver, PeerErrorHook
-from swarmgrad.errors import LocalProtocolError
-from swarmgrad.machine import PeerDown, PeerId, PeerUp
+from swarmgrad.core.driver import Driver, PeerErrorHook
+from swarmgrad.core.errors import LocalProtocolError
+from swarmgrad.core.machine import PeerDown, PeerId, PeerUp
+from swarmgrad.core.transport import Transport
 
 if TYPE_CHECKING:  # libp2p installs trio-typing, whose stale `trio-stubs` hide trio's own `TaskStatus` from mypy
     from trio_typing import TaskStatus

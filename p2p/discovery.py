@@ -53,10 +53,10 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.records.validator import Validator
 from libp2p.tools.anyio_service import background_trio_service
 
-from p2p.codec import FRAME_HEADER_SIZE, Schema, encode_frame_header, parse_frame_header
 from p2p.membership import VIA_BOOTSTRAP, VIA_DHT, CandidateFound
 from p2p.swarm import validate_swarm_id
-from swarmgrad.errors import ConfigError, DecodeError, PeerUnreachable
+from swarmgrad.core.codec import FRAME_HEADER_SIZE, Schema, encode_frame_header, parse_frame_header
+from swarmgrad.core.errors import ConfigError, DecodeError, PeerUnreachable
 
 if TYPE_CHECKING:  # libp2p installs trio-typing, whose stale `trio-stubs` hide trio's own `TaskStatus` from mypy
     from trio_typing import TaskStatus

@@ -37,8 +37,8 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from p2p.identity import load_or_create_identity
-from p2p.transport import DEFAULT_MAX_MESSAGE_BYTES
-from swarmgrad.errors import ConfigError, LocalProtocolError, TransportError
+from swarmgrad.core.errors import ConfigError, LocalProtocolError, TransportError
+from swarmgrad.core.transport import DEFAULT_MAX_MESSAGE_BYTES
 
 PSK_SIZE_BYTES = 32
 """libp2p pnet keys are 32 bytes (a Salsa20 key)."""

@@ -23,7 +23,7 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.serialization import deserialize_private_key
 from libp2p.peer.id import ID
 
-from swarmgrad.errors import SwarmgradError
+from swarmgrad.core.errors import SwarmgradError
 
 _KEY_FILE_MODE = 0o600
 _KEY_DIR_MODE = 0o700

@@ -1,8 +1,9 @@
-"""`LibP2PTransport`: the `Transport` contract (p2p/transport.py) over a py-libp2p host (Noise + yamux over TCP).
+"""`LibP2PTransport`: the `Transport` contract (swarmgrad/core/transport.py) over a py-libp2p host
+(Noise + yamux over TCP).
 
 Wire format: each protocol is a libp2p stream protocol; on a stream, a message is one frame, the 12-byte header of
-`p2p.codec.encode_frame_header` followed by the body. Outbound, one stream per (peer, protocol) is opened on first
-use, kept open and reused, and guarded by a lock so that only one task writes to it (yamux interleaves concurrent
+`swarmgrad.core.codec.encode_frame_header` followed by the body. Outbound, one stream per (peer, protocol) is opened on
+first use, kept open and reused, and guarded by a lock so that only one task writes to it (yamux interleaves concurrent
 writes, LIBP2P_NOTES #4); bodies are written in chunks of `WRITE_CHUNK_BYTES`. A send cancelled or failed midway
 resets that stream, so the receiver sees a truncated frame and drops it, and the next send opens a fresh stream.
 
@@ -35,10 +36,9 @@ from libp2p.network.stream.exceptions import StreamError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 
-from p2p.codec import FRAME_HEADER_SIZE, encode_frame_header, parse_frame_header
 from p2p.host import HostConfig, listen_multiaddrs, running_host
-from p2p.transport import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_QUEUE_LEN, Delivery, PeerPolicy, Transport
-from swarmgrad.errors import (
+from swarmgrad.core.codec import FRAME_HEADER_SIZE, encode_frame_header, parse_frame_header
+from swarmgrad.core.errors import (
     ConfigError,
     DecodeError,
     LocalProtocolError,
@@ -46,7 +46,8 @@ from swarmgrad.errors import (
     PeerUnreachable,
     TransportClosed,
 )
-from swarmgrad.machine import PeerDown, PeerId, PeerUp
+from swarmgrad.core.machine import PeerDown, PeerId, PeerUp
+from swarmgrad.core.transport import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_QUEUE_LEN, Delivery, PeerPolicy, Transport
 
 log = logging.getLogger(__name__)
 

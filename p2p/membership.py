@@ -25,8 +25,8 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from swarmgrad.errors import ConfigError, LocalProtocolError
-from swarmgrad.machine import (
+from swarmgrad.core.errors import ConfigError, LocalProtocolError
+from swarmgrad.core.machine import (
     Action,
     Command,
     Event,

@@ -57,8 +57,19 @@ from p2p.membership import (
     Start,
 )
 from p2p.swarm import ScoringConfig, ScoringPolicy
-from swarmgrad.errors import ConfigError
-from swarmgrad.machine import Action, CancelTimer, Event, Notify, PeerDown, PeerId, PeerUp, Send, SetTimer, TimerFired
+from swarmgrad.core.errors import ConfigError
+from swarmgrad.core.machine import (
+    Action,
+    CancelTimer,
+    Event,
+    Notify,
+    PeerDown,
+    PeerId,
+    PeerUp,
+    Send,
+    SetTimer,
+    TimerFired,
+)
 
 if TYPE_CHECKING:  # libp2p installs trio-typing, whose stale `trio-stubs` hide trio's own `TaskStatus` from mypy
     from trio_typing import TaskStatus

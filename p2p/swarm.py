@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from swarmgrad.errors import ConfigError, SwarmgradError
+from swarmgrad.core.errors import ConfigError, SwarmgradError
 
 SWARM_KEY_CODEC = "/key/swarm/psk/1.0.0/"
 SWARM_KEY_ENCODING = "/base16/"

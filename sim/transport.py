@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import trio
 
-from p2p.transport import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_QUEUE_LEN, Delivery, Transport
-from swarmgrad.errors import ConfigError, LocalProtocolError, MessageTooLarge, PeerUnreachable, TransportClosed
-from swarmgrad.machine import PeerDown, PeerId, PeerUp
+from swarmgrad.core.errors import ConfigError, LocalProtocolError, MessageTooLarge, PeerUnreachable, TransportClosed
+from swarmgrad.core.machine import PeerDown, PeerId, PeerUp
+from swarmgrad.core.transport import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_QUEUE_LEN, Delivery, Transport
 
 
 @dataclass(frozen=True)

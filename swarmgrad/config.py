@@ -31,7 +31,7 @@ import multiaddr
 
 from gossip.round import GossipConfig
 from p2p.swarm import validate_swarm_id
-from swarmgrad.errors import ConfigError
+from swarmgrad.core.errors import ConfigError
 from training.loop import LoopConfig
 from training.tasks import resolve_task_name
 

@@ -45,13 +45,7 @@ from p2p.discovery import DiscoveryConfig
 from p2p.host import HostConfig
 from p2p.identity import load_or_create_identity, peer_id_of
 from p2p.libp2p_transport import LibP2PTransport
-from p2p.node import NodeConfig, SwarmNode, open_node
-from p2p.swarm import load_swarm_key
-from swarmgrad.config import PeerConfig, load_config, parse_override
-from swarmgrad.driver import Driver
-from swarmgrad.errors import ConfigError, DecodeError
-from swarmgrad.machine import PeerDown, PeerUp
-from swarmgrad.model_fetch import (
+from p2p.model_fetch import (
     MESSAGE_OVERHEAD_BYTES,
     PROTOCOL,
     SCHEMA,
@@ -64,6 +58,12 @@ from swarmgrad.model_fetch import (
     RejectOffer,
     ServeModel,
 )
+from p2p.node import NodeConfig, SwarmNode, open_node
+from p2p.swarm import load_swarm_key
+from swarmgrad.config import PeerConfig, load_config, parse_override
+from swarmgrad.core.driver import Driver
+from swarmgrad.core.errors import ConfigError, DecodeError
+from swarmgrad.core.machine import PeerDown, PeerUp
 from training.checkpoint import CheckpointStore, config_hash, decode_state, encode_state
 from training.loop import EpochReached, RoundReport, TrainingLoop
 from training.tasks import Task, load_task

@@ -15,7 +15,7 @@ from gossip.aggregate import (
     trimmed_mean,
     weighted_mean,
 )
-from swarmgrad.errors import LocalProtocolError
+from swarmgrad.core.errors import LocalProtocolError
 
 
 def test_weighted_mean_ignores_absent_entries() -> None:

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as safetensors_save
 
-from swarmgrad.errors import ConfigError, DecodeError
+from swarmgrad.core.errors import ConfigError, DecodeError
 from training.checkpoint import (
     CheckpointMeta,
     CheckpointStore,

@@ -10,13 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2p.codec import (
+from swarmgrad.core.codec import (
     FRAME_HEADER_SIZE,
     Schema,
     encode_frame_header,
     parse_frame_header,
 )
-from swarmgrad.errors import DecodeError, LocalProtocolError
+from swarmgrad.core.errors import DecodeError, LocalProtocolError
 
 
 @dataclasses.dataclass(frozen=True)

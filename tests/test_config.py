@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from swarmgrad.config import LOG_LEVELS, PeerConfig, load_config, parse_override
-from swarmgrad.errors import ConfigError
+from swarmgrad.core.errors import ConfigError
 
 BOOTSTRAP = "/ip4/127.0.0.1/tcp/4001/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
 

@@ -15,7 +15,7 @@ import yaml
 
 from swarmgrad.cli import build_parser
 from swarmgrad.config import load_config
-from swarmgrad.errors import ConfigError
+from swarmgrad.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"

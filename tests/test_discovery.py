@@ -33,7 +33,7 @@ from p2p.host import HostConfig, listen_multiaddrs, running_host
 from p2p.identity import load_or_create_identity
 from p2p.membership import CandidateFound
 from p2p.node import NodeConfig, open_node
-from swarmgrad.errors import ConfigError, DecodeError
+from swarmgrad.core.errors import ConfigError, DecodeError
 
 NOW = 1_000_000.0
 KEYS = create_new_key_pair(b"\x01" * 32)

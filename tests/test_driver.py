@@ -7,11 +7,11 @@ import dataclasses
 import trio
 import trio.testing
 
-from p2p.codec import Schema
 from sim.transport import SimNetwork
-from swarmgrad.driver import Driver
-from swarmgrad.errors import RemoteProtocolError
-from swarmgrad.machine import Action, Command, Event, Notify, Received, Send, SetTimer, TimerFired
+from swarmgrad.core.codec import Schema
+from swarmgrad.core.driver import Driver
+from swarmgrad.core.errors import RemoteProtocolError
+from swarmgrad.core.machine import Action, Command, Event, Notify, Received, Send, SetTimer, TimerFired
 
 
 @dataclasses.dataclass(frozen=True)

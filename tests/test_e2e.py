@@ -23,11 +23,11 @@ import trio
 from p2p.discovery import DiscoveryConfig
 from p2p.host import HostConfig
 from p2p.libp2p_transport import LibP2PTransport
+from p2p.model_fetch import MESSAGE_OVERHEAD_BYTES, PROTOCOL, SCHEMA, ModelFetch, ModelRequested, ServeModel
 from p2p.node import NodeConfig, open_node
 from p2p.swarm import SwarmKey, write_swarm_key
+from swarmgrad.core.driver import Driver
 from swarmgrad.demo import Event, PeerProcess, peer_args, start_swarm
-from swarmgrad.driver import Driver
-from swarmgrad.model_fetch import MESSAGE_OVERHEAD_BYTES, PROTOCOL, SCHEMA, ModelFetch, ModelRequested, ServeModel
 from training.checkpoint import encode_state
 from training.tasks.base import OptimizerSettings
 from training.tasks.digits import DigitsTask

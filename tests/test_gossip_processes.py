@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from swarmgrad.gossip_loopback import spawn_peers, stop_peers
+from testing.gossip_loopback import spawn_peers, stop_peers
 
 PEERS = 4
 NUMEL = 10_000_000

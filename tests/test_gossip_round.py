@@ -17,8 +17,8 @@ from gossip.round import (
     StartRound,
     pair_coin,
 )
-from swarmgrad.errors import ConfigError, LocalProtocolError, RemoteProtocolError
-from swarmgrad.machine import (
+from swarmgrad.core.errors import ConfigError, LocalProtocolError, RemoteProtocolError
+from swarmgrad.core.machine import (
     Action,
     CancelTimer,
     Event,

@@ -16,7 +16,7 @@ from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTr
 
 from p2p.host import HostConfig, HostError, listen_multiaddrs, running_host
 from p2p.identity import load_or_create_identity, peer_id_of
-from swarmgrad.errors import ConfigError
+from swarmgrad.core.errors import ConfigError
 
 TIMEOUT_S = 30
 

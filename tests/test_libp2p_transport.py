@@ -19,13 +19,13 @@ from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from p2p.codec import FRAME_HEADER_SIZE, Schema, encode_frame_header
 from p2p.host import HostConfig
 from p2p.libp2p_transport import LibP2PTransport
-from p2p.transport import Delivery
-from swarmgrad.driver import Driver
-from swarmgrad.errors import MessageTooLarge, PeerUnreachable, TransportClosed
-from swarmgrad.machine import Action, Event, Notify, PeerDown, PeerId, PeerUp, Received
+from swarmgrad.core.codec import FRAME_HEADER_SIZE, Schema, encode_frame_header
+from swarmgrad.core.driver import Driver
+from swarmgrad.core.errors import MessageTooLarge, PeerUnreachable, TransportClosed
+from swarmgrad.core.machine import Action, Event, Notify, PeerDown, PeerId, PeerUp, Received
+from swarmgrad.core.transport import Delivery
 
 PROTO = "/swarmgrad/test/1.0.0"
 MiB = 1024 * 1024

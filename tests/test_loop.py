@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from swarmgrad.errors import ConfigError, LocalProtocolError
+from swarmgrad.core.errors import ConfigError, LocalProtocolError
 from training.checkpoint import CheckpointStore, canonical_model_hash
 from training.loop import Averager, EpochReached, LoopConfig, RoundReport, TrainingLoop
 from training.tasks import Task, load_task

@@ -23,8 +23,8 @@ from p2p.membership import (
     Start,
     redial_delay_s,
 )
-from swarmgrad.errors import ConfigError, LocalProtocolError
-from swarmgrad.machine import Notify, PeerDown, PeerUp, SetTimer, TimerFired
+from swarmgrad.core.errors import ConfigError, LocalProtocolError
+from swarmgrad.core.machine import Notify, PeerDown, PeerUp, SetTimer, TimerFired
 
 
 def make(**overrides: object) -> Membership:

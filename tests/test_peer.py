@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from swarmgrad.cli import build_parser
-from swarmgrad.errors import ConfigError
+from swarmgrad.core.errors import ConfigError
 from swarmgrad.peer import EventLog, Metrics, Progress, config_from_args, prepare_data_dir
 from training.loop import RoundReport
 from training.tasks.base import Evaluation

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from swarmgrad.errors import LocalProtocolError, RemoteProtocolError
-from swarmgrad.machine import CancelTimer, Notify, PeerDown, Received, Send, SendFailed, SetTimer, TimerFired
-from swarmgrad.model_fetch import (
+from p2p.model_fetch import (
     SCHEMA,
     DeclineRequest,
     FetchFailed,
@@ -21,6 +19,8 @@ from swarmgrad.model_fetch import (
     RejectOffer,
     ServeModel,
 )
+from swarmgrad.core.errors import LocalProtocolError, RemoteProtocolError
+from swarmgrad.core.machine import CancelTimer, Notify, PeerDown, Received, Send, SendFailed, SetTimer, TimerFired
 
 
 def test_asks_candidates_in_sorted_order_until_an_offer_arrives() -> None:

@@ -18,7 +18,7 @@ from p2p.swarm import (
     validate_swarm_id,
     write_swarm_key,
 )
-from swarmgrad.errors import ConfigError
+from swarmgrad.core.errors import ConfigError
 
 KEY = SwarmKey(bytes(range(32)))
 

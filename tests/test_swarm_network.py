@@ -21,8 +21,8 @@ from p2p.host import HostConfig
 from p2p.libp2p_transport import LibP2PTransport
 from p2p.node import NodeConfig, SwarmNode, open_node
 from p2p.swarm import ScoringConfig
-from swarmgrad.errors import TransportError
-from swarmgrad.machine import PeerDown
+from swarmgrad.core.errors import TransportError
+from swarmgrad.core.machine import PeerDown
 
 if TYPE_CHECKING:  # libp2p installs trio-typing, whose stale `trio-stubs` hide trio's own `TaskStatus` from mypy
     from trio_typing import TaskStatus

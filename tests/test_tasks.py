@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from swarmgrad.errors import ConfigError
+from swarmgrad.core.errors import ConfigError
 from training.tasks import BUILTIN_TASKS, load_task, model_spec, resolve_task_name, shard_indices
 from training.tasks.base import OptimizerSettings, Task
 from training.tasks.charlm import UNKNOWN, VOCAB_SIZE, encode

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swarmgrad.errors import ConfigError, LocalProtocolError
+from swarmgrad.core.errors import ConfigError, LocalProtocolError
 from training.topk import ErrorFeedback, TopKConfig, k_for_density, topk_abs, warmup_density
 from training.topk.build import load_extension
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from swarmgrad.errors import ConfigError, LocalProtocolError
+from swarmgrad.core.errors import ConfigError, LocalProtocolError
 from training.topk import reference_topk_abs, topk_abs
 from training.topk.build import load_extension
 from training.topk.ops import Implementation

@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2p.codec import Schema
-from swarmgrad.errors import ConfigError, DecodeError, LocalProtocolError
+from swarmgrad.core.codec import Schema
+from swarmgrad.core.errors import ConfigError, DecodeError, LocalProtocolError
 from training.topk import SparsePayload, pack_sparse, unpack_sparse
 from training.topk.payload import INDEX_FORMATS, SCALE_BLOCK, VALUE_FORMATS, choose_index_format
 

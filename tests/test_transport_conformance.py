@@ -8,9 +8,9 @@ import os
 import pytest
 import trio
 
-from p2p.transport import Transport
-from swarmgrad.errors import MessageTooLarge, PeerUnreachable, TransportClosed
-from swarmgrad.machine import PeerDown, PeerUp
+from swarmgrad.core.errors import MessageTooLarge, PeerUnreachable, TransportClosed
+from swarmgrad.core.machine import PeerDown, PeerUp
+from swarmgrad.core.transport import Transport
 from tests.transport_harness import HARNESSES, Harness
 
 PROTO = "/swarmgrad/conformance/1.0.0"

@@ -14,8 +14,8 @@ from typing import Protocol
 
 from p2p.host import HostConfig
 from p2p.libp2p_transport import LibP2PTransport
-from p2p.transport import Transport
 from sim.transport import SimNetwork, SimTransport
+from swarmgrad.core.transport import Transport
 
 
 class Harness(Protocol):

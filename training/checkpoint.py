@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from swarmgrad.errors import ConfigError, DecodeError, LocalProtocolError
+from swarmgrad.core.errors import ConfigError, DecodeError, LocalProtocolError
 from training.tasks.base import TensorSpec
 
 log = logging.getLogger(__name__)

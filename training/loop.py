@@ -22,8 +22,8 @@ from typing import Protocol
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from swarmgrad.errors import ConfigError, DecodeError, LocalProtocolError
-from swarmgrad.machine import PeerId
+from swarmgrad.core.errors import ConfigError, DecodeError, LocalProtocolError
+from swarmgrad.core.machine import PeerId
 from training.checkpoint import (
     CheckpointMeta,
     CheckpointStore,

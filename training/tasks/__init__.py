@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-from swarmgrad.errors import ConfigError
+from swarmgrad.core.errors import ConfigError
 from training.tasks.base import Evaluation, OptimizerSettings, Shard, Task, TensorSpec, model_spec, shard_indices
 
 BUILTIN_TASKS: dict[str, str] = {

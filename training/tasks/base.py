@@ -16,8 +16,8 @@ from typing import Literal
 
 import torch
 
-from swarmgrad.errors import ConfigError
-from swarmgrad.machine import PeerId
+from swarmgrad.core.errors import ConfigError
+from swarmgrad.core.machine import PeerId
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 """Inputs and targets of one training or evaluation batch."""

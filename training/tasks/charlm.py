@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from swarmgrad.errors import ConfigError
-from swarmgrad.machine import PeerId
+from swarmgrad.core.errors import ConfigError
+from swarmgrad.core.machine import PeerId
 from training.tasks.base import Batch, Evaluation, OptimizerSettings, Shard, Task, seeded_init, shard_indices
 
 VOCAB = "\n" + "".join(chr(code) for code in range(32, 127))

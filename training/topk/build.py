@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from swarmgrad.errors import SwarmgradError
+from swarmgrad.core.errors import SwarmgradError
 
 logger = logging.getLogger(__name__)
 

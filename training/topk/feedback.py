@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from swarmgrad.errors import ConfigError, LocalProtocolError
+from swarmgrad.core.errors import ConfigError, LocalProtocolError
 from training.topk.ops import Implementation, ensure_native, resolve_implementation
 from training.topk.reference import reference_ef_step
 

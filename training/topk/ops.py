@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from swarmgrad.errors import ConfigError
+from swarmgrad.core.errors import ConfigError
 from training.topk.build import ExtensionUnavailable, has_cuda_kernels, load_extension
 from training.topk.reference import check_topk_args, reference_topk_abs
 

@@ -1,7 +1,7 @@
 """The sparse payload: a compact, bounds-checked wire form of top-k selected entries.
 
-This module owns `SparsePayload` (a frozen dataclass that travels as a field of any `p2p.codec.Schema` message:
-ints, strs and numpy arrays only), `pack_sparse` and `unpack_sparse`. It does no I/O and applies nothing: the
+This module owns `SparsePayload` (a frozen dataclass that travels as a field of any `swarmgrad.core.codec.Schema`
+message: ints, strs and numpy arrays only), `pack_sparse` and `unpack_sparse`. It does no I/O and applies nothing: the
 receiver adds the decoded entries to its model itself, and only after `unpack_sparse` returned.
 
 Index formats (the selected indices are strictly increasing, which both formats rely on):
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from swarmgrad.errors import ConfigError, DecodeError, LocalProtocolError
+from swarmgrad.core.errors import ConfigError, DecodeError, LocalProtocolError
 
 INDEX_CHUNK = 1 << 16
 SCALE_BLOCK = 256

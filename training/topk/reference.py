@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from swarmgrad.errors import LocalProtocolError
+from swarmgrad.core.errors import LocalProtocolError
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

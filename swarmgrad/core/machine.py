@@ -3,7 +3,7 @@
 A machine (gossip round, membership, epoch consensus) is an object with one method,
 `step(now, event) -> list[Action]`. It never awaits, never reads a clock (`now` is handed in, in seconds on the
 driver's clock), uses only the `random.Random` it was constructed with, and iterates peers in sorted order so that
-a run is deterministic per seed. Drivers (`swarmgrad.driver` on trio, and the simulator) feed it events and carry
+a run is deterministic per seed. Drivers (`swarmgrad.core.driver` on trio, and the simulator) feed it events and carry
 out its actions. Nothing in this module does I/O.
 """
 

@@ -1,6 +1,6 @@
 """Run gossip peers as separate OS processes on 127.0.0.1: the harness of the real-process tests and the benchmark.
 
-`python -m swarmgrad.gossip_loopback --index I --peers N --dir D ...` runs one peer: a `LibP2PTransport` (Noise +
+`python -m testing.gossip_loopback --index I --peers N --dir D ...` runs one peer: a `LibP2PTransport` (Noise +
 yamux, its identity in `D/peer<I>.key`), writes its multiaddr to `D/peer<I>.addr`, connects to the peers of lower index,
 waits until it sees all `N - 1` others, then runs `--rounds` rounds over a heterogeneous `--numel` vector (peer I
 starts at `randn + I`), with the `GossipService` (`--mode sparse`) or, as the baseline over the same transport, a
@@ -30,10 +30,10 @@ import trio
 from gossip.messages import model_fingerprint
 from gossip.round import GossipConfig
 from gossip.service import GossipService
-from p2p.codec import Schema
 from p2p.host import HostConfig
 from p2p.libp2p_transport import LibP2PTransport
-from swarmgrad.errors import LocalProtocolError, TransportError
+from swarmgrad.core.codec import Schema
+from swarmgrad.core.errors import LocalProtocolError, TransportError
 
 DENSE_PROTOCOL = "/swarmgrad/gossip-dense-baseline/1.0.0"
 _ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +58,7 @@ def spawn_peers(directory: Path, peers: int, options: Sequence[str]) -> list[sub
     procs = []
     for index in range(peers):
         with (directory / f"peer{index}.err").open("wb") as stderr:
-            command = [sys.executable, "-m", "swarmgrad.gossip_loopback", "--index", str(index)]
+            command = [sys.executable, "-m", "testing.gossip_loopback", "--index", str(index)]
             command += ["--peers", str(peers), "--dir", str(directory), *options]
             procs.append(subprocess.Popen(command, cwd=_ROOT, stdout=subprocess.DEVNULL, stderr=stderr))
     return procs

@@ -1,7 +1,7 @@
 """Model fetch: how a peer that joins late (or lost its data directory) gets the swarm's current model.
 
 Owns the `/swarmgrad/model/1.0.0` messages and the sans-IO `ModelFetch` machine; the trio side is a plain
-`swarmgrad.driver.Driver`. A joiner asks one neighbour at a time (`FetchModel`, peers tried in sorted order) and
+`swarmgrad.core.driver.Driver`. A joiner asks one neighbour at a time (`FetchModel`, peers tried in sorted order) and
 waits `timeout_s` for a `ModelOffer`: safetensors bytes of the model, the round it was taken at and the task name.
 The machine never looks inside the body: it notifies the application (`ModelOffered`), which validates it against
 the task (`training.checkpoint.decode_state`: size first, then names, shapes, dtypes, finite values; never
@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from p2p.codec import Schema
-from swarmgrad.errors import LocalProtocolError, RemoteProtocolError
-from swarmgrad.machine import (
+from swarmgrad.core.codec import Schema
+from swarmgrad.core.errors import LocalProtocolError, RemoteProtocolError
+from swarmgrad.core.machine import (
     Action,
     CancelTimer,
     Command,

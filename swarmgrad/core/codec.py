@@ -28,7 +28,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from swarmgrad.errors import DecodeError, LocalProtocolError
+from swarmgrad.core.errors import DecodeError, LocalProtocolError
 
 FRAME_MAGIC = b"SG"
 FRAME_VERSION = 1

@@ -1,6 +1,6 @@
 """The `Transport` contract: authenticated, ordered, size-bounded message delivery between peers.
 
-A transport moves opaque byte payloads (frame bodies, see `p2p.codec`) between peers under named protocols
+A transport moves opaque byte payloads (frame bodies, see `swarmgrad.core.codec`) between peers under named protocols
 (e.g. `/swarmgrad/gossip/1.0.0`). Two implementations honour this contract: `p2p.libp2p_transport.LibP2PTransport`
 (real network) and `sim.transport.SimTransport` (in memory, virtual time); `tests/test_transport_conformance.py`
 holds them both to it. It knows nothing about messages, machines or training.
@@ -30,7 +30,7 @@ from typing import Protocol
 
 import trio
 
-from swarmgrad.machine import PeerDown, PeerId, PeerUp
+from swarmgrad.core.machine import PeerDown, PeerId, PeerUp
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 DEFAULT_QUEUE_LEN = 64

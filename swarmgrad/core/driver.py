@@ -22,10 +22,9 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from p2p.codec import Schema
-from p2p.transport import DEFAULT_MAX_MESSAGE_BYTES, Transport
-from swarmgrad.errors import DecodeError, RemoteProtocolError, TransportError
-from swarmgrad.machine import (
+from swarmgrad.core.codec import Schema
+from swarmgrad.core.errors import DecodeError, RemoteProtocolError, TransportError
+from swarmgrad.core.machine import (
     Action,
     CancelTimer,
     Event,
@@ -39,6 +38,7 @@ from swarmgrad.machine import (
     SetTimer,
     TimerFired,
 )
+from swarmgrad.core.transport import DEFAULT_MAX_MESSAGE_BYTES, Transport
 
 if TYPE_CHECKING:  # libp2p installs trio-typing, whose stale `trio-stubs` hide trio's own `TaskStatus` from mypy
     from trio_typing import TaskStatus
