@@ -53,6 +53,7 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.records.validator import Validator
 from libp2p.tools.anyio_service import background_trio_service
 
+from p2p.addrs import ip_of
 from p2p.membership import VIA_BOOTSTRAP, VIA_DHT, CandidateFound
 from p2p.swarm import validate_swarm_id
 from swarmgrad.core.codec import FRAME_HEADER_SIZE, Schema, encode_frame_header, parse_frame_header
@@ -93,9 +94,17 @@ def parse_bootstrap_addr(addr: str) -> PeerInfo:
     """A bootstrap multiaddr (`/ip4/<ip>/tcp/<port>/p2p/<peer id>`) as a `PeerInfo`; `ConfigError` naming it
     when it is malformed or lacks the peer id."""
     try:
-        return info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        parsed = multiaddr.Multiaddr(addr)
+        info = info_from_p2p_addr(parsed)
     except (ValueError, TypeError, KeyError, multiaddr.exceptions.Error) as exc:
         raise ConfigError("bootstrap", addr, f"a multiaddr ending in /p2p/<peer id> ({exc})") from exc
+    ip = ip_of(parsed)
+    if ip is not None and ip.is_unspecified:
+        raise ConfigError(
+            "bootstrap", addr, "the bootstrap host's own IP (0.0.0.0 is where it listens, not an address to dial; "
+            "`swarmgrad id` on that host prints its dialable addresses)"
+        )
+    return info
 
 
 @dataclass(frozen=True)
@@ -198,9 +207,6 @@ class DiscoveryConfig:
     dial_timeout_s: float = 1.5
     """Bound on dialling one bootstrap peer, pnet handshake included (a wrong swarm key fails only after ~30-40 s
     in py-libp2p otherwise)."""
-    announce_addrs: tuple[str, ...] = ()
-    """TCP multiaddrs (without `/p2p/`) that other hosts can dial, put in the member record instead of the listen
-    addresses: needed when listening on 0.0.0.0, or behind a port mapping."""
     bootstrap_attempts: int = 3
     """Rounds of dialling the bootstrap addresses before giving up (a busy bootstrap peer may miss one dial)."""
     bootstrap_retry_s: float = 1.0
@@ -222,15 +228,6 @@ class DiscoveryConfig:
             raise ConfigError("bootstrap_addrs", self.bootstrap_addrs, "a tuple of multiaddr strings")
         for addr in self.bootstrap_addrs:
             parse_bootstrap_addr(addr)
-        if not isinstance(self.announce_addrs, tuple) or len(self.announce_addrs) > _MAX_ADDRS:
-            raise ConfigError("announce_addrs", self.announce_addrs, f"a tuple of at most {_MAX_ADDRS} multiaddrs")
-        for addr in self.announce_addrs:
-            try:
-                names = [protocol.name for protocol in multiaddr.Multiaddr(addr).protocols()]
-            except (ValueError, TypeError, multiaddr.exceptions.Error) as exc:
-                raise ConfigError("announce", addr, f"a multiaddr /ip4/<address>/tcp/<port> ({exc})") from exc
-            if names[-1:] == ["p2p"] or "tcp" not in names:
-                raise ConfigError("announce", addr, "a TCP multiaddr without /p2p/ (the peer id is added)")
         if not (isinstance(self.bootstrap_attempts, int) and self.bootstrap_attempts >= 1):
             raise ConfigError("bootstrap_attempts", self.bootstrap_attempts, "an integer >= 1")
         for name in (
@@ -302,9 +299,6 @@ class Discovery:
         records are published (at once, then every `republish_interval_s`) and lookups run, until cancelled.
         Raises `BootstrapFailed` when bootstrap addresses were given and none could be reached."""
         self._own_record = self._sign_record()  # served at once, to the peers we dial while joining
-        unspecified = [str(a) for a in self.host.get_addrs() if str(a).startswith(("/ip4/0.0.0.0/", "/ip6/::/"))]
-        if unspecified and not self.config.announce_addrs:
-            log.warning("advertising %s, which other hosts cannot dial: pass --announce", ", ".join(unspecified))
         async with background_trio_service(self.dht), trio.open_nursery() as nursery:
             started = trio.current_time()
             bootstrap_peers = await self.join()
@@ -362,10 +356,7 @@ class Discovery:
         return joined
 
     def _sign_record(self) -> bytes:
-        if self.config.announce_addrs:
-            addrs = tuple(f"{addr}/p2p/{self.local_peer}" for addr in self.config.announce_addrs)
-        else:
-            addrs = tuple(sorted(str(addr) for addr in self.host.get_addrs()))[:_MAX_ADDRS]
+        addrs = tuple(sorted(str(addr) for addr in self.host.get_addrs()))[:_MAX_ADDRS]
         expires_at = self._clock_unix_s() + self.config.record_ttl_s
         return RECORD_SCHEMA.encode(make_member_record(self._key_pair, self.config.swarm_id, addrs, expires_at))
 

@@ -8,9 +8,16 @@ holding the same 32-byte key can complete a connection). One connection per peer
 instead of ~250 ms, LIBP2P_NOTES #5). mDNS, UPnP, bootstrap and the auto-connector (which would re-dial every known
 peer every 30 s) stay off: discovery is the DHT's job, on top of this host.
 
+What the host advertises (identify, DHT provider records and peer routing all read `host.get_addrs()`) and which
+received addresses reach its dialer are decided by `p2p.addrs`: the announced addresses, or the listen addresses
+with 0.0.0.0 / :: expanded into this host's interface addresses (read once, when the host is built); never an
+unspecified address. py-libp2p's identify-observed addresses are not advertised (a NATed peer's observed address
+is not dialable either).
+
 `running_host(config)` is the one way to run it: it binds every listen address (or raises a `HostError` naming the
-address that failed), and on exit closes the host with `await host.close()` so that no socket stays open and the
-port is released (LIBP2P_NOTES #7). This module must not define stream protocols: `p2p.libp2p_transport` and the
+address that failed), installs the received-address filter, refuses a bootstrap address that would reach this host's
+own listener, and on exit closes the host with `await host.close()` so that no socket stays open and the port is
+released (LIBP2P_NOTES #7). This module must not define stream protocols: `p2p.libp2p_transport` and the
 DHT register theirs on the host it yields.
 """
 
@@ -36,7 +43,9 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
+from p2p.addrs import AddressPolicy, advertised_addrs, check_announce_addr, interface_ips
 from p2p.identity import load_or_create_identity
+from p2p.libp2p_compat import filter_received_addrs
 from swarmgrad.core.errors import ConfigError, LocalProtocolError, TransportError
 from swarmgrad.core.transport import DEFAULT_MAX_MESSAGE_BYTES
 
@@ -44,6 +53,8 @@ PSK_SIZE_BYTES = 32
 """libp2p pnet keys are 32 bytes (a Salsa20 key)."""
 
 _IP_PROTOCOLS = frozenset({"ip4", "ip6"})
+MAX_ADVERTISED_ADDRS = 8
+"""At most this many addresses are advertised (a member record carries at most this many)."""
 
 
 class HostError(TransportError):
@@ -68,6 +79,9 @@ class HostConfig:
     """The peer's identity file (created on first use, see `p2p.identity`)."""
     listen_addrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
     """TCP multiaddrs to listen on; port 0 picks a free port (`listen_multiaddrs` gives the real one)."""
+    announce_addrs: tuple[str, ...] = ()
+    """Dialable /ip4|ip6/<address>/tcp/<port> addresses to advertise instead of the (expanded) listen addresses:
+    for a host behind a port mapping, or with interfaces other peers cannot reach."""
     psk: bytes | None = None
     """A 32-byte pre-shared key: only peers holding the same key can connect (libp2p pnet). A peer with another
     key is refused only after its handshake times out (~30-40 s, LIBP2P_NOTES pnet row)."""
@@ -94,6 +108,12 @@ class HostConfig:
             _check_listen_addr(addr)
         if len(set(self.listen_addrs)) != len(self.listen_addrs):
             raise ConfigError("listen_addrs", self.listen_addrs, "distinct addresses")
+        if not isinstance(self.announce_addrs, tuple) or len(self.announce_addrs) > MAX_ADVERTISED_ADDRS:
+            raise ConfigError(
+                "announce_addrs", self.announce_addrs, f"a tuple of at most {MAX_ADVERTISED_ADDRS} multiaddrs"
+            )
+        for addr in self.announce_addrs:
+            check_announce_addr("announce_addrs", addr)
         if self.psk is not None and (not isinstance(self.psk, bytes) or len(self.psk) != PSK_SIZE_BYTES):
             raise ConfigError("psk", self.psk, f"None or exactly {PSK_SIZE_BYTES} bytes")
         if not isinstance(self.max_message_bytes, int) or self.max_message_bytes < 1:
@@ -119,6 +139,11 @@ def build_host(config: HostConfig) -> IHost:
     """A py-libp2p host for `config` (Noise only, yamux only, persistent identity, pnet when `psk` is set); not yet
     listening. Prefer `running_host`, which also binds and closes it."""
     key_pair = load_or_create_identity(config.key_path)
+    ips = interface_ips()
+
+    def advertise(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+        return advertised_addrs(candidates, config.announce_addrs, ips)[:MAX_ADVERTISED_ADDRS]
+
     noise = NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)
     connection_config = ConnectionConfig(
         max_connections=config.max_connections,
@@ -141,6 +166,8 @@ def build_host(config: HostConfig) -> IHost:
         psk=None if config.psk is None else config.psk.hex(),
         enable_mDNS=False,
         enable_upnp=False,
+        addrs_factory=advertise,
+        disable_identify_address_discovery=True,
     )
 
 
@@ -170,15 +197,18 @@ def _check_bindable(addr: str) -> None:
 
 
 @asynccontextmanager
-async def running_host(config: HostConfig) -> AsyncIterator[IHost]:
+async def running_host(config: HostConfig, bootstrap_addrs: tuple[str, ...] = ()) -> AsyncIterator[IHost]:
     """Build the host, listen on every address of `config`, and close it (releasing every socket) on exit.
 
-    Raises `HostError` naming the address when one cannot be bound (port in use, address not on this machine).
+    `bootstrap_addrs` are the addresses the user gave to join through: they are dialled as given (a loopback one
+    too), but one that would reach this host's own listener is refused. Raises `HostError` naming the address when
+    one cannot be bound (port in use, address not on this machine) or a bootstrap address is this host's own.
     """
     for addr in config.listen_addrs:
         _check_bindable(addr)
     host = build_host(config)
     wanted = [multiaddr.Multiaddr(addr) for addr in config.listen_addrs]
+    refusal: HostError | None = None
     async with host.run(listen_addrs=wanted):
         try:
             bound = host.get_network().listeners
@@ -193,11 +223,35 @@ async def running_host(config: HostConfig) -> AsyncIterator[IHost]:
             if not isinstance(network, Swarm):
                 raise LocalProtocolError(f"py-libp2p built a {type(network).__name__}, expected a Swarm")
             await network.auto_connector.stop()
-            yield host
+            policy = AddressPolicy(interface_ips(), host.get_transport_addrs())
+            refusal = _refuse_own_bootstrap(host, policy, bootstrap_addrs)
+            if refusal is None:
+                policy.trust(bootstrap_addrs)
+                filter_received_addrs(host, policy)
+                yield host
         finally:
             await host.close()
+    if refusal is not None:  # raised here, outside py-libp2p's nursery, so the caller gets it ungrouped
+        raise refusal
+
+
+def _refuse_own_bootstrap(host: IHost, policy: AddressPolicy, bootstrap_addrs: tuple[str, ...]) -> HostError | None:
+    """The error for the first bootstrap address that would reach this host's own listener, or None."""
+    for text in bootstrap_addrs:
+        addr = multiaddr.Multiaddr(text)
+        if addr.value_for_protocol("p2p") == host.get_id().to_base58():
+            continue  # ourselves by id: discovery skips it (pod 0 of a StatefulSet)
+        reason = policy.dialable(addr, peer_is_local=True)
+        if reason is not None:
+            return HostError(
+                f"bootstrap address {text} is {reason}, so it would reach this peer itself: give the address "
+                "the bootstrap host prints with `swarmgrad id` (its --announce address, or one of its "
+                "interface addresses)"
+            )
+    return None
 
 
 def listen_multiaddrs(host: IHost) -> list[str]:
-    """The addresses other peers can dial, each with the real bound port and ending in `/p2p/<peer id>`, sorted."""
+    """The addresses this host advertises (see `p2p.addrs`), each with the real bound port and ending in
+    `/p2p/<peer id>`, sorted."""
     return sorted(str(addr) for addr in host.get_addrs())

@@ -306,7 +306,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[SwarmNode]:
     """Start the host and the node, joined to the swarm; stop and close everything on exit. Raises `HostError`
     (port in use), `IdentityError` (bad key file) or `BootstrapFailed` with nothing left running."""
     key_pair = load_or_create_identity(config.host.key_path)
-    async with running_host(config.host) as host, trio.open_nursery() as nursery:
+    async with running_host(config.host, config.discovery.bootstrap_addrs) as host, trio.open_nursery() as nursery:
         node = SwarmNode(host, key_pair, config)
         await nursery.start(node.run)
         try:

@@ -1,8 +1,8 @@
 """The `swarmgrad` command line: argument parsing, the subcommands' top level, exit codes.
 
-Subcommands here: `id` (print this peer's id and listen multiaddrs), `keygen` (write a new private-swarm key) and
-`node` (run a discovery-only member of a swarm: a bootstrap peer, or a probe for tests and benchmarks). Other
-modules add subcommands by convention: a module listed in `PLUGIN_SUBCOMMANDS` defines
+Subcommands here: `id` (print this peer's id and the addresses others dial it at), `keygen` (write a new
+private-swarm key) and `node` (run a discovery-only member of a swarm: a bootstrap peer, or a probe for tests and
+benchmarks). Other modules add subcommands by convention: a module listed in `PLUGIN_SUBCOMMANDS` defines
 `register(subparsers) -> None`, which adds its parser (under the listed name) with
 `set_defaults(run=<function(args) -> int>)`; it can reuse `add_swarm_arguments` and `node_config_from_args` for
 the flags every swarm member shares. A plugin module is imported only when its subcommand runs, so `swarmgrad id`
@@ -29,8 +29,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import multiaddr
 import trio
 
+from p2p.addrs import advertised_addrs, interface_ips, tcp_port_of
 from p2p.discovery import DiscoveryConfig
 from p2p.host import HostConfig
 from p2p.identity import load_or_create_identity, peer_id_of
@@ -95,7 +97,7 @@ def add_swarm_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="MULTIADDR",
-        help="address other hosts can dial, /ip4/<ip>/tcp/<port> (repeatable); needed when listening on 0.0.0.0",
+        help="advertise this /ip4/<ip>/tcp/<port> instead of the interface addresses (repeatable): port mappings, NAT",
     )
     parser.add_argument("--swarm-id", required=True, help="the swarm's name: a-z, 0-9, '.', '_', '-'")
     parser.add_argument(
@@ -112,11 +114,10 @@ def node_config_from_args(args: argparse.Namespace) -> NodeConfig:
         host=HostConfig(
             key_path=args.data_dir / IDENTITY_FILE,
             listen_addrs=tuple(args.listen or [DEFAULT_LISTEN]),
+            announce_addrs=tuple(args.announce),
             psk=None if swarm_key is None else swarm_key.key,
         ),
-        discovery=DiscoveryConfig(
-            swarm_id=args.swarm_id, bootstrap_addrs=tuple(args.bootstrap), announce_addrs=tuple(args.announce)
-        ),
+        discovery=DiscoveryConfig(swarm_id=args.swarm_id, bootstrap_addrs=tuple(args.bootstrap)),
         membership=MembershipConfig(max_peers=args.max_peers),
     )
 
@@ -125,11 +126,33 @@ def node_config_from_args(args: argparse.Namespace) -> NodeConfig:
 
 
 def _run_id(args: argparse.Namespace) -> int:
-    key_path = args.data_dir / IDENTITY_FILE
+    data_dir, listen, announce = args.data_dir, args.listen or [DEFAULT_LISTEN], args.announce
+    if args.config is not None or args.set:
+        # the peer's own view: its config file and overrides, then the flags (imported here: it pulls in torch)
+        from swarmgrad.config import load_config, parse_override
+
+        overrides: dict[str, object] = dict(parse_override(text) for text in args.set)
+        overrides.update(
+            {
+                k: v
+                for k, v in {
+                    "network.listen": args.listen,
+                    "network.announce": args.announce or None,
+                    "peer.data_dir": args.data_dir,
+                }.items()
+                if v is not None
+            }
+        )
+        config = load_config(args.config, overrides)
+        data_dir, listen, announce = config.peer.data_dir, list(config.network.listen), list(config.network.announce)
+    data_dir = data_dir or DEFAULT_DATA_DIR
+    key_path = data_dir / IDENTITY_FILE
+    HostConfig(key_path=key_path, listen_addrs=tuple(listen), announce_addrs=tuple(announce))  # validates them
     peer_id = peer_id_of(load_or_create_identity(key_path))
-    listen = args.listen or [DEFAULT_LISTEN]
-    HostConfig(key_path=key_path, listen_addrs=tuple(listen))  # validates the addresses
-    addrs = [f"{addr}/p2p/{peer_id}" for addr in listen]
+    dialable = advertised_addrs([multiaddr.Multiaddr(addr) for addr in listen], announce, interface_ips())
+    addrs = [f"{addr}/p2p/{peer_id}" for addr in dialable]
+    if any(tcp_port_of(addr) == 0 for addr in dialable):
+        print("note: port 0 is chosen when the peer starts; its log shows the real address", file=sys.stderr)
     if args.json:
         print(json.dumps({"peer_id": peer_id, "addrs": addrs, "identity_file": str(key_path)}))
     else:
@@ -235,9 +258,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    id_parser = subparsers.add_parser("id", help="print this peer's id and listen multiaddrs (creates the identity)")
-    id_parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    id_parser = subparsers.add_parser(
+        "id",
+        help="print this peer's id and the addresses others dial it at (creates the identity)",
+        description="Print this peer's id and the addresses a joiner passes as --bootstrap: the --announce ones, "
+        "else the listen addresses with 0.0.0.0 expanded into this host's interface addresses. Give it the same "
+        "--config / --set / --listen / --announce as the peer.",
+    )
+    id_parser.add_argument("--config", type=Path, metavar="FILE", help="the peer's TOML configuration file")
+    id_parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    id_parser.add_argument("--data-dir", type=Path, help=f"default {DEFAULT_DATA_DIR} (peer.data_dir)")
     id_parser.add_argument("--listen", action="append", metavar="MULTIADDR")
+    id_parser.add_argument("--announce", action="append", default=[], metavar="MULTIADDR")
     id_parser.add_argument("--json", action="store_true", help="one JSON object instead of lines")
     id_parser.set_defaults(run=_run_id)
 

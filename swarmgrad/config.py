@@ -30,6 +30,8 @@ from typing import Any, Literal
 import multiaddr
 
 from gossip.round import GossipConfig
+from p2p.addrs import check_announce_addr
+from p2p.discovery import parse_bootstrap_addr
 from p2p.swarm import validate_swarm_id
 from swarmgrad.core.errors import ConfigError
 from training.loop import LoopConfig
@@ -73,8 +75,9 @@ class NetworkConfig:
     listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/7400",)
     bootstrap: tuple[str, ...] = ()
     announce: tuple[str, ...] = ()
-    """Dialable /ip4/<address>/tcp/<port> addresses to publish in this peer's member record, for a peer that listens
-    on 0.0.0.0 (which other hosts cannot dial); empty: publish the listen addresses."""
+    """Dialable /ip4/<address>/tcp/<port> addresses to advertise instead of the listen addresses (behind a port
+    mapping, or to choose among several interfaces); empty: the listen addresses, 0.0.0.0 expanded into this host's
+    interface addresses."""
     swarm_key: Path | None = None
     dial_timeout_s: float = 10.0
     """Bound on dialling one bootstrap peer (handshake included): a wrong swarm key fails after this long."""
@@ -99,13 +102,15 @@ class NetworkConfig:
             if names[:1] not in (["ip4"], ["ip6"]) or names[1:] != ["tcp"]:
                 raise ConfigError("network.listen", text, "a TCP multiaddr /ip4/<address>/tcp/<port>")
         for text in self.announce:
-            names = [p.name for p in _parse_multiaddr("network.announce", text).protocols()]
-            if names[:1] not in (["ip4"], ["ip6"]) or names[1:] != ["tcp"]:
-                raise ConfigError("network.announce", text, "a TCP multiaddr /ip4/<address>/tcp/<port>")
+            check_announce_addr("network.announce", text)
         for text in self.bootstrap:
             names = [p.name for p in _parse_multiaddr("network.bootstrap", text).protocols()]
             if "tcp" not in names or names[-1] != "p2p":
                 raise ConfigError("network.bootstrap", text, "a multiaddr ending in /tcp/<port>/p2p/<peer id>")
+            try:
+                parse_bootstrap_addr(text)
+            except ConfigError as exc:
+                raise ConfigError("network.bootstrap", text, exc.expected) from exc
         if not 0 < self.dial_timeout_s < float("inf"):
             raise ConfigError("network.dial_timeout_s", self.dial_timeout_s, "a finite number of seconds > 0")
         if self.bootstrap_attempts < 1:

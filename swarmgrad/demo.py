@@ -43,9 +43,10 @@ class PeerFailed(Exception):
 
 
 class PeerProcess:
-    """One `swarmgrad peer --json` child process; its stderr goes to `log_path`."""
+    """One `swarmgrad peer --json` child process; its stderr goes to `log_path`. `wrap` prefixes the command (e.g.
+    `ip netns exec <namespace>` to run it on another simulated host)."""
 
-    def __init__(self, name: str, args: Sequence[str], log_path: Path) -> None:
+    def __init__(self, name: str, args: Sequence[str], log_path: Path, wrap: Sequence[str] = ()) -> None:
         self.name = name
         self.log_path = log_path
         self.events: queue.Queue[Event] = queue.Queue()
@@ -53,7 +54,7 @@ class PeerProcess:
         self._log = open(log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "swarmgrad.cli", "peer", "--json", *args],
+            [*wrap, sys.executable, "-m", "swarmgrad.cli", "peer", "--json", *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=self._log,

@@ -281,12 +281,12 @@ class Peer:
             host=HostConfig(
                 key_path=key_path,
                 listen_addrs=config.network.listen,
+                announce_addrs=config.network.announce,
                 psk=None if swarm_key is None else swarm_key.key,
             ),
             discovery=DiscoveryConfig(
                 swarm_id=config.network.swarm_id,
                 bootstrap_addrs=bootstrap,
-                announce_addrs=config.network.announce,
                 dial_timeout_s=config.network.dial_timeout_s,
                 bootstrap_attempts=config.network.bootstrap_attempts,
                 bootstrap_retry_s=config.network.bootstrap_retry_s,

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,14 +32,14 @@ def peer_down(peer: str) -> Callable[[list[Event]], bool]:
 
 
 class NodeProcess:
-    def __init__(self, name: str, args: list[str], log_dir: Path) -> None:
+    def __init__(self, name: str, args: list[str], log_dir: Path, wrap: Sequence[str] = ()) -> None:
         self.name = name
         self.args = args
         self.stderr_path = log_dir / f"{name}.err"
         self._stderr = self.stderr_path.open("w")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "swarmgrad.cli", "--log-level", "INFO", *args],
+            [*wrap, sys.executable, "-m", "swarmgrad.cli", "--log-level", "INFO", *args],
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             text=True,
@@ -116,11 +116,19 @@ class NodeGroup:
         self.tmp = tmp
         self.nodes: list[NodeProcess] = []
 
-    def start(self, name: str, *args: str, swarm_id: str = "test", listen: str = "/ip4/127.0.0.1/tcp/0") -> NodeProcess:
+    def start(
+        self,
+        name: str,
+        *args: str,
+        swarm_id: str = "test",
+        listen: str = "/ip4/127.0.0.1/tcp/0",
+        wrap: Sequence[str] = (),
+    ) -> NodeProcess:
         node = NodeProcess(
             name,
             ["node", "--data-dir", str(self.tmp / name), "--listen", listen, "--swarm-id", swarm_id, *args],
             self.tmp,
+            wrap,
         )
         self.nodes.append(node)
         return node

@@ -45,6 +45,21 @@ def test_id_is_stable_across_restarts_and_prints_dialable_addresses(
     assert status == 0 and json.loads(second)["peer_id"] == peer_id
 
 
+def test_id_on_the_unspecified_address_prints_interface_addresses_or_the_announced_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["id", "--data-dir", str(tmp_path), "--listen", "/ip4/0.0.0.0/tcp/7400", "--json"]
+    status, out, _ = run(argv, capsys)
+    printed = json.loads(out)
+    assert status == 0 and printed["addrs"]
+    for addr in printed["addrs"]:
+        assert "/0.0.0.0/" not in addr and addr.endswith(f"/tcp/7400/p2p/{printed['peer_id']}"), addr
+    status, out, _ = run([*argv, "--announce", "/ip4/203.0.113.7/tcp/9000"], capsys)
+    assert status == 0 and json.loads(out)["addrs"] == [f"/ip4/203.0.113.7/tcp/9000/p2p/{printed['peer_id']}"]
+    status, out, err = run([*argv, "--announce", "/ip4/0.0.0.0/tcp/7400"], capsys)
+    assert status == 2 and out == "" and "announce" in err and "0.0.0.0" in err
+
+
 def test_id_refuses_a_key_file_others_can_read_and_says_how_to_fix_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -103,6 +118,21 @@ def test_node_on_a_port_in_use_fails_naming_the_address(tmp_path: Path, capsys: 
         status, out, err = run(["node", "--data-dir", str(tmp_path), "--swarm-id", "s", "--listen", addr], capsys)
     assert status == 1 and out == ""
     assert addr in err and "in use" in err
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "127.0.0.1"])
+def test_node_bootstrapping_to_its_own_listener_fails_at_once_saying_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], host: str
+) -> None:
+    port = free_port()
+    boot = f"/ip4/{host}/tcp/{port}/p2p/{PEER}"
+    argv = ["node", "--data-dir", str(tmp_path), "--swarm-id", "s", "--listen", f"/ip4/0.0.0.0/tcp/{port}"]
+    started = time.monotonic()
+    status, out, err = run([*argv, "--bootstrap", boot], capsys)
+    assert status in (1, 2) and out == ""
+    assert boot in err and ("itself" in err or "0.0.0.0" in err) and "swarmgrad id" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert time.monotonic() - started < 10
 
 
 def test_node_with_an_unreachable_bootstrap_fails_fast_and_releases_its_port(
