@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint bench setup
+.PHONY: demo test test-long lint bench setup
 
 setup: $(STAMP)
 
@@ -20,9 +20,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+test-long: $(STAMP)
+	$(PY) -m pytest -q -m long
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check swarmgrad p2p gossip training consensus sim testing tests benchmarks
 	$(VENV)/bin/mypy swarmgrad p2p gossip training consensus sim testing
+	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
 	@for b in benchmarks/*.py; do echo "== $$b" >&2; $(PY) $$b || exit 1; done
