@@ -4,8 +4,10 @@ A `SparseUpdate` carries what a peer tells one neighbour in one round: the *valu
 few coordinates (a top-k `SparsePayload`), tagged with the swarm id, the round number and a fingerprint of the
 model's shape. The sender is not in the message: it is the transport's authenticated peer id (Noise on libp2p).
 `reply=False` asks the receiver to answer with its own update for the same round (push-pull); `reply=True` is that
-answer. The round machine (`gossip.round`) decides what is stale, replayed or mismatched; this module only checks
-that each field is well formed.
+answer. `clock` is the sender's own round when it sent the message: equal to `round` in a request, and in a reply
+the replier's round, which may differ from the requester's (a peer answers requests for other rounds too). The
+round machine (`gossip.round`) decides what is stale, replayed or mismatched; this module only checks that each
+field is well formed.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from dataclasses import dataclass
 from swarmgrad.core.codec import Schema
 from training.topk import SparsePayload
 
-PROTOCOL = "/swarmgrad/gossip/1.0.0"
+PROTOCOL = "/swarmgrad/gossip/2.0.0"
+"""2.0.0 added `clock`; a 1.0.0 peer cannot negotiate this protocol, so the two never mix."""
 FINGERPRINT_BYTES = 16
 MAX_SWARM_ID_CHARS = 128
 
@@ -31,12 +34,17 @@ class SparseUpdate:
     fingerprint: bytes
     reply: bool
     payload: SparsePayload
+    clock: int
 
     def __post_init__(self) -> None:
         if not 0 < len(self.swarm_id) <= MAX_SWARM_ID_CHARS:
             raise ValueError(f"swarm_id must have 1 to {MAX_SWARM_ID_CHARS} characters, got {len(self.swarm_id)}")
         if self.round < 0:
             raise ValueError(f"round must be >= 0, got {self.round}")
+        if self.clock < 0:
+            raise ValueError(f"clock must be >= 0, got {self.clock}")
+        if not self.reply and self.clock != self.round:
+            raise ValueError(f"a request's clock is its round ({self.round}), got {self.clock}")
         if len(self.fingerprint) != FINGERPRINT_BYTES:
             raise ValueError(f"fingerprint must be {FINGERPRINT_BYTES} bytes, got {len(self.fingerprint)}")
 

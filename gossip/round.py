@@ -20,9 +20,9 @@ averaging done by gossip as in NoLoCo, arXiv 2506.10911). One round r at peer i:
    difference is the error-feedback memory. Unlike CHOCO, the peer sends the *values* `x_i[S]`, not the compressed
    difference, and sets `p_i[S] = x_i[S]` (as rounded for the wire).
 3. **Push-pull.** It sends that `SparseUpdate` to each chosen neighbour; a peer receiving an update with
-   `reply=False` answers, unless it already sent one to that peer this round, with its own values *on the
-   requester's coordinates*. So an exchange is two-sided on the same coordinates, and each side mixes the
-   other's values there (with equal weights the pair's sum is preserved).
+   `reply=False` answers (every request, also from a peer it asked itself: two peers that pick each other swap
+   both ways) with its own values *on the requester's coordinates*. So an exchange is two-sided on the same
+   coordinates, and each side mixes the other's values there (with equal weights the pair's sum is preserved).
 4. **Aggregate at the round's end** -- when every chosen neighbour has answered (or failed to be reached), or at
    the deadline, whichever comes first. A chosen neighbour that did not answer is asked again within the next
    `miss_backoff_rounds` rounds only if there are not enough other eligible peers. The peer aggregates the
@@ -56,18 +56,44 @@ Robustness: `aggregation="clipped"` (the default) bounds what any neighbour can 
 so that a Byzantine minority cannot inflate it (`gossip.aggregate`). Dead, hung or slow neighbours only lose
 their contribution: the round never waits past its deadline, and every send carries that deadline.
 
-Round numbers and messages: a peer's rounds strictly increase, and an honest peer sends another at most one message
-per round (a request, or a reply to its request, never both). Per sender, a second message for a round is a replay,
-and one more than `max_future_rounds` below the latest round seen from that sender is stale (an honest peer answers
-late requests only that far back): `RemoteProtocolError` (the driver scores the peer). A message for an older round
-than the sender's latest is otherwise normal: a peer that already sent its request for round r + 1 may still answer
-our request for round r late. Other checks that raise it: wrong swarm id, wrong model fingerprint, a payload that
-`unpack_sparse` rejects (wrong size, out of range or repeated indices, non-finite values, more than k entries). A
-message for a past round is late: dropped and counted (a late request for one of the last `max_future_rounds`
-rounds is still answered, from the public copy). One for a future round within `max_future_rounds` is buffered
-(at most `max_buffered_updates` in all, decoded and checked first); further ahead it is dropped and counted. A new
-round's number is the larger of the next round and the lower median of the latest rounds heard from live peers, so
-a peer that joins late or falls behind catches up, and a Byzantine minority cannot push it ahead.
+Messages: a peer's rounds strictly increase. Every message carries the sender's `clock`, its own round (in a
+request, the request's round). Per sender, a second request for one round, or a second reply for one round, is a
+replay, and a request more than `max_future_rounds` below that sender's latest request is stale:
+`RemoteProtocolError` (the driver scores the peer). Other checks that raise it: wrong swarm id, wrong model
+fingerprint, a payload that `unpack_sparse` rejects (wrong size, out of range or repeated indices, non-finite values,
+more than k entries). A message for a past round is late: dropped and counted. One for a future round within
+`max_future_rounds` is buffered (at most `max_buffered_updates` in all, decoded and checked first); further ahead it
+is dropped and counted. But a *request* for a round this peer is not in, past or far ahead, is answered at once
+from the public copy (the values this peer last told the swarm, on the requested coordinates it has told; once per
+request): so a neighbour in another round never costs the requester its deadline.
+
+The round clock
+===============
+
+A round's number is `max(next round, C)`, C the (f+1)-th largest clock heard from the live peers (the latest clock
+each sent), where f = (n - 1) // 3 for n = live peers + 1 is the number of Byzantine peers the swarm tolerates. A
+peer *holds* (`StartRound` completes at once, `held=True`, nothing sent, the round number kept) while it has no
+live peer, or while fewer than f + 1 peers, itself included, are within `max_future_rounds` of its next round or
+ahead of it (a peer whose clock it has not heard counts as near). What follows, for at most f Byzantine live peers:
+
+* **No push ahead.** At least one honest live peer's clock is >= C, so an honest peer never numbers a round above
+  the largest honest clock (or its own next round): Byzantine clocks, however large, move nobody.
+* **Catch-up in one round.** If f + 1 honest peers are at round H or beyond, every honest peer that has heard their
+  clocks starts its next round at >= H. With n <= 3 (f = 0) that is the largest clock heard: a lagger joins the
+  leader's round at its next round start.
+* **No deadline spent on another round.** A request for a round the receiver is not in is answered at once (see
+  above), so a round waits its deadline only for neighbours that are dead, hung, unreachable, or within
+  `max_future_rounds` rounds behind it and slow; never for a live peer at a distant round.
+* **No lone drift.** A peer alone, or ahead of all but at most f - 1 others by more than `max_future_rounds`, holds
+  instead of numbering rounds nobody else is in (a round without neighbours completes at once: a lone peer used to
+  run thousands of them a minute and leave the swarm far behind). The peers behind, whose requests it answers at
+  once, close the gap at their own round rate; then it resumes. A Byzantine minority cannot make an honest peer hold
+  while f + 1 honest peers are near it (their clocks count, however low the Byzantine ones claim to be).
+
+So from any start the honest live peers reach rounds within `max_future_rounds` of each other after at most
+(largest gap) / (slowest honest round rate) of their own rounds, and no honest round on the way waits a deadline for
+a live, reachable honest peer: `tests/test_round_clock.py` runs this from arbitrary starts (spread, one ahead, two
+behind, split halves, with Byzantine clocks) over many seeds in virtual time.
 """
 
 from __future__ import annotations
@@ -202,6 +228,9 @@ class RoundCompleted:
     missing: tuple[PeerId, ...]
     clipped: int
     timed_out: bool
+    held: bool = False
+    """The peer held (see the round clock in the module docstring): no round ran, `round` is the one it waits to
+    start, `params` is unchanged."""
 
 
 @dataclass
@@ -211,7 +240,6 @@ class _Round:
     params: torch.Tensor
     chosen: frozenset[PeerId]
     expected: set[PeerId]
-    sent_to: set[PeerId]
     received: dict[PeerId, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
@@ -220,10 +248,18 @@ class GossipRound:
     it emits `Send`s (each bounded by the round deadline), its round timer and `Notify(RoundCompleted)`."""
 
     def __init__(
-        self, config: GossipConfig, local_peer: PeerId, numel: int, fingerprint: bytes, rng: random.Random
+        self,
+        config: GossipConfig,
+        local_peer: PeerId,
+        numel: int,
+        fingerprint: bytes,
+        rng: random.Random,
+        first_round: int = 0,
     ) -> None:
         if numel < 1:
             raise LocalProtocolError(f"numel must be >= 1, got {numel}")
+        if first_round < 0:
+            raise LocalProtocolError(f"first_round must be >= 0, got {first_round}")
         self.config = config
         self.numel = numel
         self.k = config.k_for(numel)
@@ -232,12 +268,15 @@ class GossipRound:
         self._rng = rng
         self._live: set[PeerId] = set()
         self._public: torch.Tensor | None = None
+        self._told = torch.empty(0, dtype=torch.bool)  # which coordinates the public copy holds a told value of
         self._difference = torch.empty(0)  # scratch for x - public, allocated with the public copy
         self._round: _Round | None = None
-        self._next_round = 0
-        self._answered: dict[int, set[PeerId]] = {}  # who was sent an update, per recent completed round
-        # rounds heard per sender: its latest and those within `max_future_rounds` below it
-        self._heard_from: dict[PeerId, set[int]] = {}
+        self._next_round = first_round
+        # request rounds heard per sender: its latest and those within `max_future_rounds` below it
+        self._requests_from: dict[PeerId, set[int]] = {}
+        # reply rounds heard per sender (rounds of ours), back to `max_future_rounds` below our next round
+        self._replies_from: dict[PeerId, set[int]] = {}
+        self._clock_of: dict[PeerId, int] = {}  # the largest clock each peer has sent
         self._backoff_until: dict[PeerId, int] = {}  # a chosen neighbour that did not answer is not asked again
         self._buffer: dict[int, dict[PeerId, tuple[SparseUpdate, torch.Tensor, torch.Tensor]]] = {}
         self._norms: deque[float] = deque(maxlen=config.clip_history_len)
@@ -252,6 +291,11 @@ class GossipRound:
     @property
     def in_round(self) -> bool:
         return self._round is not None
+
+    @property
+    def clock(self) -> int:
+        """This peer's round: the one it is in, or else the next one it will start."""
+        return self._round.number if self._round is not None else self._next_round
 
     def statistics(self) -> dict[str, int]:
         """Counters: rounds, timeouts, updates received / aggregated / late / buffered / dropped, replies, clips."""
@@ -284,17 +328,23 @@ class GossipRound:
             raise LocalProtocolError(f"round {self._round.number} is still running")
         if params.dtype != torch.float32 or params.dim() != 1 or params.numel() != self.numel:
             raise LocalProtocolError(f"params must be a flat float32 tensor of {self.numel}, got {params.shape}")
-        number = self._catch_up_round()
+        number = self._next_number()
+        if self._holds(number):
+            self._next_round = number
+            self._counters["rounds_held"] += 1
+            return [Notify(RoundCompleted(number, params, (), (), 0, False, held=True))]
         x = params.detach()
         if self.config.error_feedback:
             if self._public is None:
                 self._public = torch.zeros(self.numel)
+                self._told = torch.zeros(self.numel, dtype=torch.bool)
                 self._difference = torch.empty(self.numel)
             # into a buffer kept across rounds: a fresh 40 MB tensor costs more in page faults than the subtraction
             indices, _ = topk_abs(torch.sub(x, self._public, out=self._difference), self.k)
         else:
             indices, _ = topk_abs(x, self.k)
-        update = self._pack(number, False, indices, x)  # NaN and Inf rank first in top-k: `pack_sparse` refuses them
+        # NaN and Inf rank first in top-k: `pack_sparse` refuses them
+        update = self._pack(number, False, indices, x, number)
         eligible = [p for p in sorted(self._live) if self._eligible(number, self.local_peer, p, ELIGIBLE_FACTOR)]
         rested = [p for p in eligible if self._backoff_until.get(p, 0) <= number]
         backed_off = [p for p in eligible if self._backoff_until.get(p, 0) > number]
@@ -303,39 +353,57 @@ class GossipRound:
         if len(chosen) < m:  # never fewer neighbours than possible: backed-off peers fill the remaining places
             chosen += self._rng.sample(backed_off, min(m - len(chosen), len(backed_off)))
         deadline = now + self.config.round_deadline_s
-        current = _Round(number, deadline, x, frozenset(chosen), set(chosen), set(chosen))
+        current = _Round(number, deadline, x, frozenset(chosen), set(chosen))
         self._round = current
         self._counters["rounds"] += 1
         actions: list[Action] = [Send(peer, update, deadline) for peer in sorted(chosen)]
         actions.append(SetTimer(self._timer_key(number), deadline))
-        for stale in sorted(r for r in self._buffer if r < number):
-            self._counters["late_dropped"] += len(self._buffer.pop(stale))
+        for stale in sorted(r for r in self._buffer if r < number):  # rounds skipped by a jump: answer requests
+            for peer, (msg, indices_in, _) in sorted(self._buffer.pop(stale).items()):
+                self._counters["late_dropped"] += 1
+                actions.extend(self._answer_elsewhere(now, peer, msg, indices_in))
         for peer, (msg, indices_in, values_in) in sorted(self._buffer.pop(number, {}).items()):
             actions.extend(self._accept(current, peer, msg, indices_in, values_in))
         if not current.expected:
             actions.extend(self._complete(timed_out=False))
         return actions
 
-    def _catch_up_round(self) -> int:
-        latest = sorted(max(self._heard_from[p]) for p in self._live if p in self._heard_from)
-        if not latest:
-            return self._next_round
-        return max(self._next_round, latest[(len(latest) - 1) // 2])
+    def _tolerated(self) -> int:
+        """f: how many Byzantine peers a swarm of this peer and its live peers tolerates (n >= 3f + 1)."""
+        return len(self._live) // 3
+
+    def _next_number(self) -> int:
+        """The next round's number: see the round clock in the module docstring."""
+        clocks = sorted((self._clock_of[p] for p in self._live if p in self._clock_of), reverse=True)
+        f = self._tolerated()
+        return max(self._next_round, clocks[f]) if len(clocks) > f else self._next_round
+
+    def _holds(self, number: int) -> bool:
+        """Whether fewer than f + 1 peers, this one included, are near `number` (unheard peers count as near)."""
+        far_behind = sum(
+            1 for p in self._live if p in self._clock_of and self._clock_of[p] < number - self.config.max_future_rounds
+        )
+        near = 1 + len(self._live) - far_behind
+        return not self._live or (far_behind > 0 and near < self._tolerated() + 1)
 
     def _accept(
         self, current: _Round, peer: PeerId, msg: SparseUpdate, indices: torch.Tensor, values: torch.Tensor
     ) -> list[Action]:
-        if peer in current.chosen or self._eligible(current.number, peer, self.local_peer, ACCEPT_FACTOR):
+        if not indices.numel():  # an answer from a peer that has told the swarm nothing yet: nothing to mix
+            current.expected.discard(peer)
+            self._counters["empty_updates"] += 1
+        elif peer in current.chosen or self._eligible(current.number, peer, self.local_peer, ACCEPT_FACTOR):
             current.received[peer] = (indices, values)
             current.expected.discard(peer)
             self._counters["updates_aggregated"] += 1
         else:
             self._counters["unsolicited_answered"] += 1
-        if msg.reply or peer in current.sent_to:
+        # Every request gets its reply, also from a peer this peer asked too: its own request may have reached that
+        # peer in another round (answered there, not counted in this round), and then that peer is still waiting.
+        if msg.reply:
             return []
-        current.sent_to.add(peer)
         self._counters["replies_sent"] += 1
-        reply = self._pack(current.number, True, indices, current.params)
+        reply = self._pack(current.number, True, indices, current.params, current.number)
         return [Send(peer, reply, current.deadline)]
 
     def _forget_expected(self, peer: PeerId) -> list[Action]:
@@ -351,10 +419,9 @@ class GossipRound:
             raise LocalProtocolError("no round to complete")
         params, clipped = self._aggregate(current)
         self._round = None
-        self._answered[current.number] = current.sent_to
-        for old in [r for r in self._answered if r < current.number - self.config.max_future_rounds]:
-            del self._answered[old]
         self._next_round = current.number + 1
+        for peer, rounds in self._replies_from.items():
+            self._replies_from[peer] = {r for r in rounds if r >= self._next_round - self.config.max_future_rounds}
         for peer in current.expected:
             self._backoff_until[peer] = current.number + 1 + self.config.miss_backoff_rounds
         self._counters["rounds_timed_out"] += int(timed_out)
@@ -423,10 +490,11 @@ class GossipRound:
             raise RemoteProtocolError(peer, f"update for swarm {msg.swarm_id!r}, this is {self.config.swarm_id!r}")
         if msg.fingerprint != self.fingerprint:
             raise RemoteProtocolError(peer, "update for a model of another shape (fingerprint mismatch)")
-        heard = self._heard_from.get(peer, set())
-        latest = max(heard) if heard else None
+        heard = (self._replies_from if msg.reply else self._requests_from).get(peer, set())
+        kind = "reply" if msg.reply else "request"
         if msg.round in heard:
-            raise RemoteProtocolError(peer, f"replayed round {msg.round} (an honest peer speaks once a round)")
+            raise RemoteProtocolError(peer, f"replayed round {msg.round} (an honest peer sends one {kind} a round)")
+        latest = max(heard) if heard and not msg.reply else None
         if latest is not None and msg.round < latest - self.config.max_future_rounds:
             raise RemoteProtocolError(peer, f"stale round {msg.round} (already had round {latest})")
         try:
@@ -434,9 +502,13 @@ class GossipRound:
         except DecodeError as exc:
             raise RemoteProtocolError(peer, f"bad sparse payload: {exc}") from exc
         # Valid: from here on the state may change.
-        latest = msg.round if latest is None else max(latest, msg.round)
         heard.add(msg.round)
-        self._heard_from[peer] = {r for r in heard if r >= latest - self.config.max_future_rounds}
+        if msg.reply:
+            self._replies_from[peer] = heard
+        else:
+            newest = max(heard)
+            self._requests_from[peer] = {r for r in heard if r >= newest - self.config.max_future_rounds}
+        self._clock_of[peer] = max(self._clock_of.get(peer, 0), msg.clock)
         self._counters["updates_received"] += 1
         current = self._round
         if current is not None and msg.round == current.number:
@@ -447,10 +519,10 @@ class GossipRound:
         base = current.number if current is not None else self._next_round
         if msg.round < base:
             self._counters["late_dropped"] += 1
-            return self._answer_late(now, peer, msg, indices)
+            return self._answer_elsewhere(now, peer, msg, indices)
         if msg.round > base + self.config.max_future_rounds:
             self._counters["future_dropped"] += 1
-            return []
+            return self._answer_elsewhere(now, peer, msg, indices)
         if sum(len(b) for b in self._buffer.values()) >= self.config.max_buffered_updates:
             self._counters["buffer_full_dropped"] += 1
             return []
@@ -458,23 +530,33 @@ class GossipRound:
         self._counters["future_buffered"] += 1
         return []
 
-    def _answer_late(self, now: float, peer: PeerId, msg: SparseUpdate, indices: torch.Tensor) -> list[Action]:
-        """A request for a recent round this peer already finished still gets an answer, from the public copy (the
-        values this peer last told the swarm); a one-sided exchange. Without error feedback there is no copy."""
-        answered = self._answered.get(msg.round)
-        if msg.reply or self._public is None or answered is None or peer in answered:
+    def _answer_elsewhere(self, now: float, peer: PeerId, msg: SparseUpdate, indices: torch.Tensor) -> list[Action]:
+        """A request for a round this peer is not in (finished, skipped, or far ahead) gets an answer at once, from
+        the public copy (the values this peer last told the swarm), with this peer's clock: a one-sided exchange
+        that spares the requester its deadline and tells it where this peer is. Also to a peer this peer sent its
+        own request for that round: that request may have reached it in another round, and then it is still
+        waiting (a second contribution of one peer to a round replaces the first). Without error feedback there is
+        no copy to answer from. Only coordinates this peer has told are answered (possibly none: the answer still
+        carries the clock)."""
+        if msg.reply or not self.config.error_feedback:
             return []
-        answered.add(peer)
+        if self._public is None:
+            self._public = torch.zeros(self.numel)
+            self._told = torch.zeros(self.numel, dtype=torch.bool)
+            self._difference = torch.empty(self.numel)
+        indices = indices[self._told[indices]]
         self._counters["late_replies_sent"] += 1
-        return [Send(peer, self._pack(msg.round, True, indices, self._public), now + self.config.round_deadline_s)]
+        reply = self._pack(msg.round, True, indices, self._public, self.clock)
+        return [Send(peer, reply, now + self.config.round_deadline_s)]
 
-    def _pack(self, number: int, reply: bool, indices: torch.Tensor, x: torch.Tensor) -> SparseUpdate:
+    def _pack(self, number: int, reply: bool, indices: torch.Tensor, x: torch.Tensor, clock: int) -> SparseUpdate:
         """An update with `x`'s values at `indices`; the public copy records what was told (as rounded)."""
         payload = pack_sparse(indices, x[indices], self.numel, value_format=self.config.value_format)
         if self._public is not None:
             sent_indices, sent_values = unpack_sparse(payload, self.numel)
             self._public[sent_indices] = sent_values
-        return SparseUpdate(self.config.swarm_id, number, self.fingerprint, reply, payload)
+            self._told[sent_indices] = True
+        return SparseUpdate(self.config.swarm_id, number, self.fingerprint, reply, payload, clock)
 
     def _eligible(self, number: int, sender: PeerId, receiver: PeerId, factor: float) -> bool:
         """Whether `sender` may pick `receiver` in round `number` (a coin both sides compute; see the docstring)."""

@@ -61,7 +61,7 @@ def machine(peers: list[str], seed: int = 1, **overrides: object) -> GossipRound
 def update(round_: int, value: float = 1.0, reply: bool = False, numel: int = NUMEL, **fields: object) -> SparseUpdate:
     indices = torch.arange(0, NUMEL, NUMEL // 10, dtype=torch.int64)
     payload = pack_sparse(indices, torch.full((indices.numel(),), value), numel, value_format="fp32")
-    args: dict[str, object] = {"swarm_id": "test", "round": round_, "fingerprint": FP, "reply": reply}
+    args: dict[str, object] = {"swarm_id": "test", "round": round_, "fingerprint": FP, "reply": reply, "clock": round_}
     args.update(fields)
     return SparseUpdate(payload=payload, **args)  # type: ignore[arg-type]
 
@@ -163,10 +163,13 @@ def test_two_peers_exchange_and_move_toward_each_other_before_the_deadline() -> 
     out_a = sends(a.step(0.0, StartRound(xa)))
     out_b = sends(b.step(0.0, StartRound(xb)))
     assert [s.peer for s in out_a] == ["b"] and [s.peer for s in out_b] == ["a"]
-    # Both chose each other: no replies needed; each completes on the other's request.
+    # Both chose each other: each completes on the other's request, and still replies to it (its own request might
+    # have reached the other in another round); the crossing replies then come late and change nothing.
     got_b = b.step(0.1, Received("a", out_a[0].msg))
     got_a = a.step(0.1, Received("b", out_b[0].msg))
-    assert sends(got_a) == [] and sends(got_b) == []
+    (reply_a,), (reply_b,) = sends(got_a), sends(got_b)
+    assert (reply_a.peer, body(reply_a).reply, reply_b.peer, body(reply_b).reply) == ("b", True, "a", True)
+    assert sends(a.step(0.2, Received("b", reply_b.msg))) == [] and a.statistics()["late_dropped"] == 1
     done_a, done_b = completed(got_a), completed(got_b)
     assert done_a is not None and done_b is not None and not done_a.timed_out
     assert CancelTimer(("gossip-round", 0)) in got_a
@@ -212,11 +215,13 @@ def test_replayed_stale_and_mismatched_updates_are_remote_errors_and_change_noth
         assert info.value.peer == peer
     assert m.statistics() == before
     m.step(1.0, TimerFired(("gossip-round", 0)))
+    # a request and a reply for one round can both be honest (a request answered from another round), two replies not
+    m.step(1.1, Received("a", update(0, reply=True, clock=7)))
     with pytest.raises(RemoteProtocolError, match="replayed round 0"):
-        m.step(1.1, Received("a", update(0, reply=True)))  # a request and a reply in one round: never honest
+        m.step(1.2, Received("a", update(0, reply=True, clock=8)))
 
 
-def test_a_late_reply_after_the_senders_next_request_is_aggregated_but_far_older_rounds_are_stale() -> None:
+def test_a_late_reply_after_the_senders_next_request_is_aggregated_but_far_older_requests_are_stale() -> None:
     m = machine(["a"], neighbours_per_round=1, max_future_rounds=2)
     assert [s.peer for s in sends(m.step(0.0, StartRound(torch.zeros(NUMEL))))] == ["a"]
     # a finished round 0 (without us) and already asks for round 1, then answers our round-0 request late
@@ -224,10 +229,11 @@ def test_a_late_reply_after_the_senders_next_request_is_aggregated_but_far_older
     done = completed(m.step(0.2, Received("a", update(0, reply=True))))
     assert done is not None and done.contributors == ("a",) and not done.timed_out
     assert m.statistics()["future_buffered"] == 1
-    for r in (2, 5):
+    for r in (3, 5):
         m.step(0.3, Received("a", update(r)))
+    m.step(0.35, Received("a", update(1, reply=True)))  # replies carry our rounds: never stale, only late
     with pytest.raises(RemoteProtocolError, match="stale round 2"):  # 5 - 2 is beyond max_future_rounds = 2
-        m.step(0.4, Received("a", update(2, reply=True)))
+        m.step(0.4, Received("a", update(2)))
 
 
 def test_late_updates_are_dropped_and_counted_but_a_late_request_still_gets_an_answer() -> None:
@@ -254,11 +260,12 @@ def test_a_late_request_for_an_older_round_is_answered_from_the_public_copy() ->
     answer = sends(m.step(30.0, Received(other, update(0))))
     assert len(answer) == 1 and body(answer[0]).round == 0 and body(answer[0]).reply
     indices, values = unpack_sparse(body(answer[0]).payload, NUMEL)
-    assert set(indices.tolist()) == _indices(update(0))  # on the requester's coordinates
-    assert float(values.abs().max()) <= 1.0  # values from the public copy: 0 where never told, else from x
-    # the peer asked in round 0 already had this peer's update for that round: no second message
-    assert sends(m.step(30.1, Received(asked[0], update(0)))) == []
-    assert m.statistics()["late_replies_sent"] == 1
+    # on the requester's coordinates that this peer has told (never a 0 it did not say), with the told values
+    assert indices.numel() and set(indices.tolist()) < _indices(update(0))
+    assert torch.equal(values, x[indices])
+    # also the peer asked in round 0: that request may have reached it in another round, where it did not count
+    assert len(sends(m.step(30.1, Received(asked[0], update(0))))) == 1
+    assert m.statistics()["late_replies_sent"] == 2
 
 
 def test_future_updates_are_buffered_up_to_a_bound_and_used_in_their_round() -> None:
@@ -266,7 +273,9 @@ def test_future_updates_are_buffered_up_to_a_bound_and_used_in_their_round() -> 
     assert m.step(0.0, Received("a", update(1, value=5.0))) == []  # next round is 0: round 1 is future
     assert m.step(0.0, Received("b", update(1))) == []
     assert m.step(0.0, Received("c", update(1))) == []  # buffer full (2)
-    assert m.step(0.0, Received("c", update(9))) == []  # beyond the window
+    # beyond the window: answered at once with what this peer has told (nothing yet) and its clock
+    (answer,) = sends(m.step(0.0, Received("c", update(9))))
+    assert (body(answer).round, body(answer).reply, body(answer).clock, body(answer).payload.k) == (9, True, 0, 0)
     stats = m.statistics()
     assert (stats["future_buffered"], stats["buffer_full_dropped"], stats["future_dropped"]) == (2, 1, 1)
     # The peers are in round 1 already (lower median of 1, 1, 9): this peer joins round 1 and uses the buffer.

@@ -113,7 +113,7 @@ async def test_a_mismatched_update_scores_its_sender(autojump_clock: trio.testin
     ):
         indices = torch.arange(0, NUMEL, 50)
         payload = pack_sparse(indices, torch.ones(indices.numel()), NUMEL)
-        await mallory.send("a", PROTOCOL, SCHEMA.encode(SparseUpdate("other-swarm", 0, FP, False, payload)))
+        await mallory.send("a", PROTOCOL, SCHEMA.encode(SparseUpdate("other-swarm", 0, FP, False, payload, 0)))
         await mallory.send("a", PROTOCOL, b"garbage")
         with trio.fail_after(5):
             await both.wait()

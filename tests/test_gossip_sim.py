@@ -147,7 +147,7 @@ class ByzantinePeer:
         target = self.attack(mean, xs.std(0), round_)
         if indices is None:
             indices = torch.sort(torch.topk((target - mean).abs(), self.k).indices).values
-        update = SparseUpdate("sim", round_, FP, reply, pack_sparse(indices, target[indices], NUMEL, "fp32"))
+        update = SparseUpdate("sim", round_, FP, reply, pack_sparse(indices, target[indices], NUMEL, "fp32"), round_)
         self.sent[(peer, round_)] = update
         with trio.move_on_after(ROUND_DEADLINE_S):
             await self.transport.send(peer, PROTOCOL, SCHEMA.encode(update))
