@@ -72,9 +72,9 @@ The round clock
 
 A round's number is `max(next round, C)`, C the (f+1)-th largest clock heard from the live peers (the latest clock
 each sent), where f = (n - 1) // 3 for n = live peers + 1 is the number of Byzantine peers the swarm tolerates. A
-peer *holds* (`StartRound` completes at once, `held=True`, nothing sent, the round number kept) while it has no
-live peer, or while fewer than f + 1 peers, itself included, are within `max_future_rounds` of its next round or
-ahead of it (a peer whose clock it has not heard counts as near). What follows, for at most f Byzantine live peers:
+peer *holds* (`StartRound` completes at once, `held=True`, nothing sent, the round number kept) while fewer than
+f + 1 peers, itself included, are within `max_future_rounds` of its next round or ahead of it (a peer whose clock it
+has not heard counts as near; a peer alone never holds: its rounds are the rounds of a swarm of one). What follows, for at most f Byzantine live peers:
 
 * **No push ahead.** At least one honest live peer's clock is >= C, so an honest peer never numbers a round above
   the largest honest clock (or its own next round): Byzantine clocks, however large, move nobody.
@@ -84,10 +84,11 @@ ahead of it (a peer whose clock it has not heard counts as near). What follows, 
 * **No deadline spent on another round.** A request for a round the receiver is not in is answered at once (see
   above), so a round waits its deadline only for neighbours that are dead, hung, unreachable, or within
   `max_future_rounds` rounds behind it and slow; never for a live peer at a distant round.
-* **No lone drift.** A peer alone, or ahead of all but at most f - 1 others by more than `max_future_rounds`, holds
-  instead of numbering rounds nobody else is in (a round without neighbours completes at once: a lone peer used to
-  run thousands of them a minute and leave the swarm far behind). The peers behind, whose requests it answers at
-  once, close the gap at their own round rate; then it resumes. A Byzantine minority cannot make an honest peer hold
+* **No lone drift.** A peer ahead of all but at most f - 1 others by more than `max_future_rounds` holds instead of
+  numbering rounds nobody else is in. The peers behind, whose requests it answers at once, close the gap at their
+  own round rate; then it resumes. (A peer that ran rounds alone, thousands a minute since a round without
+  neighbours completes at once, is joined at its round by joiners arriving one at a time: the first sees f = 0,
+  and each later one f + 1 clocks at that round. Only three or more joining at once make it hold.) A Byzantine minority cannot make an honest peer hold
   while f + 1 honest peers are near it (their clocks count, however low the Byzantine ones claim to be).
 
 So from any start the honest live peers reach rounds within `max_future_rounds` of each other after at most
@@ -212,9 +213,11 @@ class GossipConfig:
 class StartRound(Command):
     """Begin the next round with this peer's current flat fp32 parameters. The machine takes the tensor: it mixes
     the neighbours' values into it in place and hands it back as `RoundCompleted.params`; the caller must not read
-    or write it until then (no 40 MB copy per round at 10M parameters)."""
+    or write it until then (no 40 MB copy per round at 10M parameters). `not_before` is the caller's own round
+    (a resumed checkpoint's, or an adopted model's): the round is numbered at least that."""
 
     params: torch.Tensor
+    not_before: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -254,12 +257,9 @@ class GossipRound:
         numel: int,
         fingerprint: bytes,
         rng: random.Random,
-        first_round: int = 0,
     ) -> None:
         if numel < 1:
             raise LocalProtocolError(f"numel must be >= 1, got {numel}")
-        if first_round < 0:
-            raise LocalProtocolError(f"first_round must be >= 0, got {first_round}")
         self.config = config
         self.numel = numel
         self.k = config.k_for(numel)
@@ -271,7 +271,7 @@ class GossipRound:
         self._told = torch.empty(0, dtype=torch.bool)  # which coordinates the public copy holds a told value of
         self._difference = torch.empty(0)  # scratch for x - public, allocated with the public copy
         self._round: _Round | None = None
-        self._next_round = first_round
+        self._next_round = 0
         # request rounds heard per sender: its latest and those within `max_future_rounds` below it
         self._requests_from: dict[PeerId, set[int]] = {}
         # reply rounds heard per sender (rounds of ours), back to `max_future_rounds` below our next round
@@ -303,7 +303,7 @@ class GossipRound:
 
     def step(self, now: float, event: Event) -> list[Action]:
         if isinstance(event, StartRound):
-            return self._start(now, event.params)
+            return self._start(now, event.params, event.not_before)
         if isinstance(event, Received):
             return self._received(now, event.peer, event.msg)
         if isinstance(event, TimerFired):
@@ -323,12 +323,12 @@ class GossipRound:
 
     # ---- rounds -------------------------------------------------------------------------------------------------
 
-    def _start(self, now: float, params: torch.Tensor) -> list[Action]:
+    def _start(self, now: float, params: torch.Tensor, not_before: int) -> list[Action]:
         if self._round is not None:
             raise LocalProtocolError(f"round {self._round.number} is still running")
         if params.dtype != torch.float32 or params.dim() != 1 or params.numel() != self.numel:
             raise LocalProtocolError(f"params must be a flat float32 tensor of {self.numel}, got {params.shape}")
-        number = self._next_number()
+        number = max(self._next_number(), not_before)
         if self._holds(number):
             self._next_round = number
             self._counters["rounds_held"] += 1
@@ -384,7 +384,7 @@ class GossipRound:
             1 for p in self._live if p in self._clock_of and self._clock_of[p] < number - self.config.max_future_rounds
         )
         near = 1 + len(self._live) - far_behind
-        return not self._live or (far_behind > 0 and near < self._tolerated() + 1)
+        return far_behind > 0 and near < self._tolerated() + 1
 
     def _accept(
         self, current: _Round, peer: PeerId, msg: SparseUpdate, indices: torch.Tensor, values: torch.Tensor

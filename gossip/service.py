@@ -2,7 +2,7 @@
 
 This module owns the trio side of gossip only: a `Driver` for the machine, the peer feed (the transport's peer
 events and/or an explicit `peer_up`/`peer_down` feed from a membership machine), and the bridge to a synchronous
-training thread (`average` blocks that thread on `trio.from_thread.run`). It holds no protocol logic -- rounds,
+training thread (`average`, the training loop's `Averager`, blocks that thread on `trio.from_thread.run`). It holds no protocol logic -- rounds,
 deadlines, replay checks and aggregation live in `gossip.round` and `gossip.aggregate` -- and no training logic.
 
 Use it like this (the training loop stays plain torch code running in a worker thread):
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import torch
 import trio
@@ -29,6 +29,7 @@ from swarmgrad.core.driver import Driver, PeerErrorHook
 from swarmgrad.core.errors import LocalProtocolError
 from swarmgrad.core.machine import PeerDown, PeerId, PeerUp
 from swarmgrad.core.transport import Transport
+from training.loop import Averaged
 
 if TYPE_CHECKING:  # libp2p installs trio-typing, whose stale `trio-stubs` hide trio's own `TaskStatus` from mypy
     from trio_typing import TaskStatus
@@ -38,24 +39,9 @@ _MESSAGE_OVERHEAD_BYTES = 4096
 _BYTES_PER_COORDINATE = 8
 
 
-class Averager(Protocol):
-    """What the training loop is handed: one blocking call per outer round, and counters."""
-
-    def average(self, params: torch.Tensor) -> torch.Tensor:
-        """Called from the training thread with this peer's flat fp32 parameters after its local steps; blocks for
-        at most about one round deadline; returns the vector to load (the peer's own if no neighbour answered).
-        The averager takes `params`: it may return that very tensor, updated in place, so the caller must not keep
-        using it as the vector it was before the call."""
-        ...
-
-    def statistics(self) -> dict[str, float | int]:
-        """Rounds, bytes sent and received, late / dropped updates, remote errors, neighbours answered per round."""
-        ...
-
-
 class GossipService:
-    """Gossip averaging over `transport`. Start `run` in a nursery, then call `average` (from a worker thread) or
-    `average_async` (from trio), one round at a time."""
+    """Gossip averaging over `transport`, the training loop's `Averager`. Start `run` in a nursery, then call
+    `average` (from a worker thread) or `average_async` (from trio), one round at a time."""
 
     def __init__(
         self,
@@ -106,27 +92,30 @@ class GossipService:
         """Explicit membership feed (from the trio thread): `peer` is no longer chosen, nor waited for."""
         self.driver.submit(PeerDown(peer))
 
-    async def average_async(self, params: torch.Tensor) -> torch.Tensor:
-        """One gossip round from trio: returns the averaged vector when the round completes (by its deadline).
-        `params` is handed to the machine and comes back updated in place (see `StartRound`)."""
+    async def average_async(self, params: torch.Tensor, not_before: int = 0) -> Averaged:
+        """One gossip round from trio: the averaged vector when the round completes (by its deadline), and the
+        round's number (None when the machine held, or the round could not be started: the input queue was full).
+        `params` is handed to the machine and comes back updated in place; the round is numbered at least
+        `not_before` (see `StartRound`)."""
         if self._pending is not None:
             raise LocalProtocolError("average() is already running: one round at a time")
         done, holder = trio.Event(), list[RoundCompleted]()
         self._pending = (done, holder)
         try:
-            if not self.driver.submit(StartRound(params)):
+            if not self.driver.submit(StartRound(params, not_before)):
                 self._counters["rounds_not_started"] += 1
-                return params
+                return Averaged(params, None)
             await done.wait()
         finally:
             self._pending = None
-        return holder[0].params
+        completed = holder[0]
+        return Averaged(completed.params, None if completed.held else completed.round)
 
-    def average(self, params: torch.Tensor) -> torch.Tensor:
+    def average(self, params: torch.Tensor, not_before: int) -> Averaged:
         """`Averager.average`: call from a worker thread (e.g. under `trio.to_thread.run_sync`), never from trio."""
         if self._token is None:
             raise LocalProtocolError("GossipService.run() must be started before average()")
-        return trio.from_thread.run(self.average_async, params, trio_token=self._token)
+        return trio.from_thread.run(self.average_async, params, not_before, trio_token=self._token)
 
     def statistics(self) -> dict[str, float | int]:
         stats: dict[str, float | int] = {}

@@ -126,7 +126,7 @@ async def _sparse_rounds(transport: LibP2PTransport, args: argparse.Namespace, x
         for _ in range(args.rounds):
             sent_before = transport.statistics().get("bytes_out", 0)
             start = time.perf_counter()
-            x = await service.average_async(x)
+            x = (await service.average_async(x)).params
             done = service.last_round
             if done is None:
                 raise LocalProtocolError("average returned without a completed round")

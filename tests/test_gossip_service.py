@@ -12,8 +12,9 @@ import trio.testing
 
 from gossip.messages import PROTOCOL, SCHEMA, SparseUpdate, model_fingerprint
 from gossip.round import GossipConfig
-from gossip.service import Averager, GossipService
+from gossip.service import GossipService
 from sim.transport import LinkModel, SimNetwork, SimTransport
+from training.loop import Averager
 from training.topk import pack_sparse
 
 NUMEL = 5000
@@ -60,7 +61,7 @@ async def test_average_from_worker_threads_mixes_the_vectors() -> None:
         def train(i: int, averager: Averager) -> None:  # plain synchronous code, as in the training loop
             x = starts[i].clone()  # the averager takes the tensor it is given
             for _ in range(3):
-                x = averager.average(x)
+                x = averager.average(x, 0).params
             results[i] = x
 
         with trio.fail_after(30):
@@ -82,7 +83,7 @@ async def test_a_hung_receiver_costs_exactly_one_deadline(autojump_clock: trio.t
         net.freeze("b")  # b stops reading: a's send to it blocks, as to a SIGSTOPped process
         start = trio.current_time()
         x = torch.randn(NUMEL)
-        out = await services[0].average_async(x.clone())
+        out = (await services[0].average_async(x.clone())).params
         assert trio.current_time() - start == DEADLINE_S
         assert torch.equal(out, x)
         done = services[0].last_round

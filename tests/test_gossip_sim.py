@@ -93,7 +93,7 @@ async def run_swarm(
             async def honest_peer(i: int) -> None:
                 nonlocal next_round_started
                 for r in range(rounds):
-                    state[names[i]] = await services[i].average_async(state[names[i]])
+                    state[names[i]] = (await services[i].average_async(state[names[i]])).params
                     round_done[r + 1] += 1
                     if round_done[r + 1] == honest:
                         xs = torch.stack(list(state.values()))

@@ -3,6 +3,7 @@ resume, stopping, and refusal of a broken averager's output."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 from swarmgrad.core.errors import ConfigError, LocalProtocolError
 from training.checkpoint import CheckpointStore, canonical_model_hash
-from training.loop import Averager, EpochReached, LoopConfig, RoundReport, TrainingLoop
+from training.loop import Averaged, Averager, EpochReached, LoopConfig, RoundReport, TrainingLoop
 from training.tasks import Task, load_task
 
 LIMIT = 1 << 24
@@ -25,13 +26,13 @@ class LoneAverager:
         self.rounds = 0
         self.broken = broken
 
-    def average(self, params: torch.Tensor) -> torch.Tensor:
+    def average(self, params: torch.Tensor, not_before: int) -> Averaged:
         self.rounds += 1
         if self.broken == "shape":
-            return params[:-1]
+            return Averaged(params[:-1], not_before)
         if self.broken == "nan":
-            return torch.full_like(params, float("nan"))
-        return params.clone()
+            return Averaged(torch.full_like(params, float("nan")), not_before)
+        return Averaged(params.clone(), not_before)  # a swarm of one runs the loop's own round
 
     def statistics(self) -> dict[str, float | int]:
         return {"rounds": self.rounds, "bytes_sent": 0}
@@ -55,14 +56,14 @@ class ExactMeanMember:
         self.index = index
         self.rounds = 0
 
-    def average(self, params: torch.Tensor) -> torch.Tensor:
+    def average(self, params: torch.Tensor, not_before: int) -> Averaged:
         with self.group.lock:
             self.group.slots[self.index] = params.clone()
         self.group.barrier.wait()
         mean = torch.stack([self.group.slots[i] for i in sorted(self.group.slots)]).mean(dim=0)
         self.group.barrier.wait()  # nobody overwrites a slot before all have read it
         self.rounds += 1
-        return mean
+        return Averaged(mean, not_before)
 
     def statistics(self) -> dict[str, float | int]:
         return {"rounds": self.rounds}
@@ -113,6 +114,43 @@ def test_single_peer_learns_reports_and_checkpoints_every_epoch(digits: Task, tm
     assert store.rounds() == [70, 60, 40]  # the stop at 70 saved too; keep=3 dropped round 20
     assert store.load(60, loop.spec).meta.model_hash == epochs[-1].model_hash
     assert store.load(70, loop.spec).meta.model_hash == canonical_model_hash(loop.model.state_dict())
+
+
+class ScriptedSwarm:
+    """An averager whose swarm rounds follow a script: `None` is a held round, an int the swarm round that ran."""
+
+    def __init__(self, script: list[int | None]) -> None:
+        self.script = list(script)
+        self.asked: list[int] = []
+
+    def average(self, params: torch.Tensor, not_before: int) -> Averaged:
+        self.asked.append(not_before)
+        return Averaged(params.clone(), self.script.pop(0))
+
+    def statistics(self) -> dict[str, float | int]:
+        return {}
+
+
+def test_the_loop_round_epochs_and_checkpoints_follow_the_swarm_round(
+    digits: Task, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer that catches up skips ahead (and says so once); a held round does not count; epoch boundaries are
+    the swarm's, so a jump over two of them reaches one epoch, checkpointed at the swarm round."""
+    reports: list[RoundReport] = []
+    epochs: list[EpochReached] = []
+    swarm = ScriptedSwarm([0, 1, 2, 120, None, None, 121, 122, 10])
+    config = LoopConfig(inner_steps=1, epoch_rounds=50, eval_every_rounds=100, max_rounds=0)
+    loop = make_loop(digits, swarm, tmp_path, config, on_round=reports.append, on_epoch=epochs.append)
+    with caplog.at_level(logging.INFO, logger="training.loop"):
+        for _ in range(9):
+            loop.run_round()
+    assert [r.round for r in reports] == [1, 2, 3, 121, 121, 121, 122, 123, 123]  # a stale swarm round: no change
+    assert swarm.asked == [0, 1, 2, 3, 121, 121, 121, 122, 123]  # the averager is told the loop's round
+    assert [(e.epoch, e.round) for e in epochs] == [(2, 121)]
+    assert [r.round for r in reports if r.evaluation is not None] == [121]
+    assert CheckpointStore(tmp_path, keep=3, max_bytes=LIMIT).rounds() == [121]
+    caught_up = [r.getMessage() for r in caplog.records if "caught up" in r.getMessage()]
+    assert caught_up == ["caught up with the swarm: round 3 -> 121 (skipped 117)"]
 
 
 def test_four_peers_with_exact_averaging_agree_on_every_epoch_hash(digits: Task, tmp_path: Path) -> None:

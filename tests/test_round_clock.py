@@ -42,6 +42,7 @@ class Honest:
     name: str
     machine: GossipRound
     params: torch.Tensor
+    loop_round: int  # the training loop's round: where it started, then one past the last round it ran
     rounds: list[int] = field(default_factory=list)  # numbers of the rounds it ran
     timed_out_after: list[float] = field(default_factory=list)  # when rounds that waited their deadline started
     round_started_at: float = 0.0
@@ -67,11 +68,12 @@ class Run:
         )  # fmt: skip
         self.peers: dict[str, Honest] = {}
         for name, start in zip(honest_names, starts, strict=True):
-            machine = GossipRound(cfg, name, NUMEL, FP, random.Random(f"{seed}-{name}"), first_round=start)
+            machine = GossipRound(cfg, name, NUMEL, FP, random.Random(f"{seed}-{name}"))
             for other in everyone:
                 if other != name:
                     machine.step(0.0, PeerUp(other))
-            self.peers[name] = Honest(name, machine, torch.randn(NUMEL, generator=torch.Generator().manual_seed(seed)))
+            params = torch.randn(NUMEL, generator=torch.Generator().manual_seed(seed))
+            self.peers[name] = Honest(name, machine, params, loop_round=start)
             self._at(self.rng.uniform(0, COMPUTE_S), "start", name)
         for name in self.byzantine:
             self._at(self.rng.uniform(0, COMPUTE_S), "byzantine", name)
@@ -85,7 +87,7 @@ class Run:
             if kind == "start":
                 peer = self.peers[str(payload)]
                 peer.round_started_at = self.now
-                self._carry_out(peer, peer.machine.step(self.now, StartRound(peer.params)))
+                self._carry_out(peer, peer.machine.step(self.now, StartRound(peer.params, peer.loop_round)))
             elif kind == "timer":
                 name, key = payload  # type: ignore[misc]
                 if (name, key) in self._cancelled:
@@ -126,6 +128,7 @@ class Run:
                     peer.held += 1
                 else:
                     peer.rounds.append(done.round)
+                    peer.loop_round = max(peer.loop_round, done.round + 1)
                     if done.timed_out:
                         peer.timed_out_after.append(peer.round_started_at)
                 self._at(self.now + COMPUTE_S * self.rng.uniform(0.8, 1.2), "start", peer.name)

@@ -36,12 +36,25 @@ from training.tasks.base import Evaluation, Task, model_spec
 log = logging.getLogger(__name__)
 
 
-class Averager(Protocol):
-    """Averages this peer's parameters with the swarm's. Implemented by `gossip.service.GossipService`."""
+@dataclass(frozen=True)
+class Averaged:
+    """What one averaging call gave: the vector to load, and the swarm round it was (None when no round ran: the
+    averager held, waiting for the swarm to catch up)."""
 
-    def average(self, params: torch.Tensor) -> torch.Tensor:
-        """Take the flat fp32 parameter vector, return the new one (same shape). Blocks for about one gossip
-        round; compression with error feedback happens inside."""
+    params: torch.Tensor
+    round: int | None
+
+
+class Averager(Protocol):
+    """Averages this peer's parameters with the swarm's, one blocking call per outer round, from the training
+    thread. Implemented by `gossip.service.GossipService`."""
+
+    def average(self, params: torch.Tensor, not_before: int) -> Averaged:
+        """Take the flat fp32 parameter vector after the local steps and this peer's round (the swarm round it
+        reached; the round run is numbered at least that); block for at most about one round deadline;
+        return the vector to load (the peer's own if no neighbour answered) and the swarm round. The averager takes
+        `params`: it may return that very tensor, updated in place, so the caller must not keep using it as the
+        vector it was before the call."""
         ...
 
     def statistics(self) -> dict[str, float | int]:
@@ -60,7 +73,7 @@ class LoopConfig:
     eval_every_rounds: int = 10
     """Evaluate on the held-out set every this many rounds (and at the last round)."""
     max_rounds: int = 0
-    """Stop after this many rounds in total (counting rounds before a resume); 0 runs until stopped."""
+    """Stop at this swarm round (rounds are the swarm's: see `Averager`); 0 runs until stopped."""
 
     def __post_init__(self) -> None:
         for field in ("inner_steps", "epoch_rounds", "eval_every_rounds"):
@@ -198,7 +211,8 @@ class TrainingLoop:
         params = list(self.model.parameters())
         with torch.no_grad():
             flat = parameters_to_vector(params).to(torch.float32)
-            averaged = self.averager.average(flat)
+            result = self.averager.average(flat, self.round)
+            averaged = result.params
             if averaged.shape != flat.shape or averaged.dtype != torch.float32:
                 raise LocalProtocolError(
                     f"averager returned {averaged.dtype}{list(averaged.shape)}, expected float32{list(flat.shape)}"
@@ -206,15 +220,16 @@ class TrainingLoop:
             if not bool(torch.isfinite(averaged).all()):
                 raise LocalProtocolError("averager returned NaN or infinite parameters")
             vector_to_parameters(averaged, params)
-        self.round += 1
+        before = self.round
+        self._follow_swarm(result.round)
 
-        # 3. evaluate, checkpoint and report
+        # 3. evaluate, checkpoint and report (at the boundaries this round reached or passed)
         last = self.config.max_rounds and self.round >= self.config.max_rounds
         evaluation = None
-        if self.round % self.config.eval_every_rounds == 0 or last:
+        if self.round // self.config.eval_every_rounds > before // self.config.eval_every_rounds or last:
             evaluation = self.last_evaluation = self.task.evaluate(self.model)
         epoch = self.round // self.config.epoch_rounds
-        if self.round % self.config.epoch_rounds == 0:
+        if epoch > before // self.config.epoch_rounds:
             path, meta = self.save()
             reached = EpochReached(epoch, self.round, meta.model_hash, path)
             log.info("epoch %d reached at round %d, model %s", epoch, self.round, reached.model_hash[:16])
@@ -233,3 +248,13 @@ class TrainingLoop:
         if self.on_round is not None:
             self.on_round(report)
         return report
+
+    def _follow_swarm(self, swarm_round: int | None) -> None:
+        """Take the swarm's round: after swarm round r the loop is at r + 1. A round that did not run (the averager
+        held) leaves it where it is; a jump (this peer caught up with the swarm) is logged once per jump."""
+        if swarm_round is None:
+            return
+        reached = swarm_round + 1
+        if reached > self.round + 1:
+            log.info("caught up with the swarm: round %d -> %d (skipped %d)", self.round, reached, reached - self.round - 1)
+        self.round = max(self.round, reached)
