@@ -73,8 +73,9 @@ The round clock
 A round's number is `max(next round, C)`, C the (f+1)-th largest clock heard from the live peers (the latest clock
 each sent), where f = (n - 1) // 3 for n = live peers + 1 is the number of Byzantine peers the swarm tolerates. A
 peer *holds* (`StartRound` completes at once, `held=True`, nothing sent, the round number kept) while fewer than
-f + 1 peers, itself included, are within `max_future_rounds` of its next round or ahead of it (a peer whose clock it
-has not heard counts as near; a peer alone never holds: its rounds are the rounds of a swarm of one). What follows, for at most f Byzantine live peers:
+f + 1 peers, itself included, are within `max_future_rounds` of its next round or ahead of it (a peer whose clock it has
+not heard counts as near; a peer alone never holds: its rounds are the rounds of a swarm of one). What follows, for
+at most f Byzantine live peers:
 
 * **No push ahead.** At least one honest live peer's clock is >= C, so an honest peer never numbers a round above
   the largest honest clock (or its own next round): Byzantine clocks, however large, move nobody.
@@ -87,9 +88,10 @@ has not heard counts as near; a peer alone never holds: its rounds are the round
 * **No lone drift.** A peer ahead of all but at most f - 1 others by more than `max_future_rounds` holds instead of
   numbering rounds nobody else is in. The peers behind, whose requests it answers at once, close the gap at their
   own round rate; then it resumes. (A peer that ran rounds alone, thousands a minute since a round without
-  neighbours completes at once, is joined at its round by joiners arriving one at a time: the first sees f = 0,
-  and each later one f + 1 clocks at that round. Only three or more joining at once make it hold.) A Byzantine minority cannot make an honest peer hold
-  while f + 1 honest peers are near it (their clocks count, however low the Byzantine ones claim to be).
+  neighbours completes at once, is joined at its round by joiners arriving one at a time: the first sees f = 0, and
+  each later one f + 1 clocks at that round. Only three or more joining at once make it hold.) A Byzantine minority
+  cannot make an honest peer hold while f + 1 honest peers are near it (their clocks count, however low the
+  Byzantine ones claim to be).
 
 So from any start the honest live peers reach rounds within `max_future_rounds` of each other after at most
 (largest gap) / (slowest honest round rate) of their own rounds, and no honest round on the way waits a deadline for

@@ -2,8 +2,9 @@
 
 This module owns the trio side of gossip only: a `Driver` for the machine, the peer feed (the transport's peer
 events and/or an explicit `peer_up`/`peer_down` feed from a membership machine), and the bridge to a synchronous
-training thread (`average`, the training loop's `Averager`, blocks that thread on `trio.from_thread.run`). It holds no protocol logic -- rounds,
-deadlines, replay checks and aggregation live in `gossip.round` and `gossip.aggregate` -- and no training logic.
+training thread (`average`, the training loop's `Averager`, blocks that thread on `trio.from_thread.run`). It holds
+no protocol logic -- rounds, deadlines, replay checks and aggregation live in `gossip.round` and `gossip.aggregate`
+-- and no training logic.
 
 Use it like this (the training loop stays plain torch code running in a worker thread):
 

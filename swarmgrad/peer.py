@@ -22,6 +22,7 @@ With `--json`, one JSON object per line on stdout (`listening`, `model`, `round`
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import math
@@ -62,7 +63,7 @@ from p2p.node import NodeConfig, SwarmNode, open_node
 from p2p.swarm import load_swarm_key
 from swarmgrad.config import PeerConfig, load_config, parse_override
 from swarmgrad.core.driver import Driver
-from swarmgrad.core.errors import ConfigError, DecodeError
+from swarmgrad.core.errors import ConfigError, DecodeError, SwarmgradError
 from swarmgrad.core.machine import PeerDown, PeerUp
 from training.checkpoint import CheckpointStore, config_hash, decode_state, encode_state
 from training.loop import EpochReached, RoundReport, TrainingLoop
@@ -235,8 +236,13 @@ class Progress:
             self.stream.flush()
 
 
+class MetricsError(SwarmgradError):
+    """The metrics endpoint could not be served (exit status 1, like a `--listen` port in use)."""
+
+
 class Metrics:
-    """The Prometheus gauges, on their own registry, served on `host:port` by prometheus_client's thread."""
+    """The Prometheus gauges, on their own registry, served on `host:port` by prometheus_client's thread. Raises
+    `MetricsError` naming the address when it cannot listen there."""
 
     def __init__(self, host: str, port: int) -> None:
         self.registry = CollectorRegistry()
@@ -247,7 +253,11 @@ class Metrics:
         self.eval_value = Gauge("swarmgrad_eval_value", "Headline held-out metric", ["metric"], registry=self.registry)
         self.peers = Gauge("swarmgrad_peers", "Live peers in the swarm", registry=self.registry)
         self.bytes_sent = Gauge("swarmgrad_gossip_bytes_sent", "Bytes sent by gossip", registry=self.registry)
-        self.server, self.thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            self.server, self.thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            reason = "the port is in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise MetricsError(f"cannot serve metrics on {host}:{port} (--metrics-port): {reason}") from exc
 
     def update(self, report: RoundReport, peers: int) -> None:
         self.round.set(report.round)
@@ -374,6 +384,9 @@ class Peer:
             self.events.emit("model", source="checkpoint", round=resumed.round, model_hash=resumed.model_hash)
         elif self.config.checkpoint.fetch_from_peers and self.node_config.discovery.bootstrap_addrs:
             await self._fetch_model(node, fetch, outcomes, loop)
+        else:
+            log.info("no checkpoint and no neighbour to fetch from: starting from the initial %s model", self.task.name)
+            self.events.emit("model", source="initial", round=0)
         self._publish(loop.round, loop.state())
 
         last = await trio.to_thread.run_sync(loop.run, self.stop)

@@ -143,7 +143,12 @@ def test_store_skips_damaged_and_foreign_checkpoints(tmp_path: Path, caplog: pyt
     body.write_bytes(bytes(data))
     latest = store.latest(SPEC, task="digits")
     assert latest is not None and latest.meta.round == 10
-    assert "skipping checkpoint 20" in caplog.text
+    assert "skipping checkpoint 20" in caplog.text and "damaged" in caplog.text
+    # moved aside, with all its files: it no longer takes a `keep` slot, and is not looked at again
+    assert store.rounds() == [10]
+    assert sorted(p.name for p in (tmp_path / "damaged").iterdir()) == ["ckpt-0000000020.json", body.name]
+    caplog.clear()
+    assert store.latest(SPEC, task="digits") is not None and "skipping" not in caplog.text
     assert store.latest(SPEC, task="charlm") is None
     (tmp_path / "ckpt-0000000010.safetensors").unlink()
     assert store.latest(SPEC, task="digits") is None
@@ -200,3 +205,17 @@ def test_optimizer_state_that_does_not_fit_the_parameters_is_refused_and_changes
             restore_optimizer_state(optimizer, data, max_bytes=len(good) - 1 if message == "exceeds" else LIMIT)
     for index, value in optimizer.state_dict()["state"].items():
         assert torch.equal(value["momentum_buffer"], before[index])
+
+
+def test_a_damaged_checkpoint_never_costs_a_good_one_its_slot(tmp_path: Path) -> None:
+    """The newest of three is damaged; after resuming from the second and saving two more, keep=3 holds the three
+    newest good ones (the damaged one used to keep its slot and push the oldest good one out)."""
+    store = CheckpointStore(tmp_path, keep=3, max_bytes=LIMIT)
+    for round_ in (10, 20, 30):
+        store.save(make_state(round_), meta_for(make_state(round_), round_))
+    (tmp_path / "ckpt-0000000030.safetensors").write_bytes(b"not a checkpoint")
+    latest = store.latest(SPEC, task="digits")
+    assert latest is not None and latest.meta.round == 20
+    for round_ in (21, 22):
+        store.save(make_state(round_), meta_for(make_state(round_), round_))
+    assert store.rounds() == [22, 21, 20]

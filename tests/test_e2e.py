@@ -61,6 +61,8 @@ def test_swarm_trains_survives_a_kill_restarts_and_takes_a_late_joiner(tmp_path:
     try:
         for peer in peers:  # each knows only the bootstrap address: the other two it found through the DHT
             peer.wait_for("round", START_S, reached(0, peers=3))
+        # the bootstrap peer had no checkpoint and nobody to fetch from: it says it starts from the initial model
+        assert [(e["source"], e["round"]) for e in peers[0].seen("model")] == [("initial", 0)]
         victim = peers[3]
         victim_id = victim.history[0]["peer_id"]
         victim.wait_for("epoch", 120.0)  # a checkpoint exists
@@ -215,6 +217,29 @@ def test_bad_configurations_fail_fast_naming_the_problem(tmp_path: Path) -> None
         assert process.returncode == 2, f"{name}: status {process.returncode}, stderr {err[-2000:]}"
         assert cases[name][1] in err and "error" in err, f"{name}: {err[-2000:]}"
         assert "Traceback" not in err
+
+
+def test_a_metrics_port_in_use_fails_with_one_line_and_status_1(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = [
+            "--data-dir",
+            str(tmp_path / "p"),
+            "--swarm-id",
+            "m",
+            "--task",
+            "digits",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+        ]
+        process = subprocess.run(
+            _peer_command(*args, "--metrics-port", str(port)), capture_output=True, text=True, timeout=START_S
+        )
+    assert process.returncode == 1, process.stderr[-2000:]
+    assert f"error: cannot serve metrics on 127.0.0.1:{port} (--metrics-port): the port is in use" in process.stderr
+    assert "Traceback" not in process.stderr
 
 
 def test_wrong_swarm_key_is_refused_and_leaves_nothing_running(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from swarmgrad.cli import build_parser
 from swarmgrad.core.errors import ConfigError
-from swarmgrad.peer import EventLog, Metrics, Progress, config_from_args, prepare_data_dir
+from swarmgrad.peer import EventLog, Metrics, MetricsError, Progress, config_from_args, prepare_data_dir
 from training.loop import RoundReport
 from training.tasks.base import Evaluation
 
@@ -114,3 +114,12 @@ def test_prometheus_endpoint_serves_the_gauges_on_loopback() -> None:
     assert "swarmgrad_round 20.0" in body
     assert 'swarmgrad_eval_value{metric="accuracy"} 0.93' in body
     assert "swarmgrad_peers 3.0" in body and "swarmgrad_gossip_bytes_sent 4096.0" in body
+
+
+def test_a_metrics_port_in_use_is_one_clear_error_naming_the_address() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(MetricsError, match=f"cannot serve metrics on 127.0.0.1:{port} .*: the port is in use"):
+            Metrics("127.0.0.1", port)

@@ -258,7 +258,9 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 class CheckpointStore:
     """One peer's checkpoint directory. Keeps the newest `keep` checkpoints; `latest()` returns the newest one that
-    is complete, undamaged, matches the task and whose body hashes to its metadata's `model_hash`."""
+    is complete, undamaged, matches the task and whose body hashes to its metadata's `model_hash`. A damaged or
+    incomplete one found on the way is moved into `damaged/` (logged once), where it no longer takes a `keep` slot
+    and can still be inspected."""
 
     def __init__(self, directory: Path, *, keep: int, max_bytes: int) -> None:
         if keep < 1:
@@ -322,13 +324,24 @@ class CheckpointStore:
             optimizer_body = None
         return Checkpoint(meta, state, body, optimizer_body)
 
+    def _move_aside(self, round_: int) -> Path:
+        """Move every file of checkpoint `round_` into `damaged/` (metadata first, so it is never trusted again)."""
+        aside = self.directory / "damaged"
+        aside.mkdir(exist_ok=True)
+        body, meta_path = self._paths(round_)
+        for path in (meta_path, body, self._optimizer_path(round_)):
+            if path.exists():
+                os.replace(path, aside / path.name)
+        return aside
+
     def latest(self, spec: Mapping[str, TensorSpec], *, task: str) -> Checkpoint | None:
         """The newest usable checkpoint of `task`, or None. Damaged or foreign ones are logged and skipped."""
         for round_ in self.rounds():
             try:
                 checkpoint = self.load(round_, spec)
             except DecodeError as exc:
-                log.warning("skipping checkpoint %d in %s: %s", round_, self.directory, exc)
+                aside = self._move_aside(round_)
+                log.warning("skipping checkpoint %d in %s: %s; moved to %s", round_, self.directory, exc, aside)
                 continue
             if checkpoint.meta.task != task:
                 log.warning("skipping checkpoint %d: it is for task %r, not %r", round_, checkpoint.meta.task, task)

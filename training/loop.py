@@ -256,5 +256,6 @@ class TrainingLoop:
             return
         reached = swarm_round + 1
         if reached > self.round + 1:
-            log.info("caught up with the swarm: round %d -> %d (skipped %d)", self.round, reached, reached - self.round - 1)
+            skipped = reached - self.round - 1
+            log.info("caught up with the swarm: round %d -> %d (skipped %d)", self.round, reached, skipped)
         self.round = max(self.round, reached)
