@@ -150,8 +150,8 @@ def pair_coin(swarm_id: str, number: int, sender: PeerId, receiver: PeerId) -> f
 class GossipConfig:
     """How a peer gossips. Every swarm member must use the same `swarm_id`, `density` and `value_format`.
 
-    Defaults: `step_size=0.5` lies well inside the convex range (0, 1] (TOPK_NOTES: a CHOCO step of 0.5 diverged,
-    but that was an extrapolating update; this one is a convex combination); `neighbours_per_round=3`; a clip
+    Defaults: `step_size=0.5` lies well inside the convex range (0, 1] (a CHOCO step of 0.5 diverged in an early
+    measurement, but that update extrapolates; this one is a convex combination); `neighbours_per_round=3`; a clip
     radius of 1x the median of the last 64 difference norms (in `tests/test_gossip_sim.py`, 2x let 4 flooding
     Byzantine peers of 16 double the honest spread with noise, 0.5x halved the consensus speed); the buffering
     bounds are small because honest peers run at most a round or two apart; a neighbour that missed a deadline

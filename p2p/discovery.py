@@ -1,6 +1,6 @@
 """Swarm discovery over the libp2p Kademlia DHT: join, advertise, look the others up.
 
-py-libp2p always speaks `/ipfs/kad/1.0.0` (its `protocol_prefix` is ignored, LIBP2P_NOTES #6), so one DHT may carry
+py-libp2p always speaks `/ipfs/kad/1.0.0` (its `protocol_prefix` is ignored, docs/libp2p.md #6), so one DHT may carry
 many swarms; what keeps them apart is the key namespace and a validator:
 
 * Every peer publishes a signed **member record** under `/swarmgrad/<swarm-id>/member/<peer-id>`: its swarm id,
@@ -10,7 +10,7 @@ many swarms; what keeps them apart is the key namespace and a validator:
   valid for longer than `MAX_RECORD_TTL_S`. A peer that left stops republishing, so its record expires and it
   disappears from lookups.
 * Every peer also announces itself as a **provider** of `/swarmgrad/<swarm-id>/members` (a Kademlia provider
-  record). A lookup asks the DHT for that key's providers (deduplicated, LIBP2P_NOTES #6), then fetches and
+  record). A lookup asks the DHT for that key's providers (deduplicated, docs/libp2p.md #6), then fetches and
   verifies each new provider's member record; only a verified, unexpired record of our swarm becomes a
   `CandidateFound(via="dht")`. Provider records live 48 h in py-libp2p: the member record is what expires.
 
@@ -18,7 +18,7 @@ A peer also hands out its own member record on `record_protocol(swarm_id)`: a pe
 peer, or one that dialled in) is verified by asking it directly, which is faster than a DHT lookup and works before
 its record has spread; the record must still verify exactly as one from the DHT.
 
-Joining: the DHT's routing table stays empty after a plain connect (LIBP2P_NOTES #6), so `Discovery.join` dials
+Joining: the DHT's routing table stays empty after a plain connect (docs/libp2p.md #6), so `Discovery.join` dials
 each bootstrap multiaddr (bounded by `dial_timeout_s`), adds it to the DHT explicitly and looks up its own id; a
 bootstrap peer whose own member record verifies is reported `via="bootstrap"`.
 
@@ -349,7 +349,7 @@ class Discovery:
                 + "; ".join(f"{addr}: {' / '.join(reasons)}" for addr, reasons in failures.items())
             )
         if joined:
-            # A lookup of our own id fills the routing table with our neighbours (LIBP2P_NOTES #6). py-libp2p's full
+            # A lookup of our own id fills the routing table with our neighbours (docs/libp2p.md #6). py-libp2p's full
             # `refresh_routing_table` also looks up a random key per bucket: several seconds when many peers join at
             # once, for nothing publishing needs; the DHT's own maintenance loop refreshes later.
             await self.dht.peer_routing.find_closest_peers_network(self.host.get_id().to_bytes())
@@ -456,7 +456,7 @@ class Discovery:
             if reachable:
                 value = await self._fetch_record(peer)
             if value is None:
-                # quorum 1: the first valid answer ends the query instead of waiting on every peer (LIBP2P_NOTES #6)
+                # quorum 1: the first valid answer ends the query instead of waiting on every peer (docs/libp2p.md #6)
                 value = await self.dht.get_value(key, quorum=1)
             if value is None:
                 self._counters["records_missing"] += 1
@@ -496,7 +496,7 @@ class Discovery:
 
     async def _serve_record(self, stream: INetStream) -> None:
         """Stream-handler boundary: write our member record and close. An error here must never reach py-libp2p,
-        which would take the whole host down (LIBP2P_NOTES #2)."""
+        which would take the whole host down (docs/libp2p.md #2)."""
         try:
             if not self._own_record:  # not published yet: nothing to vouch for
                 await stream.reset()

@@ -2,10 +2,10 @@
 
 A swarmgrad host offers exactly one security protocol, Noise, and one stream muxer, yamux. py-libp2p's default host
 also offers plaintext (which lets a dialer that knows only a victim's *public* key pose as the victim), secio and
-TLS, and mplex as a second muxer: none of them are offered here (LIBP2P_NOTES #1). The identity is the persistent
+TLS, and mplex as a second muxer: none of them are offered here (docs/libp2p.md #1). The identity is the persistent
 Ed25519 key of `p2p.identity`; a pre-shared key, when given, makes it a private network (libp2p pnet: only peers
 holding the same 32-byte key can complete a connection). One connection per peer (a dial then takes milliseconds
-instead of ~250 ms, LIBP2P_NOTES #5). mDNS, UPnP, bootstrap and the auto-connector (which would re-dial every known
+instead of ~250 ms, docs/libp2p.md #5). mDNS, UPnP, bootstrap and the auto-connector (which would re-dial every known
 peer every 30 s) stay off: discovery is the DHT's job, on top of this host.
 
 What the host advertises (identify, DHT provider records and peer routing all read `host.get_addrs()`) and which
@@ -17,7 +17,7 @@ is not dialable either).
 `running_host(config)` is the one way to run it: it binds every listen address (or raises a `HostError` naming the
 address that failed), installs the received-address filter, refuses a bootstrap address that would reach this host's
 own listener, and on exit closes the host with `await host.close()` so that no socket stays open and the port is
-released (LIBP2P_NOTES #7). This module must not define stream protocols: `p2p.libp2p_transport` and the
+released (docs/libp2p.md #7). This module must not define stream protocols: `p2p.libp2p_transport` and the
 DHT register theirs on the host it yields.
 """
 
@@ -84,7 +84,7 @@ class HostConfig:
     for a host behind a port mapping, or with interfaces other peers cannot reach."""
     psk: bytes | None = None
     """A 32-byte pre-shared key: only peers holding the same key can connect (libp2p pnet). A peer with another
-    key is refused only after its handshake times out (~30-40 s, LIBP2P_NOTES pnet row)."""
+    key is refused only after its handshake times out (~30-40 s, docs/libp2p.md #9)."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     """The largest payload this host sends, and the default limit of what it accepts per protocol."""
     max_in_flight_bytes_per_peer: int = 2 * DEFAULT_MAX_MESSAGE_BYTES

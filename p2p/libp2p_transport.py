@@ -4,16 +4,16 @@
 Wire format: each protocol is a libp2p stream protocol; on a stream, a message is one frame, the 12-byte header of
 `swarmgrad.core.codec.encode_frame_header` followed by the body. Outbound, one stream per (peer, protocol) is opened on
 first use, kept open and reused, and guarded by a lock so that only one task writes to it (yamux interleaves concurrent
-writes, LIBP2P_NOTES #4); bodies are written in chunks of `WRITE_CHUNK_BYTES`. A send cancelled or failed midway
+writes, docs/libp2p.md #4); bodies are written in chunks of `WRITE_CHUNK_BYTES`. A send cancelled or failed midway
 resets that stream, so the receiver sees a truncated frame and drops it, and the next send opens a fresh stream.
 
 Inbound, each stream is read by its own handler: it parses the header with the limit of that protocol *before*
 holding any buffer, reserves the body size from the sender's in-flight budget (`max_in_flight_bytes_per_peer`:
 beyond it, reading pauses and yamux flow control holds the sender back), then reads the body in bounded reads
-(py-libp2p's own framed reads stop near 6.8 MB, LIBP2P_NOTES #8). A bad header, an oversized announcement or a
+(py-libp2p's own framed reads stop near 6.8 MB, docs/libp2p.md #8). A bad header, an oversized announcement or a
 truncated frame resets the stream, is counted in `remote_errors` and reported to the `PeerPolicy`. Every handler
 runs behind a boundary that catches, logs and counts anything unexpected and resets the stream, because an
-exception escaping a py-libp2p stream handler kills the whole host (LIBP2P_NOTES #2).
+exception escaping a py-libp2p stream handler kills the whole host (docs/libp2p.md #2).
 
 This module must not decode messages (the driver does, with a `Schema`) nor hold protocol logic.
 """
