@@ -7,7 +7,8 @@ machines. On 127.0.0.1 every address is dialable; here only the right ones are.
 * a hostile member advertising a loopback address (and another host's own address) never makes anyone dial it:
   trap listeners on 127.0.0.1 in the other hosts' namespaces see no connection, and the honest node, which can
   reach the hostile one only at what it advertised, forgets it;
-* three `swarmgrad peer` processes started as the README says train with two live peers each.
+* four `swarmgrad peer` processes started with the README's commands, literally (no --announce), each end with
+  direct connections to the three others and reach the demo's target accuracy.
 
 Needs root and iproute2; skipped otherwise, except under CI (CI=true), where it fails instead.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from swarmgrad.demo import DEFAULT_TARGET as DEMO_TARGET
 from swarmgrad.demo import PeerProcess
 from testing.netns import NetnsHost, bridged_hosts, unavailable_reason
 from tests.node_processes import Event, NodeProcess, node_group
@@ -151,38 +153,27 @@ def test_a_hostile_member_advertising_loopback_or_our_own_address_is_never_diall
         assert accepts == {"boot": 0, "honest": 0}
 
 
-def test_three_peers_started_as_the_readme_says_train_with_two_live_peers_each(netns_ok: None, tmp_path: Path) -> None:
-    def readme_args(host: NetnsHost, name: str, bootstrap: str | None) -> list[str]:
-        args = [
-            "--data-dir",
-            str(tmp_path / name),
-            "--swarm-id",
-            "lab",
-            "--task",
-            "digits",
-            "--listen",
-            LISTEN,
-            "--announce",
-            f"/ip4/{host.ip}/tcp/7400",
-            "--max-rounds",
-            "0",
-            "--progress",
-            "plain",
-            "--set",
-            "peer.torch_threads=1",
-        ]
+def test_four_peers_started_literally_as_the_readme_says_mesh_and_reach_the_demo_target(
+    netns_ok: None, tmp_path: Path
+) -> None:
+    """The README's commands, with no --announce: host A's `swarmgrad id` output is the others' --bootstrap."""
+
+    def readme_args(name: str, bootstrap: str | None) -> list[str]:
+        args = ["--data-dir", str(tmp_path / name), "--swarm-id", "lab", "--task", "digits", "--listen", LISTEN]
+        args += ["--max-rounds", "0", "--progress", "plain", "--set", "peer.torch_threads=1"]
         return args if bootstrap is None else [*args, "--bootstrap", bootstrap]
 
-    with bridged_hosts(3) as hosts:
+    with bridged_hosts(4) as hosts:
         peers: list[PeerProcess] = []
         try:
-            peers.append(PeerProcess("a", readme_args(hosts[0], "a", None), tmp_path / "a.log", hosts[0].wrap([])))
+            peers.append(PeerProcess("a", readme_args("a", None), tmp_path / "a.log", hosts[0].wrap([])))
             peers[0].wait_for("listening", START_S)
-            boot = _bootstrap_address(hosts[0], tmp_path / "a", "--announce", f"/ip4/{hosts[0].ip}/tcp/7400")
-            for name, host in (("b", hosts[1]), ("c", hosts[2])):
-                peers.append(PeerProcess(name, readme_args(host, name, boot), tmp_path / f"{name}.log", host.wrap([])))
-            for peer in peers:
-                peer.wait_for("round", 2 * START_S, lambda e: bool(e["peers"] >= 2))
+            boot = _bootstrap_address(hosts[0], tmp_path / "a")
+            for index, host in enumerate(hosts[1:], start=1):
+                name = "abcd"[index]
+                peers.append(PeerProcess(name, readme_args(name, boot), tmp_path / f"{name}.log", host.wrap([])))
+            for peer in peers:  # every peer directly connected to the 3 others, and at the demo's target
+                peer.wait_for("round", 3 * START_S, lambda e: bool(e["peers"] >= 3 and e["value"] >= DEMO_TARGET))
         finally:
             statuses = [peer.stop() for peer in peers]
-    assert statuses == [0, 0, 0]
+    assert statuses == [0, 0, 0, 0]
