@@ -12,6 +12,12 @@ Prints one JSON line: medians and p90s in seconds, bytes per peer, how peers wer
 dht) and the ratio of the median discovery time to the 3 s goal. `time_to_target_once_available_s` counts from the
 moment the peer listens and at least 8 others listen too: with 16 interpreters starting on 2 cores, the last
 ones listen many seconds after the first, and no protocol can find a peer that is not up yet.
+
+`--hosts N` (root, iproute2): the multi-host mode. N network namespaces on one bridge (`testing.netns`), one node
+per "host", every node on 0.0.0.0 port 7400 with no --announce, joined through the address `swarmgrad id` prints
+on the first host. Reports the time from `listening` until each node holds direct connections (`peer_up`) to 3
+others, and, after at most `BENCH_MESH_S` (20 s) more for the rest, the share of node pairs holding a direct
+connection (1.0: a full mesh; a star around the bootstrap would be 2/N).
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ NUM_PEERS = int(os.environ.get("BENCH_PEERS", 16))
 TARGET_KNOWN = 8
 TIMEOUT_S = float(os.environ.get("BENCH_TIMEOUT_S", 120))
 GOAL_S = 3.0
+MESH_KNOWN = 3
+MESH_S = float(os.environ.get("BENCH_MESH_S", 20))
 
 
 def proc_io_bytes(pid: int) -> int:
@@ -40,8 +48,17 @@ def proc_io_bytes(pid: int) -> int:
 
 
 class Peer:
-    def __init__(self, name: str, tmp: Path, swarm_id: str, bootstrap: str | None) -> None:
+    def __init__(
+        self,
+        name: str,
+        tmp: Path,
+        swarm_id: str,
+        bootstrap: str | None,
+        listen: str = "/ip4/127.0.0.1/tcp/0",
+        wrap: list[str] | None = None,
+    ) -> None:
         args = [
+            *(wrap or []),
             sys.executable,
             "-m",
             "swarmgrad.cli",
@@ -51,7 +68,7 @@ class Peer:
             "--data-dir",
             str(tmp / name),
         ]
-        args += ["--listen", "/ip4/127.0.0.1/tcp/0", "--swarm-id", swarm_id]
+        args += ["--listen", listen, "--swarm-id", swarm_id]
         if bootstrap is not None:
             args += ["--bootstrap", bootstrap]
         self.spawned_at = time.time()
@@ -64,6 +81,8 @@ class Peer:
         self.io_at_listening = 0
         self.found: dict[str, tuple[str, float]] = {}
         self.reached_at: float | None = None
+        self.up: set[str] = set()
+        self.meshed_at: float | None = None  # when it first held direct connections to MESH_KNOWN others
         self.cond = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -79,6 +98,12 @@ class Peer:
                     self.found.setdefault(event["peer"], (event["via"], event["t"]))
                     if len(self.found) >= TARGET_KNOWN and self.reached_at is None:
                         self.reached_at = event["t"]
+                elif event["event"] == "peer_up":
+                    self.up.add(event["peer"])
+                    if len(self.up) >= MESH_KNOWN and self.meshed_at is None:
+                        self.meshed_at = event["t"]
+                elif event["event"] == "peer_down":
+                    self.up.discard(event["peer"])
                 self.cond.notify_all()
 
     def wait(self, predicate: Any, deadline: float) -> bool:
@@ -166,5 +191,67 @@ def main() -> None:
     )
 
 
+def main_hosts(count: int) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's `testing` harness
+    from testing.netns import bridged_hosts, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        raise SystemExit(f"--hosts: {reason}")
+    listen = "/ip4/0.0.0.0/tcp/7400"
+    with tempfile.TemporaryDirectory() as tmp_dir, bridged_hosts(count) as hosts:
+        tmp = Path(tmp_dir)
+        peers: list[Peer] = []
+        try:
+            out = hosts[0].run(sys.executable, "-m", "swarmgrad.cli", "id", "--data-dir", str(tmp / "h0"), "--listen",
+                               listen, "--json")  # fmt: skip
+            addr = json.loads(out)["addrs"][0]
+            boot = Peer("h0", tmp, "bench", None, listen, hosts[0].wrap([]))
+            peers.append(boot)
+            deadline = time.time() + TIMEOUT_S
+            if not boot.wait(lambda: boot.listening is not None, deadline):
+                raise SystemExit("the bootstrap node did not start")
+            assert boot.listening is not None
+            baseline_startup_s = boot.listening["t"] - boot.spawned_at
+            peers += [Peer(f"h{i}", tmp, "bench", addr, listen, host.wrap([])) for i, host in enumerate(hosts[1:], 1)]
+            for peer in peers:
+                peer.wait(lambda p=peer: p.meshed_at is not None, deadline)
+            mesh_deadline = time.time() + MESH_S
+            for peer in peers:
+                peer.wait(lambda p=peer: len(p.up) >= count - 1, mesh_deadline)
+            ids = {p.listening["peer_id"]: p for p in peers if p.listening is not None}
+            pairs = [(a, b) for i, a in enumerate(sorted(ids)) for b in sorted(ids)[i + 1 :]]
+            direct = sum(1 for a, b in pairs if b in ids[a].up or a in ids[b].up)
+            advertised = sorted({addr for p in peers if p.listening for addr in p.listening["addrs"]})
+        finally:
+            for peer in peers:
+                peer.stop()
+    meshed = [p.meshed_at - p.listening["t"] for p in peers if p.meshed_at is not None and p.listening is not None]
+    print(
+        json.dumps(
+            {
+                "benchmark": "discovery_hosts",
+                "hosts": count,
+                "mesh_known": MESH_KNOWN,
+                "reached_mesh_known": len(meshed),
+                "time_to_direct_connections_to_3_from_listening_s": {
+                    "median": statistics.median(meshed) if meshed else None,
+                    "p90": p90(meshed) if meshed else None,
+                },
+                "direct_pair_share": direct / len(pairs) if pairs else None,
+                "star_pair_share": 2 / count,
+                "advertised_unspecified": sum("/0.0.0.0/" in a for a in advertised),
+                "baseline_bootstrap_startup_s": baseline_startup_s,
+                "cpu_count": os.cpu_count(),
+            }
+        )
+    )
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--hosts":
+        main_hosts(int(sys.argv[2]))
+    elif len(sys.argv) == 1:
+        main()
+    else:
+        raise SystemExit("usage: discovery.py [--hosts N]")
