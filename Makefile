@@ -8,10 +8,11 @@ STAMP := $(VENV)/.installed-stamp
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml setup.py constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt torch setuptools ninja
+	$(PY) -m pip install -q --no-build-isolation -c constraints.txt -e '.[test]'
 	touch $@
 
 demo: $(STAMP)
@@ -24,7 +25,7 @@ test-long: $(STAMP)
 	$(PY) -m pytest -q -m long
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check swarmgrad p2p gossip training consensus sim testing tests benchmarks
+	$(VENV)/bin/ruff check swarmgrad p2p gossip training consensus sim testing tests benchmarks setup.py
 	$(VENV)/bin/mypy swarmgrad p2p gossip training consensus sim testing
 	$(VENV)/bin/lint-imports
 

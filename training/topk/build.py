@@ -1,13 +1,18 @@
-"""Build-on-first-use loader of the native top-k kernels (`csrc/`), and the fake kernels that trace them.
+"""Loader of the native top-k kernels (`csrc/`), and the fake kernels that trace them.
 
-This module owns compiling the extension against the *running* torch (a compiled library never travels between
-machines or torch versions), loading it with `torch.ops.load_library`, and registering the fake (meta) kernels so
-the ops work under `torch.compile`. It must not pick an implementation for the user: falling back to the
-pure-torch reference is the caller's explicit choice (see `ops.py`).
+The kernels are built ahead of time, at install (`setup.py`: `training/topk/_C*.so`, against the installed torch).
+`load_extension()` loads that library with `torch.ops.load_library` when it is there, its sources' hash still
+matches the sources, and it loads into the running torch; otherwise (a development checkout whose C++ changed, a
+torch upgraded after the install, `SWARMGRAD_TOPK_BUILD=jit`) it compiles them on first use with torch's JIT
+builder, logging why. Either way it registers the fake (meta) kernels so the ops work under `torch.compile`. It
+must not pick an implementation for the user: falling back to the pure-torch reference is the caller's explicit
+choice (see `ops.py`). It runs once, before the first round, never inside a protocol step.
 
-The build goes to `$SWARMGRAD_CACHE_DIR/topk/<key>` (default `~/.cache/swarmgrad`), where the key names the
-torch version, the Python version and whether the CUDA kernels are included; torch's own cache ignores the torch
-version. A compile killed midway leaves torch's `lock` file behind and every later build would wait on it
+A JIT build goes to `$SWARMGRAD_CACHE_DIR/topk/<key>` (default `~/.cache/swarmgrad`), where the key names the
+torch version, the Python version, whether the CUDA kernels are included and the sources' content hash (so two
+checkouts on one machine do not invalidate each other's build); torch's own cache ignores the torch version. The
+`ninja` package (a dependency) drives the compile: its directory goes first on PATH, so no system ninja is
+needed. A compile killed midway leaves torch's `lock` file behind and every later build would wait on it
 forever: builds through this loader hold an exclusive `flock` on a file of their own, so a `lock` file found while
 holding it is stale and is removed. Cold CPU build: ~16-25 s here (2 busy cores); warm load: ~0.3 s.
 """
@@ -15,21 +20,23 @@ holding it is stale and is removed. Cold CPU build: ~16-25 s here (2 busy cores)
 from __future__ import annotations
 
 import fcntl
+import importlib.machinery
 import logging
 import os
 import sys
 import time
 from pathlib import Path
 
+import ninja
 import torch
 
 from swarmgrad.core.errors import SwarmgradError
+from training.topk.sources import CPU_SOURCES, CSRC, CUDA_SOURCES, SOURCES_HASH_FILE, sources_hash
 
 logger = logging.getLogger(__name__)
 
-CSRC = Path(__file__).resolve().parent / "csrc"
-CPU_SOURCES = ("ops.cpp", "topk_cpu.cpp")
-CUDA_SOURCES = ("topk_cuda.cu",)
+BUILD_ENV = "SWARMGRAD_TOPK_BUILD"
+"""`jit` always compiles from the sources (development); unset or empty uses the library built at install."""
 BUILD_COMMAND = 'python -c "from training.topk.build import load_extension; load_extension()"'
 
 _state: dict[str, bool] = {"loaded": False, "cuda": False}
@@ -47,10 +54,44 @@ def cache_dir() -> Path:
 
 
 def build_key(with_cuda: bool) -> str:
-    """A name unique to the torch build and Python that the library is compiled against."""
+    """A name unique to the torch build, the Python and the sources that the library is compiled from."""
     torch_version = torch.__version__.replace(".", "_").replace("+", "_")
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return f"swarmgrad_topk_{torch_version}_{python}{'_cuda' if with_cuda else ''}"
+    return f"swarmgrad_topk_{torch_version}_{python}{'_cuda' if with_cuda else ''}_{sources_hash(with_cuda)[:12]}"
+
+
+def prebuilt_library() -> Path | None:
+    """The library built at install, if there is one (beside this module)."""
+    here = Path(__file__).resolve().parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        candidate = here / f"_C{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _load_prebuilt() -> bool | None:
+    """Load the install-time library if it is usable (say why not otherwise): whether it includes the CUDA kernels,
+    or None when it was not loaded."""
+    mode = os.environ.get(BUILD_ENV, "")
+    if mode not in ("", "jit"):
+        raise ExtensionUnavailable(f"{BUILD_ENV} must be unset, empty or 'jit', got {mode!r}")
+    library = prebuilt_library()
+    if mode == "jit" or library is None:
+        return None
+    try:
+        built_from, variant = (library.parent / SOURCES_HASH_FILE).read_text().split()
+    except (FileNotFoundError, ValueError):
+        built_from, variant = "", ""
+    if variant not in ("cpu", "cuda") or built_from != sources_hash(with_cuda=variant == "cuda"):
+        logger.warning("the native top-k library %s was built from other sources: building from source", library)
+        return None
+    try:
+        torch.ops.load_library(str(library))
+    except OSError as exc:  # built against another torch
+        logger.warning("cannot load the native top-k library %s (%s): building from source", library, exc)
+        return None
+    return variant == "cuda" and torch.cuda.is_available()
 
 
 def _cuda_buildable() -> bool:
@@ -65,12 +106,20 @@ def load_extension() -> None:
         return
     from torch.utils import cpp_extension
 
+    started = time.perf_counter()
+    prebuilt_cuda = _load_prebuilt()
+    if prebuilt_cuda is not None:
+        logger.info("loaded the native top-k kernels built at install in %.1f s", time.perf_counter() - started)
+        _register_fakes()
+        _state["loaded"] = True
+        _state["cuda"] = prebuilt_cuda
+        return
     with_cuda = _cuda_buildable()
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     name = build_key(with_cuda)
     build_dir = cache_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
     sources = [str(CSRC / s) for s in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())]
-    started = time.perf_counter()
     with open(build_dir / "swarmgrad.flock", "w") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)
         stale = build_dir / "lock"
