@@ -121,6 +121,15 @@ def p90(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
 
 
+def started(boot: Peer) -> tuple[float, float]:
+    """Wait for the bootstrap node to listen: the run's deadline, and its start-up time (the baseline)."""
+    deadline = time.time() + TIMEOUT_S
+    if not boot.wait(lambda: boot.listening is not None, deadline):
+        raise SystemExit("the bootstrap node did not start")
+    assert boot.listening is not None
+    return deadline, boot.listening["t"] - boot.spawned_at
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
@@ -128,11 +137,8 @@ def main() -> None:
         try:
             boot = Peer("boot", tmp, "bench", None)
             peers.append(boot)
-            deadline = time.time() + TIMEOUT_S
-            if not boot.wait(lambda: boot.listening is not None, deadline):
-                raise SystemExit("the bootstrap peer did not start")
+            deadline, baseline_startup_s = started(boot)
             assert boot.listening is not None
-            baseline_startup_s = boot.listening["t"] - boot.spawned_at
             addr = boot.listening["addrs"][0]
             joiners = [Peer(f"p{i}", tmp, "bench", addr) for i in range(1, NUM_PEERS)]
             peers += joiners
@@ -208,11 +214,7 @@ def main_hosts(count: int) -> None:
             addr = json.loads(out)["addrs"][0]
             boot = Peer("h0", tmp, "bench", None, listen, hosts[0].wrap([]))
             peers.append(boot)
-            deadline = time.time() + TIMEOUT_S
-            if not boot.wait(lambda: boot.listening is not None, deadline):
-                raise SystemExit("the bootstrap node did not start")
-            assert boot.listening is not None
-            baseline_startup_s = boot.listening["t"] - boot.spawned_at
+            deadline, baseline_startup_s = started(boot)
             peers += [Peer(f"h{i}", tmp, "bench", addr, listen, host.wrap([])) for i, host in enumerate(hosts[1:], 1)]
             for peer in peers:
                 peer.wait(lambda p=peer: p.meshed_at is not None, deadline)

@@ -95,20 +95,17 @@ async def test_undialable_received_addresses_never_reach_the_peerstore(tmp_path:
 
 async def test_a_peer_connected_over_loopback_may_give_loopback_addresses(tmp_path: Path) -> None:
     with trio.fail_after(TIMEOUT_S):
-        async with (
-            running_host(HostConfig(tmp_path / "a", listen_addrs=ANY)) as a,
-            running_host(HostConfig(tmp_path / "b", listen_addrs=("/ip4/127.0.0.1/tcp/0",))) as b,
-        ):
+        async with running_host(HostConfig(tmp_path / "a", listen_addrs=ANY)) as a:
             port = a.get_transport_addrs()[0].value_for_protocol("tcp")
-            await b.connect(PeerInfo(a.get_id(), [M(f"/ip4/127.0.0.1/tcp/{port}")]))
-            with trio.move_on_after(5):
-                while not a.get_network().get_connections(b.get_id()):
-                    await trio.sleep(0.01)
-            a.get_peerstore().add_addrs(b.get_id(), [M("/ip4/127.0.0.1/tcp/9")], 120)
-            stranger = _stranger()
-            a.get_peerstore().add_addrs(stranger, [M("/ip4/127.0.0.1/tcp/9")], 120)
-            from_local = _known_addrs(a, b.get_id())
-            from_stranger = _known_addrs(a, stranger)
+            boot = f"/ip4/127.0.0.1/tcp/{port}/p2p/{a.get_id()}"
+            # b is not loopback-only (0.0.0.0): only a's loopback connection makes a local
+            async with running_host(HostConfig(tmp_path / "b", listen_addrs=ANY), (boot,)) as b:
+                await b.connect(PeerInfo(a.get_id(), [M(f"/ip4/127.0.0.1/tcp/{port}")]))
+                b.get_peerstore().add_addrs(a.get_id(), [M("/ip4/127.0.0.1/tcp/9")], 120)
+                stranger = _stranger()
+                b.get_peerstore().add_addrs(stranger, [M("/ip4/127.0.0.1/tcp/9")], 120)
+                from_local = _known_addrs(b, a.get_id())
+                from_stranger = _known_addrs(b, stranger)
     assert "/ip4/127.0.0.1/tcp/9" in from_local
     assert from_stranger == []
 
