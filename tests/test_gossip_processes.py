@@ -66,9 +66,10 @@ def test_survivors_finish_rounds_by_the_deadline_and_keep_averaging(tmp_path: Pa
             after = [r for r in rounds if r["time"] - r["seconds"] > fault_time]  # rounds started after the fault
             assert after, f"peer {i} started no round after the fault"
             assert sum(r["heard"] > 0 for r in after) >= len(after) / 2, f"peer {i} stopped averaging: {after}"
-            assert abs(rounds[-1]["mean"] - float(i)) > 1e-3, f"peer {i} (starting near mean {i}) never moved"
-        # Peer i starts near mean i: the survivors' means (0, 1, 2) come closer together.
+        # Peer i starts near mean i. Peer 0 has only higher neighbours, so averaging can only raise its mean (a
+        # middle peer's pulls from both sides may cancel); the survivors' means (0, 1, 2) come closer together.
         final_means = [_rounds(tmp_path, i)[-1]["mean"] for i in survivors]
+        assert final_means[0] > 1e-3, f"peer 0 (starting near mean 0) never moved: {final_means}"
         assert max(final_means) - min(final_means) < 2.0 - 1e-3, final_means
     finally:
         stop_peers(procs)
