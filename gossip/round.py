@@ -105,7 +105,9 @@ import hashlib
 import math
 import random
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -116,6 +118,8 @@ from swarmgrad.core.machine import (
     Action,
     CancelTimer,
     Command,
+    Compute,
+    Computed,
     Event,
     Notify,
     PeerDown,
@@ -127,7 +131,7 @@ from swarmgrad.core.machine import (
     SetTimer,
     TimerFired,
 )
-from training.topk import pack_sparse, topk_abs, unpack_sparse
+from training.topk import pack_sparse, unpack_sparse
 from training.topk.payload import VALUE_FORMATS
 
 AGGREGATIONS = ("mean", "trimmed_mean", "clipped")
@@ -248,9 +252,95 @@ class _Round:
     received: dict[PeerId, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
+Compressor = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+"""Indices (ascending) and values of the k largest magnitudes of a vector: `training.topk.TopKSelector`, built (its
+kernels loaded) before it is handed to the machine."""
+
+
+def _select_changed(
+    compressor: Compressor, x: torch.Tensor, public: torch.Tensor, difference: torch.Tensor, k: int
+) -> torch.Tensor:
+    """The support with error feedback: top-k of |x - public|, the difference into a buffer kept across rounds (a
+    fresh 40 MB tensor costs more in page faults than the subtraction)."""
+    return compressor(torch.sub(x, public, out=difference), k)[0]
+
+
+def _select_largest(compressor: Compressor, x: torch.Tensor, k: int) -> torch.Tensor:
+    """The support without error feedback: top-k of |x|."""
+    return compressor(x, k)[0]
+
+
+@dataclass(frozen=True)
+class _Mixed:
+    """What an aggregation reports besides the vector it mixed in place."""
+
+    clipped: int
+    recorded_norms: list[float]
+
+
+def _mix(
+    config: GossipConfig,
+    x: torch.Tensor,
+    received: list[tuple[torch.Tensor, torch.Tensor]],
+    norm_history: list[float],
+) -> _Mixed:
+    """Aggregate the neighbours' `(indices, values)` into `x` in place (see the module docstring); `norm_history`
+    is the clip radius's history, and the norms to record in it come back."""
+    if not received:
+        return _Mixed(0, [])
+    supports = [indices for indices, _ in received]
+    if all(torch.equal(support, supports[0]) for support in supports[1:]):
+        # The usual case: every neighbour answered on this peer's own coordinates.
+        union, position = supports[0], torch.arange(supports[0].numel()).repeat(len(received))
+    else:
+        union, position = torch.unique(torch.cat(supports), return_inverse=True)
+    diffs = torch.zeros(len(received), union.numel())
+    mask = torch.zeros(len(received), union.numel(), dtype=torch.bool)
+    start = 0
+    for row, (indices, values) in enumerate(received):
+        where = position[start : start + indices.numel()]
+        start += indices.numel()
+        diffs[row, where] = values - x[indices]
+        mask[row, where] = True
+    weights = aggregate.coordinate_weights(mask)
+    clipped = 0
+    recorded: list[float] = []
+    if config.aggregation == "mean":
+        move = aggregate.weighted_mean(diffs, mask, weights)
+    elif config.aggregation == "trimmed_mean":
+        own = torch.zeros(1, union.numel())
+        move = aggregate.trimmed_mean(
+            torch.cat([own, diffs]),
+            torch.cat([torch.ones(1, union.numel(), dtype=torch.bool), mask]),
+            config.trim_count,
+        )
+    else:
+        norms = aggregate.row_norms(diffs, mask)
+        if norm_history:  # what enters the history is capped: a Byzantine minority cannot inflate the radius
+            previous = aggregate.adaptive_clip_radius(norm_history, config.clip_multiplier)
+            recorded = aggregate.capped(norms, RADIUS_GROWTH * previous)
+        else:  # cold start from the smallest difference: the radius then grows by at most RADIUS_GROWTH a round
+            recorded = [float(norms.min())]
+        radius = config.clip_radius
+        if radius is None:
+            history = (norm_history + recorded)[-config.clip_history_len :]
+            radius = aggregate.adaptive_clip_radius(history, config.clip_multiplier)
+        clipped = int((norms > radius).sum())
+        move = aggregate.clipped_gossip(diffs, mask, weights, radius)
+    x[union] += config.step_size * move
+    return _Mixed(clipped, recorded)
+
+
 class GossipRound:
-    """The gossip machine of one peer. Feed it `StartRound`, `Received`, `TimerFired`, peer events, `SendFailed`;
-    it emits `Send`s (each bounded by the round deadline), its round timer and `Notify(RoundCompleted)`."""
+    """The gossip machine of one peer. Feed it `StartRound`, `Received`, `TimerFired`, peer events, `SendFailed`
+    and the `Computed` results of its `Compute`s; it emits `Send`s (each bounded by the round deadline), its round
+    timer, `Compute`s and `Notify(RoundCompleted)`.
+
+    The tensor work of a round -- the top-k selection at its start and the aggregation at its end, each over the
+    whole vector -- is handed out as `Compute` (a driver runs it in a worker thread), with `compressor` injected
+    already built: no step reads the environment, loads a library or runs over millions of floats. While a
+    selection runs, the round's messages are buffered as for a future round; while an aggregation runs, the round
+    is over and requests for it are answered from the public copy, which is all the machine touches meanwhile."""
 
     def __init__(
         self,
@@ -259,6 +349,7 @@ class GossipRound:
         numel: int,
         fingerprint: bytes,
         rng: random.Random,
+        compressor: Compressor,
     ) -> None:
         if numel < 1:
             raise LocalProtocolError(f"numel must be >= 1, got {numel}")
@@ -268,11 +359,14 @@ class GossipRound:
         self.fingerprint = fingerprint
         self.local_peer = local_peer
         self._rng = rng
+        self._compressor = compressor
         self._live: set[PeerId] = set()
         self._public: torch.Tensor | None = None
         self._told = torch.empty(0, dtype=torch.bool)  # which coordinates the public copy holds a told value of
         self._difference = torch.empty(0)  # scratch for x - public, allocated with the public copy
         self._round: _Round | None = None
+        self._starting: tuple[int, torch.Tensor] | None = None  # a round whose support is being selected
+        self._finishing: tuple[_Round, bool] | None = None  # a round (and whether it timed out) being aggregated
         self._next_round = 0
         # request rounds heard per sender: its latest and those within `max_future_rounds` below it
         self._requests_from: dict[PeerId, set[int]] = {}
@@ -308,6 +402,8 @@ class GossipRound:
             return self._start(now, event.params, event.not_before)
         if isinstance(event, Received):
             return self._received(now, event.peer, event.msg)
+        if isinstance(event, Computed):
+            return self._computed(now, event)
         if isinstance(event, TimerFired):
             if self._round is not None and event.key == self._timer_key(self._round.number):
                 return self._complete(timed_out=True)
@@ -326,25 +422,51 @@ class GossipRound:
     # ---- rounds -------------------------------------------------------------------------------------------------
 
     def _start(self, now: float, params: torch.Tensor, not_before: int) -> list[Action]:
-        if self._round is not None:
-            raise LocalProtocolError(f"round {self._round.number} is still running")
+        if self._round is not None or self._starting is not None or self._finishing is not None:
+            raise LocalProtocolError(f"round {self.clock} is still running")
         if params.dtype != torch.float32 or params.dim() != 1 or params.numel() != self.numel:
             raise LocalProtocolError(f"params must be a flat float32 tensor of {self.numel}, got {params.shape}")
         number = max(self._next_number(), not_before)
+        self._next_round = number  # until the selection below is computed, this round's messages are buffered
         if self._holds(number):
-            self._next_round = number
             self._counters["rounds_held"] += 1
             return [Notify(RoundCompleted(number, params, (), (), 0, False, held=True))]
         x = params.detach()
+        self._starting = (number, x)
         if self.config.error_feedback:
             if self._public is None:
                 self._public = torch.zeros(self.numel)
                 self._told = torch.zeros(self.numel, dtype=torch.bool)
                 self._difference = torch.empty(self.numel)
-            # into a buffer kept across rounds: a fresh 40 MB tensor costs more in page faults than the subtraction
-            indices, _ = topk_abs(torch.sub(x, self._public, out=self._difference), self.k)
+            work = partial(_select_changed, self._compressor, x, self._public, self._difference, self.k)
         else:
-            indices, _ = topk_abs(x, self.k)
+            work = partial(_select_largest, self._compressor, x, self.k)
+        return [Compute(("gossip-select", number), work)]
+
+    def _computed(self, now: float, event: Computed) -> list[Action]:
+        if self._starting is not None and event.key == ("gossip-select", self._starting[0]):
+            (number, x), self._starting = self._starting, None
+            if not isinstance(event.result, torch.Tensor):
+                raise LocalProtocolError(f"a selection gave {type(event.result).__name__}, not indices")
+            return self._begin(now, number, x, event.result)
+        if self._finishing is not None and event.key == ("gossip-aggregate", self._finishing[0].number):
+            (current, timed_out), self._finishing = self._finishing, None
+            if not isinstance(event.result, _Mixed):
+                raise LocalProtocolError(f"an aggregation gave {type(event.result).__name__}")
+            self._norms.extend(event.result.recorded_norms)
+            self._counters["clipped"] += event.result.clipped
+            done = RoundCompleted(
+                current.number,
+                current.params,
+                tuple(sorted(current.received)),
+                tuple(sorted(current.expected)),
+                event.result.clipped,
+                timed_out,
+            )
+            return [Notify(done)]
+        raise LocalProtocolError(f"GossipRound did not ask for the computation {event.key!r}")
+
+    def _begin(self, now: float, number: int, x: torch.Tensor, indices: torch.Tensor) -> list[Action]:
         # NaN and Inf rank first in top-k: `pack_sparse` refuses them
         update = self._pack(number, False, indices, x, number)
         eligible = [p for p in sorted(self._live) if self._eligible(number, self.local_peer, p, ELIGIBLE_FACTOR)]
@@ -419,7 +541,6 @@ class GossipRound:
         current = self._round
         if current is None:
             raise LocalProtocolError("no round to complete")
-        params, clipped = self._aggregate(current)
         self._round = None
         self._next_round = current.number + 1
         for peer, rounds in self._replies_from.items():
@@ -428,60 +549,14 @@ class GossipRound:
             self._backoff_until[peer] = current.number + 1 + self.config.miss_backoff_rounds
         self._counters["rounds_timed_out"] += int(timed_out)
         self._counters["neighbours_answered"] += len(current.received)
-        self._counters["clipped"] += clipped
-        current.params = torch.empty(0)  # handed back below: the machine keeps no alias of the caller's vector
-        done = RoundCompleted(
-            current.number, params, tuple(sorted(current.received)), tuple(sorted(current.expected)), clipped, timed_out
-        )
+        # The vector goes to the aggregation, then back to the caller; messages that arrive before the result are
+        # handled as for a finished round (from the public copy), so nothing on this thread touches it meanwhile.
+        self._finishing = (current, timed_out)
+        received = [current.received[p] for p in sorted(current.received)]
+        work = partial(_mix, self.config, current.params, received, list(self._norms))
         actions: list[Action] = [] if timed_out else [CancelTimer(self._timer_key(current.number))]
-        actions.append(Notify(done))
+        actions.append(Compute(("gossip-aggregate", current.number), work))
         return actions
-
-    def _aggregate(self, current: _Round) -> tuple[torch.Tensor, int]:
-        x = current.params
-        peers = sorted(current.received)
-        if not peers:
-            return x, 0
-        supports = [current.received[p][0] for p in peers]
-        if all(torch.equal(support, supports[0]) for support in supports[1:]):
-            # The usual case: every neighbour answered on this peer's own coordinates.
-            union, position = supports[0], torch.arange(supports[0].numel()).repeat(len(peers))
-        else:
-            union, position = torch.unique(torch.cat(supports), return_inverse=True)
-        diffs = torch.zeros(len(peers), union.numel())
-        mask = torch.zeros(len(peers), union.numel(), dtype=torch.bool)
-        start = 0
-        for row, peer in enumerate(peers):
-            indices, values = current.received[peer]
-            where = position[start : start + indices.numel()]
-            start += indices.numel()
-            diffs[row, where] = values - x[indices]
-            mask[row, where] = True
-        weights = aggregate.coordinate_weights(mask)
-        clipped = 0
-        if self.config.aggregation == "mean":
-            move = aggregate.weighted_mean(diffs, mask, weights)
-        elif self.config.aggregation == "trimmed_mean":
-            own = torch.zeros(1, union.numel())
-            move = aggregate.trimmed_mean(
-                torch.cat([own, diffs]),
-                torch.cat([torch.ones(1, union.numel(), dtype=torch.bool), mask]),
-                self.config.trim_count,
-            )
-        else:
-            norms = aggregate.row_norms(diffs, mask)
-            if self._norms:  # what enters the history is capped: a Byzantine minority cannot inflate the radius
-                previous = aggregate.adaptive_clip_radius(list(self._norms), self.config.clip_multiplier)
-                self._norms.extend(aggregate.capped(norms, RADIUS_GROWTH * previous))
-            else:  # cold start from the smallest difference: the radius then grows by at most RADIUS_GROWTH a round
-                self._norms.append(float(norms.min()))
-            radius = self.config.clip_radius
-            if radius is None:
-                radius = aggregate.adaptive_clip_radius(list(self._norms), self.config.clip_multiplier)
-            clipped = int((norms > radius).sum())
-            move = aggregate.clipped_gossip(diffs, mask, weights, radius)
-        x[union] += self.config.step_size * move
-        return x, clipped
 
     # ---- messages -----------------------------------------------------------------------------------------------
 
@@ -554,7 +629,7 @@ class GossipRound:
     def _pack(self, number: int, reply: bool, indices: torch.Tensor, x: torch.Tensor, clock: int) -> SparseUpdate:
         """An update with `x`'s values at `indices`; the public copy records what was told (as rounded)."""
         payload = pack_sparse(indices, x[indices], self.numel, value_format=self.config.value_format)
-        if self._public is not None:
+        if self._public is not None and x is not self._public:  # told values are already as rounded: no write
             sent_indices, sent_values = unpack_sparse(payload, self.numel)
             self._public[sent_indices] = sent_values
             self._told[sent_indices] = True

@@ -25,12 +25,13 @@ import torch
 import trio
 
 from gossip.messages import PROTOCOL, SCHEMA
-from gossip.round import GossipConfig, GossipRound, RoundCompleted, StartRound
-from swarmgrad.core.driver import Driver, PeerErrorHook
+from gossip.round import Compressor, GossipConfig, GossipRound, RoundCompleted, StartRound
+from swarmgrad.core.driver import ComputeRunner, Driver, PeerErrorHook, run_in_worker_thread
 from swarmgrad.core.errors import LocalProtocolError
 from swarmgrad.core.machine import PeerDown, PeerId, PeerUp
 from swarmgrad.core.transport import Transport
 from training.loop import Averaged
+from training.topk import TopKSelector
 
 if TYPE_CHECKING:  # libp2p installs trio-typing, whose stale `trio-stubs` hide trio's own `TaskStatus` from mypy
     from trio_typing import TaskStatus
@@ -42,7 +43,9 @@ _BYTES_PER_COORDINATE = 8
 
 class GossipService:
     """Gossip averaging over `transport`, the training loop's `Averager`. Start `run` in a nursery, then call
-    `average` (from a worker thread) or `average_async` (from trio), one round at a time."""
+    `average` (from a worker thread) or `average_async` (from trio), one round at a time. `compressor` defaults to
+    the native top-k (`SWARMGRAD_TOPK_FALLBACK=reference` for the reference), loaded here; a round's tensor work
+    runs through `run_compute` (a worker thread)."""
 
     def __init__(
         self,
@@ -53,10 +56,16 @@ class GossipService:
         *,
         follow_transport_peers: bool = True,
         on_peer_error: PeerErrorHook | None = None,
+        compressor: Compressor | None = None,
+        run_compute: ComputeRunner = run_in_worker_thread,
     ) -> None:
         self.config = config
         self.transport = transport
-        self.machine = GossipRound(config, transport.local_peer, numel, fingerprint, random.Random(config.seed))
+        if compressor is None:  # chosen and loaded here, before any round: never inside a machine step
+            compressor = TopKSelector()
+        self.machine = GossipRound(
+            config, transport.local_peer, numel, fingerprint, random.Random(config.seed), compressor
+        )
         self._follow_transport_peers = follow_transport_peers
         self._user_peer_error = on_peer_error
         self.peer_errors: Counter[PeerId] = Counter()
@@ -68,6 +77,7 @@ class GossipService:
             max_message_bytes=self.machine.k * _BYTES_PER_COORDINATE + _MESSAGE_OVERHEAD_BYTES,
             forward_peer_events=follow_transport_peers,
             on_peer_error=self._peer_error,
+            run_compute=run_compute,
         )
         self._token: trio.lowlevel.TrioToken | None = None
         self._pending: tuple[trio.Event, list[RoundCompleted]] | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import trio
 import trio.testing
@@ -11,7 +12,18 @@ from sim.transport import SimNetwork
 from swarmgrad.core.codec import Schema
 from swarmgrad.core.driver import Driver
 from swarmgrad.core.errors import RemoteProtocolError
-from swarmgrad.core.machine import Action, Command, Event, Notify, Received, Send, SetTimer, TimerFired
+from swarmgrad.core.machine import (
+    Action,
+    Command,
+    Compute,
+    Computed,
+    Event,
+    Notify,
+    Received,
+    Send,
+    SetTimer,
+    TimerFired,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,3 +118,49 @@ async def test_full_input_queue_drops_and_counts() -> None:
         accepted = [driver.submit(Arm(str(i), 1.0)) for i in range(5)]  # not running: nothing drains the queue
         assert accepted == [True, True, False, False, False]
         assert driver.statistics()["dropped_input"] == 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Work(Command):
+    key: str
+
+
+class Worker:
+    """Hands each `Work` out as a `Compute` that blocks until `release` is set; reports which thread ran it."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def step(self, now: float, event: Event) -> list[Action]:
+        if isinstance(event, Work):
+            return [Compute(event.key, self._work)]
+        if isinstance(event, Computed):
+            return [Notify(("computed", event.key, event.result))]
+        if isinstance(event, Arm):
+            return [Notify(("armed", event.key))]
+        return []
+
+    def _work(self) -> object:
+        if not self.release.wait(timeout=60):
+            raise TimeoutError("never released")
+        return threading.get_ident()
+
+
+async def test_compute_runs_in_a_worker_thread_while_the_machine_goes_on() -> None:
+    net = SimNetwork(seed=1)
+    machine = Worker()
+    async with net.run(), net.open_transport("a") as ta, trio.open_nursery() as n:
+        driver = Driver(machine, ta, PROTOCOL, SCHEMA)
+        await n.start(driver.run)
+        driver.submit(Work("first"))
+        driver.submit(Work("second"))
+        driver.submit(Arm("meanwhile", 0.0))
+        with trio.fail_after(30):  # a ceiling, not what is tested: the Arm is stepped while the work blocks
+            assert await driver.notifications.receive() == ("armed", "meanwhile")
+            machine.release.set()
+            first = await driver.notifications.receive()
+            second = await driver.notifications.receive()
+        assert first[:2] == ("computed", "first") and second[:2] == ("computed", "second")  # in order
+        assert first[2] != threading.get_ident() and second[2] != threading.get_ident()
+        assert driver.statistics()["computed"] == 2
+        n.cancel_scope.cancel()

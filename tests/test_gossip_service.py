@@ -14,6 +14,7 @@ from gossip.messages import PROTOCOL, SCHEMA, SparseUpdate, model_fingerprint
 from gossip.round import GossipConfig
 from gossip.service import GossipService
 from sim.transport import LinkModel, SimNetwork, SimTransport
+from swarmgrad.core.driver import ComputeRunner, run_in_worker_thread, run_on_event_loop
 from training.loop import Averager
 from training.topk import pack_sparse
 
@@ -36,7 +37,11 @@ def config(seed: int, **overrides: object) -> GossipConfig:
 
 @asynccontextmanager
 async def swarm(
-    net: SimNetwork, names: list[str], nursery: trio.Nursery, on_error: object = None
+    net: SimNetwork,
+    names: list[str],
+    nursery: trio.Nursery,
+    on_error: object = None,
+    run_compute: ComputeRunner = run_on_event_loop,  # virtual time: a worker thread would let the clock jump
 ) -> AsyncIterator[tuple[list[SimTransport], list[GossipService]]]:
     async with AsyncExitStack() as stack:
         transports = [await stack.enter_async_context(net.open_transport(n)) for n in names]
@@ -44,7 +49,7 @@ async def swarm(
             for other in names[i + 1 :]:
                 await t.connect(other)
         services = [
-            GossipService(t, config(i), NUMEL, FP, on_peer_error=on_error)  # type: ignore[arg-type]
+            GossipService(t, config(i), NUMEL, FP, on_peer_error=on_error, run_compute=run_compute)  # type: ignore[arg-type]
             for i, t in enumerate(transports)
         ]
         for service in services:
@@ -54,7 +59,11 @@ async def swarm(
 
 async def test_average_from_worker_threads_mixes_the_vectors() -> None:
     net = SimNetwork(seed=3, default_link=LinkModel(latency_s=0.001))
-    async with net.run(), trio.open_nursery() as nursery, swarm(net, ["a", "b", "c"], nursery) as (_, services):
+    async with (
+        net.run(),
+        trio.open_nursery() as nursery,
+        swarm(net, ["a", "b", "c"], nursery, run_compute=run_in_worker_thread) as (_, services),
+    ):
         starts = [torch.full((NUMEL,), float(i)) for i in range(3)]
         results: list[torch.Tensor] = [torch.empty(0)] * 3
 

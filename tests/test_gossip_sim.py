@@ -22,6 +22,7 @@ from gossip.messages import PROTOCOL, SCHEMA, SparseUpdate, model_fingerprint
 from gossip.round import GossipConfig
 from gossip.service import GossipService
 from sim.transport import LinkModel, SimNetwork, SimTransport
+from swarmgrad.core.driver import run_on_event_loop
 from training.topk import pack_sparse, unpack_sparse
 
 NUM_PEERS = 16
@@ -85,7 +86,9 @@ async def run_swarm(
         for i in range(honest):
             options: dict[str, object] = {"swarm_id": "sim", "density": DENSITY, "seed": seed * 1000 + i}
             cfg = GossipConfig(round_deadline_s=ROUND_DEADLINE_S, **options, **config)  # type: ignore[arg-type]
-            services.append(GossipService(transports[i], cfg, NUMEL, FP, on_peer_error=scored))
+            services.append(
+                GossipService(transports[i], cfg, NUMEL, FP, on_peer_error=scored, run_compute=run_on_event_loop)
+            )
         async with trio.open_nursery() as nursery:
             for service in services:
                 await nursery.start(service.run)

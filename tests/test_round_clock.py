@@ -25,10 +25,11 @@ import torch
 from gossip.messages import SparseUpdate, model_fingerprint
 from gossip.round import GossipConfig, GossipRound, RoundCompleted, StartRound
 from swarmgrad.core.errors import RemoteProtocolError
-from swarmgrad.core.machine import Action, CancelTimer, Notify, PeerUp, Received, Send, SetTimer, TimerFired
-from training.topk import pack_sparse
+from swarmgrad.core.machine import Action, CancelTimer, Notify, PeerUp, Received, Send, SetTimer, TimerFired, settle
+from training.topk import TopKSelector, pack_sparse
 
 NUMEL = 32
+SELECTOR = TopKSelector()
 FP = model_fingerprint([(NUMEL,)])
 DEADLINE_S = 1.0
 COMPUTE_S = 0.05  # local steps between rounds
@@ -68,10 +69,10 @@ class Run:
         )  # fmt: skip
         self.peers: dict[str, Honest] = {}
         for name, start in zip(honest_names, starts, strict=True):
-            machine = GossipRound(cfg, name, NUMEL, FP, random.Random(f"{seed}-{name}"))
+            machine = GossipRound(cfg, name, NUMEL, FP, random.Random(f"{seed}-{name}"), SELECTOR)
             for other in everyone:
                 if other != name:
-                    machine.step(0.0, PeerUp(other))
+                    settle(machine, 0.0, PeerUp(other))
             params = torch.randn(NUMEL, generator=torch.Generator().manual_seed(seed))
             self.peers[name] = Honest(name, machine, params, loop_round=start)
             self._at(self.rng.uniform(0, COMPUTE_S), "start", name)
@@ -87,14 +88,14 @@ class Run:
             if kind == "start":
                 peer = self.peers[str(payload)]
                 peer.round_started_at = self.now
-                self._carry_out(peer, peer.machine.step(self.now, StartRound(peer.params, peer.loop_round)))
+                self._carry_out(peer, settle(peer.machine, self.now, StartRound(peer.params, peer.loop_round)))
             elif kind == "timer":
                 name, key = payload  # type: ignore[misc]
                 if (name, key) in self._cancelled:
                     self._cancelled.discard((name, key))
                     continue
                 peer = self.peers[name]
-                self._carry_out(peer, peer.machine.step(self.now, TimerFired(key)))
+                self._carry_out(peer, settle(peer.machine, self.now, TimerFired(key)))
             elif kind == "deliver":
                 sender, receiver, msg = payload  # type: ignore[misc]
                 if receiver in self.peers:
@@ -106,7 +107,7 @@ class Run:
 
     def _deliver(self, sender: str, peer: Honest, msg: SparseUpdate) -> None:
         try:
-            actions = peer.machine.step(self.now, Received(sender, msg))
+            actions = settle(peer.machine, self.now, Received(sender, msg))
         except RemoteProtocolError as exc:
             if sender in self.peers:
                 self.errors.append(f"{peer.name} blamed honest {sender}: {exc}")

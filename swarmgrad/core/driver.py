@@ -4,6 +4,9 @@ It owns the machine: a single task feeds it, one event at a time, from a bounded
 timer expiries, peer events, commands), and carries out the actions it returns. Timers live in a heap on trio's
 clock, so a test under `MockClock`/`autojump_clock` runs in virtual time. Sends go through one task and one bounded
 queue per peer, so a slow or hung peer delays only its own messages and every send is bounded by its deadline.
+`Compute` work runs in a worker thread (one at a time, in order; `run_compute` can be replaced, e.g. by a benchmark's
+baseline that runs it on the event loop), and its `Computed` result is fed back like any other event, never dropped:
+the event loop stays responsive while a round's top-k or aggregation runs.
 
 Policy when a queue is full: the newest item is dropped and counted (`statistics()`), never blocking the network
 reader or the machine. A `RemoteProtocolError` from the codec or the machine drops that message, is counted and
@@ -17,16 +20,18 @@ import itertools
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import TYPE_CHECKING
 
 import trio
 
 from swarmgrad.core.codec import Schema
-from swarmgrad.core.errors import DecodeError, RemoteProtocolError, TransportError
+from swarmgrad.core.errors import DecodeError, LocalProtocolError, RemoteProtocolError, TransportError
 from swarmgrad.core.machine import (
     Action,
     CancelTimer,
+    Compute,
+    Computed,
     Event,
     Machine,
     Notify,
@@ -46,6 +51,19 @@ if TYPE_CHECKING:  # libp2p installs trio-typing, whose stale `trio-stubs` hide 
 log = logging.getLogger(__name__)
 
 PeerErrorHook = Callable[[PeerId, str], None]
+ComputeRunner = Callable[[Callable[[], object]], Awaitable[object]]
+
+
+async def run_in_worker_thread(work: Callable[[], object]) -> object:
+    """The default `ComputeRunner`: `work()` in one of trio's worker threads."""
+    return await trio.to_thread.run_sync(work)
+
+
+async def run_on_event_loop(work: Callable[[], object]) -> object:
+    """A `ComputeRunner` that runs `work()` right here, blocking the event loop: for virtual-time runs (under
+    `MockClock(autojump_threshold=0)` a worker thread lets the clock jump while it runs) and as the baseline of the
+    event-loop lag benchmark."""
+    return work()
 
 
 class Driver:
@@ -64,6 +82,8 @@ class Driver:
         notify_queue_len: int = 256,
         forward_peer_events: bool = False,
         on_peer_error: PeerErrorHook | None = None,
+        run_compute: ComputeRunner = run_in_worker_thread,
+        compute_queue_len: int = 16,
     ) -> None:
         self.machine = machine
         self.transport = transport
@@ -76,6 +96,9 @@ class Driver:
         self._senders: dict[PeerId, trio.MemorySendChannel[tuple[bytes, float | None]]] = {}
         self._forward_peer_events = forward_peer_events
         self._on_peer_error = on_peer_error
+        self._run_compute = run_compute
+        self._compute_queue_len = compute_queue_len
+        self._compute_send, self._compute_recv = trio.open_memory_channel[Compute](compute_queue_len)
         self._timers: list[tuple[float, int, Hashable]] = []
         self._timer_seq: dict[Hashable, int] = {}
         self._seq = itertools.count()
@@ -103,6 +126,7 @@ class Driver:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._read_network)
+            nursery.start_soon(self._compute)
             if self._forward_peer_events:
                 nursery.start_soon(self._read_peer_events)
             task_status.started()
@@ -122,6 +146,12 @@ class Driver:
     async def _read_peer_events(self) -> None:
         async for event in self.transport.peer_events():
             self.submit(event)
+
+    async def _compute(self) -> None:
+        async for action in self._compute_recv:
+            result = await self._run_compute(action.work)
+            self._counters["computed"] += 1
+            await self._input_send.send(Computed(action.key, result))  # waits for room: a result is never dropped
 
     async def _own_machine(self) -> None:
         while True:
@@ -179,6 +209,13 @@ class Driver:
             heapq.heappush(self._timers, (action.deadline, seq, action.key))
         elif isinstance(action, CancelTimer):
             self._timer_seq.pop(action.key, None)
+        elif isinstance(action, Compute):
+            try:
+                self._compute_send.send_nowait(action)
+            except trio.WouldBlock:
+                raise LocalProtocolError(
+                    f"more than {self._compute_queue_len} computations queued: the machine must wait for its results"
+                ) from None
         elif isinstance(action, Notify):
             try:
                 self._notify_send.send_nowait(action.event)

@@ -9,7 +9,7 @@ out its actions. Nothing in this module does I/O.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Protocol, TypeAlias
 
@@ -57,12 +57,20 @@ class SendFailed:
     reason: str
 
 
+@dataclass(frozen=True, eq=False)
+class Computed:
+    """The result of the work of `Compute(key, ...)`."""
+
+    key: Hashable
+    result: object
+
+
 class Command:
     """Base class of the commands an application hands a machine (`StartRound`, ...). Subclasses are frozen
     dataclasses."""
 
 
-Event: TypeAlias = Received | TimerFired | PeerUp | PeerDown | SendFailed | Command
+Event: TypeAlias = Received | TimerFired | PeerUp | PeerDown | SendFailed | Computed | Command
 
 
 # ---- outputs ------------------------------------------------------------------------------------------------------
@@ -100,7 +108,20 @@ class Notify:
     event: object
 
 
-Action: TypeAlias = Send | SetTimer | CancelTimer | Notify
+@dataclass(frozen=True, eq=False)
+class Compute:
+    """Run `work()` away from the protocol's thread and feed its return value back as `Computed(key, result)`.
+
+    For tensor work that would stall a driver's event loop (top-k over millions of floats, aggregation). `work`
+    must touch only objects the machine leaves alone until `Computed` arrives; it may raise only on a bug (the
+    driver propagates the exception). A driver runs one machine's computations one at a time, in the order given,
+    and steps the machine with other events meanwhile."""
+
+    key: Hashable
+    work: Callable[[], object]
+
+
+Action: TypeAlias = Send | SetTimer | CancelTimer | Notify | Compute
 
 
 class Machine(Protocol):
@@ -114,3 +135,16 @@ class Machine(Protocol):
         machine.
         """
         ...
+
+
+def settle(machine: Machine, now: float, event: Event) -> list[Action]:
+    """Step `machine` with `event` and carry out every `Compute` at once, in place (its `Computed` is stepped at the
+    same `now`): the actions left, in order. For in-process harnesses (tests, simulations) that run no worker
+    thread; the compute then takes no time on the harness's clock."""
+    actions: list[Action] = []
+    for action in machine.step(now, event):
+        if isinstance(action, Compute):
+            actions.extend(settle(machine, now, Computed(action.key, action.work())))
+        else:
+            actions.append(action)
+    return actions

@@ -8,7 +8,7 @@ reference (`reference.py`) runs only when the caller opts in (`implementation="r
 
 from training.topk.build import ExtensionUnavailable, load_extension
 from training.topk.feedback import ErrorFeedback, TopKConfig, k_for_density, warmup_density
-from training.topk.ops import topk_abs
+from training.topk.ops import TopKSelector, topk_abs
 from training.topk.payload import SparsePayload, pack_sparse, unpack_sparse
 from training.topk.reference import reference_ef_step, reference_topk_abs
 
@@ -17,6 +17,7 @@ __all__ = [
     "ExtensionUnavailable",
     "SparsePayload",
     "TopKConfig",
+    "TopKSelector",
     "k_for_density",
     "load_extension",
     "pack_sparse",

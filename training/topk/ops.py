@@ -4,6 +4,8 @@ This module owns `topk_abs` and the rule for which implementation runs: the nati
 `torch.ops.swarmgrad.topk_abs` (built on first use, see `build.py`), unless the caller opted into the reference,
 either with `implementation="reference"` or with the environment variable `SWARMGRAD_TOPK_FALLBACK=reference`
 (read at call time). A native build that fails is an error that says how to build; it never silently falls back.
+`TopKSelector` makes that choice, and loads the kernels, once, when it is built: what a protocol machine is handed,
+so that no machine step reads the environment or loads a library.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from swarmgrad.core.errors import ConfigError
+from swarmgrad.core.errors import ConfigError, LocalProtocolError
 from training.topk.build import ExtensionUnavailable, has_cuda_kernels, load_extension
 from training.topk.reference import check_topk_args, reference_topk_abs
 
@@ -60,3 +62,25 @@ def topk_abs(
     ensure_native(x.device)
     indices, values = torch.ops.swarmgrad.topk_abs(x, k)
     return indices, values
+
+
+class TopKSelector:
+    """`topk_abs` with its implementation chosen, and the native kernels loaded and checked for `device`, at
+    construction (`implementation=None` reads `SWARMGRAD_TOPK_FALLBACK` then, and only then). Raises
+    `ExtensionUnavailable` or `ConfigError` there, never on a call."""
+
+    def __init__(self, implementation: Implementation | None = None, device: torch.device | None = None) -> None:
+        self.implementation = resolve_implementation(implementation)
+        self.device = torch.device("cpu") if device is None else device
+        if self.implementation == "native":
+            ensure_native(self.device)
+
+    def __call__(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices (ascending) and values of the `k` largest `|x|`, as `topk_abs`."""
+        check_topk_args(x, k)
+        if x.device != self.device:
+            raise LocalProtocolError(f"this selector was built for {self.device}, got a tensor on {x.device}")
+        if self.implementation == "reference":
+            return reference_topk_abs(x, k)
+        indices, values = torch.ops.swarmgrad.topk_abs(x, k)
+        return indices, values
