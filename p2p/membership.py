@@ -3,8 +3,8 @@
 In: discovery results (`CandidateFound`: a verified member of our swarm, found through a bootstrap connection or a
 DHT lookup), connection events (`ConnectionOpened` / `ConnectionClosed`), dial outcomes (`DialFailed`) and ping
 outcomes (`PingSucceeded` / `PingFailed`), plus its own timers. Out: `Notify(PeerUp)` / `Notify(PeerDown)` for the
-gossip and consensus machines, and requests for the node to carry out: `Notify(DialRequested)`,
-`Notify(DisconnectRequested)`, `Notify(PingRequested)`.
+gossip and consensus machines, and the effects the driver carries out (`Dial`, `Disconnect`, `Ping`: the node's
+effect runner reports each outcome back as one of the events above).
 
 Rules:
 
@@ -29,11 +29,14 @@ from swarmgrad.core.errors import ConfigError, LocalProtocolError
 from swarmgrad.core.machine import (
     Action,
     Command,
+    Dial,
+    Disconnect,
     Event,
     Notify,
     PeerDown,
     PeerId,
     PeerUp,
+    Ping,
     SetTimer,
     TimerFired,
 )
@@ -106,7 +109,7 @@ class ConnectionClosed(Command):
 
 @dataclass(frozen=True)
 class DialFailed(Command):
-    """A `DialRequested` for `peer` failed."""
+    """A `Dial` of `peer` failed."""
 
     peer: PeerId
     reason: str
@@ -123,30 +126,7 @@ class PingFailed(Command):
     reason: str
 
 
-# ---- requests to the node (carried in Notify) ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DialRequested:
-    """Open a connection to `peer` at one of `addrs`; report `ConnectionOpened` or `DialFailed`."""
-
-    peer: PeerId
-    addrs: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class DisconnectRequested:
-    """Close the connection to `peer` (it failed its pings); report `ConnectionClosed` when done."""
-
-    peer: PeerId
-    reason: str
-
-
-@dataclass(frozen=True)
-class PingRequested:
-    """Ping each of `peers`; report `PingSucceeded` or `PingFailed` for each."""
-
-    peers: tuple[PeerId, ...]
+# ---- notifications ----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -261,7 +241,7 @@ class Membership:
             return
         if len(self._up) >= self.config.max_peers:
             self._counters["over_capacity"] += 1
-            actions.append(Notify(DisconnectRequested(peer, f"live set is full ({self.config.max_peers} peers)")))
+            actions.append(Disconnect(peer, f"live set is full ({self.config.max_peers} peers)"))
             return
         candidate.dial_failures = 0
         candidate.ping_failures = 0
@@ -308,14 +288,13 @@ class Membership:
         self._counters["ping_failed"] += 1
         if candidate.ping_failures >= self.config.max_ping_failures:
             self._connected.discard(event.peer)
-            actions.append(Notify(DisconnectRequested(event.peer, f"{candidate.ping_failures} pings failed")))
+            actions.append(Disconnect(event.peer, f"{candidate.ping_failures} pings failed"))
             self._take_down(now, event.peer, actions)
 
     def _on_timer(self, now: float, event: TimerFired, actions: list[Action]) -> None:
         key = event.key
         if key == _PING_TIMER:
-            if self._up:
-                actions.append(Notify(PingRequested(tuple(sorted(self._up)))))
+            actions.extend(Ping(peer) for peer in sorted(self._up))
             actions.append(SetTimer(_PING_TIMER, now + self.config.ping_interval_s))
         elif isinstance(key, tuple) and len(key) == 3 and key[:2] == ("membership", "redial"):
             candidate = self._candidates.get(key[2])
@@ -337,7 +316,7 @@ class Membership:
             candidate.dialing = True
             busy += 1
             self._counters["dials"] += 1
-            actions.append(Notify(DialRequested(peer, candidate.addrs)))
+            actions.append(Dial(peer, candidate.addrs))
 
 
 def redial_delay_s(failures: int, config: MembershipConfig, rng: random.Random) -> float:

@@ -4,10 +4,10 @@ It assembles the parts and carries out their requests; it holds no protocol logi
 
 * the host (`p2p.host.running_host`: Noise, yamux, pnet when a swarm key is given),
 * `p2p.discovery.Discovery` (DHT join, member records, lookups), whose verified finds go to the machine,
-* the `p2p.membership.Membership` machine, fed from one bounded channel (discovery finds, connection events from
-  the host's network, dial and ping outcomes, its own timers), whose requests this module executes: dial (bounded
-  by `DiscoveryConfig.dial_timeout_s`, so a wrong swarm key fails in seconds with a clear log line), disconnect,
-  ping (libp2p `/ipfs/ping/1.0.0`, bounded by `ping_timeout_s`),
+* the `p2p.membership.Membership` machine, run by the one `swarmgrad.core.driver.Driver` (its timers, its bounded
+  input: discovery finds, connection events from the host's network, dial and ping outcomes), whose effects this
+  module carries out: `Dial` (bounded by `DiscoveryConfig.dial_timeout_s`, so a wrong swarm key fails in seconds
+  with a clear log line), `Disconnect`, `Ping` (libp2p `/ipfs/ping/1.0.0`, bounded by `ping_timeout_s`),
 * the admission policy (`p2p.swarm.ScoringPolicy`): a connection from a banned peer, or an inbound connection over
   the cap, is closed as soon as it opens; `policy` is also the `PeerPolicy` to hand a transport on the same host.
 
@@ -22,7 +22,7 @@ import logging
 import math
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -45,31 +45,18 @@ from p2p.membership import (
     ConnectionClosed,
     ConnectionOpened,
     DialFailed,
-    DialRequested,
-    DisconnectRequested,
     Membership,
     MembershipConfig,
     PeerDiscovered,
     PeerForgotten,
     PingFailed,
-    PingRequested,
     PingSucceeded,
     Start,
 )
 from p2p.swarm import ScoringConfig, ScoringPolicy
-from swarmgrad.core.errors import ConfigError
-from swarmgrad.core.machine import (
-    Action,
-    CancelTimer,
-    Event,
-    Notify,
-    PeerDown,
-    PeerId,
-    PeerUp,
-    Send,
-    SetTimer,
-    TimerFired,
-)
+from swarmgrad.core.driver import Driver
+from swarmgrad.core.errors import ConfigError, LocalProtocolError
+from swarmgrad.core.machine import Dial, Disconnect, Effect, Event, PeerDown, PeerId, PeerUp, Ping
 
 if TYPE_CHECKING:  # libp2p installs trio-typing, whose stale `trio-stubs` hide trio's own `TaskStatus` from mypy
     from trio_typing import TaskStatus
@@ -135,11 +122,15 @@ class SwarmNode:
         self.peer_id: PeerId = host.get_id().to_base58()
         self.policy = ScoringPolicy(config.scoring, trio.current_time)
         self.membership = Membership(self.peer_id, config.membership, random.Random(config.seed))
+        self.driver = Driver(
+            self.membership,
+            input_queue_len=config.event_queue_len,
+            notify_queue_len=config.event_queue_len,
+            run_effect=self._carry_out,
+        )
         self.discovery = Discovery(host, key_pair, config.discovery, self._submit)
-        self._events_send, self._events_recv = trio.open_memory_channel[Event](config.event_queue_len)
         self._subscribers: list[trio.MemorySendChannel[NodeEvent]] = []
-        self._timer_seq: dict[Hashable, int] = {}
-        self._seq = 0
+        self._changed = trio.Event()  # set, and replaced, at each change of the live set
         self._nursery: trio.Nursery | None = None
         self._counters: Counter[str] = Counter()
 
@@ -161,10 +152,18 @@ class SwarmNode:
         self._subscribers.append(send)
         return recv
 
+    async def wait_for_peers(self, count: int) -> None:
+        """Return once at least `count` peers are live (at once if they are): woken by the live set's changes,
+        not by polling. Bound it with a cancel scope."""
+        while len(self.live_peers()) < count:
+            await self._changed.wait()
+
     def statistics(self) -> dict[str, int]:
-        """Counters of the node, prefixed by part: `membership.*`, `discovery.*`, `policy.*`, `node.*`."""
+        """Counters of the node, prefixed by part: `membership.*`, `discovery.*`, `policy.*`, `driver.*`,
+        `node.*`."""
         stats = {f"node.{k}": v for k, v in self._counters.items()}
         for prefix, part in (
+            ("driver", self.driver.statistics()),
             ("membership", self.membership.statistics()),
             ("discovery", self.discovery.statistics()),
             ("policy", self.policy.statistics()),
@@ -178,18 +177,16 @@ class SwarmNode:
         self.host.get_network().register_notifee(_ConnectionEvents(self))
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await nursery.start(self.driver.run)
+            nursery.start_soon(self._fan_out)
             await nursery.start(self.discovery.run)
             self._submit(Start())
-            nursery.start_soon(self._own_machine)
             task_status.started()
 
     # ---- inputs -------------------------------------------------------------------------------------------------
 
     def _submit(self, event: Event) -> None:
-        try:
-            self._events_send.send_nowait(event)
-        except trio.WouldBlock:
-            self._counters["dropped_input"] += 1
+        if not self.driver.submit(event):
             log.warning("membership input queue full: dropped %r", event)
 
     def _on_connected(self, conn: INetConn) -> None:
@@ -213,77 +210,53 @@ class SwarmNode:
             self._counters["connections_closed"] += 1
             self._submit(ConnectionClosed(peer_id.to_base58()))
 
-    # ---- the machine ----------------------------------------------------------------------------------------------
+    # ---- effects and notifications ------------------------------------------------------------------------------
 
-    async def _own_machine(self) -> None:
-        async for event in self._events_recv:
-            actions = self.membership.step(trio.current_time(), event)
-            for action in actions:
-                self._execute(action)
+    async def _carry_out(self, effect: Effect) -> Event | None:
+        if isinstance(effect, Dial):
+            return await self._dial(effect)
+        if isinstance(effect, Disconnect):
+            log.info("disconnecting %s: %s", effect.peer, effect.reason)
+            await self.host.disconnect(ID.from_base58(effect.peer))
+            return None  # the host's network reports the closed connection
+        if isinstance(effect, Ping):
+            return await self._ping(effect.peer)
+        raise LocalProtocolError(f"the node cannot carry out {effect!r}")
 
-    def _execute(self, action: Action) -> None:
-        if isinstance(action, SetTimer):
-            self._seq += 1
-            self._timer_seq[action.key] = self._seq
-            self._start(self._timer, action.key, action.deadline, self._seq)
-        elif isinstance(action, CancelTimer):
-            self._timer_seq.pop(action.key, None)
-        elif isinstance(action, Notify):
-            self._carry_out(action.event)
-        elif isinstance(action, Send):
-            raise TypeError(f"the membership machine has no wire protocol, got {action!r}")
-        else:
-            raise TypeError(f"unknown action {action!r}")
-
-    def _carry_out(self, request: object) -> None:
-        if isinstance(request, DialRequested):
-            self._start(self._dial, request)
-        elif isinstance(request, DisconnectRequested):
-            log.info("disconnecting %s: %s", request.peer, request.reason)
-            self._start(self.host.disconnect, ID.from_base58(request.peer))
-        elif isinstance(request, PingRequested):
-            for peer in request.peers:
-                self._start(self._ping, peer)
-        elif isinstance(request, PeerUp | PeerDown | PeerDiscovered | PeerForgotten):
-            for subscriber in self._subscribers:
+    async def _fan_out(self) -> None:
+        async for event in self.driver.notifications:
+            if not isinstance(event, PeerUp | PeerDown | PeerDiscovered | PeerForgotten):
+                raise LocalProtocolError(f"unknown notification from the membership machine: {event!r}")
+            self._changed.set()
+            self._changed = trio.Event()
+            for subscriber in list(self._subscribers):
                 try:
-                    subscriber.send_nowait(request)
+                    subscriber.send_nowait(event)
                 except trio.WouldBlock:
                     self._counters["dropped_events"] += 1
                 except trio.BrokenResourceError:
                     self._subscribers.remove(subscriber)
-        else:
-            raise TypeError(f"unknown request from the membership machine: {request!r}")
 
     def _start(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
         assert self._nursery is not None, "tasks start only inside run()"
         self._nursery.start_soon(fn, *args)
 
-    # ---- requests -----------------------------------------------------------------------------------------------
+    # ---- effect runners -----------------------------------------------------------------------------------------
 
-    async def _timer(self, key: Hashable, deadline: float, seq: int) -> None:
-        await trio.sleep_until(deadline)
-        if self._timer_seq.get(key) == seq:
-            del self._timer_seq[key]
-            self._submit(TimerFired(key))
-
-    async def _dial(self, request: DialRequested) -> None:
+    async def _dial(self, request: Dial) -> Event | None:
         peer_id = ID.from_base58(request.peer)
         try:
             addrs = [multiaddr.Multiaddr(addr) for addr in request.addrs]
         except (ValueError, multiaddr.exceptions.Error) as exc:
-            self._submit(DialFailed(request.peer, f"bad address in its member record: {exc}"))
-            return
+            return DialFailed(request.peer, f"bad address in its member record: {exc}")
         reason = await bounded_connect(self.host, PeerInfo(peer_id, addrs), self.config.discovery.dial_timeout_s)
         if reason is None:
-            if self.host.get_network().get_connections(peer_id):
-                self._submit(ConnectionOpened(request.peer))
-            return
+            return ConnectionOpened(request.peer) if self.host.get_network().get_connections(peer_id) else None
         self._counters["dials_failed"] += 1
         log.warning("dial %s (%s): %s", request.peer, ", ".join(request.addrs), reason)
-        self._submit(DialFailed(request.peer, reason))
+        return DialFailed(request.peer, reason)
 
-    async def _ping(self, peer: PeerId) -> None:
+    async def _ping(self, peer: PeerId) -> Event:
         reason = "no answer within ping_timeout_s"
         with trio.move_on_after(self.config.ping_timeout_s):
             try:
@@ -295,10 +268,9 @@ class SwarmNode:
             except (BaseLibp2pError, OSError, ValueError, trio.TooSlowError) as exc:
                 reason = f"{type(exc).__name__}: {exc}"
             else:
-                self._submit(PingSucceeded(peer))
-                return
+                return PingSucceeded(peer)
         self._counters["pings_failed"] += 1
-        self._submit(PingFailed(peer, reason))
+        return PingFailed(peer, reason)
 
 
 @asynccontextmanager

@@ -53,17 +53,18 @@ from p2p.model_fetch import (
     DeclineRequest,
     FetchFailed,
     FetchModel,
+    ModelAdopted,
     ModelFetch,
-    ModelOffered,
+    ModelOffer,
     ModelRequested,
-    RejectOffer,
+    OfferRefused,
     ServeModel,
 )
 from p2p.node import NodeConfig, SwarmNode, open_node
 from p2p.swarm import load_swarm_key
 from swarmgrad.config import PeerConfig, load_config, parse_override
 from swarmgrad.core.driver import Driver
-from swarmgrad.core.errors import ConfigError, DecodeError, SwarmgradError
+from swarmgrad.core.errors import ConfigError, DecodeError, LocalProtocolError, SwarmgradError
 from swarmgrad.core.machine import PeerDown, PeerUp
 from training.checkpoint import CheckpointStore, config_hash, decode_state, encode_state
 from training.loop import EpochReached, RoundReport, TrainingLoop
@@ -71,6 +72,7 @@ from training.tasks import Task, load_task
 from training.tasks.base import Evaluation, model_spec, peer_seed
 
 log = logging.getLogger(__name__)
+FetchOutcome = ModelAdopted | OfferRefused | FetchFailed
 
 IDENTITY_FILE = "identity.key"
 CHECKPOINT_DIR = "checkpoints"
@@ -352,14 +354,14 @@ class Peer:
             on_peer_error=self._peer_error(node),
         )
         fetch = Driver(
-            ModelFetch(self.config.checkpoint.fetch_timeout_s),
+            ModelFetch(self.config.checkpoint.fetch_timeout_s, self._check_offer),
             transport,
             PROTOCOL,
             SCHEMA,
             max_message_bytes=self.config.checkpoint.max_bytes + MESSAGE_OVERHEAD_BYTES,
             on_peer_error=self._peer_error(node),
         )
-        outcomes_send, outcomes = trio.open_memory_channel[ModelOffered | FetchFailed](4)
+        outcomes_send, outcomes = trio.open_memory_channel[FetchOutcome](4)
         await nursery.start(gossip.run)
         await nursery.start(fetch.run)
         nursery.start_soon(self._follow_membership, node, gossip, fetch)
@@ -433,7 +435,7 @@ class Peer:
                 log.info("peer down: %s", event.peer)
             self.view.peers = len(node.live_peers())
 
-    async def _answer_fetch(self, fetch: Driver, outcomes: trio.MemorySendChannel[ModelOffered | FetchFailed]) -> None:
+    async def _answer_fetch(self, fetch: Driver, outcomes: trio.MemorySendChannel[FetchOutcome]) -> None:
         async for note in fetch.notifications:
             if isinstance(note, ModelRequested):
                 with self._snapshot_lock:
@@ -444,54 +446,47 @@ class Peer:
                 body = await trio.to_thread.run_sync(encode_state, snapshot[1])
                 fetch.submit(ServeModel(note.peer, note.nonce, snapshot[0], self.task.name, body))
                 log.info("sent the model of round %d to %s (%d bytes)", snapshot[0], note.peer, len(body))
-            elif isinstance(note, ModelOffered | FetchFailed):
+            elif isinstance(note, ModelAdopted | OfferRefused | FetchFailed):
                 await outcomes.send(note)
 
     async def _fetch_model(
         self,
         node: SwarmNode,
         fetch: Driver,
-        outcomes: trio.MemoryReceiveChannel[ModelOffered | FetchFailed],
+        outcomes: trio.MemoryReceiveChannel[FetchOutcome],
         loop: TrainingLoop,
     ) -> None:
-        """Ask neighbours for the current model; adopt the first valid one. Training starts from the task's initial
-        model when none is given in `fetch_timeout_s` per neighbour."""
-        timeout_s = self.config.checkpoint.fetch_timeout_s
-        with trio.move_on_after(timeout_s):
-            while not node.live_peers():
-                await trio.sleep(0.1)
-        candidates = tuple(node.live_peers())
-        fetch.submit(FetchModel(candidates))
+        """Ask neighbours for the current model (the `ModelFetch` machine's policy: one at a time, each offer checked
+        by `_check_offer`, the first valid one adopted). Training starts from the task's initial model when none is
+        given in `fetch_timeout_s` per neighbour."""
+        with trio.move_on_after(self.config.checkpoint.fetch_timeout_s):
+            await node.wait_for_peers(1)
+        fetch.submit(FetchModel(tuple(node.live_peers())))
         async for outcome in outcomes:
-            if isinstance(outcome, FetchFailed):
+            if isinstance(outcome, OfferRefused):
+                self.remote_errors += 1
+                node.policy.report(outcome.peer, f"bad model offer: {outcome.reason}")
+                log.warning("refused the model offered by %s: %s", outcome.peer, outcome.reason)
+                self.events.emit("model_refused", peer=outcome.peer, reason=outcome.reason)
+            elif isinstance(outcome, FetchFailed):
                 reasons = "; ".join(f"{peer}: {why}" for peer, why in outcome.reasons) or "no live neighbour"
                 log.warning("no neighbour gave a usable model (%s); starting from the initial model", reasons)
                 self.events.emit("model", source="initial", round=0)
                 return
-            offer = outcome.offer
-            try:
-                if offer.task != self.task.name:
-                    raise DecodeError(f"the model is for task {offer.task!r}, not {self.task.name!r}")
-                state = await trio.to_thread.run_sync(self._decode_offer, offer.body)
-            except DecodeError as exc:
-                self.remote_errors += 1
-                node.policy.report(outcome.peer, f"bad model offer: {exc}")
-                log.warning("refused the model offered by %s: %s", outcome.peer, exc)
-                self.events.emit("model_refused", peer=outcome.peer, reason=str(exc))
-                fetch.submit(RejectOffer(outcome.peer))
-                continue
-            loop.load_state(state, offer.round)
-            log.info("adopted the model of round %d from %s", offer.round, outcome.peer)
-            self.events.emit("model", source="peer", peer=outcome.peer, round=offer.round)
-            return
+            else:
+                if not isinstance(outcome.state, dict):
+                    raise LocalProtocolError(f"the offer check returned {type(outcome.state).__name__}")
+                loop.load_state(outcome.state, outcome.round)
+                log.info("adopted the model of round %d from %s", outcome.round, outcome.peer)
+                self.events.emit("model", source="peer", peer=outcome.peer, round=outcome.round)
+                return
 
     async def _wait_for_peers(self, node: SwarmNode) -> None:
         wanted = self.config.network.min_peers
         if not wanted:
             return
         with trio.move_on_after(self.config.network.min_peers_timeout_s):
-            while len(node.live_peers()) < wanted:
-                await trio.sleep(0.1)
+            await node.wait_for_peers(wanted)
             return
         log.warning(
             "only %d of %d peers live after %.0f s: training anyway",
@@ -500,8 +495,11 @@ class Peer:
             self.config.network.min_peers_timeout_s,
         )
 
-    def _decode_offer(self, body: bytes) -> dict[str, torch.Tensor]:
-        return decode_state(body, self.spec, max_bytes=self.config.checkpoint.max_bytes)
+    def _check_offer(self, offer: ModelOffer) -> dict[str, torch.Tensor]:
+        """The `OfferValidator` of model fetch (runs in a worker thread): the offer's task, then its body."""
+        if offer.task != self.task.name:
+            raise DecodeError(f"the model is for task {offer.task!r}, not {self.task.name!r}")
+        return decode_state(offer.body, self.spec, max_bytes=self.config.checkpoint.max_bytes)
 
     async def _stop_on_signal(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

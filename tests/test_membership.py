@@ -11,20 +11,17 @@ from p2p.membership import (
     ConnectionClosed,
     ConnectionOpened,
     DialFailed,
-    DialRequested,
-    DisconnectRequested,
     Membership,
     MembershipConfig,
     PeerDiscovered,
     PeerForgotten,
     PingFailed,
-    PingRequested,
     PingSucceeded,
     Start,
     redial_delay_s,
 )
 from swarmgrad.core.errors import ConfigError, LocalProtocolError
-from swarmgrad.core.machine import Notify, PeerDown, PeerUp, SetTimer, TimerFired
+from swarmgrad.core.machine import Dial, Disconnect, Effect, Notify, PeerDown, PeerUp, Ping, SetTimer, TimerFired
 
 
 def make(**overrides: object) -> Membership:
@@ -32,14 +29,15 @@ def make(**overrides: object) -> Membership:
 
 
 def notified(actions: list) -> list:
-    return [a.event for a in actions if isinstance(a, Notify)]
+    """The notifications and effects, in order."""
+    return [a.event if isinstance(a, Notify) else a for a in actions if isinstance(a, Notify | Effect)]
 
 
 def test_candidate_is_dialled_and_comes_up_on_connection() -> None:
     m = make()
     assert m.step(0.0, Start()) == [SetTimer(("membership", "ping"), 2.0)]
     actions = m.step(0.0, CandidateFound("b", ("/ip4/127.0.0.1/tcp/1/p2p/b",), "dht"))
-    assert notified(actions) == [DialRequested("b", ("/ip4/127.0.0.1/tcp/1/p2p/b",))]
+    assert notified(actions) == [Dial("b", ("/ip4/127.0.0.1/tcp/1/p2p/b",))]
     assert m.statistics()["dialing"] == 1
     actions = m.step(0.1, ConnectionOpened("b"))
     assert notified(actions) == [PeerDiscovered("b", "dht"), PeerUp("b")]
@@ -75,7 +73,7 @@ def test_dial_failure_backs_off_then_redials_then_forgets() -> None:
     assert isinstance(timer, SetTimer) and timer.key == ("membership", "redial", "b")
     assert 1.5 <= timer.deadline < 2.0  # base 1 s, jitter in [0.5, 1)
     assert m.statistics()["waiting_redial"] == 1
-    assert notified(m.step(timer.deadline, TimerFired(timer.key))) == [DialRequested("b", ("/a",))]
+    assert notified(m.step(timer.deadline, TimerFired(timer.key))) == [Dial("b", ("/a",))]
     actions = m.step(3.0, DialFailed("b", "refused"))
     (timer,) = actions
     assert isinstance(timer, SetTimer) and 4.0 <= timer.deadline < 5.0  # 2 s, jittered
@@ -102,12 +100,12 @@ def test_ping_failures_take_a_peer_down_and_request_disconnect() -> None:
     m.step(0.0, CandidateFound("b", ("/a",), "dht"))
     m.step(0.0, ConnectionOpened("b"))
     actions = m.step(2.0, TimerFired(("membership", "ping")))
-    assert actions == [Notify(PingRequested(("b",))), SetTimer(("membership", "ping"), 4.0)]
+    assert actions == [Ping("b"), SetTimer(("membership", "ping"), 4.0)]
     assert m.step(2.1, PingFailed("b", "timeout")) == []
     m.step(2.2, PingSucceeded("b"))  # a success resets the count
     assert m.step(4.1, PingFailed("b", "timeout")) == []
     events = notified(m.step(6.1, PingFailed("b", "timeout")))
-    assert events == [DisconnectRequested("b", "2 pings failed"), PeerDown("b")]
+    assert events == [Disconnect("b", "2 pings failed"), PeerDown("b")]
 
 
 def test_live_set_is_bounded_and_waiting_candidates_fill_free_slots_in_order() -> None:
@@ -115,14 +113,14 @@ def test_live_set_is_bounded_and_waiting_candidates_fill_free_slots_in_order() -
     dials = []
     for peer in ["d", "c", "b"]:
         dials += [e for e in notified(m.step(0.0, CandidateFound(peer, (f"/{peer}",), "dht")))]
-    assert dials == [DialRequested("d", ("/d",)), DialRequested("c", ("/c",))]
+    assert dials == [Dial("d", ("/d",)), Dial("c", ("/c",))]
     m.step(0.1, ConnectionOpened("c"))
     m.step(0.1, ConnectionOpened("d"))
     # an inbound connection from the third member beyond the bound is refused
-    assert notified(m.step(0.2, ConnectionOpened("b"))) == [DisconnectRequested("b", "live set is full (2 peers)")]
+    assert notified(m.step(0.2, ConnectionOpened("b"))) == [Disconnect("b", "live set is full (2 peers)")]
     m.step(0.3, ConnectionClosed("b"))
     events = notified(m.step(1.0, ConnectionClosed("c")))
-    assert events == [PeerDown("c"), DialRequested("b", ("/b",))]
+    assert events == [PeerDown("c"), Dial("b", ("/b",))]
 
 
 def test_unknown_timer_and_unknown_event_are_local_errors() -> None:

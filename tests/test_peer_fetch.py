@@ -1,5 +1,6 @@
-"""The model-fetch machine: asks neighbours one at a time, hands offers to the application, serves requests, and
-treats unsolicited or foreign messages as the sender's fault."""
+"""The model-fetch machine: asks neighbours one at a time, checks each offer with the injected validator (as a
+`Compute`), adopts the first valid one, serves requests, and treats unsolicited or foreign messages as the sender's
+fault."""
 
 from __future__ import annotations
 
@@ -10,37 +11,61 @@ from p2p.model_fetch import (
     DeclineRequest,
     FetchFailed,
     FetchModel,
+    ModelAdopted,
     ModelFetch,
     ModelOffer,
-    ModelOffered,
     ModelRequest,
     ModelRequested,
     ModelUnavailable,
-    RejectOffer,
+    OfferRefused,
     ServeModel,
 )
-from swarmgrad.core.errors import LocalProtocolError, RemoteProtocolError
-from swarmgrad.core.machine import CancelTimer, Notify, PeerDown, Received, Send, SendFailed, SetTimer, TimerFired
+from swarmgrad.core.errors import DecodeError, LocalProtocolError, RemoteProtocolError
+from swarmgrad.core.machine import (
+    CancelTimer,
+    Compute,
+    Computed,
+    Notify,
+    PeerDown,
+    Received,
+    Send,
+    SendFailed,
+    SetTimer,
+    TimerFired,
+    settle,
+)
 
 
-def test_asks_candidates_in_sorted_order_until_an_offer_arrives() -> None:
-    machine = ModelFetch(timeout_s=5.0)
+def validate(offer: ModelOffer) -> bytes:
+    """A stand-in for the peer's check: a body starting with b"ok" is valid, and what is adopted is the body."""
+    if not offer.body.startswith(b"ok"):
+        raise DecodeError(f"bad body {offer.body!r}")
+    return offer.body
+
+
+def test_asks_candidates_in_sorted_order_until_a_valid_offer_is_adopted() -> None:
+    machine = ModelFetch(timeout_s=5.0, validate=validate)
     actions = machine.step(10.0, FetchModel(("c", "a", "b", "a")))
     assert actions == [Send("a", ModelRequest(1), deadline=15.0), SetTimer("model-fetch", 15.0)]
     actions = machine.step(15.0, TimerFired("model-fetch"))
     assert actions == [Send("b", ModelRequest(2), deadline=20.0), SetTimer("model-fetch", 20.0)]
-    offer = ModelOffer(2, 40, "digits", b"body")
-    actions = machine.step(16.0, Received("b", offer))
-    assert actions == [CancelTimer("model-fetch"), Notify(ModelOffered("b", offer))]
+    actions = machine.step(16.0, Received("b", ModelOffer(2, 40, "digits", b"ok body")))
+    assert actions[0] == CancelTimer("model-fetch") and isinstance(actions[1], Compute) and len(actions) == 2
+    assert machine.fetching  # until the check is back
+    (adopted,) = machine.step(16.5, Computed(actions[1].key, actions[1].work()))
+    assert isinstance(adopted, Notify) and isinstance(adopted.event, ModelAdopted)
+    assert (adopted.event.peer, adopted.event.round, adopted.event.state) == ("b", 40, b"ok body")
     assert not machine.fetching
+    with pytest.raises(LocalProtocolError):
+        machine.step(17.0, Computed(actions[1].key, actions[1].work()))  # a check nobody asked for
 
 
-def test_rejected_unavailable_and_lost_candidates_lead_to_failure_with_reasons() -> None:
-    machine = ModelFetch(timeout_s=1.0)
+def test_refused_unavailable_and_lost_candidates_lead_to_failure_with_reasons() -> None:
+    machine = ModelFetch(timeout_s=1.0, validate=validate)
     machine.step(0.0, FetchModel(("a", "b", "c", "d")))
-    machine.step(0.1, Received("a", ModelOffer(1, 3, "digits", b"x")))
-    actions = machine.step(0.2, RejectOffer("a"))
-    assert actions[0] == Send("b", ModelRequest(2), deadline=1.2)
+    actions = settle(machine, 0.2, Received("a", ModelOffer(1, 3, "digits", b"x")))
+    assert actions[:2] == [CancelTimer("model-fetch"), Notify(OfferRefused("a", "bad body b'x'"))]
+    assert actions[2] == Send("b", ModelRequest(2), deadline=1.2)
     actions = machine.step(0.3, Received("b", ModelUnavailable(2, "no model yet")))
     assert actions[:2] == [CancelTimer("model-fetch"), Send("c", ModelRequest(3), deadline=1.3)]
     actions = machine.step(0.4, PeerDown("c"))
@@ -51,7 +76,7 @@ def test_rejected_unavailable_and_lost_candidates_lead_to_failure_with_reasons()
         Notify(
             FetchFailed(
                 (
-                    ("a", "offer refused"),
+                    ("a", "offer refused: bad body b'x'"),
                     ("b", "unavailable: no model yet"),
                     ("c", "disconnected"),
                     ("d", "request not sent: unreachable"),
@@ -63,11 +88,11 @@ def test_rejected_unavailable_and_lost_candidates_lead_to_failure_with_reasons()
 
 
 def test_no_candidates_fails_at_once() -> None:
-    assert ModelFetch(1.0).step(0.0, FetchModel(())) == [Notify(FetchFailed(()))]
+    assert ModelFetch(1.0, validate).step(0.0, FetchModel(())) == [Notify(FetchFailed(()))]
 
 
 def test_unsolicited_offers_are_the_senders_fault_and_change_nothing() -> None:
-    machine = ModelFetch(timeout_s=1.0)
+    machine = ModelFetch(timeout_s=1.0, validate=validate)
     with pytest.raises(RemoteProtocolError):
         machine.step(0.0, Received("a", ModelOffer(1, 0, "digits", b"")))
     machine.step(0.0, FetchModel(("a",)))
@@ -78,8 +103,8 @@ def test_unsolicited_offers_are_the_senders_fault_and_change_nothing() -> None:
     with pytest.raises(RemoteProtocolError):
         machine.step(0.1, Received("a", "hello"))
     assert machine.fetching
-    offer = ModelOffer(1, 0, "digits", b"")
-    assert machine.step(0.2, Received("a", offer))[-1] == Notify(ModelOffered("a", offer))
+    done = settle(machine, 0.2, Received("a", ModelOffer(1, 0, "digits", b"ok")))[-1]
+    assert isinstance(done, Notify) and isinstance(done.event, ModelAdopted) and done.event.peer == "a"
 
 
 def test_serving_goes_through_the_application() -> None:
@@ -94,7 +119,9 @@ def test_serving_goes_through_the_application() -> None:
 def test_misuse_is_a_local_error() -> None:
     with pytest.raises(LocalProtocolError):
         ModelFetch(timeout_s=0.0)
-    machine = ModelFetch(timeout_s=1.0)
+    with pytest.raises(LocalProtocolError):
+        ModelFetch(timeout_s=1.0).step(0.0, FetchModel(("a",)))  # a serving-only machine cannot fetch
+    machine = ModelFetch(timeout_s=1.0, validate=validate)
     machine.step(0.0, FetchModel(("a",)))
     with pytest.raises(LocalProtocolError):
         machine.step(0.0, FetchModel(("b",)))

@@ -1,4 +1,4 @@
-"""The trio driver: runs one sans-IO machine over one protocol of a `Transport`.
+"""The trio driver: runs one sans-IO machine, over one protocol of a `Transport` when it speaks one.
 
 It owns the machine: a single task feeds it, one event at a time, from a bounded input channel (decoded messages,
 timer expiries, peer events, commands), and carries out the actions it returns. Timers live in a heap on trio's
@@ -6,7 +6,9 @@ clock, so a test under `MockClock`/`autojump_clock` runs in virtual time. Sends 
 queue per peer, so a slow or hung peer delays only its own messages and every send is bounded by its deadline.
 `Compute` work runs in a worker thread (one at a time, in order; `run_compute` can be replaced, e.g. by a benchmark's
 baseline that runs it on the event loop), and its `Computed` result is fed back like any other event, never dropped:
-the event loop stays responsive while a round's top-k or aggregation runs.
+the event loop stays responsive while a round's top-k or aggregation runs. An `Effect` (dial, disconnect, ping) goes
+to the `run_effect` the assembly supplies, in a task of its own; the event it returns is fed back the same way.
+A machine with no wire protocol (membership) is driven with no transport.
 
 Policy when a queue is full: the newest item is dropped and counted (`statistics()`), never blocking the network
 reader or the machine. A `RemoteProtocolError` from the codec or the machine drops that message, is counted and
@@ -32,6 +34,7 @@ from swarmgrad.core.machine import (
     CancelTimer,
     Compute,
     Computed,
+    Effect,
     Event,
     Machine,
     Notify,
@@ -52,6 +55,7 @@ log = logging.getLogger(__name__)
 
 PeerErrorHook = Callable[[PeerId, str], None]
 ComputeRunner = Callable[[Callable[[], object]], Awaitable[object]]
+EffectRunner = Callable[[Effect], Awaitable[Event | None]]
 
 
 async def run_in_worker_thread(work: Callable[[], object]) -> object:
@@ -67,14 +71,15 @@ async def run_on_event_loop(work: Callable[[], object]) -> object:
 
 
 class Driver:
-    """Runs `machine` over `transport` under `protocol`, encoding messages with `schema`."""
+    """Runs `machine`, over `transport` under `protocol` with messages encoded by `schema` (all three, or none for
+    a machine without a wire protocol)."""
 
     def __init__(
         self,
         machine: Machine,
-        transport: Transport,
-        protocol: str,
-        schema: Schema,
+        transport: Transport | None = None,
+        protocol: str | None = None,
+        schema: Schema | None = None,
         *,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         input_queue_len: int = 256,
@@ -84,12 +89,23 @@ class Driver:
         on_peer_error: PeerErrorHook | None = None,
         run_compute: ComputeRunner = run_in_worker_thread,
         compute_queue_len: int = 16,
+        run_effect: EffectRunner | None = None,
     ) -> None:
+        wire = (transport is not None, protocol is not None, schema is not None)
+        if any(wire) and not all(wire):
+            raise LocalProtocolError("a driver takes a transport, a protocol and a schema, or none of them")
+        if forward_peer_events and transport is None:
+            raise LocalProtocolError("forward_peer_events needs a transport")
         self.machine = machine
         self.transport = transport
         self.protocol = protocol
         self.schema = schema
-        self._inbox = transport.listen(protocol, max_message_bytes=max_message_bytes, queue_len=input_queue_len)
+        self._inbox = (
+            None
+            if transport is None or protocol is None
+            else transport.listen(protocol, max_message_bytes=max_message_bytes, queue_len=input_queue_len)
+        )
+        self._run_effect = run_effect
         self._input_send, self._input_recv = trio.open_memory_channel[Event](input_queue_len)
         self._notify_send, self.notifications = trio.open_memory_channel[object](notify_queue_len)
         self._send_queue_len = send_queue_len
@@ -125,7 +141,8 @@ class Driver:
         """Run until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._read_network)
+            if self._inbox is not None:
+                nursery.start_soon(self._read_network)
             nursery.start_soon(self._compute)
             if self._forward_peer_events:
                 nursery.start_soon(self._read_peer_events)
@@ -135,6 +152,7 @@ class Driver:
     # ---- tasks --------------------------------------------------------------------------------------------------
 
     async def _read_network(self) -> None:
+        assert self._inbox is not None and self.schema is not None, "started only with a wire protocol"
         async for delivery in self._inbox:
             try:
                 msg = self.schema.decode(delivery.payload)
@@ -144,6 +162,7 @@ class Driver:
             self.submit(Received(delivery.peer, msg))
 
     async def _read_peer_events(self) -> None:
+        assert self.transport is not None, "checked at construction"
         async for event in self.transport.peer_events():
             self.submit(event)
 
@@ -152,6 +171,13 @@ class Driver:
             result = await self._run_compute(action.work)
             self._counters["computed"] += 1
             await self._input_send.send(Computed(action.key, result))  # waits for room: a result is never dropped
+
+    async def _carry_out(self, effect: Effect) -> None:
+        assert self._run_effect is not None, "checked when the effect was queued"
+        outcome = await self._run_effect(effect)
+        self._counters["effects"] += 1
+        if outcome is not None:
+            await self._input_send.send(outcome)  # waits for room: an outcome is never dropped
 
     async def _own_machine(self) -> None:
         while True:
@@ -164,6 +190,7 @@ class Driver:
     async def _send_to(self, peer: PeerId, queue: trio.MemoryReceiveChannel[tuple[bytes, float | None]]) -> None:
         async for payload, deadline in queue:
             reason = None
+            assert self.transport is not None and self.protocol is not None, "a Send needs a wire protocol"
             with trio.move_on_at(math.inf if deadline is None else deadline) as scope:
                 try:
                     await self.transport.send(peer, self.protocol, payload)
@@ -216,6 +243,11 @@ class Driver:
                 raise LocalProtocolError(
                     f"more than {self._compute_queue_len} computations queued: the machine must wait for its results"
                 ) from None
+        elif isinstance(action, Effect):
+            if self._run_effect is None:
+                raise LocalProtocolError(f"{type(action).__name__}: this driver was given no effect runner")
+            assert self._nursery is not None, "actions run only inside run()"
+            self._nursery.start_soon(self._carry_out, action)
         elif isinstance(action, Notify):
             try:
                 self._notify_send.send_nowait(action.event)
@@ -226,6 +258,8 @@ class Driver:
 
     def _queue_send(self, action: Send) -> None:
         assert self._nursery is not None, "actions run only inside run()"
+        if self.schema is None:
+            raise LocalProtocolError(f"a Send to {action.peer}: this driver has no wire protocol")
         sender = self._senders.get(action.peer)
         if sender is None:
             sender, queue = trio.open_memory_channel[tuple[bytes, float | None]](self._send_queue_len)

@@ -121,7 +121,37 @@ class Compute:
     work: Callable[[], object]
 
 
-Action: TypeAlias = Send | SetTimer | CancelTimer | Notify | Compute
+class Effect:
+    """Base class of the actions that ask the driver for I/O other than messages (open or close a connection, ping
+    a peer, ...). A driver hands each to its effect runner, in a task of its own, and feeds back the event the
+    runner returns (if any): a machine learns an effect's outcome only through its events. Subclasses are frozen
+    dataclasses."""
+
+
+@dataclass(frozen=True)
+class Dial(Effect):
+    """Open a connection to `peer` at one of `addrs` (multiaddrs on a real network)."""
+
+    peer: PeerId
+    addrs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Disconnect(Effect):
+    """Close every connection to `peer`; `reason` is for the log."""
+
+    peer: PeerId
+    reason: str
+
+
+@dataclass(frozen=True)
+class Ping(Effect):
+    """Check that `peer` answers, within the runner's ping timeout."""
+
+    peer: PeerId
+
+
+Action: TypeAlias = Send | SetTimer | CancelTimer | Notify | Compute | Effect
 
 
 class Machine(Protocol):
