@@ -18,12 +18,14 @@ A peer also hands out its own member record on `record_protocol(swarm_id)`: a pe
 peer, or one that dialled in) is verified by asking it directly, which is faster than a DHT lookup and works before
 its record has spread; the record must still verify exactly as one from the DHT.
 
-Joining: the DHT's routing table stays empty after a plain connect (docs/libp2p.md #6), so `Discovery.join` dials
-each bootstrap multiaddr (bounded by `dial_timeout_s`), adds it to the DHT explicitly and looks up its own id; a
+Joining: the DHT's routing table stays empty after a plain connect (docs/libp2p.md #6), so discovery dials each
+bootstrap multiaddr (bounded by `dial_timeout_s`), adds it to the DHT explicitly and looks up its own id; a
 bootstrap peer whose own member record verifies is reported `via="bootstrap"`.
 
-This module owns the DHT and the record format. It must not decide who is live (that is `p2p.membership`) and it
-must not dial peers it found (the node does that when the membership machine asks).
+This module owns the DHT and the record format, and carries out the effects of `p2p.schedule.DiscoverySchedule`
+(run by the one driver), which decides when to dial, retry, publish and look up. It must not decide who is live
+(that is `p2p.membership`) and it must not dial peers it found (the node does that when the membership machine
+asks).
 """
 
 from __future__ import annotations
@@ -55,9 +57,28 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from p2p.addrs import ip_of
 from p2p.membership import VIA_BOOTSTRAP, VIA_DHT, CandidateFound
+from p2p.schedule import (
+    BootstrapAttemptFailed,
+    BootstrapDialed,
+    DhtJoined,
+    DialBootstrap,
+    DiscoverySchedule,
+    JoinDht,
+    Joined,
+    JoinFailed,
+    Lookup,
+    LookupDone,
+    Publish,
+    Published,
+    ScheduleConfig,
+    Start,
+    Wake,
+)
 from p2p.swarm import validate_swarm_id
 from swarmgrad.core.codec import FRAME_HEADER_SIZE, Schema, encode_frame_header, parse_frame_header
-from swarmgrad.core.errors import ConfigError, DecodeError, PeerUnreachable
+from swarmgrad.core.driver import Driver
+from swarmgrad.core.errors import ConfigError, DecodeError, LocalProtocolError, PeerUnreachable
+from swarmgrad.core.machine import Effect, Event
 
 if TYPE_CHECKING:  # libp2p installs trio-typing, whose stale `trio-stubs` hide trio's own `TaskStatus` from mypy
     from trio_typing import TaskStatus
@@ -283,7 +304,20 @@ class Discovery:
         self.dht.register_validator(NAMESPACE, MemberRecordValidator(clock_unix_s))
         self._reported: dict[str, float] = {}  # peer -> expiry of the record last reported
         self._own_record = b""
-        self._wake = trio.Event()
+        self._driver = Driver(
+            DiscoverySchedule(
+                ScheduleConfig(
+                    bootstrap_addrs=config.bootstrap_addrs,
+                    bootstrap_attempts=config.bootstrap_attempts,
+                    bootstrap_retry_s=config.bootstrap_retry_s,
+                    republish_interval_s=config.republish_interval_s,
+                    min_lookup_interval_s=config.min_lookup_interval_s,
+                    max_lookup_interval_s=config.max_lookup_interval_s,
+                )
+            ),
+            run_effect=self._carry_out,
+        )
+        self._nursery: trio.Nursery | None = None
         host.set_stream_handler(record_protocol(config.swarm_id), self._serve_record)
         self._counters: Counter[str] = Counter()
 
@@ -296,64 +330,61 @@ class Discovery:
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Start the DHT and join through the bootstrap peers; `task_status.started()` then, while this peer's
-        records are published (at once, then every `republish_interval_s`) and lookups run, until cancelled.
-        Raises `BootstrapFailed` when bootstrap addresses were given and none could be reached."""
+        records are published and lookups run (when, is `p2p.schedule.DiscoverySchedule`'s policy), until
+        cancelled. Raises `BootstrapFailed` when bootstrap addresses were given and none could be reached."""
         self._own_record = self._sign_record()  # served at once, to the peers we dial while joining
         async with background_trio_service(self.dht), trio.open_nursery() as nursery:
+            self._nursery = nursery
             started = trio.current_time()
-            bootstrap_peers = await self.join()
-            log.info(
-                "joined through %d bootstrap peer(s) in %.2f s", len(bootstrap_peers), trio.current_time() - started
-            )
-            for peer in bootstrap_peers:
-                nursery.start_soon(self.check_peer, peer, VIA_BOOTSTRAP)
-            nursery.start_soon(self._publish_forever)
-            task_status.started()
-            await self._lookup_forever()
-
-    async def join(self) -> list[str]:
-        """Dial the bootstrap addresses (up to `bootstrap_attempts` rounds, until one answers) and add the peers
-        that answered to the DHT; return their peer ids. Each dial is bounded by `dial_timeout_s` and each failure
-        logged with its likely cause."""
-        joined: list[str] = []
-        failures: dict[str, list[str]] = {}  # address -> the distinct reasons, first one first
-        for attempt in range(self.config.bootstrap_attempts):
-            if attempt:
-                await trio.sleep(self.config.bootstrap_retry_s)
-            for addr in self.config.bootstrap_addrs:
-                info = parse_bootstrap_addr(addr)
-                self._counters["bootstrap_dials"] += 1
-                reason = await bounded_connect(self.host, info, self.config.dial_timeout_s)
-                if reason is not None:
+            await nursery.start(self._driver.run)
+            self._driver.submit(Start())
+            async for note in self._driver.notifications:
+                if isinstance(note, BootstrapAttemptFailed):
                     # every new cause, and the last attempt, at WARNING; a repeated one (a peer not up yet) at INFO
-                    repeated = reason in failures.get(addr, ()) and attempt + 1 < self.config.bootstrap_attempts
                     log.log(
-                        logging.INFO if repeated else logging.WARNING,
+                        logging.INFO if note.repeated else logging.WARNING,
                         "bootstrap peer %s (attempt %d of %d): %s",
-                        addr,
-                        attempt + 1,
-                        self.config.bootstrap_attempts,
-                        reason,
+                        note.addr,
+                        note.attempt,
+                        note.attempts,
+                        note.reason,
                     )
-                    reasons = failures.setdefault(addr, [])
-                    if reason not in reasons:
-                        reasons.append(reason)
-                    continue
+                elif isinstance(note, JoinFailed):
+                    raise BootstrapFailed(note.message)
+                elif isinstance(note, Joined):
+                    elapsed_s = trio.current_time() - started
+                    log.info("joined through %d bootstrap peer(s) in %.2f s", len(note.peers), elapsed_s)
+                    task_status.started()
+                else:
+                    raise LocalProtocolError(f"unknown notification from the discovery schedule: {note!r}")
+
+    async def _carry_out(self, effect: Effect) -> Event | None:
+        """The effects of the schedule, over the DHT."""
+        if isinstance(effect, DialBootstrap):
+            info = parse_bootstrap_addr(effect.addr)
+            self._counters["bootstrap_dials"] += 1
+            reason = await bounded_connect(self.host, info, self.config.dial_timeout_s)
+            if reason is None:
                 await self.dht.add_peer(info.peer_id)
-                joined.append(info.peer_id.to_base58())
-            if joined or not self.config.bootstrap_addrs:
-                break
-        if self.config.bootstrap_addrs and not joined:
-            raise BootstrapFailed(
-                f"no bootstrap peer could be reached in {self.config.bootstrap_attempts} attempts: "
-                + "; ".join(f"{addr}: {' / '.join(reasons)}" for addr, reasons in failures.items())
-            )
-        if joined:
+            return BootstrapDialed(effect.addr, info.peer_id.to_base58(), reason)
+        if isinstance(effect, JoinDht):
+            assert self._nursery is not None, "effects run only inside run()"
             # A lookup of our own id fills the routing table with our neighbours (docs/libp2p.md #6). py-libp2p's full
             # `refresh_routing_table` also looks up a random key per bucket: several seconds when many peers join at
             # once, for nothing publishing needs; the DHT's own maintenance loop refreshes later.
             await self.dht.peer_routing.find_closest_peers_network(self.host.get_id().to_bytes())
-        return joined
+            for peer in effect.peers:
+                self._nursery.start_soon(self.check_peer, peer, VIA_BOOTSTRAP)
+            return DhtJoined()
+        if isinstance(effect, Lookup):
+            new, unverified = await self.lookup()
+            return LookupDone(new, unverified)
+        if isinstance(effect, Publish):
+            started = trio.current_time()
+            await self.publish()
+            log.debug("published in %.2f s", trio.current_time() - started)
+            return Published()
+        raise LocalProtocolError(f"discovery cannot carry out {effect!r}")
 
     def _sign_record(self) -> bytes:
         addrs = tuple(sorted(str(addr) for addr in self.host.get_addrs()))[:_MAX_ADDRS]
@@ -510,26 +541,7 @@ class Discovery:
 
     def wake(self) -> None:
         """Look up now, and at the shortest interval again (a new connection may be a new member)."""
-        self._wake.set()
-
-    async def _lookup_forever(self) -> None:
-        interval_s = self.config.min_lookup_interval_s
-        while True:
-            self._wake = trio.Event()
-            new, unverified = await self.lookup()
-            if new or unverified or self._wake.is_set():
-                interval_s = self.config.min_lookup_interval_s
-            else:
-                interval_s = min(interval_s * 2, self.config.max_lookup_interval_s)
-            with trio.move_on_after(interval_s):
-                await self._wake.wait()
-
-    async def _publish_forever(self) -> None:
-        while True:
-            started = trio.current_time()
-            await self.publish()
-            log.debug("published in %.2f s", trio.current_time() - started)
-            await trio.sleep(self.config.republish_interval_s)
+        self._driver.submit(Wake())
 
 
 _DNS_FAMILIES = {"dns4": socket.AF_INET, "dns6": socket.AF_INET6, "dns": socket.AF_UNSPEC}

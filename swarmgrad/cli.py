@@ -198,11 +198,9 @@ async def _serve_node(config: NodeConfig, args: argparse.Namespace) -> None:
 
 
 async def _require_members(node: SwarmNode, config: NodeConfig, timeout_s: float) -> None:
-    events = node.subscribe()
     with trio.move_on_after(timeout_s):
-        async for event in events:
-            if isinstance(event, PeerDiscovered):
-                return
+        await node.wait_for_peers(1)  # also when the member came up before this was called
+        return
     raise UnknownSwarm(
         f"no member of swarm {config.discovery.swarm_id!r} found within {timeout_s} s through "
         f"{', '.join(config.discovery.bootstrap_addrs)}: check --swarm-id (and --swarm-key)"
