@@ -48,14 +48,20 @@ from libp2p.custom_types import TProtocol
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.io.utils import read_exactly
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
-from libp2p.kad_dht.kad_dht import _encode_key as _encode_dht_key
-from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.records.validator import Validator
 from libp2p.tools.anyio_service import background_trio_service
 
 from p2p.addrs import ip_of
+from p2p.libp2p_compat import (
+    closest_known_peers,
+    dht_key,
+    fill_routing_table,
+    forget_dial_failure,
+    local_providers,
+    query_providers,
+)
 from p2p.membership import VIA_BOOTSTRAP, VIA_DHT, CandidateFound
 from p2p.schedule import (
     BootstrapAttemptFailed,
@@ -369,10 +375,9 @@ class Discovery:
             return BootstrapDialed(effect.addr, info.peer_id.to_base58(), reason)
         if isinstance(effect, JoinDht):
             assert self._nursery is not None, "effects run only inside run()"
-            # A lookup of our own id fills the routing table with our neighbours (docs/libp2p.md #6). py-libp2p's full
-            # `refresh_routing_table` also looks up a random key per bucket: several seconds when many peers join at
-            # once, for nothing publishing needs; the DHT's own maintenance loop refreshes later.
-            await self.dht.peer_routing.find_closest_peers_network(self.host.get_id().to_bytes())
+            # A lookup of our own id fills the routing table with our neighbours (docs/libp2p.md #6); the DHT's own
+            # maintenance loop refreshes it later.
+            await fill_routing_table(self.dht, self.host.get_id())
             for peer in effect.peers:
                 self._nursery.start_soon(self.check_peer, peer, VIA_BOOTSTRAP)
             return DhtJoined()
@@ -446,20 +451,16 @@ class Discovery:
         py-libp2p's `find_providers` returns the local store alone whenever it holds any provider, and every member
         provides the key itself, so it would never ask the network; its iterative lookups also wait 10 s on each
         unresponsive peer. So this asks the closest known peers directly (in a swarm smaller than the bucket size
-        k = 20, that is every DHT peer), with the provider store's one-peer query, private in py-libp2p 0.8 (pinned
-        < 0.9 in pyproject.toml).
+        k = 20, that is every DHT peer), with the one-peer query of `p2p.libp2p_compat.query_providers`.
         """
-        key = _encode_dht_key(members_key(self.config.swarm_id))
-        store = self.dht.provider_store
-        for info in store.get_providers(key):
+        key = dht_key(members_key(self.config.swarm_id))
+        for info in local_providers(self.dht, key):
             found(info.peer_id.to_base58(), list(info.addrs))
-        closest = self.dht.routing_table.find_local_closest_peers(key)
+        closest = closest_known_peers(self.dht, key)
 
         async def ask(peer: ID) -> None:
             with trio.move_on_after(self.config.provider_query_timeout_s):
-                # py-libp2p logs and absorbs every failure of this query, returning no providers
-                providers, _closer = await store._get_providers_from_peer_with_closers(peer, key)
-                for info in providers:
+                for info in await query_providers(self.dht, peer, key):
                     found(info.peer_id.to_base58(), list(info.addrs))
 
         async with trio.open_nursery() as nursery:
@@ -577,9 +578,7 @@ async def bounded_connect(host: IHost, info: PeerInfo, timeout_s: float) -> str 
     Our callers own the re-dial policy (bootstrap attempts, the membership machine's backoff), so the peer is first
     lifted from py-libp2p's own negative cache, which otherwise refuses every dial to it for 60 s after one failure
     without touching the network."""
-    network = host.get_network()
-    if isinstance(network, Swarm):
-        network.unblock_peer(info.peer_id)
+    forget_dial_failure(host, info.peer_id)
     with trio.move_on_after(timeout_s) as scope:
         try:
             addrs = await resolve_dns_addrs(info.addrs)

@@ -37,7 +37,6 @@ from libp2p.abc import IHost
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
-from libp2p.network.swarm import Swarm
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
@@ -45,8 +44,8 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from p2p.addrs import AddressPolicy, advertised_addrs, check_announce_addr, interface_ips
 from p2p.identity import load_or_create_identity
-from p2p.libp2p_compat import filter_received_addrs
-from swarmgrad.core.errors import ConfigError, LocalProtocolError, TransportError
+from p2p.libp2p_compat import filter_received_addrs, stop_auto_connector
+from swarmgrad.core.errors import ConfigError, TransportError
 from swarmgrad.core.transport import DEFAULT_MAX_MESSAGE_BYTES
 
 PSK_SIZE_BYTES = 32
@@ -217,12 +216,8 @@ async def running_host(config: HostConfig, bootstrap_addrs: tuple[str, ...] = ()
                     raise HostError(
                         f"cannot listen on {text}: the port is in use or the address is not on this machine"
                     )
-            # The auto-connector would re-dial every peer in the peerstore every 30 s (its target is half of the
-            # high watermark, whatever the low one). Stopped right after start, before anything is in the peerstore.
-            network = host.get_network()
-            if not isinstance(network, Swarm):
-                raise LocalProtocolError(f"py-libp2p built a {type(network).__name__}, expected a Swarm")
-            await network.auto_connector.stop()
+            # Stopped right after start, before anything is in the peerstore (docs/libp2p.md #11).
+            await stop_auto_connector(host)
             policy = AddressPolicy(interface_ips(), host.get_transport_addrs())
             refusal = _refuse_own_bootstrap(host, policy, bootstrap_addrs)
             if refusal is None:

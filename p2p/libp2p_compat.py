@@ -1,15 +1,12 @@
-"""The received-address gate, which reaches past py-libp2p's public API; checked by `tests/test_libp2p_compat.py`.
+"""Every use swarmgrad makes of py-libp2p beyond its documented interfaces, one small function each; checked by
+`tests/test_libp2p_compat.py`.
 
-py-libp2p 0.8.1 is pinned (constraints.txt); what this module touches is not part of its documented API and may
-change in another release. The test exercises it against the installed version (and checks that identify and the
-signed peer record advertise what `p2p.addrs` computes), so an upgrade that breaks it fails there, by name, rather
-than somewhere in a swarm run.
-
-* `filter_received_addrs`: every address py-libp2p learns about another peer (identify, Kademlia peer routing and
-  provider records, `host.connect`) enters the peerstore through its `add_addrs` (its `add_addr` calls it too).
-  Wrapping that one method on the host's peerstore instance is the single gate in front of the dialer. Whether a
-  peer is on this host is read from its connections' remote address (yamux's `get_remote_address`, not on the
-  `IMuxedConn` interface).
+py-libp2p 0.8.1 is pinned (constraints.txt). What this module touches is private (a leading underscore), lives on a
+concrete class rather than on an `abc.py` interface, or is behaviour no documentation promises; another release may
+change any of it. Each function's docstring states the fact it relies on, `docs/libp2p.md` ("Internals") lists them
+in prose, and the test module checks each one against the installed version (signature and behaviour), so an upgrade
+that breaks one fails there, by name, rather than somewhere in a swarm run. No other product module may reach past
+py-libp2p's interfaces: put the next such use here, with its test.
 """
 
 from __future__ import annotations
@@ -18,17 +15,93 @@ import logging
 from collections.abc import Sequence
 
 import multiaddr
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetConn
+from libp2p.kad_dht.kad_dht import KadDHT
+from libp2p.kad_dht.kad_dht import _encode_key as _libp2p_encode_key
+from libp2p.network.connection.swarm_connection import Direction
+from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
 
 from p2p.addrs import AddressPolicy
+from swarmgrad.core.errors import LocalProtocolError
 
 log = logging.getLogger(__name__)
 
 
+def _swarm(host: IHost) -> Swarm:
+    network = host.get_network()
+    if not isinstance(network, Swarm):
+        raise LocalProtocolError(f"py-libp2p built a {type(network).__name__}, expected a Swarm")
+    return network
+
+
+async def stop_auto_connector(host: IHost) -> None:
+    """Stop the host's auto-connector, which otherwise re-dials every peer in the peerstore every 30 s (its target is
+    half of the connection manager's high watermark, whatever the low one). Relies on: the host's network is a
+    `Swarm` with an `auto_connector` attribute whose `stop()` is a coroutine, safe to call right after the host
+    started."""
+    await _swarm(host).auto_connector.stop()
+
+
+def forget_dial_failure(host: IHost, peer_id: ID) -> None:
+    """Let the next dial to `peer_id` reach the network. Relies on: after one failed dial `Swarm` refuses every
+    dial to that peer for 60 s without touching the network (its negative cache), and `Swarm.unblock_peer(peer_id)`
+    (not on `INetwork`) lifts it; a peer not in the cache is a no-op."""
+    _swarm(host).unblock_peer(peer_id)
+
+
+def is_inbound(conn: INetConn) -> bool:
+    """Whether the remote peer dialled this connection. Relies on: py-libp2p's connections are `SwarmConn`s with a
+    `direction` property (not on `INetConn`) that is `Direction.INBOUND` for a connection a listener accepted."""
+    return getattr(conn, "direction", None) == Direction.INBOUND
+
+
+def dht_key(key: str) -> bytes:
+    """The bytes py-libp2p's Kademlia stores `key` under in its provider store and routing lookups. Relies on: the
+    private `kad_dht._encode_key`, which `KadDHT.provide`/`find_providers` apply to a string key (a CID's multihash,
+    else a hex multihash, else the UTF-8 bytes of the string)."""
+    return _libp2p_encode_key(key)
+
+
+def local_providers(dht: KadDHT, key: bytes) -> list[PeerInfo]:
+    """The providers of `key` (from `dht_key`) this peer's own provider store holds, itself included once it
+    provides. Relies on: `KadDHT.provider_store.get_providers(key)`."""
+    return dht.provider_store.get_providers(key)
+
+
+def closest_known_peers(dht: KadDHT, key: bytes) -> list[ID]:
+    """The peers of the routing table closest to `key` (up to the bucket size, 20), without any network query.
+    Relies on: `KadDHT.routing_table.find_local_closest_peers(key)`."""
+    return dht.routing_table.find_local_closest_peers(key)
+
+
+async def fill_routing_table(dht: KadDHT, own_id: ID) -> None:
+    """Fill the routing table with this peer's neighbours by looking up its own id on the network. Relies on: a plain
+    `connect` plus `add_peer` leaves the table holding only the bootstrap peer, and
+    `KadDHT.peer_routing.find_closest_peers_network(key_bytes)` adds every peer its iterative lookup meets
+    (py-libp2p's `refresh_routing_table` also looks up a random key per bucket: seconds, for nothing we need)."""
+    await dht.peer_routing.find_closest_peers_network(own_id.to_bytes())
+
+
+async def query_providers(dht: KadDHT, peer_id: ID, key: bytes) -> list[PeerInfo]:
+    """The providers of `key` that one peer, `peer_id`, knows, asked directly with one GET_PROVIDERS request.
+    Relies on: the private `ProviderStore._get_providers_from_peer_with_closers(peer_id, key)` returning
+    `(providers, closer_peers)`, and logging and absorbing every failure of the query (no answer: no providers).
+    py-libp2p's public `find_providers` answers from the local store alone whenever it holds any provider, which
+    every member does once it provides, so it never asks the network."""
+    providers, _closer = await dht.provider_store._get_providers_from_peer_with_closers(peer_id, key)
+    return providers
+
+
 def filter_received_addrs(host: IHost, policy: AddressPolicy) -> None:
     """Drop, before they reach `host`'s peerstore, the addresses `policy` says are not dialable from here. A peer is
-    local when one of its current connections comes from loopback or from one of this host's addresses."""
+    local when one of its current connections comes from loopback or from one of this host's addresses.
+
+    Relies on: every address py-libp2p learns about another peer (identify, Kademlia peer routing and provider
+    records, `host.connect`) enters the peerstore through its `add_addrs` (its `add_addr` calls it too), so wrapping
+    that one method on the host's peerstore instance is the single gate in front of the dialer; and yamux's muxed
+    connection has `get_remote_address()` (not on the `IMuxedConn` interface)."""
     peerstore = host.get_peerstore()
     original = peerstore.add_addrs
     own_id = host.get_id()

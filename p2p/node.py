@@ -34,13 +34,13 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.host.ping import ID as PING_PROTOCOL_ID
 from libp2p.host.ping import perform_ping_roundtrip
-from libp2p.network.connection.swarm_connection import Direction
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
 from p2p.discovery import Discovery, DiscoveryConfig, bounded_connect
 from p2p.host import HostConfig, listen_multiaddrs, running_host
 from p2p.identity import load_or_create_identity
+from p2p.libp2p_compat import is_inbound
 from p2p.membership import (
     ConnectionClosed,
     ConnectionOpened,
@@ -192,7 +192,7 @@ class SwarmNode:
     def _on_connected(self, conn: INetConn) -> None:
         peer_id = conn.muxed_conn.peer_id
         peer = peer_id.to_base58()
-        inbound = getattr(conn, "direction", None) == Direction.INBOUND
+        inbound = is_inbound(conn)
         if not self.policy.allows(peer) or (inbound and not self.policy.admit_inbound(peer)):
             self._counters["connections_refused"] += 1
             log.info("closing a connection from %s: banned or over the inbound cap", peer)

@@ -1,9 +1,14 @@
-"""Each py-libp2p internal that `p2p.libp2p_compat` and `p2p.host` rely on, checked against the installed version
-with real hosts on this machine: what a host listening on 0.0.0.0 advertises (identify message, signed peer
-record) and that the received-address filter sits in front of the dialer."""
+"""Each py-libp2p internal that `p2p.libp2p_compat` relies on, checked against the installed version with real hosts
+on this machine: first the signature or attribute each function reaches for (so an upgrade that renames or reshapes
+it fails here by name), then its behaviour: the received-address filter in front of the dialer, what a host
+listening on 0.0.0.0 advertises (identify message, signed peer record), the auto-connector, the dial negative cache,
+connection direction, and the Kademlia internals discovery uses."""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import multiaddr
@@ -12,14 +17,32 @@ import trio
 from libp2p.abc import IHost
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.identity.identify.identify import _mk_identify_protobuf
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.kad_dht.peer_routing import PeerRouting
+from libp2p.kad_dht.provider_store import ProviderStore
+from libp2p.kad_dht.routing_table import RoutingTable
+from libp2p.network.auto_connector import AutoConnector
+from libp2p.network.connection.swarm_connection import SwarmConn
 from libp2p.network.exceptions import SwarmException
+from libp2p.network.swarm import Swarm
 from libp2p.peer.envelope import consume_envelope
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
-from libp2p.peer.peerstore import PeerStoreError, env_to_send_in_RPC
+from libp2p.peer.peerstore import PeerStore, PeerStoreError, env_to_send_in_RPC
+from libp2p.tools.anyio_service import background_trio_service
 
 from p2p.addrs import ip_of
 from p2p.host import HostConfig, HostError, listen_multiaddrs, running_host
+from p2p.libp2p_compat import (
+    closest_known_peers,
+    dht_key,
+    fill_routing_table,
+    forget_dial_failure,
+    is_inbound,
+    local_providers,
+    query_providers,
+    stop_auto_connector,
+)
 
 TIMEOUT_S = 30
 M = multiaddr.Multiaddr
@@ -120,3 +143,103 @@ async def test_a_bootstrap_address_that_is_our_own_listener_is_refused(tmp_path:
         with pytest.raises(HostError, match=r"own listen address.*swarmgrad id"):
             async with running_host(config, (f"/ip4/127.0.0.1/tcp/{probe_port}/p2p/{other}",)):
                 pass
+
+
+def _parameters(function: object) -> list[str]:
+    return list(inspect.signature(function).parameters)  # type: ignore[arg-type]
+
+
+def test_the_internals_have_the_shape_the_adapter_calls() -> None:
+    """Fails by name when an upgrade renames, removes or reshapes one of the internals `p2p.libp2p_compat` uses."""
+    assert _parameters(PeerStore.add_addrs) == ["self", "peer_id", "addrs", "ttl"]
+    assert inspect.iscoroutinefunction(AutoConnector.stop) and _parameters(AutoConnector.stop) == ["self"]
+    assert "auto_connector" in inspect.get_annotations(Swarm)
+    assert _parameters(Swarm.unblock_peer) == ["self", "peer_id"]
+    assert isinstance(inspect.getattr_static(SwarmConn, "direction"), property)
+    assert _parameters(ProviderStore.get_providers) == ["self", "key"]
+    assert inspect.iscoroutinefunction(ProviderStore._get_providers_from_peer_with_closers)
+    assert _parameters(ProviderStore._get_providers_from_peer_with_closers) == ["self", "peer_id", "key"]
+    assert _parameters(RoutingTable.find_local_closest_peers)[:2] == ["self", "key"]
+    assert inspect.iscoroutinefunction(PeerRouting.find_closest_peers_network)
+    assert _parameters(PeerRouting.find_closest_peers_network)[:2] == ["self", "target_key"]
+
+
+def test_dht_keys_are_the_utf8_bytes_of_a_swarmgrad_key() -> None:
+    assert dht_key("/swarmgrad/s/members") == b"/swarmgrad/s/members"
+
+
+async def test_the_auto_connector_stops_and_the_host_keeps_working(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT_S):
+        async with running_host(HostConfig(tmp_path / "a")) as a, running_host(HostConfig(tmp_path / "b")) as b:
+            network = a.get_network()
+            assert isinstance(network, Swarm)
+            assert not network.auto_connector._started  # running_host stopped it
+            await stop_auto_connector(a)  # a second stop is harmless
+            await a.connect(PeerInfo(b.get_id(), b.get_addrs()))
+            assert a.get_network().get_connections(b.get_id())
+
+
+async def test_a_peer_in_the_dial_negative_cache_is_refused_until_the_failure_is_forgotten(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT_S):
+        async with running_host(HostConfig(tmp_path / "a")) as a, running_host(HostConfig(tmp_path / "b")) as b:
+            network = a.get_network()
+            assert isinstance(network, Swarm)
+            network._negative_peer_cache.mark_failed(str(b.get_id()))  # as after a dial to every address failed
+            with pytest.raises(SwarmException, match="negative cache"):
+                await a.connect(PeerInfo(b.get_id(), b.get_addrs()))
+            forget_dial_failure(a, b.get_id())
+            await a.connect(PeerInfo(b.get_id(), b.get_addrs()))
+            assert a.get_network().get_connections(b.get_id())
+            forget_dial_failure(a, _stranger())  # a peer never dialled: no-op
+
+
+async def test_a_connection_knows_which_side_dialled(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT_S):
+        async with running_host(HostConfig(tmp_path / "a")) as a, running_host(HostConfig(tmp_path / "b")) as b:
+            await a.connect(PeerInfo(b.get_id(), b.get_addrs()))
+            with trio.fail_after(5):
+                while not b.get_network().get_connections(a.get_id()):
+                    await trio.sleep(0.01)
+            outbound = a.get_network().get_connections(b.get_id())
+            inbound = b.get_network().get_connections(a.get_id())
+    assert outbound and not any(is_inbound(conn) for conn in outbound)
+    assert inbound and all(is_inbound(conn) for conn in inbound)
+
+
+@asynccontextmanager
+async def _dht(tmp_path: Path, name: str) -> AsyncIterator[tuple[IHost, KadDHT]]:
+    async with running_host(HostConfig(tmp_path / name)) as host:
+        dht = KadDHT(host, DHTMode.SERVER)
+        async with background_trio_service(dht):
+            yield host, dht
+
+
+async def test_kademlia_internals_answer_as_discovery_expects(tmp_path: Path) -> None:
+    key_text = "/swarmgrad/s/members"
+    key = dht_key(key_text)
+    with trio.fail_after(TIMEOUT_S):
+        async with (
+            _dht(tmp_path, "a") as (a, dht_a),
+            _dht(tmp_path, "b") as (b, dht_b),
+            _dht(tmp_path, "c") as (
+                c,
+                dht_c,
+            ),
+        ):
+            # b knows a and c; a knows only b until it fills its routing table through b
+            for host in (a, c):
+                await b.connect(PeerInfo(host.get_id(), host.get_addrs()))
+                await dht_b.add_peer(host.get_id())
+            await a.connect(PeerInfo(b.get_id(), b.get_addrs()))
+            await dht_a.add_peer(b.get_id())
+            assert c.get_id() not in closest_known_peers(dht_a, key)
+            await fill_routing_table(dht_a, a.get_id())
+            assert {b.get_id(), c.get_id()} <= set(closest_known_peers(dht_a, key))
+
+            assert await dht_c.provide(key_text)
+            assert c.get_id() in [info.peer_id for info in local_providers(dht_c, key)]
+            assert local_providers(dht_a, key) == []  # a's store knows nothing: the answer has to come from a peer
+            from_c = await query_providers(dht_a, c.get_id(), key)
+            assert c.get_id() in [info.peer_id for info in from_c]
+            # a peer that does not answer yields no providers rather than an exception
+            assert await query_providers(dht_a, _stranger(), key) == []
