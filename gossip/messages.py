@@ -17,12 +17,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from swarmgrad.core.codec import Schema
+from swarmgrad.core.swarm_id import MAX_SWARM_ID_CHARS, SWARM_ID_RULE, is_valid_swarm_id
 from training.topk import SparsePayload
 
 PROTOCOL = "/swarmgrad/gossip/2.0.0"
 """2.0.0 added `clock`; a 1.0.0 peer cannot negotiate this protocol, so the two never mix."""
 FINGERPRINT_BYTES = 16
-MAX_SWARM_ID_CHARS = 128
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,8 @@ class SparseUpdate:
     clock: int
 
     def __post_init__(self) -> None:
-        if not 0 < len(self.swarm_id) <= MAX_SWARM_ID_CHARS:
-            raise ValueError(f"swarm_id must have 1 to {MAX_SWARM_ID_CHARS} characters, got {len(self.swarm_id)}")
+        if not is_valid_swarm_id(self.swarm_id):
+            raise ValueError(f"swarm_id must be {SWARM_ID_RULE}, got {self.swarm_id[:MAX_SWARM_ID_CHARS + 1]!r}")
         if self.round < 0:
             raise ValueError(f"round must be >= 0, got {self.round}")
         if self.clock < 0:

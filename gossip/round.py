@@ -112,7 +112,7 @@ from functools import partial
 import torch
 
 from gossip import aggregate
-from gossip.messages import MAX_SWARM_ID_CHARS, SparseUpdate
+from gossip.messages import SparseUpdate
 from swarmgrad.core.errors import ConfigError, DecodeError, LocalProtocolError, RemoteProtocolError
 from swarmgrad.core.machine import (
     Action,
@@ -131,6 +131,7 @@ from swarmgrad.core.machine import (
     SetTimer,
     TimerFired,
 )
+from swarmgrad.core.swarm_id import validate_swarm_id
 from training.topk import pack_sparse, unpack_sparse
 from training.topk.payload import VALUE_FORMATS
 
@@ -181,8 +182,7 @@ class GossipConfig:
     miss_backoff_rounds: int = 4
 
     def __post_init__(self) -> None:
-        if not 0 < len(self.swarm_id) <= MAX_SWARM_ID_CHARS:
-            raise ConfigError("swarm_id", self.swarm_id, f"a string of 1 to {MAX_SWARM_ID_CHARS} characters")
+        validate_swarm_id(self.swarm_id)
         if not 0 < self.density <= 1:
             raise ConfigError("density", self.density, "in (0, 1]")
         if not (self.round_deadline_s > 0 and math.isfinite(self.round_deadline_s)):

@@ -80,11 +80,11 @@ from p2p.schedule import (
     Start,
     Wake,
 )
-from p2p.swarm import validate_swarm_id
 from swarmgrad.core.codec import FRAME_HEADER_SIZE, Schema, encode_frame_header, parse_frame_header
 from swarmgrad.core.driver import Driver
 from swarmgrad.core.errors import ConfigError, DecodeError, LocalProtocolError, PeerUnreachable
 from swarmgrad.core.machine import Effect, Event
+from swarmgrad.core.swarm_id import validate_swarm_id
 
 if TYPE_CHECKING:  # libp2p installs trio-typing, whose stale `trio-stubs` hide trio's own `TaskStatus` from mypy
     from trio_typing import TaskStatus

@@ -1,6 +1,6 @@
-"""What makes a swarm: its id, its optional pre-shared key, and the admission policy for strangers.
+"""What makes a swarm beyond its id (`swarmgrad.core.swarm_id`): its optional pre-shared key, and the admission
+policy for strangers.
 
-* **Swarm id**: a short lowercase name that namespaces every DHT key of a swarm (`validate_swarm_id`).
 * **Swarm key** (private swarms): the libp2p pnet pre-shared key, 32 bytes, in the usual file format::
 
       /key/swarm/psk/1.0.0/
@@ -33,17 +33,7 @@ from swarmgrad.core.errors import ConfigError, SwarmgradError
 SWARM_KEY_CODEC = "/key/swarm/psk/1.0.0/"
 SWARM_KEY_ENCODING = "/base16/"
 SWARM_KEY_SIZE_BYTES = 32
-_SWARM_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
-
-
-def validate_swarm_id(swarm_id: str) -> str:
-    """Return `swarm_id` if it is a valid swarm id, else raise `ConfigError` naming it."""
-    if not isinstance(swarm_id, str) or _SWARM_ID.fullmatch(swarm_id) is None:
-        raise ConfigError(
-            "swarm_id", swarm_id, "1 to 63 characters of a-z, 0-9, '.', '_' or '-', starting with a letter or digit"
-        )
-    return swarm_id
 
 
 # ---- swarm keys ---------------------------------------------------------------------------------------------------

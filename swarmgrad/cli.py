@@ -38,9 +38,10 @@ from p2p.host import HostConfig
 from p2p.identity import load_or_create_identity, peer_id_of
 from p2p.membership import MembershipConfig, PeerDiscovered, PeerForgotten
 from p2p.node import NodeConfig, SwarmNode, open_node
-from p2p.swarm import SwarmKey, load_swarm_key, validate_swarm_id, write_swarm_key
+from p2p.swarm import SwarmKey, load_swarm_key, write_swarm_key
 from swarmgrad.core.errors import ConfigError, SwarmgradError
 from swarmgrad.core.machine import PeerDown, PeerUp
+from swarmgrad.core.swarm_id import validate_swarm_id
 
 PLUGIN_SUBCOMMANDS = {"peer": ("swarmgrad.peer", "run a training peer (see `swarmgrad peer --help`)")}
 """Subcommand name -> (module whose `register(subparsers)` adds it, one-line help shown by `swarmgrad --help`)."""

@@ -32,8 +32,8 @@ import multiaddr
 from gossip.round import GossipConfig
 from p2p.addrs import check_announce_addr
 from p2p.discovery import parse_bootstrap_addr
-from p2p.swarm import validate_swarm_id
 from swarmgrad.core.errors import ConfigError
+from swarmgrad.core.swarm_id import validate_swarm_id
 from training.loop import LoopConfig
 from training.tasks import resolve_task_name
 

@@ -1,4 +1,4 @@
-"""Unit tests for `p2p.swarm`: swarm ids, swarm key files, and the public-swarm `ScoringPolicy`."""
+"""Unit tests for `p2p.swarm`: swarm key files, and the public-swarm `ScoringPolicy`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from p2p.swarm import (
     format_swarm_key,
     load_swarm_key,
     parse_swarm_key,
-    validate_swarm_id,
     write_swarm_key,
 )
 from swarmgrad.core.errors import ConfigError
@@ -29,18 +28,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.mark.parametrize("swarm_id", ["a", "digits-2", "team.x_1", "0" * 63])
-def test_valid_swarm_ids(swarm_id: str) -> None:
-    assert validate_swarm_id(swarm_id) == swarm_id
-
-
-@pytest.mark.parametrize("swarm_id", ["", "A", "-x", "a/b", "a b", "0" * 64, "é"])
-def test_invalid_swarm_ids_name_the_value(swarm_id: str) -> None:
-    with pytest.raises(ConfigError) as info:
-        validate_swarm_id(swarm_id)
-    assert info.value.field == "swarm_id" and info.value.value == swarm_id
 
 
 def test_key_file_round_trip(tmp_path: Path) -> None:
