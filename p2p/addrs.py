@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import multiaddr
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 
 from swarmgrad.core.errors import ConfigError
 
@@ -100,15 +101,53 @@ def transport_part(addr: multiaddr.Multiaddr) -> str:
     return head if sep else text
 
 
-def check_announce_addr(field: str, text: str) -> None:
-    """Raise `ConfigError` unless `text` is a dialable /ip4|ip6/<address>/tcp/<port> with a port > 0."""
+# ---- the one validator of the multiaddrs a user or a peer gives us ------------------------------------------------
+
+
+def parse_multiaddr(field: str, text: str) -> multiaddr.Multiaddr:
+    """`text` as a multiaddr; `ConfigError` naming `field` when it is not one."""
     try:
-        parsed = multiaddr.Multiaddr(text)
-    except (ValueError, TypeError, multiaddr.exceptions.Error) as exc:
-        raise ConfigError(field, text, f"a multiaddr /ip4/<address>/tcp/<port> ({exc})") from exc
+        return multiaddr.Multiaddr(text)
+    except (ValueError, TypeError, KeyError, multiaddr.exceptions.Error) as exc:
+        raise ConfigError(field, text, f"a multiaddr ({exc})") from exc
+
+
+def check_listen_addr(field: str, text: str) -> multiaddr.Multiaddr:
+    """`text` as a TCP multiaddr to listen on, /ip4|ip6/<address>/tcp/<port> (port 0: any free port), else
+    `ConfigError` naming `field`."""
+    parsed = parse_multiaddr(field, text)
     names = [protocol.name for protocol in parsed.protocols()]
     if len(names) != 2 or names[0] not in ("ip4", "ip6") or names[1] != "tcp":
-        raise ConfigError(field, text, "a TCP multiaddr /ip4/<address>/tcp/<port> without /p2p/ (the id is added)")
+        raise ConfigError(field, text, "a TCP multiaddr /ip4/<address>/tcp/<port> (or /ip6/...) without /p2p/")
+    return parsed
+
+
+def parse_peer_addr(field: str, text: str) -> PeerInfo:
+    """`text`, a peer's multiaddr to dial (`/ip4|ip6|dns4|dns6|dns/<host>/tcp/<port>/p2p/<peer id>`), as a
+    `PeerInfo`; `ConfigError` naming `field` when it is malformed, lacks the TCP port or the peer id, or names the
+    unspecified address."""
+    parsed = parse_multiaddr(field, text)
+    names = [protocol.name for protocol in parsed.protocols()]
+    if "tcp" not in names or names[-1] != "p2p":
+        raise ConfigError(field, text, "a multiaddr ending in /tcp/<port>/p2p/<peer id>")
+    try:
+        info = info_from_p2p_addr(parsed)
+    except (ValueError, TypeError, KeyError, multiaddr.exceptions.Error) as exc:
+        raise ConfigError(field, text, f"a multiaddr ending in /p2p/<peer id> ({exc})") from exc
+    ip = ip_of(parsed)
+    if ip is not None and ip.is_unspecified:
+        raise ConfigError(
+            field,
+            text,
+            "the peer host's own IP (0.0.0.0 is where it listens, not an address to dial; "
+            "`swarmgrad id` on that host prints its dialable addresses)",
+        )
+    return info
+
+
+def check_announce_addr(field: str, text: str) -> None:
+    """Raise `ConfigError` unless `text` is a dialable /ip4|ip6/<address>/tcp/<port> with a port > 0."""
+    parsed = check_listen_addr(field, text)
     ip = ip_of(parsed)
     if ip is None or ip.is_unspecified:
         raise ConfigError(field, text, "an address other hosts can dial (not 0.0.0.0 or ::): this host's IP")

@@ -49,11 +49,11 @@ from libp2p.exceptions import BaseLibp2pError
 from libp2p.io.utils import read_exactly
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.validator import Validator
 from libp2p.tools.anyio_service import background_trio_service
 
-from p2p.addrs import ip_of
+from p2p.addrs import parse_peer_addr
 from p2p.libp2p_compat import (
     closest_known_peers,
     dht_key,
@@ -115,23 +115,6 @@ def member_key(swarm_id: str, peer_id: str) -> str:
 def members_key(swarm_id: str) -> str:
     """The DHT key every member of `swarm_id` provides."""
     return f"/{NAMESPACE}/{swarm_id}/members"
-
-
-def parse_bootstrap_addr(addr: str) -> PeerInfo:
-    """A bootstrap multiaddr (`/ip4/<ip>/tcp/<port>/p2p/<peer id>`) as a `PeerInfo`; `ConfigError` naming it
-    when it is malformed or lacks the peer id."""
-    try:
-        parsed = multiaddr.Multiaddr(addr)
-        info = info_from_p2p_addr(parsed)
-    except (ValueError, TypeError, KeyError, multiaddr.exceptions.Error) as exc:
-        raise ConfigError("bootstrap", addr, f"a multiaddr ending in /p2p/<peer id> ({exc})") from exc
-    ip = ip_of(parsed)
-    if ip is not None and ip.is_unspecified:
-        raise ConfigError(
-            "bootstrap", addr, "the bootstrap host's own IP (0.0.0.0 is where it listens, not an address to dial; "
-            "`swarmgrad id` on that host prints its dialable addresses)"
-        )
-    return info
 
 
 @dataclass(frozen=True)
@@ -254,7 +237,7 @@ class DiscoveryConfig:
         if not isinstance(self.bootstrap_addrs, tuple):
             raise ConfigError("bootstrap_addrs", self.bootstrap_addrs, "a tuple of multiaddr strings")
         for addr in self.bootstrap_addrs:
-            parse_bootstrap_addr(addr)
+            parse_peer_addr("bootstrap", addr)
         if not (isinstance(self.bootstrap_attempts, int) and self.bootstrap_attempts >= 1):
             raise ConfigError("bootstrap_attempts", self.bootstrap_attempts, "an integer >= 1")
         for name in (
@@ -367,7 +350,7 @@ class Discovery:
     async def _carry_out(self, effect: Effect) -> Event | None:
         """The effects of the schedule, over the DHT."""
         if isinstance(effect, DialBootstrap):
-            info = parse_bootstrap_addr(effect.addr)
+            info = parse_peer_addr("bootstrap", effect.addr)
             self._counters["bootstrap_dials"] += 1
             reason = await bounded_connect(self.host, info, self.config.dial_timeout_s)
             if reason is None:

@@ -42,7 +42,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
-from p2p.addrs import AddressPolicy, advertised_addrs, check_announce_addr, interface_ips
+from p2p.addrs import AddressPolicy, advertised_addrs, check_announce_addr, check_listen_addr, interface_ips
 from p2p.identity import load_or_create_identity
 from p2p.libp2p_compat import filter_received_addrs, stop_auto_connector
 from swarmgrad.core.errors import ConfigError, TransportError
@@ -58,16 +58,6 @@ MAX_ADVERTISED_ADDRS = 8
 
 class HostError(TransportError):
     """The host could not start: an address could not be bound."""
-
-
-def _check_listen_addr(addr: str) -> None:
-    try:
-        parsed = multiaddr.Multiaddr(addr)
-    except (ValueError, TypeError, multiaddr.exceptions.Error) as exc:
-        raise ConfigError("listen_addrs", addr, f"a valid multiaddr ({exc})") from exc
-    names = [protocol.name for protocol in parsed.protocols()]
-    if len(names) != 2 or names[0] not in _IP_PROTOCOLS or names[1] != "tcp":
-        raise ConfigError("listen_addrs", addr, "a TCP multiaddr of the form /ip4/<address>/tcp/<port> (or /ip6/...)")
 
 
 @dataclass(frozen=True)
@@ -104,7 +94,7 @@ class HostConfig:
         for addr in self.listen_addrs:
             if not isinstance(addr, str):
                 raise ConfigError("listen_addrs", addr, "a multiaddr string")
-            _check_listen_addr(addr)
+            check_listen_addr("listen_addrs", addr)
         if len(set(self.listen_addrs)) != len(self.listen_addrs):
             raise ConfigError("listen_addrs", self.listen_addrs, "distinct addresses")
         if not isinstance(self.announce_addrs, tuple) or len(self.announce_addrs) > MAX_ADVERTISED_ADDRS:

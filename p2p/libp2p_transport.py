@@ -34,8 +34,8 @@ from libp2p.custom_types import TProtocol
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.network.stream.exceptions import StreamError
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import info_from_p2p_addr
 
+from p2p.addrs import parse_peer_addr
 from p2p.host import HostConfig, listen_multiaddrs, running_host
 from swarmgrad.core.codec import FRAME_HEADER_SIZE, encode_frame_header, parse_frame_header
 from swarmgrad.core.errors import (
@@ -227,9 +227,9 @@ class LibP2PTransport(Transport):
     async def connect(self, address: str) -> PeerId:
         self._check_open()
         try:
-            info = info_from_p2p_addr(multiaddr.Multiaddr(address))
-        except (ValueError, TypeError, multiaddr.exceptions.Error, BaseLibp2pError) as exc:
-            raise PeerUnreachable(f"{address!r} is not a multiaddr ending in /p2p/<peer id>: {exc}") from exc
+            info = parse_peer_addr("address", address)
+        except ConfigError as exc:
+            raise PeerUnreachable(str(exc)) from exc
         peer = str(info.peer_id)
         if peer == self._local_peer:
             raise PeerUnreachable(f"{address} is this peer itself")

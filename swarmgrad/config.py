@@ -27,11 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import multiaddr
-
 from gossip.round import GossipConfig
-from p2p.addrs import check_announce_addr
-from p2p.discovery import parse_bootstrap_addr
+from p2p.addrs import check_announce_addr, check_listen_addr, parse_peer_addr
 from swarmgrad.core.errors import ConfigError
 from swarmgrad.core.swarm_id import validate_swarm_id
 from training.loop import LoopConfig
@@ -57,13 +54,6 @@ class PeerSection:
             raise ConfigError("peer.torch_threads", self.torch_threads, "an integer >= 0 (0: torch's default)")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError("peer.log_level", self.log_level, f"one of {LOG_LEVELS}")
-
-
-def _parse_multiaddr(field_name: str, text: str) -> multiaddr.Multiaddr:
-    try:
-        return multiaddr.Multiaddr(text)
-    except ValueError as exc:
-        raise ConfigError(field_name, text, f"a multiaddr ({exc})") from exc
 
 
 @dataclass(frozen=True)
@@ -98,19 +88,11 @@ class NetworkConfig:
         if not self.listen:
             raise ConfigError("network.listen", self.listen, "at least one multiaddr")
         for text in self.listen:
-            names = [p.name for p in _parse_multiaddr("network.listen", text).protocols()]
-            if names[:1] not in (["ip4"], ["ip6"]) or names[1:] != ["tcp"]:
-                raise ConfigError("network.listen", text, "a TCP multiaddr /ip4/<address>/tcp/<port>")
+            check_listen_addr("network.listen", text)
         for text in self.announce:
             check_announce_addr("network.announce", text)
         for text in self.bootstrap:
-            names = [p.name for p in _parse_multiaddr("network.bootstrap", text).protocols()]
-            if "tcp" not in names or names[-1] != "p2p":
-                raise ConfigError("network.bootstrap", text, "a multiaddr ending in /tcp/<port>/p2p/<peer id>")
-            try:
-                parse_bootstrap_addr(text)
-            except ConfigError as exc:
-                raise ConfigError("network.bootstrap", text, exc.expected) from exc
+            parse_peer_addr("network.bootstrap", text)
         if not 0 < self.dial_timeout_s < float("inf"):
             raise ConfigError("network.dial_timeout_s", self.dial_timeout_s, "a finite number of seconds > 0")
         if self.bootstrap_attempts < 1:

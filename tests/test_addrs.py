@@ -1,11 +1,26 @@
-"""What a peer advertises and which received addresses it will dial (`p2p.addrs`): pure functions, no sockets."""
+"""What a peer advertises, which received addresses it will dial, and the one validator of configured addresses
+(`p2p.addrs`): pure functions, no sockets."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import multiaddr
 import pytest
 
-from p2p.addrs import AddressPolicy, HostIps, advertised_addrs, check_announce_addr, interface_ips, transport_part
+from p2p.addrs import (
+    AddressPolicy,
+    HostIps,
+    advertised_addrs,
+    check_announce_addr,
+    check_listen_addr,
+    interface_ips,
+    parse_peer_addr,
+    transport_part,
+)
+from p2p.discovery import DiscoveryConfig
+from p2p.host import HostConfig
+from swarmgrad.config import NetworkConfig
 from swarmgrad.core.errors import ConfigError
 
 M = multiaddr.Multiaddr
@@ -127,3 +142,40 @@ def test_a_connection_from_loopback_or_our_own_address_is_local() -> None:
     policy = _policy()
     assert policy.is_local_ip("127.0.0.1") and policy.is_local_ip("::1") and policy.is_local_ip("10.0.0.5")
     assert not policy.is_local_ip("10.0.0.7") and not policy.is_local_ip("not an ip")
+
+
+PEER = "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
+BAD_LISTEN = ["not a multiaddr", "/dns4/example.org/tcp/7400", f"/ip4/10.0.0.5/tcp/7400/p2p/{PEER}", "/ip4/10.0.0.5"]
+BAD_PEER = [
+    "not a multiaddr",
+    "/ip4/10.0.0.5/tcp/7400",
+    f"/ip4/0.0.0.0/tcp/7400/p2p/{PEER}",
+    f"/ip4/10.0.0.5/p2p/{PEER}",
+]
+
+
+@pytest.mark.parametrize("text", BAD_LISTEN)
+def test_every_listen_address_check_is_the_one_validator(text: str) -> None:
+    with pytest.raises(ConfigError, match="multiaddr") as direct:
+        check_listen_addr("listen", text)
+    for build in (lambda: HostConfig(Path("k"), listen_addrs=(text,)), lambda: NetworkConfig(listen=(text,))):
+        with pytest.raises(ConfigError) as caught:
+            build()
+        assert caught.value.expected == direct.value.expected
+
+
+@pytest.mark.parametrize("text", BAD_PEER)
+def test_every_peer_address_check_is_the_one_validator(text: str) -> None:
+    with pytest.raises(ConfigError) as direct:
+        parse_peer_addr("bootstrap", text)
+    for build in (lambda: DiscoveryConfig("s", bootstrap_addrs=(text,)), lambda: NetworkConfig(bootstrap=(text,))):
+        with pytest.raises(ConfigError) as caught:
+            build()
+        assert caught.value.expected == direct.value.expected
+
+
+@pytest.mark.parametrize(
+    "text", [f"/ip4/10.0.0.5/tcp/7400/p2p/{PEER}", f"/dns4/swarmgrad-0.swarmgrad/tcp/7400/p2p/{PEER}"]
+)
+def test_a_good_peer_address_parses(text: str) -> None:
+    assert parse_peer_addr("bootstrap", text).peer_id.to_base58() == PEER

@@ -14,6 +14,7 @@ import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
+from p2p.addrs import parse_peer_addr
 from p2p.discovery import (
     CLOCK_SKEW_S,
     MAX_RECORD_TTL_S,
@@ -25,7 +26,6 @@ from p2p.discovery import (
     bounded_connect,
     make_member_record,
     member_key,
-    parse_bootstrap_addr,
     resolve_dns_addrs,
     verify_member_record,
 )
@@ -115,7 +115,7 @@ def test_config_errors_name_the_value(kwargs: dict, field: str) -> None:
 
 def test_bootstrap_addr_parses() -> None:
     peer = make_member_record(KEYS, "s", (), NOW).peer_id
-    info = parse_bootstrap_addr(f"/ip4/127.0.0.1/tcp/4001/p2p/{peer}")
+    info = parse_peer_addr("bootstrap", f"/ip4/127.0.0.1/tcp/4001/p2p/{peer}")
     assert info.peer_id.to_base58() == peer
 
 
@@ -142,7 +142,7 @@ async def test_every_bootstrap_attempt_dials_again(tmp_path: Path) -> None:
     """py-libp2p refuses, for 60 s and without dialling, a peer whose addresses all failed once (its "negative
     cache"): a retry must dial again, and a failure must keep its real cause."""
     peer = make_member_record(KEYS, "s", (), NOW).peer_id
-    info = parse_bootstrap_addr(f"/ip4/127.0.0.1/tcp/1/p2p/{peer}")
+    info = parse_peer_addr("bootstrap", f"/ip4/127.0.0.1/tcp/1/p2p/{peer}")
     async with running_host(HostConfig(key_path=tmp_path / "a" / "identity.key")) as host:
         reasons = [await bounded_connect(host, info, 1.5) for _ in range(2)]
     for reason in reasons:
@@ -157,7 +157,7 @@ async def test_dns_bootstrap_addresses_resolve_through_the_system_resolver(tmp_p
         by_name = f"/dns4/localhost/tcp/{port}/p2p/{a.peer_id}"
         async with open_node(node_config(tmp_path, "b", "s", (by_name,))) as b:
             assert b.host.get_network().get_connections(ID.from_base58(a.peer_id))
-        unresolvable = parse_bootstrap_addr(f"/dns4/no-such-host.invalid/tcp/{port}/p2p/{a.peer_id}")
+        unresolvable = parse_peer_addr("bootstrap", f"/dns4/no-such-host.invalid/tcp/{port}/p2p/{a.peer_id}")
         reason = await bounded_connect(a.host, unresolvable, 5.0)
         assert reason is not None and reason.startswith("cannot resolve its address"), reason
     ip4 = multiaddr.Multiaddr("/ip4/192.0.2.1/tcp/7")
