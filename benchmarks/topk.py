@@ -1,6 +1,6 @@
 """Benchmark of the top-k compression layer: the native `topk_abs` against `torch.topk(x.abs(), k)` and the
-memory-read floor (one `x.sum()` over the same tensor), the fused error-feedback step against the same step in
-torch ops, and the sparse payload (bytes per selected entry, encode and decode time) in every value format.
+memory-read floor (one `x.sum()` over the same tensor), and the sparse payload (bytes per selected entry, encode
+and decode time) in every value format.
 
 Prints one JSON line per (size, density) case; every time is a median over rounds measured in this run, and every
 ratio the median of the per-round ratios (the calls of one round run back to back, under the same load).
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -21,9 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training.topk import ErrorFeedback, k_for_density, load_extension, pack_sparse, topk_abs, unpack_sparse
+from training.topk import load_extension, pack_sparse, topk_abs, unpack_sparse
 from training.topk.payload import VALUE_FORMATS
-from training.topk.reference import reference_ef_step
 
 
 def elapsed_ms(fn: Callable[[], object], device: torch.device) -> float:
@@ -61,7 +61,7 @@ def run_case(n: int, density: float, device: torch.device) -> dict[str, object]:
     repeats = 3 if n >= 50_000_000 else 7
     gen = torch.Generator(device=device).manual_seed(n)
     x = torch.randn(n, generator=gen, device=device)
-    k = k_for_density(n, density)
+    k = min(n, max(1, math.ceil(density * n)))  # as `GossipConfig.k_for`
     t = paired(
         {"native": lambda: topk_abs(x, k), "torch_topk": lambda: torch.topk(x.abs(), k), "floor": lambda: x.sum()},
         repeats,
@@ -82,19 +82,6 @@ def run_case(n: int, density: float, device: torch.device) -> dict[str, object]:
         "torch_topk_vs_floor": median_ratio(t["torch_topk"], t["floor"]),
     }
     if device.type == "cpu":
-        grad = torch.randn(n, generator=gen)
-        ef = ErrorFeedback(n, density)
-        residual = torch.zeros(n)
-        e = paired(
-            {"native": lambda: ef.compress(grad), "torch_ops": lambda: reference_ef_step(residual, grad, k)},
-            repeats,
-            device,
-        )
-        case.update(
-            ef_step_native_ms=med(e["native"]),
-            ef_step_torch_ops_ms=med(e["torch_ops"]),
-            ef_step_speedup=median_ratio(e["torch_ops"], e["native"]),
-        )
         indices, values = topk_abs(x, k)
         payload: dict[str, object] = {}
         for fmt in VALUE_FORMATS:

@@ -162,14 +162,3 @@ def _register_fakes() -> None:
         torch._check(0 <= k <= x.numel(), lambda: f"swarmgrad::topk_abs: k must be in [0, {x.numel()}], got {k}")
         return x.new_empty((k,), dtype=torch.int64), x.new_empty((k,))
 
-    @torch.library.register_fake("swarmgrad::ef_step")
-    def _ef_step_fake(residual: torch.Tensor, grad: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        torch._check(0 <= k <= residual.numel(), lambda: f"swarmgrad::ef_step: k out of range, got {k}")
-        return residual.new_empty((k,), dtype=torch.int64), residual.new_empty((k,))
-
-    @torch.library.register_fake("swarmgrad::ef_step_momentum")
-    def _ef_step_momentum_fake(
-        residual: torch.Tensor, velocity: torch.Tensor, grad: torch.Tensor, momentum: float, k: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        torch._check(0 <= k <= residual.numel(), lambda: f"swarmgrad::ef_step_momentum: k out of range, got {k}")
-        return residual.new_empty((k,), dtype=torch.int64), residual.new_empty((k,))

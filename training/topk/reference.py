@@ -37,29 +37,3 @@ def reference_topk_abs(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     indices, _ = torch.sort(indices)
     return indices, flat[indices]
 
-
-def reference_ef_step(
-    residual: torch.Tensor,
-    grad: torch.Tensor,
-    k: int,
-    velocity: torch.Tensor | None = None,
-    momentum: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One error-feedback step, in place on `residual` (and `velocity`), returning what is sent.
-
-    Without momentum: `residual += grad`, select the top-k of `residual`, return them and zero them in `residual`.
-    With momentum correction (Deep Gradient Compression, arXiv 1712.01887, section 3.2): `velocity = momentum *
-    velocity + grad; residual += velocity`, select from `residual`, and zero the selected entries of both buffers
-    (momentum factor masking). Either way `sent + new residual == residual + (grad or new velocity)`, exactly.
-    """
-    if velocity is None:
-        residual.add_(grad.reshape(-1))
-    else:
-        velocity.mul_(momentum).add_(grad.reshape(-1))
-        residual.add_(velocity)
-    indices, values = reference_topk_abs(residual, k)
-    values = values.clone()
-    residual[indices] = 0.0
-    if velocity is not None:
-        velocity[indices] = 0.0
-    return indices, values

@@ -7,14 +7,8 @@
 
 TORCH_LIBRARY(swarmgrad, m) {
   m.def("topk_abs(Tensor x, int k) -> (Tensor indices, Tensor values)");
-  m.def("ef_step(Tensor(a!) residual, Tensor grad, int k) -> (Tensor indices, Tensor values)");
-  m.def(
-      "ef_step_momentum(Tensor(a!) residual, Tensor(b!) velocity, Tensor grad, float momentum, int k) "
-      "-> (Tensor indices, Tensor values)");
 }
 
 TORCH_LIBRARY_IMPL(swarmgrad, CPU, m) {
   m.impl("topk_abs", &swarmgrad_topk::topk_abs_cpu);
-  m.impl("ef_step", &swarmgrad_topk::ef_step_cpu);
-  m.impl("ef_step_momentum", &swarmgrad_topk::ef_step_momentum_cpu);
 }

@@ -8,8 +8,7 @@
 // radix select on histograms of the keys (16 high bits, then 15 low bits) finds the exact k-th key instead.
 // Output indices are ascending; ties at the k-th key go to the lowest indices, so the result is deterministic.
 //
-// The error-feedback steps run the same selection over a "source" that adds the gradient into the residual as
-// it streams (one fused pass instead of several torch ops). This file includes only ATen headers.
+// This file includes only ATen headers.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -133,64 +132,6 @@ struct ReadSource {
       } else {
         out.q[q] = __builtin_convertvector(load_vec<HalfQuad>(p + i + 4 * q), Quad);
       }
-    }
-    return out;
-  }
-};
-
-struct FeedbackSource {
-  using Value = uint32_t;
-  static constexpr uint32_t kMask = 0x7fffffffu;
-  float* r;
-  const float* g;
-  uint32_t raw(int64_t i) const { return bits_of(r[i]); }
-  uint32_t peek(int64_t i) const { return bits_of(r[i] + g[i]) & kMask; }
-  uint32_t advance(int64_t i) const {
-    r[i] = r[i] + g[i];
-    return raw(i);
-  }
-  KeyBlock advance_block(int64_t i) const {
-    KeyBlock out;
-    for (int64_t q = 0; q < kQuads; ++q) {
-      const int64_t at = i + 4 * q;
-      const FloatQuad s = load_vec<FloatQuad>(r + at) + load_vec<FloatQuad>(g + at);
-      store_vec(r + at, s);
-      out.q[q] = bits_of(s);
-    }
-    return out;
-  }
-};
-
-struct MomentumSource {
-  using Value = uint32_t;
-  static constexpr uint32_t kMask = 0x7fffffffu;
-  float* r;
-  float* v;
-  const float* g;
-  float m;
-  // Two roundings, as torch's `v.mul_(m).add_(g)` does (built with -ffp-contract=off: no fused multiply-add).
-  float velocity(int64_t i) const {
-    const float u = v[i] * m;
-    return u + g[i];
-  }
-  uint32_t raw(int64_t i) const { return bits_of(r[i]); }
-  uint32_t peek(int64_t i) const { return bits_of(r[i] + velocity(i)) & kMask; }
-  uint32_t advance(int64_t i) const {
-    const float u = velocity(i);
-    v[i] = u;
-    r[i] = r[i] + u;
-    return raw(i);
-  }
-  KeyBlock advance_block(int64_t i) const {
-    KeyBlock out;
-    for (int64_t q = 0; q < kQuads; ++q) {
-      const int64_t at = i + 4 * q;
-      const FloatQuad u = load_vec<FloatQuad>(v + at) * m;
-      const FloatQuad w = u + load_vec<FloatQuad>(g + at);
-      store_vec(v + at, w);
-      const FloatQuad s = load_vec<FloatQuad>(r + at) + w;
-      store_vec(r + at, s);
-      out.q[q] = bits_of(s);
     }
     return out;
   }
@@ -428,26 +369,6 @@ void select_topk(const Src& src, int64_t n, int64_t k, int64_t* out_idx, typenam
   }
 }
 
-// Zeroes the selected entries in every buffer of `zeroed`.
-void zero_selected(const std::vector<float*>& zeroed, const int64_t* idx, int64_t k) {
-  at::parallel_for(0, k, kGrain, [&](int64_t b, int64_t e) {
-    for (float* buf : zeroed) {
-      for (int64_t j = b; j < e; ++j) buf[idx[j]] = 0.0f;
-    }
-  });
-}
-
-void check_feedback_args(const char* op, const at::Tensor& residual, const at::Tensor& grad, int64_t k) {
-  TORCH_CHECK(residual.device().is_cpu() && grad.device().is_cpu(), op, ": CPU kernel got tensors on ",
-              residual.device(), " and ", grad.device());
-  TORCH_CHECK(residual.scalar_type() == at::kFloat && grad.scalar_type() == at::kFloat, op,
-              ": residual and grad must be float32, got ", residual.scalar_type(), " and ", grad.scalar_type());
-  TORCH_CHECK(residual.is_contiguous(), op, ": residual must be contiguous");
-  TORCH_CHECK(grad.numel() == residual.numel(), op, ": grad has ", grad.numel(), " elements, residual has ",
-              residual.numel());
-  TORCH_CHECK(k >= 0 && k <= residual.numel(), op, ": k must be in [0, ", residual.numel(), "], got ", k);
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> topk_abs_cpu(const at::Tensor& x, int64_t k) {
@@ -468,37 +389,6 @@ std::tuple<at::Tensor, at::Tensor> topk_abs_cpu(const at::Tensor& x, int64_t k) 
     const auto* bits = static_cast<const uint16_t*>(xc.data_ptr());
     select_topk(ReadSource<uint16_t>{bits}, n, k, idx, static_cast<uint16_t*>(values.data_ptr()));
   }
-  return {indices, values};
-}
-
-std::tuple<at::Tensor, at::Tensor> ef_step_cpu(at::Tensor& residual, const at::Tensor& grad, int64_t k) {
-  check_feedback_args("swarmgrad::ef_step", residual, grad, k);
-  const at::Tensor g = grad.contiguous();
-  at::Tensor indices = at::empty({k}, residual.options().dtype(at::kLong));
-  at::Tensor values = at::empty({k}, residual.options());
-  float* r = residual.data_ptr<float>();
-  select_topk(FeedbackSource{r, g.data_ptr<float>()}, residual.numel(), k, indices.data_ptr<int64_t>(),
-              static_cast<uint32_t*>(values.data_ptr()));
-  zero_selected({r}, indices.data_ptr<int64_t>(), k);
-  return {indices, values};
-}
-
-std::tuple<at::Tensor, at::Tensor> ef_step_momentum_cpu(
-    at::Tensor& residual, at::Tensor& velocity, const at::Tensor& grad, double momentum, int64_t k) {
-  check_feedback_args("swarmgrad::ef_step_momentum", residual, grad, k);
-  TORCH_CHECK(velocity.device().is_cpu() && velocity.scalar_type() == at::kFloat && velocity.is_contiguous() &&
-                  velocity.numel() == residual.numel(),
-              "swarmgrad::ef_step_momentum: velocity must be a contiguous float32 CPU tensor like residual");
-  TORCH_CHECK(std::isfinite(momentum) && momentum >= 0.0 && momentum < 1.0,
-              "swarmgrad::ef_step_momentum: momentum must be in [0, 1), got ", momentum);
-  const at::Tensor g = grad.contiguous();
-  at::Tensor indices = at::empty({k}, residual.options().dtype(at::kLong));
-  at::Tensor values = at::empty({k}, residual.options());
-  float* r = residual.data_ptr<float>();
-  float* v = velocity.data_ptr<float>();
-  select_topk(MomentumSource{r, v, g.data_ptr<float>(), static_cast<float>(momentum)}, residual.numel(), k,
-              indices.data_ptr<int64_t>(), static_cast<uint32_t*>(values.data_ptr()));
-  zero_selected({r, v}, indices.data_ptr<int64_t>(), k);
   return {indices, values};
 }
 

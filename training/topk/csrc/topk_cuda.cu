@@ -6,8 +6,7 @@
 // on it to a candidate buffer; later digits repeat histogram + split on the (much smaller) candidate buffer. The
 // last candidates all equal the k-th key and the first ones needed are taken (any choice among ties is valid).
 // Appends use warp-aggregated atomics, so the output is sorted by index at the end. The small histograms go to
-// the host to pick each digit (one sync per digit). The error-feedback steps are composed from ATen ops around
-// this selection on CUDA (the fusion that matters on a CPU matters less at GPU memory bandwidth).
+// the host to pick each digit (one sync per digit).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sort.h>
@@ -210,48 +209,9 @@ std::tuple<at::Tensor, at::Tensor> topk_abs_cuda(const at::Tensor& x, int64_t k)
   return {indices, values};
 }
 
-void check_feedback_args_cuda(const char* op, const at::Tensor& residual, const at::Tensor& grad, int64_t k) {
-  TORCH_CHECK(residual.is_cuda() && grad.device() == residual.device(), op, ": tensors must be on one CUDA device");
-  TORCH_CHECK(residual.scalar_type() == at::kFloat && grad.scalar_type() == at::kFloat, op,
-              ": residual and grad must be float32");
-  TORCH_CHECK(residual.is_contiguous(), op, ": residual must be contiguous");
-  TORCH_CHECK(grad.numel() == residual.numel(), op, ": grad and residual sizes differ");
-  TORCH_CHECK(k >= 0 && k <= residual.numel(), op, ": k must be in [0, ", residual.numel(), "], got ", k);
-}
-
-std::tuple<at::Tensor, at::Tensor> ef_step_cuda(at::Tensor& residual, const at::Tensor& grad, int64_t k) {
-  check_feedback_args_cuda("swarmgrad::ef_step", residual, grad, k);
-  const c10::cuda::CUDAGuard guard(residual.device());
-  at::Tensor flat = residual.view({-1});
-  flat.add_(grad.reshape({-1}));
-  auto result = topk_abs_cuda(flat, k);
-  flat.index_fill_(0, std::get<0>(result), 0.0);
-  return result;
-}
-
-std::tuple<at::Tensor, at::Tensor> ef_step_momentum_cuda(
-    at::Tensor& residual, at::Tensor& velocity, const at::Tensor& grad, double momentum, int64_t k) {
-  check_feedback_args_cuda("swarmgrad::ef_step_momentum", residual, grad, k);
-  TORCH_CHECK(velocity.device() == residual.device() && velocity.scalar_type() == at::kFloat &&
-                  velocity.is_contiguous() && velocity.numel() == residual.numel(),
-              "swarmgrad::ef_step_momentum: velocity must be a contiguous float32 tensor like residual");
-  TORCH_CHECK(momentum >= 0.0 && momentum < 1.0, "swarmgrad::ef_step_momentum: momentum must be in [0, 1)");
-  const c10::cuda::CUDAGuard guard(residual.device());
-  at::Tensor flat = residual.view({-1});
-  at::Tensor vel = velocity.view({-1});
-  vel.mul_(momentum).add_(grad.reshape({-1}));
-  flat.add_(vel);
-  auto result = topk_abs_cuda(flat, k);
-  flat.index_fill_(0, std::get<0>(result), 0.0);
-  vel.index_fill_(0, std::get<0>(result), 0.0);
-  return result;
-}
-
 }  // namespace
 }  // namespace swarmgrad_topk
 
 TORCH_LIBRARY_IMPL(swarmgrad, CUDA, m) {
   m.impl("topk_abs", &swarmgrad_topk::topk_abs_cuda);
-  m.impl("ef_step", &swarmgrad_topk::ef_step_cuda);
-  m.impl("ef_step_momentum", &swarmgrad_topk::ef_step_momentum_cuda);
 }
