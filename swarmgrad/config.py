@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from gossip.round import GossipConfig
 from p2p.addrs import check_announce_addr, check_listen_addr, parse_peer_addr
+from swarmgrad.core.codec import field_hints
 from swarmgrad.core.errors import ConfigError
 from swarmgrad.core.swarm_id import validate_swarm_id
 from training.loop import LoopConfig
@@ -230,7 +231,7 @@ def _convert(path: str, value: object, hint: Any) -> object:
 def _build(cls: type, table: object, path: str) -> Any:
     if not isinstance(table, Mapping):
         raise ConfigError(path, table, "a table")
-    hints = typing.get_type_hints(cls)
+    hints = field_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     for key in sorted(set(table) - known):
         where = f"{path}.{key}" if path else key
