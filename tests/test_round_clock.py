@@ -1,9 +1,9 @@
 """The swarm-wide round clock of `gossip.round`, from arbitrary starts, in virtual time, deterministic per seed.
 
-A small discrete-event loop (a heap of timed events, one `random.Random` per run: no trio, no wall clock) runs
-`GossipRound` machines that start at chosen rounds, with per-message latency, a compute time between rounds, and
-optionally Byzantine peers that claim huge clocks. For every scenario and seed it checks the bounds stated in the
-module docstring of `gossip.round`:
+The discrete-event runner of `testing.round_sim` (a heap of timed events, one `random.Random` per run: no trio, no
+wall clock) runs `GossipRound` machines that start at chosen rounds, with per-message latency, a compute time between
+rounds, and optionally Byzantine peers that claim huge clocks. For every scenario and seed it checks the bounds
+stated in the module docstring of `gossip.round`:
 
 * the honest peers end within `max_future_rounds` of each other (a common round), and got there quickly;
 * no honest round waited its deadline (every neighbour was live and reachable, whatever round it was in);
@@ -13,24 +13,19 @@ module docstring of `gossip.round`:
 
 from __future__ import annotations
 
-import heapq
-import itertools
+import functools
 import random
-from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import pytest
 import torch
 
-from gossip.messages import SparseUpdate, model_fingerprint
-from gossip.round import GossipConfig, GossipRound, RoundCompleted, StartRound
-from swarmgrad.core.errors import RemoteProtocolError
-from swarmgrad.core.machine import Action, CancelTimer, Notify, PeerUp, Received, Send, SetTimer, TimerFired, settle
-from training.topk import TopKSelector, pack_sparse
+from gossip.messages import SparseUpdate
+from gossip.round import GossipConfig, RoundCompleted
+from testing.round_sim import RoundSim, SimPeer
+from training.topk import pack_sparse
 
 NUMEL = 32
-SELECTOR = TopKSelector()
-FP = model_fingerprint([(NUMEL,)])
 DEADLINE_S = 1.0
 COMPUTE_S = 0.05  # local steps between rounds
 LATENCY_S = (0.002, 0.02)
@@ -39,14 +34,9 @@ BYZANTINE_CLOCK = 10**9
 
 
 @dataclass
-class Honest:
-    name: str
-    machine: GossipRound
-    params: torch.Tensor
-    loop_round: int  # the training loop's round: where it started, then one past the last round it ran
+class Record:
     rounds: list[int] = field(default_factory=list)  # numbers of the rounds it ran
     timed_out_after: list[float] = field(default_factory=list)  # when rounds that waited their deadline started
-    round_started_at: float = 0.0
     held: int = 0
 
 
@@ -54,107 +44,58 @@ class Run:
     """One virtual-time run: honest peers starting at `starts`, plus `byzantine` peers claiming huge clocks."""
 
     def __init__(self, starts: list[int], byzantine: int, seed: int) -> None:
-        self.rng = random.Random(seed)
-        self.now = 0.0
-        self._queue: list[tuple[float, int, str, object]] = []
-        self._seq = itertools.count()
-        self._cancelled: set[tuple[str, Hashable]] = set()
-        self.errors: list[str] = []
-        honest_names = [f"h{i}" for i in range(len(starts))]
-        self.byzantine = [f"z{i}" for i in range(byzantine)]
-        everyone = honest_names + self.byzantine
+        self.sim = RoundSim(seed, NUMEL, LATENCY_S, self._completed)
+        self.records: dict[str, Record] = {}
         cfg = GossipConfig(
             swarm_id="clock", density=0.25, round_deadline_s=DEADLINE_S, seed=seed, value_format="fp32",
             max_future_rounds=MAX_FUTURE,
         )  # fmt: skip
-        self.peers: dict[str, Honest] = {}
-        for name, start in zip(honest_names, starts, strict=True):
-            machine = GossipRound(cfg, name, NUMEL, FP, random.Random(f"{seed}-{name}"), SELECTOR)
-            for other in everyone:
-                if other != name:
-                    settle(machine, 0.0, PeerUp(other))
+        for i, start in enumerate(starts):
+            name = f"h{i}"
             params = torch.randn(NUMEL, generator=torch.Generator().manual_seed(seed))
-            self.peers[name] = Honest(name, machine, params, loop_round=start)
-            self._at(self.rng.uniform(0, COMPUTE_S), "start", name)
+            self.sim.add_peer(name, cfg, params, random.Random(f"{seed}-{name}"), loop_round=start)
+            self.records[name] = Record()
+        self.byzantine = [f"z{i}" for i in range(byzantine)]
         for name in self.byzantine:
-            self._at(self.rng.uniform(0, COMPUTE_S), "byzantine", name)
-
-    def _at(self, when: float, kind: str, payload: object) -> None:
-        heapq.heappush(self._queue, (when, next(self._seq), kind, payload))
+            self.sim.add_outsider(name, functools.partial(self._byzantine_answer, name))
+        self.sim.connect_all()
+        for name in self.sim.peers:
+            self.sim.start(name, self.sim.rng.uniform(0, COMPUTE_S))
+        for name in self.byzantine:
+            self.sim.queue.at(self.sim.rng.uniform(0, COMPUTE_S), functools.partial(self._byzantine_request, name))
 
     def run(self, until_s: float) -> None:
-        while self._queue and self._queue[0][0] <= until_s:
-            self.now, _, kind, payload = heapq.heappop(self._queue)
-            if kind == "start":
-                peer = self.peers[str(payload)]
-                peer.round_started_at = self.now
-                self._carry_out(peer, settle(peer.machine, self.now, StartRound(peer.params, peer.loop_round)))
-            elif kind == "timer":
-                name, key = payload  # type: ignore[misc]
-                if (name, key) in self._cancelled:
-                    self._cancelled.discard((name, key))
-                    continue
-                peer = self.peers[name]
-                self._carry_out(peer, settle(peer.machine, self.now, TimerFired(key)))
-            elif kind == "deliver":
-                sender, receiver, msg = payload  # type: ignore[misc]
-                if receiver in self.peers:
-                    self._deliver(sender, self.peers[receiver], msg)
-                else:
-                    self._byzantine_answer(receiver, sender, msg)
-            elif kind == "byzantine":
-                self._byzantine_request(str(payload))
+        self.sim.run(until_s)
 
-    def _deliver(self, sender: str, peer: Honest, msg: SparseUpdate) -> None:
-        try:
-            actions = settle(peer.machine, self.now, Received(sender, msg))
-        except RemoteProtocolError as exc:
-            if sender in self.peers:
-                self.errors.append(f"{peer.name} blamed honest {sender}: {exc}")
-            return
-        self._carry_out(peer, actions)
-
-    def _carry_out(self, peer: Honest, actions: list[Action]) -> None:
-        for action in actions:
-            if isinstance(action, Send):
-                self._at(self.now + self.rng.uniform(*LATENCY_S), "deliver", (peer.name, action.peer, action.msg))
-            elif isinstance(action, SetTimer):
-                self._at(action.deadline, "timer", (peer.name, action.key))
-            elif isinstance(action, CancelTimer):
-                self._cancelled.add((peer.name, action.key))
-            elif isinstance(action, Notify) and isinstance(action.event, RoundCompleted):
-                done = action.event
-                peer.params = done.params
-                if done.held:
-                    peer.held += 1
-                else:
-                    peer.rounds.append(done.round)
-                    peer.loop_round = max(peer.loop_round, done.round + 1)
-                    if done.timed_out:
-                        peer.timed_out_after.append(peer.round_started_at)
-                self._at(self.now + COMPUTE_S * self.rng.uniform(0.8, 1.2), "start", peer.name)
+    def _completed(self, peer: SimPeer, done: RoundCompleted) -> None:
+        record = self.records[peer.name]
+        if done.held:
+            record.held += 1
+        else:
+            record.rounds.append(done.round)
+            if done.timed_out:
+                record.timed_out_after.append(peer.started_at)
+        self.sim.start(peer.name, self.sim.now + COMPUTE_S * self.sim.rng.uniform(0.8, 1.2))
 
     def _byzantine_update(self, round_: int, reply: bool, clock: int) -> SparseUpdate:
         indices = torch.arange(0, NUMEL, 4, dtype=torch.int64)
         payload = pack_sparse(indices, torch.full((indices.numel(),), 1e3), NUMEL, value_format="fp32")
-        return SparseUpdate("clock", round_, FP, reply, payload, clock)
+        return SparseUpdate("clock", round_, self.sim.fingerprint, reply, payload, clock)
 
     def _byzantine_answer(self, byzantine: str, requester: str, msg: SparseUpdate) -> None:
         if not msg.reply:  # answer every request at once, claiming a huge clock
-            reply = self._byzantine_update(msg.round, True, BYZANTINE_CLOCK + self.rng.randrange(1000))
-            self._at(self.now + self.rng.uniform(*LATENCY_S), "deliver", (byzantine, requester, reply))
+            reply = self._byzantine_update(msg.round, True, BYZANTINE_CLOCK + self.sim.rng.randrange(1000))
+            self.sim.send(byzantine, requester, reply)
 
     def _byzantine_request(self, byzantine: str) -> None:
         """Requests for huge rounds (their clock is their round), to every honest peer, every compute period."""
-        round_ = BYZANTINE_CLOCK + int(self.now / COMPUTE_S)
-        for name in self.peers:
-            self._at(self.now + self.rng.uniform(*LATENCY_S), "deliver", (byzantine, name, self._byzantine_update(
-                round_, False, round_
-            )))  # fmt: skip
-        self._at(self.now + COMPUTE_S, "byzantine", byzantine)
+        round_ = BYZANTINE_CLOCK + int(self.sim.now / COMPUTE_S)
+        for name in self.sim.peers:
+            self.sim.send(byzantine, name, self._byzantine_update(round_, False, round_))
+        self.sim.queue.at(self.sim.now + COMPUTE_S, functools.partial(self._byzantine_request, byzantine))
 
     def clocks(self) -> list[int]:
-        return [peer.machine.clock for peer in self.peers.values()]
+        return [peer.machine.clock for peer in self.sim.peers.values()]
 
 
 SCENARIOS: dict[str, tuple[list[int], int]] = {
@@ -194,10 +135,10 @@ def _check(scenario: str, seed: int) -> None:
     starts, byzantine = SCENARIOS[scenario]
     run = Run(starts, byzantine, seed)
     run.run(RUN_S)
-    assert run.errors == []
+    assert run.sim.honest_senders_blamed() == []
     clocks = run.clocks()
     assert max(clocks) - min(clocks) <= MAX_FUTURE, (scenario, clocks)
-    peers = list(run.peers.values())
+    peers = list(run.records.values())
     # never a deadline waited: every neighbour was live and answered, whatever round it was in
     assert [p.timed_out_after for p in peers] == [[] for _ in peers], scenario
     # the swarm made progress: every honest peer ran rounds (holding is bounded)
