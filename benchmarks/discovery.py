@@ -25,14 +25,15 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from swarmgrad.procs import ChildFailed, ChildProcess, Event
 
 NUM_PEERS = int(os.environ.get("BENCH_PEERS", 16))
 TARGET_KNOWN = 8
@@ -48,6 +49,8 @@ def proc_io_bytes(pid: int) -> int:
 
 
 class Peer:
+    """One `swarmgrad node` (a `ChildProcess`) and what its events say, kept up to date by the reader thread."""
+
     def __init__(
         self,
         name: str,
@@ -57,63 +60,46 @@ class Peer:
         listen: str = "/ip4/127.0.0.1/tcp/0",
         wrap: list[str] | None = None,
     ) -> None:
-        args = [
-            *(wrap or []),
-            sys.executable,
-            "-m",
-            "swarmgrad.cli",
-            "--log-level",
-            os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
-            "node",
-            "--data-dir",
-            str(tmp / name),
-        ]
-        args += ["--listen", listen, "--swarm-id", swarm_id]
+        command = [*(wrap or []), sys.executable, "-m", "swarmgrad.cli"]
+        command += ["--log-level", os.environ.get("BENCH_LOG_LEVEL", "WARNING"), "node", "--data-dir", str(tmp / name)]
+        command += ["--listen", listen, "--swarm-id", swarm_id]
         if bootstrap is not None:
-            args += ["--bootstrap", bootstrap]
-        self.spawned_at = time.time()
-        self.stderr_path = tmp / f"{name}.err"
-        with self.stderr_path.open("w") as stderr:
-            self.proc = subprocess.Popen(
-                args, stdout=subprocess.PIPE, stderr=stderr, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1")
-            )
+            command += ["--bootstrap", bootstrap]
         self.listening: dict[str, Any] | None = None
         self.io_at_listening = 0
         self.found: dict[str, tuple[str, float]] = {}
         self.reached_at: float | None = None
         self.up: set[str] = set()
         self.meshed_at: float | None = None  # when it first held direct connections to MESH_KNOWN others
-        self.cond = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
+        self.child = ChildProcess(name, command, tmp / f"{name}.err", on_event=self._on_event)
+        self.spawned_at = self.child.spawned_at
+        self.proc = self.child.proc
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            event = json.loads(line)
-            with self.cond:
-                if event["event"] == "listening":
-                    self.listening = event
-                    self.io_at_listening = proc_io_bytes(self.proc.pid)
-                elif event["event"] == "peer_discovered":
-                    self.found.setdefault(event["peer"], (event["via"], event["t"]))
-                    if len(self.found) >= TARGET_KNOWN and self.reached_at is None:
-                        self.reached_at = event["t"]
-                elif event["event"] == "peer_up":
-                    self.up.add(event["peer"])
-                    if len(self.up) >= MESH_KNOWN and self.meshed_at is None:
-                        self.meshed_at = event["t"]
-                elif event["event"] == "peer_down":
-                    self.up.discard(event["peer"])
-                self.cond.notify_all()
+    def _on_event(self, event: Event) -> None:
+        if event["event"] == "listening":
+            self.listening = event
+            self.io_at_listening = proc_io_bytes(self.child.pid)
+        elif event["event"] == "peer_discovered":
+            self.found.setdefault(event["peer"], (event["via"], event["t"]))
+            if len(self.found) >= TARGET_KNOWN and self.reached_at is None:
+                self.reached_at = event["t"]
+        elif event["event"] == "peer_up":
+            self.up.add(event["peer"])
+            if len(self.up) >= MESH_KNOWN and self.meshed_at is None:
+                self.meshed_at = event["t"]
+        elif event["event"] == "peer_down":
+            self.up.discard(event["peer"])
 
-    def wait(self, predicate: Any, deadline: float) -> bool:
-        with self.cond:
-            return self.cond.wait_for(predicate, timeout=max(0.0, deadline - time.time()))
+    def wait(self, predicate: Callable[[Peer], bool], deadline: float) -> bool:
+        """Whether `predicate(self)` came to hold by `deadline` (wall clock; it is checked on each event)."""
+        try:
+            self.child.wait_for(lambda _events: predicate(self), max(0.0, deadline - time.time()), "the benchmark")
+        except ChildFailed:
+            return False
+        return True
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
+        self.child.kill()
 
 
 def p90(values: list[float]) -> float:
@@ -124,7 +110,7 @@ def p90(values: list[float]) -> float:
 def started(boot: Peer) -> tuple[float, float]:
     """Wait for the bootstrap node to listen: the run's deadline, and its start-up time (the baseline)."""
     deadline = time.time() + TIMEOUT_S
-    if not boot.wait(lambda: boot.listening is not None, deadline):
+    if not boot.wait(lambda p: p.listening is not None, deadline):
         raise SystemExit("the bootstrap node did not start")
     assert boot.listening is not None
     return deadline, boot.listening["t"] - boot.spawned_at
@@ -143,9 +129,9 @@ def main() -> None:
             joiners = [Peer(f"p{i}", tmp, "bench", addr) for i in range(1, NUM_PEERS)]
             peers += joiners
             for peer in joiners:
-                peer.wait(lambda p=peer: p.reached_at is not None, deadline)
+                peer.wait(lambda p: p.reached_at is not None, deadline)
             io_bytes = [proc_io_bytes(p.proc.pid) - p.io_at_listening for p in joiners if p.proc.poll() is None]
-            exited = [p.stderr_path.read_text().strip().splitlines()[-1:] for p in joiners if p.proc.poll() is not None]
+            exited = [p.child.tail(200).splitlines()[-1:] for p in joiners if p.proc.poll() is not None]
         finally:
             for peer in peers:
                 peer.stop()
@@ -217,10 +203,10 @@ def main_hosts(count: int) -> None:
             deadline, baseline_startup_s = started(boot)
             peers += [Peer(f"h{i}", tmp, "bench", addr, listen, host.wrap([])) for i, host in enumerate(hosts[1:], 1)]
             for peer in peers:
-                peer.wait(lambda p=peer: p.meshed_at is not None, deadline)
+                peer.wait(lambda p: p.meshed_at is not None, deadline)
             mesh_deadline = time.time() + MESH_S
             for peer in peers:
-                peer.wait(lambda p=peer: len(p.up) >= count - 1, mesh_deadline)
+                peer.wait(lambda p: len(p.up) >= count - 1, mesh_deadline)
             ids = {p.listening["peer_id"]: p for p in peers if p.listening is not None}
             pairs = [(a, b) for i, a in enumerate(sorted(ids)) for b in sorted(ids)[i + 1 :]]
             direct = sum(1 for a, b in pairs if b in ids[a].up or a in ids[b].up)

@@ -27,7 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from swarmgrad.demo import PeerFailed, start_swarm  # noqa: E402
+from swarmgrad.demo import start_swarm  # noqa: E402
+from swarmgrad.procs import ChildFailed  # noqa: E402
 
 EVAL_EVERY = 5
 
@@ -76,7 +77,7 @@ def run_swarm(target: float, rounds: int, min_peers: int, workdir: Path) -> dict
     extra = ["--set", f"network.min_peers={min_peers}", "--set", f"training.eval_every_rounds={EVAL_EVERY}"]
     peers, _ = start_swarm(workdir, 4, swarm_id="bench", rounds=rounds, extra=extra)
     try:
-        finished = {peer.name: peer.wait_for("finished", 600.0) for peer in peers}
+        finished = {peer.name: peer.read_until("finished", 600.0) for peer in peers}
     finally:
         for peer in peers:
             peer.stop()
@@ -115,7 +116,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="swarmgrad-bench-") as tmp:
         try:
             swarm = run_swarm(args.target, args.rounds, args.min_peers, Path(tmp))
-        except PeerFailed as exc:
+        except ChildFailed as exc:
             print(json.dumps({"benchmark": "train", "error": str(exc)}))
             return 1
     swarm_s, single_s = swarm["time_to_target_s"], single["time_to_target_s"]

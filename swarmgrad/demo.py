@@ -5,30 +5,21 @@ with each peer's test accuracy beside a single process trained on as many sample
 peer sent beside what the same messages would have cost dense (fp32, whole vector). Exit status: 0 when every peer
 reaches `--target` accuracy, 1 when one misses it, 2 when a peer fails to start or finish in time.
 
-It also owns `PeerProcess`, the handle on one `swarmgrad peer --json` child process that the end-to-end tests and
-`benchmarks/train.py` use: start it, read its JSON events, wait for one (bounded), stop or kill it. Everything it
-starts it stops. It contains no training or protocol logic of its own.
+It also owns `PeerProcess`, the `swarmgrad.procs.ChildProcess` of one `swarmgrad peer --json`, and `start_swarm`,
+which the end-to-end tests and `benchmarks/train.py` use too. Everything it starts it stops. It contains no training
+or protocol logic of its own.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import queue
-import random
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-Event = dict[str, Any]
+from swarmgrad.procs import EXITED, ChildFailed, ChildProcess, Event, reserve_port
 
 DEFAULT_PEERS = 4
 DEFAULT_ROUNDS = 200
@@ -38,87 +29,12 @@ BOOTSTRAP_RETRY_S = 0.5
 FINISH_TIMEOUT_S = 300.0
 
 
-class PeerFailed(Exception):
-    """A peer process exited or went silent before doing what was waited for."""
-
-
-class PeerProcess:
+class PeerProcess(ChildProcess):
     """One `swarmgrad peer --json` child process; its stderr goes to `log_path`. `wrap` prefixes the command (e.g.
     `ip netns exec <namespace>` to run it on another simulated host)."""
 
     def __init__(self, name: str, args: Sequence[str], log_path: Path, wrap: Sequence[str] = ()) -> None:
-        self.name = name
-        self.log_path = log_path
-        self.events: queue.Queue[Event] = queue.Queue()
-        self.history: list[Event] = []
-        self._log = open(log_path, "ab")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            [*wrap, sys.executable, "-m", "swarmgrad.cli", "peer", "--json", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            env=env,
-        )
-        self._reader = threading.Thread(target=self._read, name=f"{name}-stdout", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            try:
-                event = json.loads(raw)
-            except json.JSONDecodeError:
-                event = {"event": "unparsed", "line": raw.decode(errors="replace").rstrip()}
-            self.events.put(event)
-
-    def next_event(self, timeout_s: float) -> Event | None:
-        """The next event, or None if none came within `timeout_s`."""
-        try:
-            event = self.events.get(timeout=timeout_s)
-        except queue.Empty:
-            return None
-        self.history.append(event)
-        return event
-
-    def wait_for(self, kind: str, timeout_s: float, where: Callable[[Event], bool] = lambda e: True) -> Event:
-        """Read events until one of `kind` that satisfies `where`; raises `PeerFailed` on exit or timeout."""
-        deadline = time.monotonic() + timeout_s
-        while (left := deadline - time.monotonic()) > 0:
-            event = self.next_event(min(left, 0.5))
-            if event is not None and event["event"] == kind and where(event):
-                return event
-            if event is None and self.proc.poll() is not None and self.events.empty():
-                self._reader.join(timeout=1.0)
-                if self.events.empty():
-                    raise PeerFailed(f"{self.name} exited with status {self.proc.returncode} (log: {self.log_path})")
-        raise PeerFailed(f"{self.name}: no {kind!r} event within {timeout_s} s (log: {self.log_path})")
-
-    def seen(self, kind: str) -> list[Event]:
-        """Events of `kind` read so far."""
-        return [e for e in self.history if e["event"] == kind]
-
-    def signal(self, signum: int) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signum)
-
-    def wait(self, timeout_s: float) -> int:
-        """Wait for the process to exit (killing it after `timeout_s`); drain its events; return its status."""
-        try:
-            status = self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            status = self.proc.wait(timeout=10.0)
-        self._reader.join(timeout=5.0)
-        while self.next_event(0.0) is not None:
-            pass
-        self._log.close()
-        return status
-
-    def stop(self) -> int:
-        """SIGTERM, then the kill after 20 s: for cleanup."""
-        self.signal(signal.SIGTERM)
-        return self.wait(20.0)
+        super().__init__(name, [*wrap, sys.executable, "-m", "swarmgrad.cli", "peer", "--json", *args], log_path)
 
 
 def peer_args(
@@ -153,22 +69,6 @@ def peer_args(
     if bootstrap is not None:
         args += ["--bootstrap", bootstrap]
     return [*args, *extra]
-
-
-def reserve_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on `host` now, from below the kernel's ephemeral range, so that no outgoing connection can
-    take it before the peer it is meant for binds it (a port from bind(0) could be)."""
-    low, _high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    candidates = list(range(max(1024, low - 12_000), low))
-    random.SystemRandom().shuffle(candidates)
-    for port in candidates[:200]:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            try:
-                probe.bind((host, port))
-            except OSError:
-                continue
-            return port
-    raise PeerFailed(f"no free TCP port on {host} below {low}")
 
 
 def start_swarm(
@@ -221,22 +121,22 @@ def baseline_accuracy(samples: int) -> float:
 
 
 def show_progress(peers: Sequence[PeerProcess], timeout_s: float) -> dict[str, Event]:
-    """Print the swarm's evaluations as they come; return each peer's `finished` event. Raises `PeerFailed` when a
+    """Print the swarm's evaluations as they come; return each peer's `finished` event. Raises `ChildFailed` when a
     peer exits without finishing or the swarm is not done within `timeout_s`."""
     finished: dict[str, Event] = {}
     latest: dict[str, Event] = {}
     deadline = time.monotonic() + timeout_s
     while len(finished) < len(peers):
         if time.monotonic() > deadline:
-            raise PeerFailed(f"the swarm did not finish within {timeout_s:.0f} s")
+            raise ChildFailed(f"the swarm did not finish within {timeout_s:.0f} s")
         for peer in peers:
             if peer.name in finished:
                 continue
             event = peer.next_event(0.05)
             if event is None:
-                if peer.proc.poll() is not None and peer.events.empty():
-                    raise PeerFailed(f"{peer.name} exited with status {peer.proc.returncode} (log: {peer.log_path})")
                 continue
+            if event["event"] == EXITED["event"]:
+                raise ChildFailed(f"{peer.name} exited with status {peer.wait(10.0)} (log: {peer.log_path})")
             if event["event"] == "finished":
                 finished[peer.name] = event
             elif event["event"] == "round":
@@ -288,14 +188,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         wait = ["--set", f"network.min_peers={args.peers - 1}"]
         try:
             peers, address = start_swarm(workdir, args.peers, swarm_id="demo", rounds=args.rounds, extra=wait)
-        except PeerFailed as exc:
+        except ChildFailed as exc:
             print(f"demo failed: {exc}", file=sys.stderr)
             return 2
         try:
             print(f"bootstrap peer: {address}", flush=True)
             print(f"training digits for {args.rounds} rounds; test accuracy per peer:", flush=True)
             finished = show_progress(peers, FINISH_TIMEOUT_S)
-        except PeerFailed as exc:
+        except ChildFailed as exc:
             print(f"demo failed: {exc}", file=sys.stderr)
             return 2
         finally:

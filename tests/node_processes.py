@@ -1,24 +1,19 @@
 """Run `swarmgrad node` processes for end-to-end tests and read their JSON event lines.
 
-Each process prints one JSON object per line on stdout; a reader thread collects them, and `wait_for` blocks on a
-condition variable (no polling sleeps) until a predicate over the events holds or a deadline passes. `NodeGroup`
+`NodeProcess` is the `swarmgrad.procs.ChildProcess` of one `swarmgrad node` (`wait_for` blocks on the reader's
+condition variable, never a polling sleep, until a predicate over the events holds, with a ceiling). `NodeGroup`
 kills every process it started on exit, whatever happened.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
-Event = dict[str, Any]
+from swarmgrad.procs import EXITED, ChildFailed, ChildProcess, Event
 
 
 def discovered_at_least(count: int) -> Callable[[list[Event]], bool]:
@@ -31,60 +26,21 @@ def peer_down(peer: str) -> Callable[[list[Event]], bool]:
     return lambda events: any(e["event"] == "peer_down" and e["peer"] == peer for e in events)
 
 
-class NodeProcess:
+class NodeProcess(ChildProcess):
     def __init__(self, name: str, args: list[str], log_dir: Path, wrap: Sequence[str] = ()) -> None:
-        self.name = name
         self.args = args
         self.stderr_path = log_dir / f"{name}.err"
-        self._stderr = self.stderr_path.open("w")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            [*wrap, sys.executable, "-m", "swarmgrad.cli", "--log-level", "INFO", *args],
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            text=True,
-            env=env,
-        )
-        self.events: list[Event] = []
-        self._cond = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        command = [*wrap, sys.executable, "-m", "swarmgrad.cli", "--log-level", "INFO", *args]
+        super().__init__(name, command, self.stderr_path)
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                event = {"event": "unparsed", "line": line}
-            with self._cond:
-                self.events.append(event)
-                self._cond.notify_all()
-        with self._cond:
-            self.events.append({"event": "exited"})
-            self._cond.notify_all()
-
-    def wait_for(self, predicate: Callable[[list[Event]], bool], timeout_s: float, what: str) -> list[Event]:
-        with self._cond:
-            if not self._cond.wait_for(lambda: predicate(self.events), timeout=timeout_s):
-                raise AssertionError(
-                    f"{self.name}: no {what} within {timeout_s} s; events: {self.events[-20:]}; "
-                    f"stderr: {self.stderr()[-2000:]}"
-                )
-            return list(self.events)
-
-    def wait_listening(self, timeout_s: float = 60.0) -> Event:
+    def wait_listening(self, timeout_s: float = 180.0) -> Event:
         events = self.wait_for(
-            lambda ev: any(e["event"] in ("listening", "exited") for e in ev), timeout_s, "listening"
+            lambda ev: any(e["event"] in ("listening", EXITED["event"]) for e in ev), timeout_s, "listening"
         )
         for event in events:
             if event["event"] == "listening":
                 return event
-        raise AssertionError(f"{self.name} exited before listening: {self.stderr()[-2000:]}")
-
-    def snapshot(self) -> list[Event]:
-        with self._cond:
-            return list(self.events)
+        raise ChildFailed(f"{self.name} exited before listening; {self.tail()}")
 
     def discovered(self) -> dict[str, str]:
         """peer -> how it was first found."""
@@ -94,21 +50,13 @@ class NodeProcess:
         return {e["peer"] for e in self.snapshot() if e["event"] == "peer_down"}
 
     def stderr(self) -> str:
-        self._stderr.flush()
         return self.stderr_path.read_text()
 
     def wait_exit(self, timeout_s: float) -> int:
         return self.proc.wait(timeout=timeout_s)
 
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
-        self._stderr.close()
-
     def terminate(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        self.signal(signal.SIGTERM)
 
 
 class NodeGroup:

@@ -27,7 +27,8 @@ from p2p.model_fetch import MESSAGE_OVERHEAD_BYTES, PROTOCOL, SCHEMA, ModelFetch
 from p2p.node import NodeConfig, open_node
 from p2p.swarm import SwarmKey, write_swarm_key
 from swarmgrad.core.driver import Driver
-from swarmgrad.demo import Event, PeerProcess, peer_args, start_swarm
+from swarmgrad.demo import PeerProcess, peer_args, start_swarm
+from swarmgrad.procs import Event, reserve_port
 from training.checkpoint import encode_state
 from training.tasks.base import OptimizerSettings
 from training.tasks.digits import DigitsTask
@@ -42,7 +43,7 @@ TARGET = 0.90
 
 
 def reached(round_: int, peers: int = 0) -> Callable[[Event], bool]:
-    """A `wait_for` filter: a round event at or past `round_`, with at least `peers` live peers."""
+    """A `read_until` filter: a round event at or past `round_`, with at least `peers` live peers."""
 
     def check(event: Event) -> bool:
         return bool(event["round"] >= round_ and event["peers"] >= peers)
@@ -60,12 +61,12 @@ def test_swarm_trains_survives_a_kill_restarts_and_takes_a_late_joiner(tmp_path:
     )
     try:
         for peer in peers:  # each knows only the bootstrap address: the other two it found through the DHT
-            peer.wait_for("round", START_S, reached(0, peers=3))
+            peer.read_until("round", START_S, reached(0, peers=3))
         # the bootstrap peer had no checkpoint and nobody to fetch from: it says it starts from the initial model
         assert [(e["source"], e["round"]) for e in peers[0].seen("model")] == [("initial", 0)]
         victim = peers[3]
-        victim_id = victim.history[0]["peer_id"]
-        victim.wait_for("epoch", 120.0)  # a checkpoint exists
+        victim_id = victim.seen("listening")[0]["peer_id"]
+        victim.read_until("epoch", 120.0)  # a checkpoint exists
         victim.proc.kill()
         assert victim.wait(30.0) == -signal.SIGKILL
 
@@ -74,7 +75,7 @@ def test_swarm_trains_survives_a_kill_restarts_and_takes_a_late_joiner(tmp_path:
         marks = {p.name: p.seen("round")[-1]["round"] if p.seen("round") else 0 for p in survivors}
         for peer in survivors:
             mark = marks[peer.name] + 20
-            peer.wait_for("round", 120.0, reached(mark))
+            peer.read_until("round", 120.0, reached(mark))
 
         restarted = PeerProcess(
             "peer-3b",
@@ -87,21 +88,21 @@ def test_swarm_trains_survives_a_kill_restarts_and_takes_a_late_joiner(tmp_path:
             tmp_path / "peer-4.log",
         )
         peers += [restarted, late]
-        assert restarted.wait_for("listening", START_S)["peer_id"] == victim_id
-        resumed = restarted.wait_for("model", 60.0)
+        assert restarted.read_until("listening", START_S)["peer_id"] == victim_id
+        resumed = restarted.read_until("model", 60.0)
         assert resumed["source"] == "checkpoint" and resumed["round"] >= 25
-        joined = late.wait_for("model", START_S)
+        joined = late.read_until("model", START_S)
         assert joined["source"] == "peer" and joined["round"] > 0
         for peer, start in ((restarted, resumed["round"]), (late, joined["round"])):
             # far enough that the held-out accuracy of lr 0.1 SGD stops swinging by +-3 points (at round ~80 a
             # restarted peer was seen stopping at 0.894 between evaluations of 0.95)
             goal = start + 100
-            peer.wait_for("round", 180.0, reached(goal, peers=2))
+            peer.read_until("round", 180.0, reached(goal, peers=2))
 
         running = [*survivors, restarted, late]
         for peer in running:
             peer.signal(signal.SIGTERM)
-        finished = {peer.name: peer.wait_for("finished", 60.0) for peer in running}
+        finished = {peer.name: peer.read_until("finished", 60.0) for peer in running}
         assert {peer.name: peer.wait(30.0) for peer in running} == {peer.name: 0 for peer in running}
         for name, event in finished.items():
             assert event["stopped_by_signal"] is True
@@ -143,9 +144,9 @@ async def _bad_offers_scenario(tmp_path: Path, bodies: list[bytes]) -> None:
             tmp_path / "victim.log",
         )
         try:
-            refusals = [await trio.to_thread.run_sync(peer.wait_for, "model_refused", START_S) for _ in bodies]
-            model = await trio.to_thread.run_sync(peer.wait_for, "model", 60.0)
-            finished = await trio.to_thread.run_sync(peer.wait_for, "finished", 120.0)
+            refusals = [await trio.to_thread.run_sync(peer.read_until, "model_refused", START_S) for _ in bodies]
+            model = await trio.to_thread.run_sync(peer.read_until, "model", 60.0)
+            finished = await trio.to_thread.run_sync(peer.read_until, "finished", 120.0)
             status = await trio.to_thread.run_sync(peer.wait, 30.0)
         finally:
             await trio.to_thread.run_sync(peer.stop)
@@ -172,12 +173,6 @@ async def _fake_member(
         async for note in driver.notifications:
             if isinstance(note, ModelRequested):
                 driver.submit(ServeModel(note.peer, note.nonce, 10, "digits", body))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _port_is_free(port: int) -> bool:
@@ -252,7 +247,7 @@ async def _wrong_key_scenario(tmp_path: Path) -> None:
     write_swarm_key(theirs, SwarmKey(b"\x02" * 32))
     host = HostConfig(key_path=tmp_path / "boot.key", listen_addrs=("/ip4/127.0.0.1/tcp/0",), psk=b"\x01" * 32)
     config = NodeConfig(host=host, discovery=DiscoveryConfig(swarm_id="e2e-key"))
-    port = _free_port()
+    port = reserve_port()
     async with open_node(config) as node:
         command = _peer_command(
             "--data-dir", str(tmp_path / "peer"), "--swarm-id", "e2e-key", "--swarm-key", str(theirs),

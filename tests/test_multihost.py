@@ -167,13 +167,13 @@ def test_four_peers_started_literally_as_the_readme_says_mesh_and_reach_the_demo
         peers: list[PeerProcess] = []
         try:
             peers.append(PeerProcess("a", readme_args("a", None), tmp_path / "a.log", hosts[0].wrap([])))
-            peers[0].wait_for("listening", START_S)
+            peers[0].read_until("listening", START_S)
             boot = _bootstrap_address(hosts[0], tmp_path / "a")
             for index, host in enumerate(hosts[1:], start=1):
                 name = "abcd"[index]
                 peers.append(PeerProcess(name, readme_args(name, boot), tmp_path / f"{name}.log", host.wrap([])))
             for peer in peers:  # every peer directly connected to the 3 others, and at the demo's target
-                peer.wait_for("round", 3 * START_S, lambda e: bool(e["peers"] >= 3 and e["value"] >= DEMO_TARGET))
+                peer.read_until("round", 3 * START_S, lambda e: bool(e["peers"] >= 3 and e["value"] >= DEMO_TARGET))
         finally:
             statuses = [peer.stop() for peer in peers]
     assert statuses == [0, 0, 0, 0]
