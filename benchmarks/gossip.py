@@ -47,17 +47,12 @@ def run_mode(mode: str, rounds: int, deadline_s: float) -> list[dict[str, float]
         procs = spawn_peers(directory, PEERS, options)
         try:
             deadline = time.monotonic() + RUN_TIMEOUT_S
-            for proc in procs:
-                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            statuses = [proc.wait(max(1.0, deadline - time.monotonic())) for proc in procs]
         finally:
             stop_peers(procs)
-        if any(proc.returncode != 0 for proc in procs):
-            errors = [(directory / f"peer{i}.err").read_text()[-2000:] for i in range(PEERS)]
-            raise SystemExit(f"{mode}: a peer failed: {[proc.returncode for proc in procs]}: {errors}")
-        records = []
-        for i in range(PEERS):
-            lines = (directory / f"peer{i}.jsonl").read_text().splitlines()
-            records.extend(json.loads(line) for line in lines)
+        if any(statuses):
+            raise SystemExit(f"{mode}: a peer failed: {statuses}: {[proc.tail() for proc in procs]}")
+        records = [e for proc in procs for e in proc.snapshot() if e["event"] == "round"]
     return [r for r in records if r["round"] > 0]
 
 

@@ -5,8 +5,9 @@ yamux, its identity in `D/peer<I>.key`), writes its multiaddr to `D/peer<I>.addr
 waits until it sees all `N - 1` others, then runs `--rounds` rounds over a heterogeneous `--numel` vector (peer I
 starts at `randn + I`), with the `GossipService` (`--mode sparse`) or, as the baseline over the same transport, a
 dense exchange of the whole fp32 vector with its two neighbours on a ring (`--mode dense`). After every round it
-appends one JSON line to `D/peer<I>.jsonl`: wall-clock time, round, seconds taken, bytes sent, neighbours heard, the
-vector's mean. `spawn_peers` / `stop_peers` start and end such a group for the tests and the benchmark. It holds no
+prints one JSON event on stdout, `{"event": "round", ...}`: wall-clock time, round, seconds taken, bytes sent,
+neighbours heard, the vector's mean; after the last, `{"event": "done"}`. `spawn_peers` / `stop_peers` start and end
+such a group (`swarmgrad.procs.ChildProcess`es, whose events the tests and the benchmark wait on). It holds no
 protocol logic (the machine and the service do) and no peer uses it in production.
 """
 
@@ -17,7 +18,6 @@ import dataclasses
 import json
 import logging
 import math
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -34,6 +34,7 @@ from p2p.host import HostConfig
 from p2p.libp2p_transport import LibP2PTransport
 from swarmgrad.core.codec import Schema
 from swarmgrad.core.errors import LocalProtocolError, TransportError
+from swarmgrad.procs import ChildProcess
 
 DENSE_PROTOCOL = "/swarmgrad/gossip-dense-baseline/1.0.0"
 _ROOT = Path(__file__).resolve().parent.parent
@@ -52,24 +53,21 @@ class DenseVector:
 DENSE_SCHEMA = Schema("gossip-dense-baseline", {1: DenseVector})
 
 
-def spawn_peers(directory: Path, peers: int, options: Sequence[str]) -> list[subprocess.Popen[bytes]]:
+def spawn_peers(directory: Path, peers: int, options: Sequence[str]) -> list[ChildProcess]:
     """Start `peers` processes of this module sharing `directory` (each one's stderr in `peer<I>.err` there), with
     `options` (`--numel`, `--rounds`, `--deadline-s`, ...) on every command line. End them with `stop_peers`."""
     procs = []
     for index in range(peers):
-        with (directory / f"peer{index}.err").open("wb") as stderr:
-            command = [sys.executable, "-m", "testing.gossip_loopback", "--index", str(index)]
-            command += ["--peers", str(peers), "--dir", str(directory), *options]
-            procs.append(subprocess.Popen(command, cwd=_ROOT, stdout=subprocess.DEVNULL, stderr=stderr))
+        command = [sys.executable, "-m", "testing.gossip_loopback", "--index", str(index)]
+        command += ["--peers", str(peers), "--dir", str(directory), *options]
+        procs.append(ChildProcess(f"peer{index}", command, directory / f"peer{index}.err", cwd=_ROOT))
     return procs
 
 
-def stop_peers(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+def stop_peers(procs: Sequence[ChildProcess]) -> None:
     """Kill whichever of `procs` still run (SIGKILL also ends a SIGSTOPped process) and reap them."""
     for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
+        proc.kill()
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -92,9 +90,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _record(path: Path, line: dict[str, float | int]) -> None:
-    with path.open("a") as out:
-        out.write(json.dumps(line) + "\n")
+def _record(line: dict[str, float | int]) -> None:
+    print(json.dumps({"event": "round", **line}), flush=True)
 
 
 async def _connect_all(transport: LibP2PTransport, args: argparse.Namespace) -> None:
@@ -112,7 +109,7 @@ async def _connect_all(transport: LibP2PTransport, args: argparse.Namespace) -> 
             await trio.sleep(0.05)
 
 
-async def _sparse_rounds(transport: LibP2PTransport, args: argparse.Namespace, x: torch.Tensor, log: Path) -> None:
+async def _sparse_rounds(transport: LibP2PTransport, args: argparse.Namespace, x: torch.Tensor) -> None:
     config = GossipConfig(
         swarm_id="loopback",
         density=args.density,
@@ -131,7 +128,6 @@ async def _sparse_rounds(transport: LibP2PTransport, args: argparse.Namespace, x
             if done is None:
                 raise LocalProtocolError("average returned without a completed round")
             _record(
-                log,
                 {
                     "time": time.time(),
                     "round": done.round,
@@ -153,7 +149,7 @@ async def _send_counting_failure(transport: LibP2PTransport, peer: str, body: by
         logging.getLogger(__name__).warning("dense send to %s failed: %s", peer, exc)
 
 
-async def _dense_rounds(transport: LibP2PTransport, args: argparse.Namespace, x: torch.Tensor, log: Path) -> None:
+async def _dense_rounds(transport: LibP2PTransport, args: argparse.Namespace, x: torch.Tensor) -> None:
     inbox = transport.listen(DENSE_PROTOCOL, max_message_bytes=x.numel() * 4 + 4096, queue_len=8)
     ring = sorted([*transport.connected_peers(), transport.local_peer])  # the same ring in every process
     me = ring.index(transport.local_peer)
@@ -175,7 +171,6 @@ async def _dense_rounds(transport: LibP2PTransport, args: argparse.Namespace, x:
         got = pending.pop(number, [])
         x = torch.stack([x, *(torch.from_numpy(v.copy()) for v in got)]).mean(0)
         _record(
-            log,
             {
                 "time": time.time(),
                 "round": number,
@@ -191,15 +186,14 @@ async def _dense_rounds(transport: LibP2PTransport, args: argparse.Namespace, x:
 async def run_peer(args: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(args.index)
     x = torch.randn(args.numel, generator=gen) + float(args.index)
-    log = args.dir / f"peer{args.index}.jsonl"
     config = HostConfig(key_path=args.dir / f"peer{args.index}.key")
     async with LibP2PTransport.open(config) as transport:
         await _connect_all(transport, args)
         if args.mode == "sparse":
-            await _sparse_rounds(transport, args, x, log)
+            await _sparse_rounds(transport, args, x)
         else:
-            await _dense_rounds(transport, args, x, log)
-        (args.dir / f"peer{args.index}.done").write_text("ok")
+            await _dense_rounds(transport, args, x)
+        print(json.dumps({"event": "done"}), flush=True)
         # Stay up a little so that the others' last replies and reads do not fail on a closed connection.
         await trio.sleep(min(2.0, args.deadline_s))
 
