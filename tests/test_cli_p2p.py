@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from swarmgrad.cli import main
-from tests.node_processes import node_group
+from swarmgrad.procs import reserve_port
+from tests.node_processes import NodeGroup
 
 PEER = "12D3KooWJ5sfJHRinwuoZS3LLPAeCZRzMcVTe6vSWaAq2xknveCN"
 
@@ -26,10 +27,9 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
     return status, out, err
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+FAIL_FAST_CEILING_S = 25.0
+"""What "fails fast" means here: under the 30-40 s that a py-libp2p dial or handshake takes to time out on its own
+(what these tests exclude), with room for a loaded 2-core box."""
 
 
 def test_id_is_stable_across_restarts_and_prints_dialable_addresses(
@@ -124,7 +124,7 @@ def test_node_on_a_port_in_use_fails_naming_the_address(tmp_path: Path, capsys: 
 def test_node_bootstrapping_to_its_own_listener_fails_at_once_saying_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], host: str
 ) -> None:
-    port = free_port()
+    port = reserve_port()
     boot = f"/ip4/{host}/tcp/{port}/p2p/{PEER}"
     argv = ["node", "--data-dir", str(tmp_path), "--swarm-id", "s", "--listen", f"/ip4/0.0.0.0/tcp/{port}"]
     started = time.monotonic()
@@ -132,14 +132,14 @@ def test_node_bootstrapping_to_its_own_listener_fails_at_once_saying_so(
     assert status in (1, 2) and out == ""
     assert boot in err and ("itself" in err or "0.0.0.0" in err) and "swarmgrad id" in err, err
     assert len(err.strip().splitlines()) == 1, err
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < FAIL_FAST_CEILING_S
 
 
 def test_node_with_an_unreachable_bootstrap_fails_fast_and_releases_its_port(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    port = free_port()
-    dead = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{PEER}"
+    port = reserve_port()
+    dead = f"/ip4/127.0.0.1/tcp/{reserve_port()}/p2p/{PEER}"
     started = time.monotonic()
     status, out, err = run(
         [
@@ -157,7 +157,7 @@ def test_node_with_an_unreachable_bootstrap_fails_fast_and_releases_its_port(
     )
     assert status == 1
     assert dead in err and "no bootstrap peer could be reached" in err
-    assert time.monotonic() - started < 15
+    assert time.monotonic() - started < FAIL_FAST_CEILING_S
     assert "listening" not in out  # it never announced itself
     with socket.socket() as probe:  # nothing half-started: the listen port is free again
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -166,27 +166,26 @@ def test_node_with_an_unreachable_bootstrap_fails_fast_and_releases_its_port(
 
 @pytest.mark.slow
 def test_node_joining_a_bootstrap_peer_of_another_swarm_fails_naming_the_swarm(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], nodes: NodeGroup
 ) -> None:
-    with node_group(tmp_path) as group:
-        boot = group.start("boot", swarm_id="alpha")
-        addr = boot.wait_listening()["addrs"][0]
-        status, _, err = run(
-            [
-                "node",
-                "--data-dir",
-                str(tmp_path / "b"),
-                "--listen",
-                "/ip4/127.0.0.1/tcp/0",
-                "--swarm-id",
-                "beta",
-                "--bootstrap",
-                addr,
-                "--join-timeout-s",
-                "3",
-            ],
-            capsys,
-        )
+    boot = nodes.start("boot", swarm_id="alpha")
+    addr = boot.wait_listening()["addrs"][0]
+    status, _, err = run(
+        [
+            "node",
+            "--data-dir",
+            str(tmp_path / "b"),
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--swarm-id",
+            "beta",
+            "--bootstrap",
+            addr,
+            "--join-timeout-s",
+            "3",
+        ],
+        capsys,
+    )
     assert status == 1
     assert "no member of swarm 'beta'" in err and addr in err
 

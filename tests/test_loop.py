@@ -14,7 +14,7 @@ import torch
 from swarmgrad.core.errors import ConfigError, LocalProtocolError
 from training.checkpoint import CheckpointStore, canonical_model_hash
 from training.loop import Averaged, Averager, EpochReached, LoopConfig, RoundReport, TrainingLoop
-from training.tasks import Task, load_task
+from training.tasks import Task
 
 LIMIT = 1 << 24
 
@@ -67,11 +67,6 @@ class ExactMeanMember:
 
     def statistics(self) -> dict[str, float | int]:
         return {"rounds": self.rounds}
-
-
-@pytest.fixture(scope="module")
-def digits() -> Task:
-    return load_task("digits")
 
 
 def make_loop(

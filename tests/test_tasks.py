@@ -24,11 +24,6 @@ def not_a_task() -> object:
     return 42
 
 
-@pytest.fixture(scope="module")
-def digits() -> Task:
-    return load_task("digits")
-
-
 def test_builtin_names_resolve_to_factories() -> None:
     assert resolve_task_name("digits") == BUILTIN_TASKS["digits"]
     assert resolve_task_name("pkg.mod:factory") == "pkg.mod:factory"

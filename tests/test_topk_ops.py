@@ -7,15 +7,12 @@ import torch
 
 from swarmgrad.core.errors import ConfigError, LocalProtocolError
 from training.topk import reference_topk_abs, topk_abs
-from training.topk.build import load_extension
 from training.topk.ops import Implementation
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def native() -> None:
-    load_extension()
+pytestmark = pytest.mark.usefixtures("native_topk")
 
 
 def assert_valid_topk(x: torch.Tensor, k: int, indices: torch.Tensor, values: torch.Tensor) -> None:
