@@ -10,6 +10,10 @@ It assembles the parts and carries out their requests; it holds no protocol logi
   with a clear log line), `Disconnect`, `Ping` (libp2p `/ipfs/ping/1.0.0`, bounded by `ping_timeout_s`),
 * the admission policy (`p2p.swarm.ScoringPolicy`): a connection from a banned peer, or an inbound connection over
   the cap, is closed as soon as it opens; `policy` is also the `PeerPolicy` to hand a transport on the same host.
+* the per-IP limits (`p2p.limits.IpLimits`, `ip_limits`): an inbound connection from a banned IP, from an IP that
+  shows too many new identities, or over the IP's connection cap is closed as soon as it opens; every remote error
+  reported to `policy` is also charged to the offender's IP, and an IP banned for either reason loses all its
+  connections. Each ban, of a peer or of an IP, is logged once at WARNING with its reason and duration.
 
 The live set is `live_peers()`; `subscribe()` gives a feed of `PeerUp` / `PeerDown` (for the gossip and consensus
 machines) and of `PeerDiscovered` / `PeerForgotten` (for logs and tests). `statistics()` merges the machine's,
@@ -41,6 +45,7 @@ from p2p.discovery import Discovery, DiscoveryConfig, bounded_connect
 from p2p.host import HostConfig, listen_multiaddrs, running_host
 from p2p.identity import load_or_create_identity
 from p2p.libp2p_compat import is_inbound
+from p2p.limits import Ban, IpLimits, IpLimitsConfig
 from p2p.membership import (
     ConnectionClosed,
     ConnectionOpened,
@@ -53,7 +58,7 @@ from p2p.membership import (
     PingSucceeded,
     Start,
 )
-from p2p.swarm import ScoringConfig, ScoringPolicy
+from p2p.swarm import PeerBan, ScoringConfig, ScoringPolicy
 from swarmgrad.core.driver import Driver
 from swarmgrad.core.errors import ConfigError, LocalProtocolError
 from swarmgrad.core.machine import Dial, Disconnect, Effect, Event, PeerDown, PeerId, PeerUp, Ping
@@ -74,6 +79,7 @@ class NodeConfig:
     discovery: DiscoveryConfig
     membership: MembershipConfig = field(default_factory=MembershipConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    ip_limits: IpLimitsConfig = field(default_factory=IpLimitsConfig)
     ping_timeout_s: float = 2.0
     seed: int = 0
     """Seeds the membership machine's `random.Random` (re-dial jitter)."""
@@ -120,7 +126,9 @@ class SwarmNode:
         self.host = host
         self.config = config
         self.peer_id: PeerId = host.get_id().to_base58()
-        self.policy = ScoringPolicy(config.scoring, trio.current_time)
+        self.policy = ScoringPolicy(config.scoring, trio.current_time, self._on_report)
+        self.ip_limits = IpLimits(config.ip_limits)
+        self._inbound_ips: dict[INetConn, tuple[str, PeerId]] = {}  # admitted inbound connection -> (ip, peer)
         self.membership = Membership(self.peer_id, config.membership, random.Random(config.seed))
         self.driver = Driver(
             self.membership,
@@ -159,14 +167,15 @@ class SwarmNode:
             await self._changed.wait()
 
     def statistics(self) -> dict[str, int]:
-        """Counters of the node, prefixed by part: `membership.*`, `discovery.*`, `policy.*`, `driver.*`,
-        `node.*`."""
+        """Counters of the node, prefixed by part: `membership.*`, `discovery.*`, `policy.*`, `ip_limits.*`,
+        `driver.*`, `node.*`."""
         stats = {f"node.{k}": v for k, v in self._counters.items()}
         for prefix, part in (
             ("driver", self.driver.statistics()),
             ("membership", self.membership.statistics()),
             ("discovery", self.discovery.statistics()),
             ("policy", self.policy.statistics()),
+            ("ip_limits", self.ip_limits.statistics()),
         ):
             stats.update({f"{prefix}.{k}": v for k, v in part.items()})
         return stats
@@ -193,10 +202,21 @@ class SwarmNode:
         peer_id = conn.muxed_conn.peer_id
         peer = peer_id.to_base58()
         inbound = is_inbound(conn)
-        if not self.policy.allows(peer) or (inbound and not self.policy.admit_inbound(peer)):
-            self._counters["connections_refused"] += 1
-            log.info("closing a connection from %s: banned or over the inbound cap", peer)
-            self._start(self.host.disconnect, peer_id)
+        if not self.policy.allows(peer):
+            self._refuse(peer_id, "the peer is banned")
+            return
+        ip = _remote_ip(conn) if inbound else None
+        if ip is not None:
+            refusal = self.ip_limits.admit_connection(ip, peer, trio.current_time())
+            if refusal is not None:
+                if refusal.ban is not None:
+                    self._ban_ip(refusal.ban)
+                self._refuse(peer_id, refusal.reason)
+                return
+            self._inbound_ips[conn] = (ip, peer)
+        if inbound and not self.policy.admit_inbound(peer):
+            self._release_ip(conn)
+            self._refuse(peer_id, f"over the cap of {self.config.scoring.max_inbound_connections} inbound connections")
             return
         self._counters["connections_opened"] += 1
         self._submit(ConnectionOpened(peer))
@@ -206,9 +226,41 @@ class SwarmNode:
     def _on_disconnected(self, conn: INetConn) -> None:
         peer_id = conn.muxed_conn.peer_id
         self.policy.release_inbound(peer_id.to_base58())
+        self._release_ip(conn)
         if not self.host.get_network().get_connections(peer_id):
             self._counters["connections_closed"] += 1
             self._submit(ConnectionClosed(peer_id.to_base58()))
+
+    # ---- admission ----------------------------------------------------------------------------------------------
+
+    def _refuse(self, peer_id: ID, reason: str) -> None:
+        self._counters["connections_refused"] += 1
+        log.debug("closing a connection from %s: %s", peer_id, reason)
+        self._start(self.host.disconnect, peer_id)
+
+    def _release_ip(self, conn: INetConn) -> None:
+        entry = self._inbound_ips.pop(conn, None)
+        if entry is not None:
+            self.ip_limits.release_connection(*entry)
+
+    def _on_report(self, peer: PeerId, reason: str, ban: PeerBan | None) -> None:
+        """Every remote error reported to `policy`: log a peer ban once, and charge the error to the peer's IP."""
+        if ban is not None:
+            log.warning("banned peer %s for %g s: %s", ban.peer, ban.duration_s, ban.reason)
+        for conn in self.host.get_network().get_connections(ID.from_base58(peer)):
+            ip = _remote_ip(conn)
+            if ip is not None:
+                ip_ban = self.ip_limits.offence(ip, peer, trio.current_time())
+                if ip_ban is not None:
+                    self._ban_ip(ip_ban)
+                return
+
+    def _ban_ip(self, ban: Ban) -> None:
+        """Log `ban` (once: `IpLimits` hands each ban out once) and close every connection from its IP."""
+        log.warning("banned IP %s for %g s: %s", ban.ip, ban.duration_s, ban.reason)
+        for peer_id, conns in sorted(self.host.get_network().get_connections_map().items(), key=lambda kv: str(kv[0])):
+            if any(_remote_ip(conn) == ban.ip for conn in conns):
+                self._start(self.host.disconnect, peer_id)
 
     # ---- effects and notifications ------------------------------------------------------------------------------
 
@@ -271,6 +323,12 @@ class SwarmNode:
                 return PingSucceeded(peer)
         self._counters["pings_failed"] += 1
         return PingFailed(peer, reason)
+
+
+def _remote_ip(conn: INetConn) -> str | None:
+    """The IP address `conn` comes from, when its transport knows it."""
+    remote = getattr(conn.muxed_conn, "get_remote_address", lambda: None)()
+    return None if remote is None else str(remote[0])
 
 
 @asynccontextmanager

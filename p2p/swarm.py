@@ -152,13 +152,28 @@ class ScoringConfig:
             raise ConfigError("max_inbound_connections", self.max_inbound_connections, "an integer >= 1")
 
 
+@dataclass(frozen=True)
+class PeerBan:
+    """`peer` is banned for `duration_s` because of `reason` (its latest remote error)."""
+
+    peer: str
+    reason: str
+    duration_s: float
+
+
+OnReport = Callable[[str, str, "PeerBan | None"], None]
+"""Called with (peer, reason, the ban this report made or None) after each report."""
+
+
 class ScoringPolicy:
     """A `PeerPolicy` for public swarms: per-peer scores from remote errors, temporary bans, an inbound
-    connection cap and a per-peer in-flight bytes cap. `clock()` returns seconds on a monotonic clock."""
+    connection cap and a per-peer in-flight bytes cap. `clock()` returns seconds on a monotonic clock; `on_report`,
+    when given, learns of every report and of each ban once (the owner logs bans and accounts offences per IP)."""
 
-    def __init__(self, config: ScoringConfig, clock: Callable[[], float]) -> None:
+    def __init__(self, config: ScoringConfig, clock: Callable[[], float], on_report: OnReport | None = None) -> None:
         self.config = config
         self._clock = clock
+        self._on_report = on_report
         self._score: dict[str, tuple[float, float]] = {}  # peer -> (score, at)
         self._banned_until: dict[str, float] = {}
         self._offences: Counter[str] = Counter()  # bans so far, per peer
@@ -184,12 +199,16 @@ class ScoringPolicy:
         score = self.score(peer) + 1.0
         self._score[peer] = (score, now)
         self._counters["reports"] += 1
+        ban = None
         if score >= self.config.ban_threshold and peer not in self._banned_until:
             duration = min(self.config.ban_duration_s * 2 ** self._offences[peer], self.config.max_ban_duration_s)
             self._offences[peer] += 1
             self._banned_until[peer] = now + duration
             self._score[peer] = (0.0, now)
             self._counters["bans"] += 1
+            ban = PeerBan(peer, reason, duration)
+        if self._on_report is not None:
+            self._on_report(peer, reason, ban)
 
     # ---- inbound connections and in-flight bytes ---------------------------------------------------------------
 

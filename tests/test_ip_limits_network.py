@@ -1,0 +1,140 @@
+"""Per-IP limits on real py-libp2p hosts on 127.0.0.1 (issue 11, item 8: identity churn in a public swarm).
+
+A client that makes a fresh identity for each attack (one oversized frame each) gets its IP banned after a few
+identities, and one that only cycles identities is throttled by the new-identities rate; each ban is logged once
+with the IP, the reason and the duration. Honest peers behind one IP (four nodes on 127.0.0.1, as in the demo) are
+not throttled by the default limits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from p2p.discovery import DiscoveryConfig
+from p2p.host import HostConfig
+from p2p.libp2p_transport import LibP2PTransport
+from p2p.limits import IpLimitsConfig
+from p2p.node import NodeConfig, SwarmNode, open_node
+from swarmgrad.core.errors import TransportError
+
+ECHO = "/swarmgrad-test/echo/1.0.0"
+LOCAL = "127.0.0.1"
+MAX_ATTEMPTS = 12
+
+
+def config(tmp: Path, name: str, bootstrap: tuple[str, ...] = (), **limits: float) -> NodeConfig:
+    return NodeConfig(
+        host=HostConfig(key_path=tmp / name / "identity.key"),
+        discovery=DiscoveryConfig(swarm_id="public", bootstrap_addrs=bootstrap),
+        ip_limits=IpLimitsConfig(**limits),  # type: ignore[arg-type]
+    )
+
+
+def ip_ban_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "p2p.node" and "banned IP" in r.getMessage()]
+
+
+async def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Return once `predicate()` holds: checked every 20 ms, at most `timeout_s` (then `trio.TooSlowError`)."""
+    with trio.fail_after(timeout_s):
+        for _ in range(int(timeout_s / 0.02) + 1):
+            if predicate():
+                return
+            await trio.sleep(0.02)
+
+
+async def admitted(node: SwarmNode, transport: LibP2PTransport, addr: str) -> bool:
+    """Connect `transport` (a fresh identity) to `node`: whether the node admitted the connection or closed it."""
+    before = node.statistics()
+
+    def decided() -> bool:
+        stats = node.statistics()
+        return any(stats.get(k, 0) > before.get(k, 0) for k in ("node.connections_opened", "node.connections_refused"))
+
+    try:
+        await transport.connect(addr)
+    except TransportError:
+        return False
+    await wait_until(decided)
+    return node.statistics().get("node.connections_opened", 0) > before.get("node.connections_opened", 0)
+
+
+async def test_fresh_identity_per_attack_gets_the_ip_banned_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="p2p.node")
+    with trio.fail_after(120):
+        async with open_node(config(tmp_path, "a")) as a, trio.open_nursery() as nursery:
+            a_transport = LibP2PTransport(a.host, a.config.host, a.policy, nursery)
+            a_transport.listen(ECHO, max_message_bytes=1024)
+            addr = a.listen_multiaddrs[0]
+            offenders = 0
+            for i in range(MAX_ATTEMPTS):  # each identity sends one oversized frame: one scored error, no peer ban
+                if LOCAL in a.ip_limits.banned_ips(trio.current_time()):
+                    break
+                async with LibP2PTransport.open(HostConfig(key_path=tmp_path / f"evil{i}" / "id.key")) as evil:
+                    await evil.connect(addr)
+                    try:
+                        await evil.send(a.peer_id, ECHO, b"x" * 4096)
+                    except TransportError:
+                        pass  # cut off: fine, the frame was counted or refused
+                    # the offence is reported as soon as the frame header is read
+                    await wait_until(lambda seen=offenders: a_transport.statistics().get("remote_errors", 0) > seen)
+                    offenders += 1
+            assert a.ip_limits.banned_ips(trio.current_time()) == [LOCAL]
+            assert offenders == IpLimitsConfig().max_offending_identities_per_minute + 1
+            assert a.policy.banned_peers() == []  # no identity erred often enough for a peer ban
+            # a further fresh identity from the banned IP is refused on arrival
+            async with LibP2PTransport.open(HostConfig(key_path=tmp_path / "late" / "id.key")) as late:
+                assert not await admitted(a, late, addr)
+            (line,) = ip_ban_lines(caplog)
+            assert LOCAL in line and "identities caused errors" in line and "600 s" in line
+            await a_transport.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_one_ip_cycling_identities_is_throttled_and_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="p2p.node")
+    with trio.fail_after(120):
+        async with open_node(config(tmp_path, "a", max_new_identities_per_minute=4, ip_ban_duration_s=90.0)) as a:
+            addr = a.listen_multiaddrs[0]
+            results = []
+            for i in range(MAX_ATTEMPTS):
+                async with LibP2PTransport.open(HostConfig(key_path=tmp_path / f"churn{i}" / "id.key")) as churn:
+                    results.append(await admitted(a, churn, addr))
+                if not results[-1]:
+                    break
+            assert results == [True] * 4 + [False]
+            async with LibP2PTransport.open(HostConfig(key_path=tmp_path / "late" / "id.key")) as late:
+                assert not await admitted(a, late, addr)
+            (line,) = ip_ban_lines(caplog)
+            assert LOCAL in line and "more than 4 new identities within 60 s" in line and "90 s" in line
+            assert a.statistics()["ip_limits.ip_bans"] == 1
+
+
+async def test_honest_peers_behind_one_ip_are_not_throttled(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="p2p.node")
+    with trio.fail_after(120):
+        async with open_node(config(tmp_path, "p0")) as first:
+            addr = first.listen_multiaddrs[0]
+            async with (
+                open_node(config(tmp_path, "p1", (addr,))) as p1,
+                open_node(config(tmp_path, "p2", (addr,))) as p2,
+                open_node(config(tmp_path, "p3", (addr,))) as p3,
+            ):
+                nodes: list[SwarmNode] = [first, p1, p2, p3]
+                for node in nodes:
+                    await node.wait_for_peers(3)
+                for node in nodes:
+                    stats = node.statistics()
+                    assert node.ip_limits.banned_ips(trio.current_time()) == []
+                    assert stats.get("node.connections_refused", 0) == 0
+                    assert stats.get("ip_limits.ip_bans", 0) == 0
+                assert ip_ban_lines(caplog) == []
