@@ -83,6 +83,9 @@ class HostConfig:
     """Bound on one dial (TCP connect, Noise handshake, yamux negotiation). py-libp2p's own default is also 10 s."""
     stream_open_timeout_s: float = 10.0
     """Bound on opening a stream and negotiating its protocol on an existing connection."""
+    stream_idle_timeout_s: float = 120.0
+    """An inbound stream on which no byte arrives for this long (idle between frames, or stalled half-way through
+    one) is reset; the sender's next message opens a fresh stream."""
     max_connections: int = 256
     """Connections this host keeps open in all (inbound and outbound); further inbound ones are refused."""
 
@@ -116,7 +119,7 @@ class HostConfig:
                 self.max_in_flight_bytes_per_peer,
                 f"an int >= max_message_bytes ({self.max_message_bytes})",
             )
-        for name in ("connect_timeout_s", "stream_open_timeout_s"):
+        for name in ("connect_timeout_s", "stream_open_timeout_s", "stream_idle_timeout_s"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not (value > 0 and math.isfinite(value)):
                 raise ConfigError(name, value, "a finite number of seconds > 0")

@@ -11,7 +11,9 @@ Inbound, each stream is read by its own handler: it parses the header with the l
 holding any buffer, reserves the body size from the sender's in-flight budget (`max_in_flight_bytes_per_peer`:
 beyond it, reading pauses and yamux flow control holds the sender back), then reads the body in bounded reads
 (py-libp2p's own framed reads stop near 6.8 MB, docs/libp2p.md #8). A bad header, an oversized announcement or a
-truncated frame resets the stream, is counted in `remote_errors` and reported to the `PeerPolicy`. Every handler
+truncated frame resets the stream, is counted in `remote_errors` and reported to the `PeerPolicy`. A stream on
+which no byte arrives for `stream_idle_timeout_s` is reset (`idle_streams`), and, given the node's `IpLimits`, a
+stream beyond the remote IP's cap of concurrent inbound streams is reset on arrival (`refused_streams`). Every handler
 runs behind a boundary that catches, logs and counts anything unexpected and resets the stream, because an
 exception escaping a py-libp2p stream handler kills the whole host (docs/libp2p.md #2).
 
@@ -37,6 +39,7 @@ from libp2p.peer.id import ID
 
 from p2p.addrs import parse_peer_addr
 from p2p.host import HostConfig, listen_multiaddrs, running_host
+from p2p.limits import IpLimits
 from swarmgrad.core.codec import FRAME_HEADER_SIZE, encode_frame_header, parse_frame_header
 from swarmgrad.core.errors import (
     ConfigError,
@@ -66,6 +69,10 @@ _STREAM_FAILURES = (BaseLibp2pError, OSError, trio.BrokenResourceError, trio.Clo
 
 class _Truncated(Exception):
     """The stream ended inside a frame (a cancelled send, a crashed peer, or a hostile one)."""
+
+
+class _StreamIdle(Exception):
+    """No byte arrived on an inbound stream within `stream_idle_timeout_s` (idle, or stalled inside a frame)."""
 
 
 @dataclass
@@ -131,12 +138,22 @@ class _ConnectionWatcher(INotifee):
 class LibP2PTransport(Transport):
     """The `Transport` contract on a py-libp2p host. Open it with `async with LibP2PTransport.open(config)`."""
 
-    def __init__(self, host: IHost, config: HostConfig, policy: PeerPolicy | None, nursery: trio.Nursery) -> None:
+    def __init__(
+        self,
+        host: IHost,
+        config: HostConfig,
+        policy: PeerPolicy | None,
+        nursery: trio.Nursery,
+        *,
+        ip_limits: IpLimits | None = None,
+    ) -> None:
         """Wrap a host that is already running (`running_host`, or a node that runs one); writer tasks run in
-        `nursery`. `open` does all of this for a host of its own. `aclose()` closes the host too."""
+        `nursery`. `open` does all of this for a host of its own. `aclose()` closes the host too. `ip_limits`
+        (a node's) caps the concurrent inbound streams per remote IP; None: no per-IP cap."""
         self._host = host
         self._config = config
         self._policy = policy
+        self._ip_limits = ip_limits
         self._nursery = nursery
         self._local_peer = str(host.get_id())
         self._inboxes: dict[str, _Inbox] = {}
@@ -380,8 +397,21 @@ class LibP2PTransport(Transport):
     async def _guard(self, stream: INetStream, protocol: str, inbox: _Inbox) -> None:
         """The boundary around one inbound stream: nothing escapes into py-libp2p, which would kill the host."""
         peer = str(stream.muxed_conn.peer_id)
+        remote = getattr(stream, "get_remote_address", lambda: None)()
+        ip = None if remote is None or self._ip_limits is None else str(remote[0])
+        if ip is not None and self._ip_limits is not None:
+            refusal = self._ip_limits.admit_stream(ip, trio.current_time())
+            if refusal is not None:
+                self._counters["refused_streams"] += 1
+                log.debug("resetting a %s stream from %s: %s", protocol, peer, refusal.reason)
+                await _reset_quietly(stream)
+                return
         try:
             await self._serve(stream, peer, protocol, inbox)
+        except _StreamIdle as exc:
+            self._counters["idle_streams"] += 1
+            log.debug("resetting a %s stream from %s: %s", protocol, peer, exc)
+            await _reset_quietly(stream)
         except DecodeError as exc:
             self._remote_error(peer, f"bad frame under {protocol}: {exc}")
             await _reset_quietly(stream)
@@ -393,6 +423,9 @@ class LibP2PTransport(Transport):
             self._counters["handler_errors"] += 1
             log.exception("stream handler for %s from %s failed; stream reset, host kept", protocol, peer)
             await _reset_quietly(stream)
+        finally:
+            if ip is not None and self._ip_limits is not None:
+                self._ip_limits.release_stream(ip)
 
     async def _serve(self, stream: INetStream, peer: PeerId, protocol: str, inbox: _Inbox) -> None:
         if not self._allows(peer):
@@ -441,21 +474,22 @@ class LibP2PTransport(Transport):
         self._counters["skipped_bytes"] += size
         return True
 
-    @staticmethod
-    async def _read_some(stream: INetStream, limit: int) -> bytes:
-        """Up to `limit` bytes; empty when the stream has ended (closed or reset)."""
-        try:
-            return await stream.read(limit)
-        except StreamError:
-            return b""
+    async def _read_some(self, stream: INetStream, limit: int) -> bytes:
+        """Up to `limit` bytes; empty when the stream has ended (closed or reset); `_StreamIdle` when nothing
+        arrives within `stream_idle_timeout_s`."""
+        with trio.move_on_after(self._config.stream_idle_timeout_s):
+            try:
+                return await stream.read(limit)
+            except StreamError:
+                return b""
+        raise _StreamIdle(f"no byte within stream_idle_timeout_s ({self._config.stream_idle_timeout_s:g} s)")
 
-    @classmethod
-    async def _read_exactly(cls, stream: INetStream, size: int, frame_part_bytes: int) -> bytes:
+    async def _read_exactly(self, stream: INetStream, size: int, frame_part_bytes: int) -> bytes:
         """Exactly `size` bytes, in reads of at most `READ_CHUNK_BYTES`; `_Truncated` if the stream ends first."""
         pieces: list[bytes] = []
         remaining = size
         while remaining:
-            piece = await cls._read_some(stream, min(remaining, READ_CHUNK_BYTES))
+            piece = await self._read_some(stream, min(remaining, READ_CHUNK_BYTES))
             if not piece:
                 got = frame_part_bytes - remaining
                 raise _Truncated(f"the stream ended after {got} of {frame_part_bytes} bytes")

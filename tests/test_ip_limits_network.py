@@ -8,18 +8,25 @@ not throttled by the default limits.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
+from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.host.exceptions import StreamFailure
+from libp2p.network.stream.exceptions import StreamError
+from libp2p.peer.id import ID
 
 from p2p.discovery import DiscoveryConfig
 from p2p.host import HostConfig
 from p2p.libp2p_transport import LibP2PTransport
 from p2p.limits import IpLimitsConfig
 from p2p.node import NodeConfig, SwarmNode, open_node
+from swarmgrad.core.codec import encode_frame_header
 from swarmgrad.core.errors import TransportError
 
 ECHO = "/swarmgrad-test/echo/1.0.0"
@@ -138,3 +145,50 @@ async def test_honest_peers_behind_one_ip_are_not_throttled(tmp_path: Path, capl
                     assert stats.get("node.connections_refused", 0) == 0
                     assert stats.get("ip_limits.ip_bans", 0) == 0
                 assert ip_ban_lines(caplog) == []
+
+
+async def reset_by_peer(stream: INetStream) -> bool:
+    """Read until the stream ends: True when it ends (closed or reset by the other side)."""
+    for _ in range(16):  # the receiver sends nothing on these streams: the first read ends them
+        try:
+            if not await stream.read(1024):
+                return True
+        except StreamError:
+            return True
+    return False
+
+
+async def test_idle_and_half_open_streams_are_reset_and_streams_per_ip_are_capped(tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with (
+            open_node(config(tmp_path, "a", max_inbound_streams_per_ip=3)) as a,
+            trio.open_nursery() as nursery,
+        ):
+            server_config = dataclasses.replace(a.config.host, stream_idle_timeout_s=1.0)
+            a_transport = LibP2PTransport(a.host, server_config, a.policy, nursery, ip_limits=a.ip_limits)
+            inbox = a_transport.listen(ECHO, max_message_bytes=1024)
+            async with LibP2PTransport.open(HostConfig(key_path=tmp_path / "client" / "id.key")) as client:
+                await client.connect(a.listen_multiaddrs[0])
+                target = ID.from_base58(a.peer_id)
+                idle = await client.host.new_stream(target, [TProtocol(ECHO)])
+                half = await client.host.new_stream(target, [TProtocol(ECHO)])
+                await half.write(encode_frame_header(100)[:5])  # half a header, then silence
+                await client.send(a.peer_id, ECHO, b"hello")  # its own stream: the IP's third
+                assert (await inbox.receive()).payload == b"hello"
+                await wait_until(lambda: a.ip_limits.statistics()["inbound_streams"] == 3)
+                try:  # over the cap: reset on arrival, which may be before the client has read the protocol's ack
+                    fourth = await client.host.new_stream(target, [TProtocol(ECHO)])
+                except StreamFailure:
+                    pass
+                else:
+                    assert await reset_by_peer(fourth)
+                assert a.ip_limits.statistics()["refused_streams_per_ip"] == 1
+                # the silent streams are reset after stream_idle_timeout_s; the sending one is too, once idle
+                assert await reset_by_peer(idle) and await reset_by_peer(half)
+                await wait_until(lambda: a_transport.statistics().get("idle_streams", 0) >= 3)
+                assert a.ip_limits.statistics()["inbound_streams"] <= 1
+                # a new send opens a fresh stream and is delivered
+                await client.send(a.peer_id, ECHO, b"again")
+                assert (await inbox.receive()).payload == b"again"
+            await a_transport.aclose()
+            nursery.cancel_scope.cancel()
