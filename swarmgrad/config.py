@@ -5,7 +5,9 @@ One frozen, validated dataclass per component (`PeerSection`, `NetworkConfig`, `
 
     [peer]        task, data_dir, log_level, torch_threads
     [network]     swarm_id, listen, bootstrap, announce, swarm_key, dial_timeout_s, bootstrap_attempts,
-                  bootstrap_retry_s, min_peers, min_peers_timeout_s
+                  bootstrap_retry_s, min_peers, min_peers_timeout_s, stream_idle_timeout_s, and the per-IP limits
+                  max_new_identities_per_minute, max_offending_identities_per_minute,
+                  max_inbound_connections_per_ip, max_inbound_streams_per_ip, ip_ban_duration_s (p2p.limits)
     [training]    inner_steps, epoch_rounds, eval_every_rounds, max_rounds      (training.loop.LoopConfig)
     [checkpoint]  keep, max_bytes, fetch_from_peers, fetch_timeout_s
     [gossip]      density, round_deadline_s, neighbours_per_round, step_size, aggregation, ...
@@ -29,6 +31,8 @@ from typing import Any, Literal
 
 from gossip.round import GossipConfig
 from p2p.addrs import check_announce_addr, check_listen_addr, parse_peer_addr
+from p2p.host import HostConfig
+from p2p.limits import IpLimitsConfig
 from swarmgrad.core.codec import field_hints
 from swarmgrad.core.errors import ConfigError
 from swarmgrad.core.swarm_id import validate_swarm_id
@@ -80,6 +84,24 @@ class NetworkConfig:
     min_peers: int = 0
     """Wait until this many other peers are live before the first round (bounded by `min_peers_timeout_s`)."""
     min_peers_timeout_s: float = 60.0
+    stream_idle_timeout_s: float = HostConfig.stream_idle_timeout_s
+    """An inbound stream on which no byte arrives for this long is reset (`p2p.host.HostConfig`)."""
+    # the per-IP limits of a public swarm; their defaults, and why, are `p2p.limits.IpLimitsConfig`'s
+    max_new_identities_per_minute: int = IpLimitsConfig.max_new_identities_per_minute
+    max_offending_identities_per_minute: int = IpLimitsConfig.max_offending_identities_per_minute
+    max_inbound_connections_per_ip: int = IpLimitsConfig.max_inbound_connections_per_ip
+    max_inbound_streams_per_ip: int = IpLimitsConfig.max_inbound_streams_per_ip
+    ip_ban_duration_s: float = IpLimitsConfig.ip_ban_duration_s
+
+    def ip_limits_config(self) -> IpLimitsConfig:
+        """The per-IP limits as `p2p.limits.IpLimitsConfig` (validated)."""
+        return IpLimitsConfig(
+            max_new_identities_per_minute=self.max_new_identities_per_minute,
+            max_offending_identities_per_minute=self.max_offending_identities_per_minute,
+            max_inbound_connections_per_ip=self.max_inbound_connections_per_ip,
+            max_inbound_streams_per_ip=self.max_inbound_streams_per_ip,
+            ip_ban_duration_s=self.ip_ban_duration_s,
+        )
 
     def __post_init__(self) -> None:
         try:
@@ -104,6 +126,14 @@ class NetworkConfig:
             raise ConfigError("network.min_peers", self.min_peers, "an integer >= 0")
         if not 0 < self.min_peers_timeout_s < float("inf"):
             raise ConfigError("network.min_peers_timeout_s", self.min_peers_timeout_s, "a finite number of seconds > 0")
+        if not 0 < self.stream_idle_timeout_s < float("inf"):
+            raise ConfigError(
+                "network.stream_idle_timeout_s", self.stream_idle_timeout_s, "a finite number of seconds > 0"
+            )
+        try:
+            self.ip_limits_config()
+        except ConfigError as exc:
+            raise ConfigError(f"network.{exc.field}", exc.value, exc.expected) from exc
 
 
 @dataclass(frozen=True)

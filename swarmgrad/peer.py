@@ -295,6 +295,7 @@ class Peer:
                 listen_addrs=config.network.listen,
                 announce_addrs=config.network.announce,
                 psk=None if swarm_key is None else swarm_key.key,
+                stream_idle_timeout_s=config.network.stream_idle_timeout_s,
             ),
             discovery=DiscoveryConfig(
                 swarm_id=config.network.swarm_id,
@@ -303,6 +304,7 @@ class Peer:
                 bootstrap_attempts=config.network.bootstrap_attempts,
                 bootstrap_retry_s=config.network.bootstrap_retry_s,
             ),
+            ip_limits=config.network.ip_limits_config(),
             seed=peer_seed(self.peer_id),
         )
         self.store = CheckpointStore(
@@ -344,7 +346,7 @@ class Peer:
         return status
 
     async def _serve_on(self, node: SwarmNode, nursery: trio.Nursery) -> int:
-        transport = LibP2PTransport(node.host, self.node_config.host, node.policy, nursery)
+        transport = LibP2PTransport(node.host, self.node_config.host, node.policy, nursery, ip_limits=node.ip_limits)
         gossip = GossipService(
             transport,
             self.config.gossip.gossip_config(swarm_id=self.config.network.swarm_id, seed=peer_seed(self.peer_id)),

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from p2p.host import HostConfig
 from p2p.limits import WINDOW_S, IpLimits, IpLimitsConfig
+from swarmgrad.config import load_config
 from swarmgrad.core.errors import ConfigError
 
 IP = "198.51.100.7"
@@ -109,3 +113,18 @@ def test_config_errors_name_the_field_and_value(field: str, value: object) -> No
     with pytest.raises(ConfigError) as info:
         IpLimitsConfig(**{field: value})  # type: ignore[arg-type]
     assert info.value.field == field and info.value.value == value
+
+
+def test_the_limits_are_network_config_keys_with_the_policy_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "peer.toml"
+    path.write_text("[network]\nmax_new_identities_per_minute = 7\nstream_idle_timeout_s = 30\n", encoding="utf-8")
+    network = load_config(path, {"network.ip_ban_duration_s": 42}).network
+    assert network.ip_limits_config() == IpLimitsConfig(max_new_identities_per_minute=7, ip_ban_duration_s=42.0)
+    assert network.stream_idle_timeout_s == 30.0
+    defaults = load_config(None).network
+    assert defaults.ip_limits_config() == IpLimitsConfig()
+    assert defaults.stream_idle_timeout_s == HostConfig.stream_idle_timeout_s
+    for key, value in (("max_inbound_streams_per_ip", 0), ("stream_idle_timeout_s", -1.0)):
+        with pytest.raises(ConfigError) as info:
+            load_config(None, {f"network.{key}": value})
+        assert info.value.field == f"network.{key}" and info.value.value == value
