@@ -1,0 +1,156 @@
+"""`sim.events`: the heap's order, timers that are replaced or cancelled never fire, sends go through the network
+model with real sizes, `Compute` runs in place after its virtual compute time, and bad messages are dropped."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+from sim.events import EventLoop, Simulator
+from swarmgrad.core.errors import RemoteProtocolError
+from swarmgrad.core.machine import (
+    Action,
+    CancelTimer,
+    Compute,
+    Computed,
+    Effect,
+    Event,
+    Notify,
+    PeerId,
+    Received,
+    Send,
+    SendFailed,
+    SetTimer,
+    TimerFired,
+)
+
+
+class FixedNetwork:
+    def __init__(self, latency_s: float, lost: bool = False) -> None:
+        self.latency_s = latency_s
+        self.lost = lost
+
+    def transmit(self, now: float, sender: PeerId, receiver: PeerId, size_bytes: int) -> list[float]:
+        return [] if self.lost else [now + self.latency_s]
+
+
+@dataclass
+class Recorder:
+    seen: list[tuple[float, object]] = field(default_factory=list)
+
+    def step(self, now: float, event: Event) -> list[Action]:
+        self.seen.append((now, event))
+        if isinstance(event, Received) and event.msg == "bad":
+            raise RemoteProtocolError(event.peer, "bad")
+        return []
+
+
+@dataclass
+class Host:
+    loop: EventLoop
+    notes: list[tuple[float, PeerId, object]] = field(default_factory=list)
+    compute_s: float = 0.0
+
+    def notified(self, peer: PeerId, event: object) -> None:
+        self.notes.append((self.loop.now, peer, event))
+
+    def effect(self, peer: PeerId, effect: Effect) -> None:
+        self.notes.append((self.loop.now, peer, effect))
+
+    def compute_time_s(self, peer: PeerId, key: Hashable) -> float:
+        return self.compute_s
+
+
+class Scripted:
+    """Returns the given actions on its first step, records every event."""
+
+    def __init__(self, actions: list[Action]) -> None:
+        self.actions = actions
+        self.seen: list[tuple[float, object]] = []
+
+    def step(self, now: float, event: Event) -> list[Action]:
+        self.seen.append((now, event))
+        actions, self.actions = self.actions, []
+        return actions
+
+
+def test_same_instant_runs_in_scheduling_order() -> None:
+    loop = EventLoop()
+    order: list[str] = []
+    for name in "cab":
+        loop.at(1.0, lambda name=name: order.append(name))
+    loop.at(0.5, lambda: order.append("first"))
+    loop.run()
+    assert order == ["first", "c", "a", "b"]
+    assert loop.now == 1.0
+
+
+def test_replaced_and_cancelled_timers_never_fire() -> None:
+    loop = EventLoop()
+    machine = Scripted([SetTimer("a", 1.0), SetTimer("a", 2.0), SetTimer("b", 1.5), CancelTimer("b")])
+    sim = Simulator(loop, FixedNetwork(0.1), size_bytes=len)
+    sim.add("p", machine)
+    sim.step("p", TimerFired("start"))
+    loop.run()
+    assert machine.seen[1:] == [(2.0, TimerFired("a"))]
+
+
+def test_send_arrives_after_latency_and_counts_bytes() -> None:
+    loop = EventLoop()
+    sender, receiver = Scripted([Send("q", "hello", deadline=1.0)]), Recorder()
+    sim = Simulator(loop, FixedNetwork(0.25), size_bytes=len)
+    sim.add("p", sender)
+    sim.add("q", receiver)
+    sim.step("p", TimerFired("go"))
+    loop.run()
+    assert receiver.seen == [(0.25, Received("p", "hello"))]
+    assert sim.bytes_sent["p"] == 5
+
+
+def test_late_or_unreachable_send_fails_at_its_deadline() -> None:
+    loop = EventLoop()
+    sender = Scripted([Send("q", "slow", deadline=0.1), Send("gone", "x", deadline=0.2)])
+    sim = Simulator(loop, FixedNetwork(0.5), size_bytes=len)
+    sim.add("p", sender)
+    sim.add("q", Recorder())
+    sim.step("p", TimerFired("go"))
+    loop.run()
+    assert sender.seen[1:] == [(0.1, SendFailed("q", "deadline")), (0.2, SendFailed("gone", "unreachable"))]
+
+
+def test_compute_runs_in_place_after_virtual_compute_time() -> None:
+    loop = EventLoop()
+    host = Host(loop, compute_s=0.75)
+    machine = Scripted([Compute("k", lambda: 42), Notify("done")])
+    sim = Simulator(loop, FixedNetwork(0.1), size_bytes=len, host=host)
+    sim.add("p", machine)
+    sim.step("p", TimerFired("go"))
+    loop.run()
+    assert host.notes == [(0.0, "p", "done")]
+    ((when, event),) = machine.seen[1:]
+    assert when == 0.75 and isinstance(event, Computed) and event.result == 42
+
+
+def test_bad_message_is_dropped_and_counted() -> None:
+    loop = EventLoop()
+    sim = Simulator(loop, FixedNetwork(0.1), size_bytes=len)
+    sim.add("p", Scripted([Send("q", "bad"), Send("q", "good")]))
+    receiver = Recorder()
+    sim.add("q", receiver)
+    sim.step("p", TimerFired("go"))
+    loop.run()
+    assert [e for _, e in receiver.seen] == [Received("p", "bad"), Received("p", "good")]
+    assert sim.rejected["q"] == 1
+
+
+def test_removed_peer_gets_nothing() -> None:
+    loop = EventLoop()
+    sim = Simulator(loop, FixedNetwork(0.1), size_bytes=len)
+    receiver = Scripted([SetTimer("t", 1.0)])
+    sim.add("q", receiver)
+    sim.step("q", TimerFired("go"))
+    sim.add("p", Scripted([Send("q", "x")]))
+    sim.step("p", TimerFired("go"))
+    sim.remove("q")
+    loop.run()
+    assert receiver.seen == [(0.0, TimerFired("go"))]
