@@ -1,0 +1,259 @@
+"""`SwarmRun`: one scenario carried out in virtual time -- real `GossipRound` machines, the real top-k compressor
+with error feedback, a cheap model of training between rounds, the network and peer models, and the metrics.
+
+Each live peer loops: `model.local_steps` local steps of the noisy quadratic (taking `step_time_s` times its speed
+factor each, in virtual time), then a gossip round (`StartRound` into its machine; the `RoundCompleted` it notifies
+hands the mixed vector back), and again. A Byzantine peer trains its own vector the same way but never adopts what
+it mixes, and hands its machine the corrupted vector of its behaviour each round. Churn and partitions happen at
+their scheduled times. A *swarm round* ends each time the honest peers have completed, on average, one more round
+(rounds held by the round clock do not count); at its end one metrics row is recorded: virtual time, mean loss
+and consensus distance of the live honest peers, bytes and messages sent so far, live peers.
+
+Randomness: one `random.Random` per purpose (network, compute speeds, each machine) and one `torch.Generator`
+(the quadratic's draws), all derived from the scenario seed by name; peers are iterated in sorted order. So the
+same scenario and seed give the same rows, whatever the host or `PYTHONHASHSEED`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Hashable
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import torch
+
+from gossip.messages import SCHEMA, model_fingerprint
+from gossip.round import GossipRound, RoundCompleted, StartRound
+from sim.events import EventLoop, Simulator
+from sim.network import NetworkModel, links_between
+from sim.peers import BEHAVIOURS, Behaviour, compute_speeds
+from sim.scenario import ChurnSection, PartitionSection, Scenario
+from swarmgrad.core.errors import LocalProtocolError
+from swarmgrad.core.machine import Effect, PeerDown, PeerId, PeerUp
+from training.topk import TopKSelector
+
+
+@dataclass(frozen=True)
+class RoundMetrics:
+    """One row of the per-round table."""
+
+    round: int
+    virtual_time_s: float
+    loss: float
+    consensus_distance: float
+    bytes_sent: int
+    messages_sent: int
+    live_peers: int
+
+    def as_row(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def derived_seed(seed: int, purpose: str) -> int:
+    """A 64-bit seed for `purpose`, from the scenario seed (string seeding is independent of PYTHONHASHSEED)."""
+    return random.Random(f"{seed}/{purpose}").getrandbits(64)
+
+
+class _Peer:
+    def __init__(self, name: PeerId, params: torch.Tensor, speed: float, behaviour: Behaviour | None) -> None:
+        self.name = name
+        self.params = params
+        self.speed = speed
+        self.behaviour = behaviour
+        self.live = False
+        self.in_round = False
+        self.generation = 0  # bumped on every leave, crash and restart: a stale scheduled step is ignored
+        self.rounds_completed = 0
+
+
+class SwarmRun:
+    """Build with a scenario and seed, then `run()`; `rows` holds the per-round metrics."""
+
+    def __init__(self, scenario: Scenario, seed: int, selector: TopKSelector | None = None) -> None:
+        self.scenario = scenario
+        self.seed = seed
+        self.gossip_config = scenario.gossip.to_config(seed)
+        self.selector = TopKSelector() if selector is None else selector
+        dim = scenario.model.dim
+        self.fingerprint = model_fingerprint([(dim,)])
+        self.generator = torch.Generator().manual_seed(derived_seed(seed, "model"))
+        self.optimum = torch.randn(dim, generator=self.generator)
+        self.loop = EventLoop()
+        names = scenario.peer_names
+        regions = scenario.network.regions
+        region_of = {p: regions[i % len(regions)] for i, p in enumerate(names)} if regions else {}
+        self.network = NetworkModel(scenario.network, random.Random(derived_seed(seed, "network")), region_of)
+        self.sim = Simulator(self.loop, self.network, lambda msg: len(SCHEMA.encode(msg)), host=self)
+        speeds = compute_speeds(names, scenario.compute.speed_spread, random.Random(derived_seed(seed, "speed")))
+        byzantine = set(scenario.byzantine.peers)
+        behaviour_cls = BEHAVIOURS[scenario.byzantine.behaviour]
+        self.peers = {
+            name: _Peer(
+                name,
+                self._fresh_params(),
+                speeds[name],
+                behaviour_cls(scenario.byzantine.scale) if name in byzantine else None,
+            )
+            for name in names
+        }
+        self.honest = [p for p in names if p not in byzantine]
+        self.rows: list[RoundMetrics] = []
+        self._machines_built = 0
+
+    # ---- setup and the run --------------------------------------------------------------------------------------
+
+    def _fresh_params(self) -> torch.Tensor:
+        spread = self.scenario.model.init_spread
+        return self.optimum + spread * torch.randn(self.scenario.model.dim, generator=self.generator)
+
+    def run(self) -> list[RoundMetrics]:
+        absent = set(self.scenario.swarm.absent)
+        for name in sorted(self.peers):
+            if name not in absent:
+                self._bring_up(name)
+        for partition in self.scenario.partitions:
+            self._schedule_partition(partition)
+        for event in self.scenario.churn:
+            self.loop.at(event.at_s, partial(self._churn, event))
+        self._record()
+        self.loop.run(
+            until_s=self.scenario.swarm.max_virtual_s, stop=lambda: len(self.rows) > self.scenario.swarm.rounds
+        )
+        return self.rows
+
+    def _bring_up(self, name: PeerId) -> None:
+        peer = self.peers[name]
+        self._machines_built += 1
+        rng = random.Random(derived_seed(self.seed, f"machine/{name}/{self._machines_built}"))
+        machine = GossipRound(self.gossip_config, name, self.scenario.model.dim, self.fingerprint, rng, self.selector)
+        self.sim.add(name, machine)
+        peer.live, peer.in_round = True, False
+        for other in sorted(self.peers):
+            if other != name and self.peers[other].live:
+                self.sim.step(name, PeerUp(other))
+                self.sim.step(other, PeerUp(name))
+        self._train_then_start(peer)
+
+    def _take_down(self, name: PeerId, others_learn_at_s: float) -> None:
+        peer = self.peers[name]
+        if not peer.live:
+            return
+        peer.live = False
+        peer.generation += 1
+        self.sim.remove(name)
+
+        def tell() -> None:
+            for other in sorted(self.peers):
+                if other != name and self.peers[other].live:
+                    self.sim.step(other, PeerDown(name))
+
+        self.loop.at(others_learn_at_s, tell)
+
+    def _churn(self, event: ChurnSection) -> None:
+        peer = self.peers[event.peer]
+        now = self.loop.now
+        if event.kind == "leave":
+            self._take_down(event.peer, now)
+        elif event.kind == "crash":
+            self._take_down(event.peer, now + event.detect_s)
+        elif not peer.live:  # join, or restart of a peer that is down
+            if event.kind == "join" or not event.keep_state:
+                peer.params = self._fresh_params()
+            self._bring_up(event.peer)
+        elif event.kind == "restart":  # a live peer restarts: it is down for no virtual time
+            self._take_down(event.peer, now)
+            if not event.keep_state:
+                peer.params = self._fresh_params()
+            self._bring_up(event.peer)
+
+    def _schedule_partition(self, partition: PartitionSection) -> None:
+        links = links_between(partition.groups)
+        self.loop.at(partition.at_s, lambda: self.network.block(links))
+        if partition.heal_at_s is not None:
+            self.loop.at(partition.heal_at_s, lambda: self.network.heal(links))
+
+    # ---- a peer's loop ------------------------------------------------------------------------------------------
+
+    def _train_then_start(self, peer: _Peer) -> None:
+        model = self.scenario.model
+        for _ in range(model.local_steps):
+            noise = torch.randn(model.dim, generator=self.generator)
+            peer.params -= model.learning_rate * (peer.params - self.optimum + model.gradient_noise * noise)
+        duration_s = model.local_steps * self.scenario.compute.step_time_s * peer.speed
+        generation = peer.generation
+        self.loop.at(self.loop.now + duration_s, lambda: self._start_round(peer, generation))
+
+    def _start_round(self, peer: _Peer, generation: int) -> None:
+        if not peer.live or peer.generation != generation:
+            return
+        told = peer.params if peer.behaviour is None else peer.behaviour.corrupt(peer.params, self.generator)
+        peer.in_round = True
+        self.sim.step(peer.name, StartRound(told))
+
+    # ---- the Host protocol of the event core --------------------------------------------------------------------
+
+    def notified(self, name: PeerId, event: object) -> None:
+        if not isinstance(event, RoundCompleted):
+            return
+        peer = self.peers[name]
+        peer.in_round = False
+        if peer.behaviour is None:
+            peer.params = event.params
+        if not event.held:
+            peer.rounds_completed += 1
+            if peer.behaviour is None:
+                self._maybe_record()
+        self._train_then_start(peer)
+
+    def effect(self, peer: PeerId, effect: Effect) -> None:
+        raise LocalProtocolError(f"the swarm simulation carries out no {type(effect).__name__}")
+
+    def compute_time_s(self, peer: PeerId, key: Hashable) -> float:
+        return 0.0  # top-k and aggregation time are part of a step's `step_time_s`
+
+    # ---- metrics ------------------------------------------------------------------------------------------------
+
+    def _maybe_record(self) -> None:
+        completed = sum(self.peers[p].rounds_completed for p in self.honest)
+        if completed >= len(self.rows) * len(self.honest):
+            self._record()
+
+    def _record(self) -> None:
+        live = [self.peers[p] for p in self.honest if self.peers[p].live]
+        if live:
+            stacked = torch.stack([p.params for p in live])
+            loss = float(0.5 * ((stacked - self.optimum) ** 2).mean())
+            spread = float((stacked - stacked.mean(dim=0)).pow(2).sum(dim=1).mean().sqrt())
+        else:
+            loss = spread = float("nan")
+        self.rows.append(
+            RoundMetrics(
+                round=len(self.rows),
+                virtual_time_s=self.loop.now,
+                loss=loss,
+                consensus_distance=spread,
+                bytes_sent=sum(self.sim.bytes_sent.values()),
+                messages_sent=self.sim.counters["messages_sent"],
+                live_peers=sum(1 for p in self.peers.values() if p.live),
+            )
+        )
+
+    def summary(self) -> dict[str, object]:
+        """The run's totals: counters of the event core and of every machine, and the last row."""
+        statistics: dict[str, int] = {}
+        for name in self.sim.peers:
+            machine = self.sim.machine(name)
+            if isinstance(machine, GossipRound):
+                for key, value in machine.statistics().items():
+                    statistics[key] = statistics.get(key, 0) + value
+        last = self.rows[-1].as_row() if self.rows else {}
+        return {
+            "rounds": len(self.rows) - 1,
+            "virtual_time_s": self.loop.now,
+            "events_run": self.loop.events_run,
+            "final": last,
+            "network": dict(sorted(self.sim.counters.items())),
+            "rejected_messages": sum(self.sim.rejected.values()),
+            "gossip": dict(sorted(statistics.items())),
+        }

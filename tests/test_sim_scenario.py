@@ -1,0 +1,131 @@
+"""Scenarios and whole runs: bad files give one `ConfigError` naming the field (exit 2 from the command line);
+the same scenario and seed give byte-identical outputs, also under another PYTHONHASHSEED, and other seeds differ;
+a run through faults (loss, partition, crash, restart, Byzantine peers) still converges."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sim.scenario import load_scenario, scenario_from_dict
+from sim.swarm import SwarmRun
+from swarmgrad.core.errors import ConfigError
+
+SCENARIOS = Path(__file__).resolve().parent.parent / "sim" / "scenarios"
+SMALL = """
+[swarm]
+peers = 6
+rounds = 12
+[model]
+dim = 200
+[gossip]
+density = 0.1
+[network]
+latency_s = 0.02
+uplink_bytes_per_s = 1e6
+loss = 0.02
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("[swarm]\npeers = 4\nrounds = 3\ncolour = 1\n", "swarm.colour"),
+        ("[swarm]\npeers = 4\nrounds = 3\n[netwrok]\n", "netwrok"),
+        ('[swarm]\npeers = "four"\nrounds = 3\n', "swarm.peers"),
+        ("[swarm]\npeers = 4\n", "swarm.rounds"),
+        ("[swarm]\npeers = 4\nrounds = 3\n[network]\nuplink_bytes_per_s = -5.0\n", "network.uplink_bytes_per_s"),
+        ("[swarm]\npeers = 4\nrounds = 3\n[gossip]\ndensity = 1.5\n", "gossip.density"),
+        (
+            '[swarm]\npeers = 4\nrounds = 3\n[[partitions]]\nat_s = 1.0\ngroups = [["p0"], ["p9"]]\n',
+            "partitions[0].groups",
+        ),
+        ("[swarm]\npeers = 4\nrounds = 3\n[[partitions]]\nat_s = 1.0\ngroups = [1, 2]\n", "partitions[0].groups[0]"),
+        ('[swarm]\npeers = 4\nrounds = 3\n[[churn]]\nat_s = 1.0\npeer = "p1"\nkind = "explode"\n', "churn[0].kind"),
+        ('[swarm]\npeers = 4\nrounds = 3\n[byzantine]\nbehaviour = "lie"\n', "byzantine.behaviour"),
+    ],
+)
+def test_bad_scenario_names_the_field(tmp_path: Path, text: str, field: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_scenario(path)
+    assert info.value.field == field
+
+
+def test_shipped_scenarios_load() -> None:
+    for path in sorted(SCENARIOS.glob("*.toml")):
+        load_scenario(path)
+
+
+def run_cli(scenario: Path, seed: int, out: Path, hash_seed: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+    return subprocess.run(
+        [sys.executable, "-m", "sim", "run", str(scenario), "--seed", str(seed), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_cli_is_byte_identical_per_seed_across_hash_seeds(tmp_path: Path) -> None:
+    scenario = tmp_path / "small.toml"
+    scenario.write_text(SMALL)
+    first = run_cli(scenario, 3, tmp_path / "a", "1")
+    second = run_cli(scenario, 3, tmp_path / "b", "2")
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    for name in ("rounds.csv", "summary.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    rows = (tmp_path / "a" / "rounds.csv").read_text().splitlines()
+    assert rows[0] == "round,virtual_time_s,loss,consensus_distance,bytes_sent,messages_sent,live_peers"
+    assert len(rows) == 1 + 13
+
+
+def test_cli_bad_scenario_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    scenario = tmp_path / "bad.toml"
+    scenario.write_text("[swarm]\npeers = 4\nrounds = 3\n[network]\nuplink_bytes_per_s = -1.0\n")
+    done = run_cli(scenario, 0, tmp_path / "out", "0")
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "network.uplink_bytes_per_s" in done.stderr
+
+
+def small_run(seed: int, **overrides: dict[str, object]) -> list[tuple[object, ...]]:
+    import tomllib
+
+    data = tomllib.loads(SMALL)
+    for section, values in overrides.items():
+        data.setdefault(section, {}).update(values)
+    return [tuple(row.as_row().values()) for row in SwarmRun(scenario_from_dict(data), seed).run()]
+
+
+def test_different_seeds_differ_and_same_seed_repeats() -> None:
+    assert small_run(1) == small_run(1)
+    assert small_run(1) != small_run(2)
+
+
+def test_a_run_through_faults_converges() -> None:
+    data = {
+        "swarm": {"peers": 10, "rounds": 25},
+        "model": {"dim": 200, "gradient_noise": 0.0},
+        "gossip": {"density": 0.1},
+        "network": {"latency_s": 0.02, "loss": 0.05},
+        "byzantine": {"peers": ["p9"], "behaviour": "noise", "scale": 5.0},
+        "partitions": [{"at_s": 0.5, "heal_at_s": 1.5, "groups": [["p0", "p1", "p2"], ["p3", "p4", "p5", "p6"]]}],
+        "churn": [
+            {"at_s": 0.3, "peer": "p4", "kind": "crash"},
+            {"at_s": 1.0, "peer": "p4", "kind": "restart", "keep_state": False},
+            {"at_s": 0.2, "peer": "p7", "kind": "leave"},
+        ],
+    }
+    run = SwarmRun(scenario_from_dict(data), 0)
+    rows = run.run()
+    assert len(rows) == 26
+    assert rows[-1].live_peers == 9
+    assert rows[-1].loss < rows[0].loss / 20
+    assert rows[-1].consensus_distance < rows[0].consensus_distance / 5
+    assert run.summary()["network"]["messages_lost"] > 0  # type: ignore[index]
