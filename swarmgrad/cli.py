@@ -1,8 +1,9 @@
 """The `swarmgrad` command line: argument parsing, the subcommands' top level, exit codes.
 
 Subcommands here: `id` (print this peer's id and the addresses others dial it at), `keygen` (write a new
-private-swarm key) and `node` (run a discovery-only member of a swarm: a bootstrap peer, or a probe for tests and
-benchmarks). Other modules add subcommands by convention: a module listed in `PLUGIN_SUBCOMMANDS` defines
+private-swarm key), `node` (run a discovery-only member of a swarm: a bootstrap peer, or a probe for tests and
+benchmarks) and `sim` (the research simulator, run as `python -m sim` in a subprocess: the product never imports a
+harness). Other modules add subcommands by convention: a module listed in `PLUGIN_SUBCOMMANDS` defines
 `register(subparsers) -> None`, which adds its parser (under the listed name) with
 `set_defaults(run=<function(args) -> int>)`; it can reuse `add_swarm_arguments` and `node_config_from_args` for
 the flags every swarm member shares. A plugin module is imported only when its subcommand runs, so `swarmgrad id`
@@ -24,6 +25,7 @@ import logging
 import math
 import secrets
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -287,6 +289,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     node.add_argument("--run-for-s", type=_positive_float, help="stop after this many seconds (default: run on)")
     node.add_argument("--stats-interval-s", type=_positive_float, help="print a stats line this often")
     node.set_defaults(run=_run_node)
+
+    # The simulator is a harness the product must not import: `swarmgrad sim ...` is `python -m sim ...`.
+    sim = subparsers.add_parser("sim", help="run the research simulator (`swarmgrad sim run --help`)", add_help=False)
+    sim.add_argument("sim_args", nargs=argparse.REMAINDER)
+    sim.set_defaults(run=lambda args: subprocess.run([sys.executable, "-m", "sim", *args.sim_args]).returncode)
 
     for name, (module_name, help_text) in PLUGIN_SUBCOMMANDS.items():
         if name == command:

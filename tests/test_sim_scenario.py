@@ -129,3 +129,11 @@ def test_a_run_through_faults_converges() -> None:
     assert rows[-1].loss < rows[0].loss / 20
     assert rows[-1].consensus_distance < rows[0].consensus_distance / 5
     assert run.summary()["network"]["messages_lost"] > 0  # type: ignore[index]
+
+
+def test_swarmgrad_sim_dispatches_to_the_simulator(tmp_path: Path) -> None:
+    from swarmgrad.cli import main
+
+    scenario = tmp_path / "bad.toml"
+    scenario.write_text("[swarm]\npeers = 0\nrounds = 3\n")
+    assert main(["sim", "run", str(scenario), "--out", str(tmp_path / "out")]) == 2
