@@ -57,6 +57,14 @@ def is_inbound(conn: INetConn) -> bool:
     return getattr(conn, "direction", None) == Direction.INBOUND
 
 
+def remote_ip(conn: INetConn) -> str | None:
+    """The IP address `conn` comes from, or None when its transport does not know it. Relies on: py-libp2p's muxed
+    connections (yamux, mplex) have a `get_remote_address()` (not on `IMuxedConn`) that returns (host, port) from
+    the secured connection beneath, or None."""
+    remote = getattr(conn.muxed_conn, "get_remote_address", lambda: None)()
+    return None if remote is None else str(remote[0])
+
+
 def dht_key(key: str) -> bytes:
     """The bytes py-libp2p's Kademlia stores `key` under in its provider store and routing lookups. Relies on: the
     private `kad_dht._encode_key`, which `KadDHT.provide`/`find_providers` apply to a string key (a CID's multihash,

@@ -44,7 +44,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from p2p.discovery import Discovery, DiscoveryConfig, bounded_connect
 from p2p.host import HostConfig, listen_multiaddrs, running_host
 from p2p.identity import load_or_create_identity
-from p2p.libp2p_compat import is_inbound
+from p2p.libp2p_compat import is_inbound, remote_ip
 from p2p.limits import Ban, IpLimits, IpLimitsConfig
 from p2p.membership import (
     ConnectionClosed,
@@ -205,7 +205,7 @@ class SwarmNode:
         if not self.policy.allows(peer):
             self._refuse(peer_id, "the peer is banned")
             return
-        ip = _remote_ip(conn) if inbound else None
+        ip = remote_ip(conn) if inbound else None
         if ip is not None:
             refusal = self.ip_limits.admit_connection(ip, peer, trio.current_time())
             if refusal is not None:
@@ -248,7 +248,7 @@ class SwarmNode:
         if ban is not None:
             log.warning("banned peer %s for %g s: %s", ban.peer, ban.duration_s, ban.reason)
         for conn in self.host.get_network().get_connections(ID.from_base58(peer)):
-            ip = _remote_ip(conn)
+            ip = remote_ip(conn)
             if ip is not None:
                 ip_ban = self.ip_limits.offence(ip, peer, trio.current_time())
                 if ip_ban is not None:
@@ -259,7 +259,7 @@ class SwarmNode:
         """Log `ban` (once: `IpLimits` hands each ban out once) and close every connection from its IP."""
         log.warning("banned IP %s for %g s: %s", ban.ip, ban.duration_s, ban.reason)
         for peer_id, conns in sorted(self.host.get_network().get_connections_map().items(), key=lambda kv: str(kv[0])):
-            if any(_remote_ip(conn) == ban.ip for conn in conns):
+            if any(remote_ip(conn) == ban.ip for conn in conns):
                 self._start(self.host.disconnect, peer_id)
 
     # ---- effects and notifications ------------------------------------------------------------------------------
@@ -323,12 +323,6 @@ class SwarmNode:
                 return PingSucceeded(peer)
         self._counters["pings_failed"] += 1
         return PingFailed(peer, reason)
-
-
-def _remote_ip(conn: INetConn) -> str | None:
-    """The IP address `conn` comes from, when its transport knows it."""
-    remote = getattr(conn.muxed_conn, "get_remote_address", lambda: None)()
-    return None if remote is None else str(remote[0])
 
 
 @asynccontextmanager

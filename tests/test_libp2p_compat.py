@@ -29,6 +29,7 @@ from libp2p.peer.envelope import consume_envelope
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.peer.peerstore import PeerStore, PeerStoreError, env_to_send_in_RPC
+from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
 from p2p.addrs import ip_of
@@ -41,6 +42,7 @@ from p2p.libp2p_compat import (
     is_inbound,
     local_providers,
     query_providers,
+    remote_ip,
     stop_auto_connector,
 )
 
@@ -156,6 +158,7 @@ def test_the_internals_have_the_shape_the_adapter_calls() -> None:
     assert "auto_connector" in inspect.get_annotations(Swarm)
     assert _parameters(Swarm.unblock_peer) == ["self", "peer_id"]
     assert isinstance(inspect.getattr_static(SwarmConn, "direction"), property)
+    assert _parameters(Yamux.get_remote_address) == ["self"]
     assert _parameters(ProviderStore.get_providers) == ["self", "key"]
     assert inspect.iscoroutinefunction(ProviderStore._get_providers_from_peer_with_closers)
     assert _parameters(ProviderStore._get_providers_from_peer_with_closers) == ["self", "peer_id", "key"]
@@ -204,6 +207,8 @@ async def test_a_connection_knows_which_side_dialled(tmp_path: Path) -> None:
             inbound = b.get_network().get_connections(a.get_id())
     assert outbound and not any(is_inbound(conn) for conn in outbound)
     assert inbound and all(is_inbound(conn) for conn in inbound)
+    assert {remote_ip(conn) for conn in inbound} <= {str(ip_of(addr)) for addr in a.get_addrs()} | {"127.0.0.1"}
+    assert all(remote_ip(conn) is not None for conn in inbound + outbound)
 
 
 @asynccontextmanager
