@@ -140,14 +140,14 @@ def canonical_bytes(state: Mapping[str, torch.Tensor]) -> memoryview:
     """The canonical parameter bytes of `state`, as one read-only buffer (a copy: later changes to the tensors do
     not show)."""
     layout = parameter_layout(state)
-    buffer = bytearray(layout.total_size_bytes)
-    buffer[: layout.header_size_bytes] = layout.header
-    view = np.frombuffer(buffer, dtype=np.uint8)
+    buffer = np.zeros(layout.total_size_bytes, dtype=np.uint8)  # zero padding; calloc'ed, so cheap
+    buffer[: layout.header_size_bytes] = np.frombuffer(layout.header, dtype=np.uint8)
     for segment in layout.segments:
         tensor = state[segment.name].detach().cpu().contiguous()
         raw = tensor.reshape(-1).view(torch.uint8).numpy()  # native order; every supported host is little-endian
-        view[segment.offset : segment.offset + segment.size_bytes] = raw
-    return memoryview(buffer).toreadonly()
+        buffer[segment.offset : segment.offset + segment.size_bytes] = raw
+    buffer.flags.writeable = False
+    return memoryview(buffer)
 
 
 # ---- the tree -----------------------------------------------------------------------------------------------------
@@ -196,7 +196,7 @@ class CheckpointTree:
         self.chunk_count = chunk_count_of(len(data))
         if self.chunk_count > MAX_CHUNK_COUNT:
             raise LocalProtocolError(f"{self.chunk_count} chunks exceed {MAX_CHUNK_COUNT}")
-        level = [_leaf(self.chunk(i)) for i in range(self.chunk_count)]
+        level = [_leaf(self._chunk_view(i)) for i in range(self.chunk_count)]
         self._levels: list[list[bytes]] = [level]
         while len(level) > 1:
             pairs = [_node(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
@@ -223,7 +223,10 @@ class CheckpointTree:
     def chunk(self, index: int) -> bytes:
         """The bytes of chunk `index`."""
         self._check_index(index)
-        return bytes(self._data[index * CHUNK_SIZE_BYTES : (index + 1) * CHUNK_SIZE_BYTES])
+        return bytes(self._chunk_view(index))
+
+    def _chunk_view(self, index: int) -> memoryview:
+        return self._data[index * CHUNK_SIZE_BYTES : (index + 1) * CHUNK_SIZE_BYTES]
 
     def proof(self, index: int) -> tuple[bytes, ...]:
         """The sibling hashes from leaf `index` up to the top (levels where the node is carried have none)."""
