@@ -147,7 +147,7 @@ def canonical_bytes(state: Mapping[str, torch.Tensor]) -> memoryview:
         raw = tensor.reshape(-1).view(torch.uint8).numpy()  # native order; every supported host is little-endian
         buffer[segment.offset : segment.offset + segment.size_bytes] = raw
     buffer.flags.writeable = False
-    return memoryview(buffer)
+    return buffer.data  # read-only, as the array is
 
 
 # ---- the tree -----------------------------------------------------------------------------------------------------

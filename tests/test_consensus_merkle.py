@@ -80,6 +80,7 @@ def test_tree_copies_the_state_and_any_change_moves_the_root() -> None:
     state["b.weight"][0] += 1.0
     assert CheckpointTree.from_state(state).root != root
     assert tree.root == root and CheckpointTree(tree.data, tree.layout).root == root  # the tree kept its copy
+    assert tree.data.readonly
     renamed = {("z" if k == "c.steps" else k): v for k, v in state.items()}
     assert CheckpointTree.from_state(renamed).root != CheckpointTree.from_state(state).root
     reshaped = {**state, "c.steps": state["c.steps"].reshape(1, 1)}
