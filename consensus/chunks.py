@@ -327,6 +327,18 @@ def check_sample(
 def chunk_mismatch(index: int, chunk: bytes, own_tree: CheckpointTree, tolerance: float) -> str | None:
     """None when `chunk` lies within `tolerance` of chunk `index` of `own_tree` (see the module docstring), else
     why not."""
+    distance = chunk_distance(index, chunk, own_tree)
+    if isinstance(distance, str):
+        return distance
+    if not distance <= tolerance:
+        return f"relative distance {distance:.3g} from our parameters exceeds the tolerance {tolerance:.3g}"
+    return None
+
+
+def chunk_distance(index: int, chunk: bytes, own_tree: CheckpointTree) -> float | str:
+    """The relative distance of `chunk`'s tensor elements from those of chunk `index` of `own_tree` (0.0 for a
+    chunk with none), or why the two cannot be compared: different lengths, different bytes outside the tensors,
+    a non-finite element in `chunk`."""
     ours = own_tree.chunk(index)
     if len(chunk) != len(ours):
         return f"{len(chunk)} bytes where ours has {len(ours)}"
@@ -347,14 +359,11 @@ def chunk_mismatch(index: int, chunk: bytes, own_tree: CheckpointTree, tolerance
     if chunk[cursor - start :] != ours[cursor - start :]:
         return f"bytes outside the tensors (header or padding) differ in [{cursor}, {end})"
     if not theirs_values:
-        return None
+        return 0.0
     theirs_all, ours_all = torch.cat(theirs_values), torch.cat(our_values)
     if not bool(torch.isfinite(theirs_all).all()):
         return "holds a non-finite value"
-    distance = float(torch.linalg.vector_norm(theirs_all - ours_all) / max(float(ours_all.norm()), TINY_NORM))
-    if not distance <= tolerance:
-        return f"relative distance {distance:.3g} from our parameters exceeds the tolerance {tolerance:.3g}"
-    return None
+    return float(torch.linalg.vector_norm(theirs_all - ours_all) / max(float(ours_all.norm()), TINY_NORM))
 
 
 def _as_float64(raw: bytes, dtype: torch.dtype) -> torch.Tensor:
