@@ -19,15 +19,15 @@ record and everything after it would be dropped.
 **Durability.** `append` writes one record with a single `write` and `fsync`s the file before it returns; creating
 the file writes and `fsync`s the header, then `fsync`s the directory so that the file's name survives a crash too.
 
-**Damage.** `load` reads every record and checks each one. A crash during an append can leave only a *prefix* of
-the last record (its length, checksum or body cut short): such a truncated tail is cut back to the end of the last
-whole record, with one warning in the log, and the records before it are returned. A file shorter than its header
-that holds a prefix of it (an empty file included: a crash while the file was created) gets its header rewritten,
-with a warning, and holds no records. Anything else is damage that a
-crash cannot cause: a bad file header, a length of 0 or above the limit, or a checksum that does not match (in the
-middle or in a complete last record). That raises `ChainError` with the byte offset and the reason, and the file is
-left as it is: the chain is never silently shortened or accepted. (A cut exactly at a record boundary looks like a
-shorter chain and cannot be seen in the file alone; `verify-chain` from a trusted certificate catches it.)
+**Damage.** `load` reads the whole file and checks every record. A crash during an append can leave only a
+*prefix* of the last record (its length, checksum or body cut short): such a truncated tail is cut back to the end
+of the last whole record, with one warning in the log, and the records before it are returned. A file shorter than
+its header that holds a prefix of it (an empty file included: a crash while the file was created) gets its header
+rewritten, with a warning, and holds no records. Anything else is damage that a crash cannot cause: a bad file
+header, a length whose CRC does not match or that is 0 or above the limit, or a body checksum that does not match
+(in the middle or in a complete last record). That raises `ChainError` with the byte offset and the reason, and
+the file is left as it is: the chain is never silently shortened or accepted. (A cut exactly at a record boundary
+looks like a shorter chain and cannot be seen in the file alone; verifying from a trusted certificate catches it.)
 """
 
 from __future__ import annotations

@@ -186,7 +186,7 @@ class ChunkRefusal:
 
     def __post_init__(self) -> None:
         _check_question(self.swarm_id, self.epoch, self.root)
-        if self.code not in Refusal._value2member_map_:
+        if self.code not in {refusal.value for refusal in Refusal}:
             raise ValueError(f"unknown refusal code {self.code}")
         if len(self.detail) > MAX_DETAIL_CHARS:
             raise ValueError(f"detail holds at most {MAX_DETAIL_CHARS} characters, got {len(self.detail)}")

@@ -140,7 +140,10 @@ def parameter_layout(state: Mapping[str, torch.Tensor]) -> ParameterLayout:
 def canonical_bytes(state: Mapping[str, torch.Tensor]) -> memoryview:
     """The canonical parameter bytes of `state`, as one read-only buffer (a copy: later changes to the tensors do
     not show)."""
-    layout = parameter_layout(state)
+    return _fill(state, parameter_layout(state))
+
+
+def _fill(state: Mapping[str, torch.Tensor], layout: ParameterLayout) -> memoryview:
     buffer = np.zeros(layout.total_size_bytes, dtype=np.uint8)  # zero padding; calloc'ed, so cheap
     buffer[: layout.header_size_bytes] = np.frombuffer(layout.header, dtype=np.uint8)
     for segment in layout.segments:
@@ -161,15 +164,12 @@ def chunk_count_of(size_bytes: int) -> int:
     return -(-size_bytes // CHUNK_SIZE_BYTES)
 
 
-def expected_chunk_size(index: int, chunk_count: int, total_size_bytes: int | None = None) -> tuple[int, int]:
+def expected_chunk_size(index: int, chunk_count: int) -> tuple[int, int]:
     """The (min, max) length a chunk at `index` may have: exactly `CHUNK_SIZE_BYTES` but for the last one, which
-    holds 1 to `CHUNK_SIZE_BYTES` bytes (exactly the remainder when the total size is known)."""
+    holds 1 to `CHUNK_SIZE_BYTES` bytes."""
     if index < chunk_count - 1:
         return CHUNK_SIZE_BYTES, CHUNK_SIZE_BYTES
-    if total_size_bytes is None:
-        return 1, CHUNK_SIZE_BYTES
-    last = total_size_bytes - (chunk_count - 1) * CHUNK_SIZE_BYTES
-    return last, last
+    return 1, CHUNK_SIZE_BYTES
 
 
 def _leaf(chunk: bytes | memoryview) -> bytes:
@@ -210,7 +210,8 @@ class CheckpointTree:
     @classmethod
     def from_state(cls, state: Mapping[str, torch.Tensor]) -> CheckpointTree:
         """The tree of `state` (copied: the tree does not see later changes to the tensors)."""
-        return cls(canonical_bytes(state), parameter_layout(state))
+        layout = parameter_layout(state)
+        return cls(_fill(state, layout), layout)
 
     @property
     def total_size_bytes(self) -> int:

@@ -8,8 +8,9 @@ sampling and the voter's check are `consensus.chunks`; this machine only moves t
   it fires with no answer the request is sent again, up to `attempts` sends in all, then `SampleFailed` is
   notified. The first `ChunkReply` or `ChunkRefusal` from that peer for that (swarm, epoch, root) is notified as
   `SampleFetched` (the caller runs `check_sample` on it, a `Compute` if it likes). `PeerDown` fails every fetch
-  from that peer at once. An answer nobody asked for is a `UnsolicitedChunkReply`; a late duplicate of an answer
-  already taken (a retry crossed it) is dropped without blame.
+  from that peer at once; a `SendFailed` changes nothing (the timer resends). An answer nobody asked for is an
+  `UnsolicitedChunkReply`; a late duplicate of an answer already taken (a retry crossed it) is dropped without
+  blame.
 - **Serving.** `HoldTree(epoch, tree)` keeps a tree to serve (at most `max_held_trees`, the oldest epoch evicted);
   a `ChunkRequest` is answered at once with `consensus.chunks.serve` (a refusal for another swarm or an unknown
   root). Serving 8 chunks costs a fraction of a millisecond, so it is not a `Compute`.
