@@ -185,3 +185,11 @@ def test_chunk_count_and_index_bounds() -> None:
         tree.chunk(1)
     with pytest.raises(LocalProtocolError):
         tree.proof(-1)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_state_on_the_gpu_has_the_root_of_the_same_state_on_the_cpu() -> None:
+    state = _state(200_000)
+    on_gpu = {name: tensor.cuda() for name, tensor in state.items()}
+    assert CheckpointTree.from_state(on_gpu).root == CheckpointTree.from_state(state).root
