@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import trio
+import trio.testing
 
 from consensus.chunks import (
     DEFAULT_SAMPLE_COUNT,
+    MAX_MESSAGE_BYTES,
+    PROTOCOL,
+    SCHEMA,
     ChunkRefusal,
     ChunkReply,
     ChunkRequest,
@@ -18,6 +23,8 @@ from consensus.chunks import (
 )
 from consensus.merkle import CheckpointTree
 from consensus.sample_fetch import FetchSample, HoldTree, SampleFailed, SampleFetch, SampleFetchConfig, SampleFetched
+from sim.transport import SimNetwork
+from swarmgrad.core.driver import Driver
 from swarmgrad.core.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from swarmgrad.core.machine import CancelTimer, Notify, PeerDown, Received, Send, SetTimer, TimerFired
 
@@ -132,3 +139,26 @@ def test_config_and_commands_are_checked(proposal: CheckpointTree) -> None:
         voter.step(0.0, FetchSample("prop", _request(proposal)))
     with pytest.raises(LocalProtocolError, match="swarm"):
         voter.step(0.0, FetchSample("prop", ChunkRequest("other", 1, proposal.root, (0,))))
+
+
+async def test_a_sample_travels_through_two_drivers(autojump_clock: trio.testing.MockClock) -> None:
+    """The machines on the trio driver over the in-memory transport: the codec, the message limit and the
+    notification path carry a real sample end to end."""
+    proposal, own = _tree(1), _tree(2)
+    request = ChunkRequest(SWARM, 2, proposal.root, sample_indices(b"sig", proposal.chunk_count, 4))
+    net = SimNetwork(seed=1)
+    async with net.run(), net.open_transport("prop") as tp, net.open_transport("voter") as tv:
+        async with trio.open_nursery() as nursery:
+            drivers = [
+                Driver(SampleFetch(SampleFetchConfig(SWARM)), t, PROTOCOL, SCHEMA, max_message_bytes=MAX_MESSAGE_BYTES)
+                for t in (tp, tv)
+            ]
+            for driver in drivers:
+                await nursery.start(driver.run)
+            drivers[0].submit(HoldTree(2, proposal))
+            drivers[1].submit(FetchSample("prop", request))
+            with trio.fail_after(5.0):
+                fetched = await drivers[1].notifications.receive()
+            assert isinstance(fetched, SampleFetched) and isinstance(fetched.answer, ChunkReply)
+            assert check_sample(proposal.root, proposal.chunk_count, request.indices, fetched.answer, own) is None
+            nursery.cancel_scope.cancel()
