@@ -61,8 +61,8 @@ class Peer:
         wrap: list[str] | None = None,
     ) -> None:
         command = [*(wrap or []), sys.executable, "-m", "swarmgrad.cli"]
-        command += ["--log-level", os.environ.get("BENCH_LOG_LEVEL", "WARNING"), "node", "--data-dir", str(tmp / name)]
-        command += ["--listen", listen, "--swarm-id", swarm_id]
+        command += ["--log-level", os.environ.get("BENCH_LOG_LEVEL", "WARNING"), "node", "--json"]
+        command += ["--data-dir", str(tmp / name), "--listen", listen, "--swarm-id", swarm_id]
         if bootstrap is not None:
             command += ["--bootstrap", bootstrap]
         self.listening: dict[str, Any] | None = None

@@ -19,8 +19,9 @@ peer, or one that dialled in) is verified by asking it directly, which is faster
 its record has spread; the record must still verify exactly as one from the DHT.
 
 Joining: the DHT's routing table stays empty after a plain connect (docs/libp2p.md #6), so discovery dials each
-bootstrap multiaddr (bounded by `dial_timeout_s`), adds it to the DHT explicitly and looks up its own id; a
-bootstrap peer whose own member record verifies is reported `via="bootstrap"`.
+bootstrap multiaddr (`bounded_connect`: the TCP connect and the handshake each within its own bound of the host's
+config), adds it to the DHT explicitly and looks up its own id; a bootstrap peer whose own member record verifies is
+reported `via="bootstrap"`.
 
 This module owns the DHT and the record format, and carries out the effects of `p2p.schedule.DiscoverySchedule`
 (run by the one driver), which decides when to dial, retry, publish and look up. It must not decide who is live
@@ -54,12 +55,14 @@ from libp2p.records.validator import Validator
 from libp2p.tools.anyio_service import background_trio_service
 
 from p2p.addrs import parse_peer_addr
+from p2p.host import HostConfig
 from p2p.libp2p_compat import (
     closest_known_peers,
     dht_key,
     fill_routing_table,
     forget_dial_failure,
     local_providers,
+    on_outbound_upgrade,
     query_providers,
 )
 from p2p.membership import VIA_BOOTSTRAP, VIA_DHT, CandidateFound
@@ -214,9 +217,6 @@ class DiscoveryConfig:
     swarm_id: str
     bootstrap_addrs: tuple[str, ...] = ()
     """Multiaddrs ending in `/p2p/<peer id>`. Empty for the first peer of a swarm."""
-    dial_timeout_s: float = 1.5
-    """Bound on dialling one bootstrap peer, pnet handshake included (a wrong swarm key fails only after ~30-40 s
-    in py-libp2p otherwise)."""
     bootstrap_attempts: int = 3
     """Rounds of dialling the bootstrap addresses before giving up (a busy bootstrap peer may miss one dial)."""
     bootstrap_retry_s: float = 1.0
@@ -241,7 +241,6 @@ class DiscoveryConfig:
         if not (isinstance(self.bootstrap_attempts, int) and self.bootstrap_attempts >= 1):
             raise ConfigError("bootstrap_attempts", self.bootstrap_attempts, "an integer >= 1")
         for name in (
-            "dial_timeout_s",
             "bootstrap_retry_s",
             "record_ttl_s",
             "republish_interval_s",
@@ -280,11 +279,13 @@ class Discovery:
         host: IHost,
         key_pair: KeyPair,
         config: DiscoveryConfig,
+        host_config: HostConfig,
         on_found: Callable[[CandidateFound], None],
         clock_unix_s: Callable[[], float] = time.time,
     ) -> None:
         self.host = host
         self.config = config
+        self.host_config = host_config
         self._key_pair = key_pair
         self._on_found = on_found
         self._clock_unix_s = clock_unix_s
@@ -326,6 +327,13 @@ class Discovery:
             self._nursery = nursery
             started = trio.current_time()
             await nursery.start(self._driver.run)
+            if self.config.bootstrap_addrs:
+                log.info(
+                    "joining swarm %s through %d bootstrap address(es), up to %d attempts",
+                    self.config.swarm_id,
+                    len(self.config.bootstrap_addrs),
+                    self.config.bootstrap_attempts,
+                )
             self._driver.submit(Start())
             async for note in self._driver.notifications:
                 if isinstance(note, BootstrapAttemptFailed):
@@ -352,7 +360,7 @@ class Discovery:
         if isinstance(effect, DialBootstrap):
             info = parse_peer_addr("bootstrap", effect.addr)
             self._counters["bootstrap_dials"] += 1
-            reason = await bounded_connect(self.host, info, self.config.dial_timeout_s)
+            reason = await bounded_connect(self.host, info, self.host_config)
             if reason is None:
                 await self.dht.add_peer(info.peer_id)
             return BootstrapDialed(effect.addr, info.peer_id.to_base58(), reason)
@@ -456,7 +464,7 @@ class Discovery:
         whether a record verified.
 
         The record comes from the peer itself when we are connected to it or can dial it at `addrs` (the addresses
-        of its provider record) within `dial_timeout_s`: one dial, which the membership machine would make anyway,
+        of its provider record) with `bounded_connect`: one dial, which the membership machine would make anyway,
         instead of a DHT walk that waits on every slow peer. Otherwise it comes from the DHT. Either way it must
         verify: signed by `peer`, of our swarm, unexpired.
         """
@@ -466,7 +474,7 @@ class Discovery:
             value = None
             reachable = bool(self.host.get_network().get_connections(peer_id))
             if not reachable and addrs:
-                reason = await bounded_connect(self.host, PeerInfo(peer_id, list(addrs)), self.config.dial_timeout_s)
+                reason = await bounded_connect(self.host, PeerInfo(peer_id, list(addrs)), self.host_config)
                 reachable = reason is None
             if reachable:
                 value = await self._fetch_record(peer)
@@ -553,16 +561,37 @@ async def resolve_dns_addrs(addrs: Sequence[multiaddr.Multiaddr]) -> list[multia
     return resolved
 
 
-async def bounded_connect(host: IHost, info: PeerInfo, timeout_s: float) -> str | None:
-    """Dial `info` within `timeout_s` (pnet handshake included). Returns None on success, else a reason naming the
-    likely cause: a private-swarm peer with another key (or none) never completes the handshake, so a timeout says
-    so. Logs nothing; the caller decides.
+WRONG_KEY_HINT = (
+    "likely a wrong or missing swarm key (the peer is in a private swarm with another key, or only one side has "
+    "one: check --swarm-key / network.swarm_key)"
+)
+"""Ends every failed dial whose TCP connection was up: in a handshake between two peers of one swarm, nothing
+else fails that way."""
+
+
+async def bounded_connect(host: IHost, info: PeerInfo, config: HostConfig) -> str | None:
+    """Dial `info` in two bounded phases: the TCP connect within `config.connect_timeout_s` (a slow link), then the
+    handshake (pnet, Noise, yamux) within `config.handshake_timeout_s` from the moment TCP is up. Returns None on
+    success, else a reason naming the phase and the likely cause: a peer that accepts TCP but does not complete the
+    handshake is, in practice, one with another swarm key (or none), so that reason says so (`WRONG_KEY_HINT`).
+    Logs nothing; the caller decides.
 
     Our callers own the re-dial policy (bootstrap attempts, the membership machine's backoff), so the peer is first
     lifted from py-libp2p's own negative cache, which otherwise refuses every dial to it for 60 s after one failure
     without touching the network."""
     forget_dial_failure(host, info.peer_id)
-    with trio.move_on_after(timeout_s) as scope:
+    tcp_up = False
+
+    def handshake_started() -> None:
+        nonlocal tcp_up
+        if not tcp_up:  # py-libp2p may retry on a fresh TCP connection: the first one starts the clock
+            tcp_up = True
+            scope.deadline = trio.current_time() + config.handshake_timeout_s
+
+    with (
+        trio.move_on_after(config.connect_timeout_s) as scope,
+        on_outbound_upgrade(host, info.peer_id, handshake_started),
+    ):
         try:
             addrs = await resolve_dns_addrs(info.addrs)
         except OSError as exc:
@@ -570,10 +599,17 @@ async def bounded_connect(host: IHost, info: PeerInfo, timeout_s: float) -> str 
         try:
             await host.connect(PeerInfo(info.peer_id, addrs))
         except (BaseLibp2pError, OSError) as exc:
+            if tcp_up:
+                return f"TCP connected, but the handshake failed ({type(exc).__name__}: {exc}); {WRONG_KEY_HINT}"
             return f"connection failed: {type(exc).__name__}: {exc}"
     if scope.cancelled_caught:
+        if tcp_up:
+            return (
+                f"TCP connected, but the handshake did not complete within {config.handshake_timeout_s} s "
+                f"(network.handshake_timeout_s); {WRONG_KEY_HINT}"
+            )
         return (
-            f"handshake did not complete within {timeout_s} s: the peer is unreachable, or it is in a private swarm "
-            "with another swarm key (or this peer has none, or it has one and this peer has not)"
+            f"no TCP connection within {config.connect_timeout_s} s (network.connect_timeout_s): the peer is "
+            "unreachable or the link is slow"
         )
     return None

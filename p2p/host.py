@@ -73,14 +73,20 @@ class HostConfig:
     for a host behind a port mapping, or with interfaces other peers cannot reach."""
     psk: bytes | None = None
     """A 32-byte pre-shared key: only peers holding the same key can connect (libp2p pnet). A peer with another
-    key is refused only after its handshake times out (~30-40 s, docs/libp2p.md #9)."""
+    key (or none) never completes the handshake: it is refused when `handshake_timeout_s` runs out."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     """The largest payload this host sends, and the default limit of what it accepts per protocol."""
     max_in_flight_bytes_per_peer: int = 2 * DEFAULT_MAX_MESSAGE_BYTES
     """How many bytes of not-yet-delivered messages one peer may make this host hold, over all its streams; further
     frames from that peer wait (back-pressure) until earlier ones are delivered."""
     connect_timeout_s: float = 10.0
-    """Bound on one dial (TCP connect, Noise handshake, yamux negotiation). py-libp2p's own default is also 10 s."""
+    """Bound on the TCP connect of one dial: generous, for a slow or distant link (py-libp2p's own default is also
+    10 s). The handshake that follows has its own bound, `handshake_timeout_s`."""
+    handshake_timeout_s: float = 1.5
+    """Bound on upgrading a connection once TCP is up, both ways: pnet, the Noise handshake and the yamux
+    negotiation, which take milliseconds between two peers of one swarm. A peer holding another swarm key (or
+    none, or one where we have none) never completes it, and py-libp2p alone would wait 30-40 s
+    (docs/libp2p.md #9): this bound is what makes a wrong swarm key fail fast, with a message naming it."""
     stream_open_timeout_s: float = 10.0
     """Bound on opening a stream and negotiating its protocol on an existing connection."""
     stream_idle_timeout_s: float = 120.0
@@ -119,7 +125,7 @@ class HostConfig:
                 self.max_in_flight_bytes_per_peer,
                 f"an int >= max_message_bytes ({self.max_message_bytes})",
             )
-        for name in ("connect_timeout_s", "stream_open_timeout_s", "stream_idle_timeout_s"):
+        for name in ("connect_timeout_s", "handshake_timeout_s", "stream_open_timeout_s", "stream_idle_timeout_s"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not (value > 0 and math.isfinite(value)):
                 raise ConfigError(name, value, "a finite number of seconds > 0")
@@ -144,8 +150,8 @@ def build_host(config: HostConfig) -> IHost:
         low_watermark=0,
         max_connections_per_peer=1,
         dial_timeout=config.connect_timeout_s,
-        outbound_upgrade_timeout=config.connect_timeout_s,
-        inbound_upgrade_timeout=config.connect_timeout_s,
+        outbound_upgrade_timeout=config.handshake_timeout_s,
+        inbound_upgrade_timeout=config.handshake_timeout_s,
         outbound_stream_protocol_negotiation_timeout=config.stream_open_timeout_s,
         inbound_stream_protocol_negotiation_timeout=config.stream_open_timeout_s,
     )

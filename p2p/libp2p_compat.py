@@ -12,7 +12,10 @@ py-libp2p's interfaces: put the next such use here, with its test.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 import multiaddr
 from libp2p.abc import IHost, INetConn
@@ -138,3 +141,46 @@ def filter_received_addrs(host: IHost, policy: AddressPolicy) -> None:
             original(peer_id, kept, ttl)
 
     peerstore.add_addrs = add_addrs  # type: ignore[method-assign]
+
+
+class _UpgradeWatch:
+    """The callbacks waiting for an outbound connection upgrade to begin, per remote peer, on one `Swarm`."""
+
+    def __init__(self, swarm: Swarm) -> None:
+        self.waiters: dict[ID, list[Callable[[], None]]] = {}
+        original = swarm.upgrade_outbound_raw_conn
+
+        async def upgrade(raw_conn: Any, peer_id: ID, pre_scope: Any = None) -> Any:
+            for callback in list(self.waiters.get(peer_id, ())):
+                callback()
+            return await original(raw_conn, peer_id, pre_scope)
+
+        swarm.upgrade_outbound_raw_conn = upgrade  # type: ignore[method-assign]
+
+
+_upgrade_watches: weakref.WeakKeyDictionary[Swarm, _UpgradeWatch] = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def on_outbound_upgrade(host: IHost, peer_id: ID, callback: Callable[[], None]) -> Iterator[None]:
+    """While in this block, call `callback()` each time one of `host`'s outbound dials to `peer_id` (ours or any
+    other task's) has its TCP connection open and starts upgrading it: pnet, the security handshake, the muxer.
+    What happens before is the TCP connect; what follows is the handshake, which a peer holding another swarm key
+    never completes.
+
+    Relies on: `Swarm.dial_addr` gets the raw connection from the transport (the TCP connect), wraps it for pnet
+    (no I/O yet), then awaits `self.upgrade_outbound_raw_conn(raw_conn, peer_id, pre_scope)`, looked up on the
+    instance, which does all of the upgrade; so wrapping that method on the host's `Swarm` (once per swarm) sees
+    the moment TCP is up."""
+    swarm = _swarm(host)
+    watch = _upgrade_watches.get(swarm)
+    if watch is None:
+        watch = _upgrade_watches[swarm] = _UpgradeWatch(swarm)
+    waiting = watch.waiters.setdefault(peer_id, [])
+    waiting.append(callback)
+    try:
+        yield
+    finally:
+        waiting.remove(callback)
+        if not waiting:
+            del watch.waiters[peer_id]

@@ -6,8 +6,9 @@ It assembles the parts and carries out their requests; it holds no protocol logi
 * `p2p.discovery.Discovery` (DHT join, member records, lookups), whose verified finds go to the machine,
 * the `p2p.membership.Membership` machine, run by the one `swarmgrad.core.driver.Driver` (its timers, its bounded
   input: discovery finds, connection events from the host's network, dial and ping outcomes), whose effects this
-  module carries out: `Dial` (bounded by `DiscoveryConfig.dial_timeout_s`, so a wrong swarm key fails in seconds
-  with a clear log line), `Disconnect`, `Ping` (libp2p `/ipfs/ping/1.0.0`, bounded by `ping_timeout_s`),
+  module carries out: `Dial` (`p2p.discovery.bounded_connect`: TCP within `HostConfig.connect_timeout_s`, the
+  handshake within `HostConfig.handshake_timeout_s`, so a wrong swarm key fails in ~1.5 s with a log line naming
+  it), `Disconnect`, `Ping` (libp2p `/ipfs/ping/1.0.0`, bounded by `ping_timeout_s`),
 * the admission policy (`p2p.swarm.ScoringPolicy`): a connection from a banned peer, or an inbound connection over
   the cap, is closed as soon as it opens; `policy` is also the `PeerPolicy` to hand a transport on the same host.
 * the per-IP limits (`p2p.limits.IpLimits`, `ip_limits`): an inbound connection from a banned IP, from an IP that
@@ -136,7 +137,7 @@ class SwarmNode:
             notify_queue_len=config.event_queue_len,
             run_effect=self._carry_out,
         )
-        self.discovery = Discovery(host, key_pair, config.discovery, self._submit)
+        self.discovery = Discovery(host, key_pair, config.discovery, config.host, self._submit)
         self._subscribers: list[trio.MemorySendChannel[NodeEvent]] = []
         self._changed = trio.Event()  # set, and replaced, at each change of the live set
         self._nursery: trio.Nursery | None = None
@@ -301,7 +302,7 @@ class SwarmNode:
             addrs = [multiaddr.Multiaddr(addr) for addr in request.addrs]
         except (ValueError, multiaddr.exceptions.Error) as exc:
             return DialFailed(request.peer, f"bad address in its member record: {exc}")
-        reason = await bounded_connect(self.host, PeerInfo(peer_id, addrs), self.config.discovery.dial_timeout_s)
+        reason = await bounded_connect(self.host, PeerInfo(peer_id, addrs), self.config.host)
         if reason is None:
             return ConnectionOpened(request.peer) if self.host.get_network().get_connections(peer_id) else None
         self._counters["dials_failed"] += 1

@@ -5,12 +5,14 @@ private-swarm key), `node` (run a discovery-only member of a swarm: a bootstrap 
 benchmarks) and `sim` (the research simulator, run as `python -m sim` in a subprocess: the product never imports a
 harness). Other modules add subcommands by convention: a module listed in `PLUGIN_SUBCOMMANDS` defines
 `register(subparsers) -> None`, which adds its parser (under the listed name) with
-`set_defaults(run=<function(args) -> int>)`; it can reuse `add_swarm_arguments` and `node_config_from_args` for
-the flags every swarm member shares. A plugin module is imported only when its subcommand runs, so `swarmgrad id`
+`set_defaults(run=<function(args) -> int>)`; it reuses `swarmgrad.netconfig.add_network_arguments` for the flags
+every swarm member shares (`--config`, `--set`, `--json`, the data directory and the `[network]` flags), so `id`,
+`node` and `peer` accept the same ones. A plugin module is imported only when its subcommand runs, so `swarmgrad id`
 or `node` never pays for (or breaks on) torch and the training stack.
 
-`node` prints one JSON object per line on stdout (`listening`, `peer_discovered` with `via`, `peer_up`,
-`peer_down`, `peer_forgotten`, `stats`), for people and tests alike; logs go to stderr. Every error the user can
+`node` prints one line per event on stdout (`listening`, `peer_discovered` with `via`, `peer_up`, `peer_down`,
+`peer_forgotten`, `stats`): `event key=value ...` for people, one JSON object with `--json` for scripts and tests;
+logs go to stderr. Every error the user can
 fix (malformed or unreachable bootstrap address, bad swarm id, port in use, bad key file) is one line on stderr
 naming the value, and a non-zero exit status: 2 for a bad argument, 1 for anything else. This is the one place where
 `except SwarmgradError` ends the program; nothing here is protocol logic.
@@ -35,22 +37,18 @@ import multiaddr
 import trio
 
 from p2p.addrs import advertised_addrs, interface_ips, tcp_port_of
-from p2p.discovery import DiscoveryConfig
 from p2p.host import HostConfig
 from p2p.identity import load_or_create_identity, peer_id_of
-from p2p.membership import MembershipConfig, PeerDiscovered, PeerForgotten
+from p2p.membership import PeerDiscovered, PeerForgotten
 from p2p.node import NodeConfig, SwarmNode, open_node
-from p2p.swarm import SwarmKey, load_swarm_key, write_swarm_key
+from p2p.swarm import SwarmKey, write_swarm_key
 from swarmgrad.core.errors import ConfigError, SwarmgradError
 from swarmgrad.core.machine import PeerDown, PeerUp
-from swarmgrad.core.swarm_id import validate_swarm_id
+from swarmgrad.netconfig import MemberConfig, add_network_arguments, load_member_config, network_overrides
 
 PLUGIN_SUBCOMMANDS = {"peer": ("swarmgrad.peer", "run a training peer (see `swarmgrad peer --help`)")}
 """Subcommand name -> (module whose `register(subparsers)` adds it, one-line help shown by `swarmgrad --help`)."""
 
-DEFAULT_DATA_DIR = Path.home() / ".swarmgrad"
-DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/7400"
-IDENTITY_FILE = "identity.key"
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
@@ -74,85 +72,21 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def add_swarm_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of every swarm member: data dir, listen addresses, bootstrap peers, swarm id and key."""
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=DEFAULT_DATA_DIR,
-        help=f"where this peer keeps its identity ({IDENTITY_FILE}); default {DEFAULT_DATA_DIR}",
-    )
-    parser.add_argument(
-        "--listen",
-        action="append",
-        metavar="MULTIADDR",
-        help=f"TCP multiaddr to listen on (repeatable); default {DEFAULT_LISTEN}; port 0 picks a free port",
-    )
-    parser.add_argument(
-        "--bootstrap",
-        action="append",
-        default=[],
-        metavar="MULTIADDR",
-        help="a peer of the swarm, /ip4/<ip>/tcp/<port>/p2p/<peer id> (repeatable); none for the first peer",
-    )
-    parser.add_argument(
-        "--announce",
-        action="append",
-        default=[],
-        metavar="MULTIADDR",
-        help="advertise this /ip4/<ip>/tcp/<port> instead of the interface addresses (repeatable): port mappings, NAT",
-    )
-    parser.add_argument("--swarm-id", required=True, help="the swarm's name: a-z, 0-9, '.', '_', '-'")
-    parser.add_argument(
-        "--swarm-key", type=Path, metavar="FILE", help="pre-shared key file of a private swarm (see `swarmgrad keygen`)"
-    )
-    parser.add_argument("--max-peers", type=int, default=MembershipConfig.max_peers, help="bound on the live peer set")
-
-
-def node_config_from_args(args: argparse.Namespace) -> NodeConfig:
-    """The `NodeConfig` the shared flags describe. Raises `ConfigError` / `SwarmKeyError` naming the bad value."""
-    validate_swarm_id(args.swarm_id)
-    swarm_key: SwarmKey | None = None if args.swarm_key is None else load_swarm_key(args.swarm_key)
-    return NodeConfig(
-        host=HostConfig(
-            key_path=args.data_dir / IDENTITY_FILE,
-            listen_addrs=tuple(args.listen or [DEFAULT_LISTEN]),
-            announce_addrs=tuple(args.announce),
-            psk=None if swarm_key is None else swarm_key.key,
-        ),
-        discovery=DiscoveryConfig(swarm_id=args.swarm_id, bootstrap_addrs=tuple(args.bootstrap)),
-        membership=MembershipConfig(max_peers=args.max_peers),
-    )
+def member_config_from_args(args: argparse.Namespace) -> MemberConfig:
+    """The data directory and `[network]` that the shared flags (`swarmgrad.netconfig.add_network_arguments`) and
+    the `--config` file describe. Raises `ConfigError` naming the field."""
+    return load_member_config(args.config, network_overrides(args))
 
 
 # ---- subcommands ----------------------------------------------------------------------------------------------------
 
 
 def _run_id(args: argparse.Namespace) -> int:
-    data_dir, listen, announce = args.data_dir, args.listen or [DEFAULT_LISTEN], args.announce
-    if args.config is not None or args.set:
-        # the peer's own view: its config file and overrides, then the flags (imported here: it pulls in torch)
-        from swarmgrad.config import load_config, parse_override
-
-        overrides: dict[str, object] = dict(parse_override(text) for text in args.set)
-        overrides.update(
-            {
-                k: v
-                for k, v in {
-                    "network.listen": args.listen,
-                    "network.announce": args.announce or None,
-                    "peer.data_dir": args.data_dir,
-                }.items()
-                if v is not None
-            }
-        )
-        config = load_config(args.config, overrides)
-        data_dir, listen, announce = config.peer.data_dir, list(config.network.listen), list(config.network.announce)
-    data_dir = data_dir or DEFAULT_DATA_DIR
-    key_path = data_dir / IDENTITY_FILE
-    HostConfig(key_path=key_path, listen_addrs=tuple(listen), announce_addrs=tuple(announce))  # validates them
+    member = member_config_from_args(args)
+    key_path, listen, announce = member.key_path, member.network.listen, member.network.announce
+    HostConfig(key_path=key_path, listen_addrs=listen, announce_addrs=announce)  # validates them as the host would
     peer_id = peer_id_of(load_or_create_identity(key_path))
-    dialable = advertised_addrs([multiaddr.Multiaddr(addr) for addr in listen], announce, interface_ips())
+    dialable = advertised_addrs([multiaddr.Multiaddr(addr) for addr in listen], list(announce), interface_ips())
     addrs = [f"{addr}/p2p/{peer_id}" for addr in dialable]
     if any(tcp_port_of(addr) == 0 for addr in dialable):
         print("note: port 0 is chosen when the peer starts; its log shows the real address", file=sys.stderr)
@@ -171,14 +105,25 @@ def _run_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def _emit(record: dict[str, object]) -> None:
-    print(json.dumps(record, sort_keys=True), flush=True)
+class _Output:
+    """`swarmgrad node`'s events on stdout: one JSON object per line with `--json`, else one readable line each."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+
+    def emit(self, record: dict[str, object]) -> None:
+        if self.as_json:
+            print(json.dumps(record, sort_keys=True), flush=True)
+            return
+        fields = " ".join(f"{key}={value}" for key, value in sorted(record.items()) if key not in ("event", "t"))
+        print(f"{record['event']} {fields}".rstrip(), flush=True)
 
 
 async def _serve_node(config: NodeConfig, args: argparse.Namespace) -> None:
+    output = _Output(args.json)
     async with open_node(config) as node:
         events = node.subscribe()
-        _emit(
+        output.emit(
             {
                 "event": "listening",
                 "peer_id": node.peer_id,
@@ -189,15 +134,15 @@ async def _serve_node(config: NodeConfig, args: argparse.Namespace) -> None:
             }
         )
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_report_events, events)
-            nursery.start_soon(_report_stats, node, args.stats_interval_s)
+            nursery.start_soon(_report_events, events, output)
+            nursery.start_soon(_report_stats, node, args.stats_interval_s, output)
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
             if config.discovery.bootstrap_addrs:
                 await _require_members(node, config, args.join_timeout_s)
             if args.run_for_s is not None:
                 await trio.sleep(args.run_for_s)
                 nursery.cancel_scope.cancel()
-        _emit({"event": "stats", "t": time.time(), **node.statistics()})
+        output.emit({"event": "stats", "t": time.time(), **node.statistics()})
 
 
 async def _require_members(node: SwarmNode, config: NodeConfig, timeout_s: float) -> None:
@@ -210,25 +155,25 @@ async def _require_members(node: SwarmNode, config: NodeConfig, timeout_s: float
     )
 
 
-async def _report_events(events: trio.MemoryReceiveChannel[object]) -> None:
+async def _report_events(events: trio.MemoryReceiveChannel[object], output: _Output) -> None:
     async for event in events:
         now = time.time()
         if isinstance(event, PeerDiscovered):
-            _emit({"event": "peer_discovered", "peer": event.peer, "via": event.via, "t": now})
+            output.emit({"event": "peer_discovered", "peer": event.peer, "via": event.via, "t": now})
         elif isinstance(event, PeerUp):
-            _emit({"event": "peer_up", "peer": event.peer, "t": now})
+            output.emit({"event": "peer_up", "peer": event.peer, "t": now})
         elif isinstance(event, PeerDown):
-            _emit({"event": "peer_down", "peer": event.peer, "t": now})
+            output.emit({"event": "peer_down", "peer": event.peer, "t": now})
         elif isinstance(event, PeerForgotten):
-            _emit({"event": "peer_forgotten", "peer": event.peer, "failures": event.failures, "t": now})
+            output.emit({"event": "peer_forgotten", "peer": event.peer, "failures": event.failures, "t": now})
 
 
-async def _report_stats(node: SwarmNode, interval_s: float | None) -> None:
+async def _report_stats(node: SwarmNode, interval_s: float | None, output: _Output) -> None:
     if interval_s is None:
         return
     while True:
         await trio.sleep(interval_s)
-        _emit({"event": "stats", "t": time.time(), "live": node.live_peers(), **node.statistics()})
+        output.emit({"event": "stats", "t": time.time(), "live": node.live_peers(), **node.statistics()})
 
 
 async def _stop_on_signal(scope: trio.CancelScope) -> None:
@@ -239,7 +184,8 @@ async def _stop_on_signal(scope: trio.CancelScope) -> None:
 
 
 def _run_node(args: argparse.Namespace) -> int:
-    config = node_config_from_args(args)
+    member = member_config_from_args(args)
+    config = member.network.node_config(member.key_path)
     trio.run(_serve_node, config, args)
     return 0
 
@@ -264,14 +210,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         help="print this peer's id and the addresses others dial it at (creates the identity)",
         description="Print this peer's id and the addresses a joiner passes as --bootstrap: the --announce ones, "
         "else the listen addresses with 0.0.0.0 expanded into this host's interface addresses. Give it the same "
-        "--config / --set / --listen / --announce as the peer.",
+        "flags and --config as the peer or node.",
     )
-    id_parser.add_argument("--config", type=Path, metavar="FILE", help="the peer's TOML configuration file")
-    id_parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    id_parser.add_argument("--data-dir", type=Path, help=f"default {DEFAULT_DATA_DIR} (peer.data_dir)")
-    id_parser.add_argument("--listen", action="append", metavar="MULTIADDR")
-    id_parser.add_argument("--announce", action="append", default=[], metavar="MULTIADDR")
-    id_parser.add_argument("--json", action="store_true", help="one JSON object instead of lines")
+    add_network_arguments(id_parser)
     id_parser.set_defaults(run=_run_id)
 
     keygen = subparsers.add_parser("keygen", help="write a new swarm key (libp2p pnet, /key/swarm/psk/1.0.0/)")
@@ -279,7 +220,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     keygen.set_defaults(run=_run_keygen)
 
     node = subparsers.add_parser("node", help="run a discovery-only member of a swarm (e.g. a bootstrap peer)")
-    add_swarm_arguments(node)
+    add_network_arguments(node)
     node.add_argument(
         "--join-timeout-s",
         type=_positive_float,

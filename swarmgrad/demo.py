@@ -63,8 +63,6 @@ def peer_args(
         "plain",
         "--set",
         "peer.torch_threads=1",
-        "--set",
-        "network.dial_timeout_s=30",
     ]
     if bootstrap is not None:
         args += ["--bootstrap", bootstrap]

@@ -42,8 +42,6 @@ from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from gossip.messages import model_fingerprint
 from gossip.service import GossipService
-from p2p.discovery import DiscoveryConfig
-from p2p.host import HostConfig
 from p2p.identity import load_or_create_identity, peer_id_of
 from p2p.libp2p_transport import LibP2PTransport
 from p2p.model_fetch import (
@@ -60,12 +58,12 @@ from p2p.model_fetch import (
     OfferRefused,
     ServeModel,
 )
-from p2p.node import NodeConfig, SwarmNode, open_node
-from p2p.swarm import load_swarm_key
-from swarmgrad.config import PeerConfig, load_config, parse_override
+from p2p.node import SwarmNode, open_node
+from swarmgrad.config import PeerConfig, load_config
 from swarmgrad.core.driver import Driver
 from swarmgrad.core.errors import ConfigError, DecodeError, LocalProtocolError, SwarmgradError
 from swarmgrad.core.machine import PeerDown, PeerUp
+from swarmgrad.netconfig import IDENTITY_FILE, add_network_arguments, network_overrides
 from training.checkpoint import CheckpointStore, config_hash, decode_state, encode_state
 from training.loop import EpochReached, RoundReport, TrainingLoop
 from training.tasks import Task, load_task
@@ -74,7 +72,6 @@ from training.tasks.base import Evaluation, model_spec, peer_seed
 log = logging.getLogger(__name__)
 FetchOutcome = ModelAdopted | OfferRefused | FetchFailed
 
-IDENTITY_FILE = "identity.key"
 CHECKPOINT_DIR = "checkpoints"
 LOG_FILE = "peer.log"
 EXIT_OK = 0
@@ -90,46 +87,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="train with a swarm (see docs/peer.md)",
         description="Train a task with a swarm of peers. Flags override the --config file; see docs/peer.md.",
     )
-    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
-    parser.add_argument("--data-dir", type=Path, help="identity, checkpoints and log live here (peer.data_dir)")
+    add_network_arguments(parser)
     parser.add_argument("--task", help="digits, charlm, or package.module:factory (peer.task)")
-    parser.add_argument("--swarm-id", help="the swarm's name (network.swarm_id)")
-    parser.add_argument("--swarm-key", type=Path, metavar="FILE", help="private swarm key file (network.swarm_key)")
-    parser.add_argument("--listen", action="append", metavar="MULTIADDR", help="repeatable (network.listen)")
-    parser.add_argument(
-        "--bootstrap", action="append", metavar="MULTIADDR", help="/ip4/.../tcp/.../p2p/<id>, repeatable"
-    )
-    parser.add_argument(
-        "--announce",
-        action="append",
-        metavar="MULTIADDR",
-        help="dialable /ip4/<address>/tcp/<port> to publish when listening on 0.0.0.0, repeatable (network.announce)",
-    )
     parser.add_argument("--max-rounds", type=int, help="stop after this many rounds (training.max_rounds)")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics here (metrics.prometheus_port)")
     parser.add_argument("--progress", choices=["auto", "tty", "plain"], help="progress display (metrics.progress)")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="any config value, e.g. gossip.density=0.02",
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON event per line on stdout")
     parser.set_defaults(run=run_peer)
 
 
 def config_from_args(args: argparse.Namespace) -> PeerConfig:
     """The config file with the flags applied on top. Raises `ConfigError` naming the field."""
-    overrides: dict[str, object] = dict(parse_override(text) for text in args.set)
+    overrides = network_overrides(args)
     flags = {
-        "peer.data_dir": None if args.data_dir is None else str(args.data_dir),
         "peer.task": args.task,
-        "network.swarm_id": args.swarm_id,
-        "network.swarm_key": None if args.swarm_key is None else str(args.swarm_key),
-        "network.listen": args.listen,
-        "network.bootstrap": args.bootstrap,
-        "network.announce": args.announce,
         "training.max_rounds": args.max_rounds,
         "metrics.prometheus_port": args.metrics_port,
         "metrics.progress": args.progress,
@@ -286,27 +256,7 @@ class Peer:
         self.events = events
         key_path = data_dir / IDENTITY_FILE
         self.peer_id = peer_id_of(load_or_create_identity(key_path))
-        swarm_key = None if config.network.swarm_key is None else load_swarm_key(config.network.swarm_key)
-        own = f"/p2p/{self.peer_id}"
-        bootstrap = tuple(addr for addr in config.network.bootstrap if not addr.endswith(own))
-        self.node_config = NodeConfig(
-            host=HostConfig(
-                key_path=key_path,
-                listen_addrs=config.network.listen,
-                announce_addrs=config.network.announce,
-                psk=None if swarm_key is None else swarm_key.key,
-                stream_idle_timeout_s=config.network.stream_idle_timeout_s,
-            ),
-            discovery=DiscoveryConfig(
-                swarm_id=config.network.swarm_id,
-                bootstrap_addrs=bootstrap,
-                dial_timeout_s=config.network.dial_timeout_s,
-                bootstrap_attempts=config.network.bootstrap_attempts,
-                bootstrap_retry_s=config.network.bootstrap_retry_s,
-            ),
-            ip_limits=config.network.ip_limits_config(),
-            seed=peer_seed(self.peer_id),
-        )
+        self.node_config = config.network.node_config(key_path, seed=peer_seed(self.peer_id))
         self.store = CheckpointStore(
             data_dir / CHECKPOINT_DIR, keep=config.checkpoint.keep, max_bytes=config.checkpoint.max_bytes
         )

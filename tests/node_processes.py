@@ -74,7 +74,7 @@ class NodeGroup:
     ) -> NodeProcess:
         node = NodeProcess(
             name,
-            ["node", "--data-dir", str(self.tmp / name), "--listen", listen, "--swarm-id", swarm_id, *args],
+            ["node", "--json", "--data-dir", str(self.tmp / name), "--listen", listen, "--swarm-id", swarm_id, *args],
             self.tmp,
             wrap,
         )

@@ -4,6 +4,8 @@ with nothing left running or bound afterwards."""
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import json
 import os
 import socket
@@ -14,7 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from swarmgrad.cli import main
+from p2p.host import HostConfig
+from p2p.identity import load_or_create_identity, peer_id_of
+from p2p.swarm import SwarmKey, write_swarm_key
+from swarmgrad.cli import build_parser, main
+from swarmgrad.netconfig import add_network_arguments, network_overrides
 from swarmgrad.procs import reserve_port
 from tests.node_processes import NodeGroup
 
@@ -206,3 +212,106 @@ def test_console_entry_point_lists_the_subcommands_without_importing_the_trainin
         timeout=60,
     )
     assert probe.stdout.strip() == "False"
+
+
+# ---- the flags every swarm member shares, and what they reach -------------------------------------------------------
+
+LOG_TIME_FORMAT = "%Y-%m-%d %H:%M:%S,%f"
+
+
+def _log_times(stderr: str, needle: str) -> list[float]:
+    """The times (s since the epoch) of the log lines that contain `needle` (`swarmgrad --log-level` lines start
+    with the local time to the millisecond)."""
+    times = []
+    for line in stderr.splitlines():
+        if needle in line:
+            stamp = datetime.datetime.strptime(line[:23], LOG_TIME_FORMAT)
+            times.append(stamp.timestamp())
+    return times
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["node", "peer"])
+def test_a_wrong_swarm_key_is_reported_within_the_handshake_timeout_per_attempt(
+    tmp_path: Path, nodes: NodeGroup, command: str
+) -> None:
+    """Both commands, against a real bootstrap peer of another private swarm: each attempt ends after the handshake
+    timeout (not the TCP connect's), and the one error line names the swarm key."""
+    ours, theirs = tmp_path / "ours.key", tmp_path / "theirs.key"
+    write_swarm_key(ours, SwarmKey(b"\x01" * 32))
+    write_swarm_key(theirs, SwarmKey(b"\x02" * 32))
+    boot = nodes.start("boot", "--swarm-key", str(theirs))
+    addr = boot.wait_listening()["addrs"][0]
+    attempts, retry_s = 3, 0.5
+    argv = [sys.executable, "-m", "swarmgrad.cli", "--log-level", "INFO", command, "--data-dir", str(tmp_path / "j"),
+            "--listen", "/ip4/127.0.0.1/tcp/0", "--swarm-id", "test", "--swarm-key", str(ours), "--bootstrap", addr,
+            "--bootstrap-attempts", str(attempts), "--bootstrap-retry-s", str(retry_s)]  # fmt: skip
+    if command == "peer":
+        argv += ["--task", "digits", "--progress", "plain"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"swarmgrad {command}: error: no bootstrap peer could be reached in {attempts} attempts")
+    assert addr in error and "wrong or missing swarm key" in error and "handshake" in error, error
+    # From the start of the join to its last attempt: `attempts` handshake timeouts (1.5 s) and the pauses between
+    # them, with 2 s of slack per attempt for a loaded box. The TCP connect's own bound (10 s) would need 31 s.
+    (joining,) = _log_times(result.stderr, "joining swarm test")
+    failed = _log_times(result.stderr, f"of {attempts}): TCP connected, but the handshake")
+    assert len(failed) == attempts, result.stderr[-3000:]
+    ceiling_s = attempts * (HostConfig.handshake_timeout_s + 2.0) + (attempts - 1) * retry_s
+    assert failed[-1] - joining < ceiling_s, (failed[-1] - joining, result.stderr[-3000:])
+    assert failed[0] - joining > HostConfig.handshake_timeout_s * 0.9  # each attempt did wait for the handshake
+
+
+@pytest.mark.slow
+def test_a_node_started_before_its_bootstrap_peer_retries_until_it_listens(tmp_path: Path, nodes: NodeGroup) -> None:
+    """As in a StatefulSet starting every pod at once: the joiner's first attempt fails (a stand-in accepts its TCP
+    connection on the bootstrap's port and closes it), then the bootstrap peer comes up there and the next
+    attempts find it."""
+    port = reserve_port()
+    boot_id = peer_id_of(load_or_create_identity(tmp_path / "boot" / "identity.key"))
+    boot_addr = f"/ip4/127.0.0.1/tcp/{port}/p2p/{boot_id}"
+    with socket.socket() as stand_in:
+        stand_in.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        stand_in.bind(("127.0.0.1", port))
+        stand_in.listen()
+        stand_in.settimeout(1.0)
+        joiner = nodes.start(
+            "joiner", "--bootstrap", boot_addr, "--bootstrap-attempts", "240", "--bootstrap-retry-s", "0.5"
+        )
+        for _ in range(180):  # bounded: until the joiner's first dial arrives (or it exits)
+            try:
+                conn, _ = stand_in.accept()
+            except TimeoutError:
+                assert not joiner.exited(), joiner.tail()
+                continue
+            conn.close()
+            break
+        else:
+            pytest.fail(f"the joiner never dialled its bootstrap address; {joiner.tail()}")
+    boot = nodes.start("boot", listen=f"/ip4/127.0.0.1/tcp/{port}")
+    assert boot.wait_listening()["peer_id"] == boot_id
+    joiner.wait_for(
+        lambda events: any(e["event"] == "peer_up" and e["peer"] == boot_id for e in events), 180, "the bootstrap up"
+    )
+    assert not joiner.exited()
+    assert "(attempt 1 of 240)" in joiner.stderr(), joiner.tail()
+
+
+def test_node_peer_and_id_accept_the_same_network_flags() -> None:
+    """One definition (`swarmgrad.netconfig.add_network_arguments`): every shared flag parses the same way under
+    each subcommand and reaches the same config keys."""
+    argv = ["--config", "swarm.toml", "--set", "network.handshake_timeout_s=3", "--json", "--data-dir", "/srv/sg",
+            "--swarm-id", "lab", "--swarm-key", "swarm.key", "--listen", "/ip4/0.0.0.0/tcp/7400",
+            "--bootstrap", f"/ip4/192.0.2.1/tcp/7400/p2p/{PEER}", "--announce", "/ip4/203.0.113.7/tcp/7400",
+            "--max-peers", "9", "--bootstrap-attempts", "30", "--bootstrap-retry-s", "2"]  # fmt: skip
+    reference = argparse.ArgumentParser()
+    add_network_arguments(reference)
+    every_flag = vars(reference.parse_args(argv))
+    assert all(value not in (None, [], False) for value in every_flag.values()), every_flag  # argv sets them all
+    expected = network_overrides(reference.parse_args(argv))
+    assert expected["network.bootstrap_attempts"] == 30 and expected["network.handshake_timeout_s"] == 3
+    for command in ("node", "peer", "id"):
+        args = build_parser(command).parse_args([command, *argv])
+        assert {k: getattr(args, k) for k in every_flag} == every_flag, command
+        assert network_overrides(args) == expected, command

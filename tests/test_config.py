@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
+from p2p.discovery import DiscoveryConfig
+from p2p.host import HostConfig
+from p2p.membership import MembershipConfig
 from swarmgrad.config import LOG_LEVELS, PeerConfig, load_config, parse_override
 from swarmgrad.core.errors import ConfigError
+from swarmgrad.netconfig import CONFIG_TABLES, load_member_config
 
 BOOTSTRAP = "/ip4/127.0.0.1/tcp/4001/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
 
@@ -22,7 +27,8 @@ swarm_id = "lab-7"
 listen = ["/ip4/0.0.0.0/tcp/4101"]
 bootstrap = ["{BOOTSTRAP}"]
 swarm_key = "/etc/swarmgrad/swarm.key"
-dial_timeout_s = 3
+connect_timeout_s = 20
+handshake_timeout_s = 3
 
 [training]
 inner_steps = 2
@@ -58,7 +64,8 @@ def test_full_file_round_trips_into_typed_sections(tmp_path: Path) -> None:
     assert config.peer.task == "charlm" and config.peer.data_dir == Path("/var/lib/swarmgrad")
     assert config.network.listen == ("/ip4/0.0.0.0/tcp/4101",) and config.network.bootstrap == (BOOTSTRAP,)
     assert config.network.swarm_key == Path("/etc/swarmgrad/swarm.key")
-    assert config.network.dial_timeout_s == 3.0 and isinstance(config.network.dial_timeout_s, float)
+    assert config.network.handshake_timeout_s == 3.0 and isinstance(config.network.handshake_timeout_s, float)
+    assert config.network.connect_timeout_s == 20.0
     assert config.training.inner_steps == 2 and config.training.max_rounds == 1000
     assert config.checkpoint.keep == 5 and config.checkpoint.fetch_from_peers is False
     assert config.gossip.density == 0.05
@@ -109,6 +116,10 @@ def test_set_flags_parse_as_toml_values(text: str, expected: tuple[str, object])
         ({"network.swarm_id": "Bad Id"}, "network.swarm_id"),
         ({"network.bootstrap_attempts": 0}, "network.bootstrap_attempts"),
         ({"network.bootstrap_retry_s": 0}, "network.bootstrap_retry_s"),
+        ({"network.handshake_timeout_s": 0}, "network.handshake_timeout_s"),
+        ({"network.handshake_timeout_s": float("inf")}, "network.handshake_timeout_s"),
+        ({"network.connect_timeout_s": -1}, "network.connect_timeout_s"),
+        ({"network.max_peers": 0}, "network.max_peers"),
         ({"checkpoint.keep": 0}, "checkpoint.keep"),
         ({"metrics.prometheus_port": 70000}, "metrics.prometheus_port"),
         ({"metrics.progress": "fancy"}, "metrics.progress"),
@@ -145,3 +156,46 @@ def test_training_settings_hash_inputs_cover_what_peers_must_share() -> None:
     settings = PeerConfig().training_settings()
     assert set(settings) == {"task", "training", "gossip"}
     assert "info" in LOG_LEVELS
+
+
+def test_network_defaults_are_the_components_own() -> None:
+    """Each timeout and retry default is defined once, by the component that applies it; the peer's config and
+    the node config it builds carry those same values."""
+    network = load_config(None).network
+    assert (network.connect_timeout_s, network.handshake_timeout_s) == (
+        HostConfig.connect_timeout_s,
+        HostConfig.handshake_timeout_s,
+    )
+    assert network.handshake_timeout_s == 1.5 and network.handshake_timeout_s < network.connect_timeout_s
+    assert (network.bootstrap_attempts, network.bootstrap_retry_s) == (
+        DiscoveryConfig.bootstrap_attempts,
+        DiscoveryConfig.bootstrap_retry_s,
+    )
+    assert network.max_peers == MembershipConfig.max_peers
+
+
+def test_the_network_config_reaches_the_host_and_discovery(tmp_path: Path) -> None:
+    network = load_config(
+        None,
+        {"network.handshake_timeout_s": 2.5, "network.connect_timeout_s": 30, "network.bootstrap_attempts": 7},
+    ).network
+    node = network.node_config(tmp_path / "identity.key", seed=3)
+    assert (node.host.handshake_timeout_s, node.host.connect_timeout_s) == (2.5, 30.0)
+    assert node.discovery.bootstrap_attempts == 7 and node.seed == 3
+
+
+def test_a_node_reads_the_peers_file_without_the_training_tables(tmp_path: Path) -> None:
+    """`swarmgrad node` loads `[network]` and `peer.data_dir` of the same file as the peer, with the same checks;
+    it does not build the training tables (that would import torch) but still refuses an unknown table."""
+    path = tmp_path / "peer.toml"
+    path.write_text(FULL)
+    member = load_member_config(path, {"network.bootstrap_attempts": 9})
+    assert member.network == load_config(path, {"network.bootstrap_attempts": 9}).network
+    assert member.data_dir == Path("/var/lib/swarmgrad") and member.key_path.name == "identity.key"
+    with pytest.raises(ConfigError) as info:
+        load_member_config(path, {"network.handshake_timeout_s": 0})
+    assert info.value.field == "network.handshake_timeout_s"
+    with pytest.raises(ConfigError) as info:
+        load_member_config(None, {"netwrok.swarm_id": "s"})
+    assert info.value.field == "netwrok"
+    assert CONFIG_TABLES == tuple(field.name for field in dataclasses.fields(PeerConfig))

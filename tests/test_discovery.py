@@ -3,7 +3,9 @@ checks, and a small swarm of real hosts in one process (join, lookup, records th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -103,7 +105,7 @@ def test_validator_rejects_bad_records_and_selects_the_latest() -> None:
         ({"swarm_id": "s", "bootstrap_addrs": ("/ip4/127.0.0.1/tcp/1",)}, "bootstrap"),
         ({"swarm_id": "s", "bootstrap_addrs": ("not a multiaddr",)}, "bootstrap"),
         ({"swarm_id": "s", "record_ttl_s": 10.0, "republish_interval_s": 10.0}, "republish_interval_s"),
-        ({"swarm_id": "s", "dial_timeout_s": 0}, "dial_timeout_s"),
+        ({"swarm_id": "s", "bootstrap_retry_s": 0}, "bootstrap_retry_s"),
         ({"swarm_id": "s", "record_ttl_s": MAX_RECORD_TTL_S * 2}, "record_ttl_s"),
     ],
 )
@@ -143,10 +145,64 @@ async def test_every_bootstrap_attempt_dials_again(tmp_path: Path) -> None:
     cache"): a retry must dial again, and a failure must keep its real cause."""
     peer = make_member_record(KEYS, "s", (), NOW).peer_id
     info = parse_peer_addr("bootstrap", f"/ip4/127.0.0.1/tcp/1/p2p/{peer}")
-    async with running_host(HostConfig(key_path=tmp_path / "a" / "identity.key")) as host:
-        reasons = [await bounded_connect(host, info, 1.5) for _ in range(2)]
+    config = HostConfig(key_path=tmp_path / "a" / "identity.key")
+    async with running_host(config) as host:
+        reasons = [await bounded_connect(host, info, config) for _ in range(2)]
     for reason in reasons:
         assert reason is not None and "negative cache" not in reason and "connection failed" in reason
+
+
+@pytest.mark.parametrize(("ours", "theirs"), [(b"\x01" * 32, b"\x02" * 32), (None, b"\x02" * 32), (b"\x01" * 32, None)])
+async def test_a_wrong_or_missing_swarm_key_fails_within_the_handshake_timeout_naming_the_key(
+    tmp_path: Path, ours: bytes | None, theirs: bytes | None
+) -> None:
+    """TCP comes up at once on loopback, and the handshake never completes: the dial ends after the handshake's
+    bound, not the (much longer) TCP connect's, with a reason that names the swarm key."""
+    listener = HostConfig(key_path=tmp_path / "b" / "identity.key", psk=theirs)
+    dialer = HostConfig(key_path=tmp_path / "a" / "identity.key", psk=ours, connect_timeout_s=60.0)
+    async with running_host(listener) as b, running_host(dialer) as a:
+        info = parse_peer_addr("bootstrap", listen_multiaddrs(b)[0])
+        started = trio.current_time()
+        with trio.fail_after(30):
+            reason = await bounded_connect(a, info, dialer)
+        elapsed_s = trio.current_time() - started
+    assert reason is not None and "swarm key" in reason and "TCP connected" in reason, reason
+    assert elapsed_s < dialer.handshake_timeout_s + 3.0, elapsed_s  # 1.5 s and a loaded box's slack; TCP's is 60
+
+
+async def test_a_tcp_connect_that_hangs_is_bounded_by_the_connect_timeout_and_not_blamed_on_the_key(
+    tmp_path: Path,
+) -> None:
+    """A listener whose accept queue is full drops further SYNs, as a distant or dead host does: the dial ends at
+    `connect_timeout_s`, saying TCP never connected."""
+    with socket.socket() as full, contextlib.ExitStack() as fillers:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        for _ in range(4):  # more than the queue holds; the connects that do not fit stay pending
+            filler = fillers.enter_context(socket.socket())
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+        peer = make_member_record(KEYS, "s", (), NOW).peer_id
+        info = parse_peer_addr("bootstrap", f"/ip4/127.0.0.1/tcp/{port}/p2p/{peer}")
+        config = HostConfig(key_path=tmp_path / "a" / "identity.key", connect_timeout_s=1.0)
+        async with running_host(config) as host:
+            with trio.fail_after(30):
+                reason = await bounded_connect(host, info, config)
+    assert reason is not None and reason.startswith("no TCP connection within 1.0 s"), reason
+    assert "swarm key" not in reason
+
+
+async def test_the_same_swarm_key_connects_within_the_bounds(tmp_path: Path) -> None:
+    key = b"\x03" * 32
+    listener = HostConfig(key_path=tmp_path / "b" / "identity.key", psk=key)
+    dialer = HostConfig(key_path=tmp_path / "a" / "identity.key", psk=key)
+    async with running_host(listener) as b, running_host(dialer) as a:
+        info = parse_peer_addr("bootstrap", listen_multiaddrs(b)[0])
+        with trio.fail_after(30):
+            assert await bounded_connect(a, info, dialer) is None
+        assert a.get_network().get_connections(info.peer_id)
 
 
 async def test_dns_bootstrap_addresses_resolve_through_the_system_resolver(tmp_path: Path) -> None:
@@ -158,7 +214,7 @@ async def test_dns_bootstrap_addresses_resolve_through_the_system_resolver(tmp_p
         async with open_node(node_config(tmp_path, "b", "s", (by_name,))) as b:
             assert b.host.get_network().get_connections(ID.from_base58(a.peer_id))
         unresolvable = parse_peer_addr("bootstrap", f"/dns4/no-such-host.invalid/tcp/{port}/p2p/{a.peer_id}")
-        reason = await bounded_connect(a.host, unresolvable, 5.0)
+        reason = await bounded_connect(a.host, unresolvable, a.config.host)
         assert reason is not None and reason.startswith("cannot resolve its address"), reason
     ip4 = multiaddr.Multiaddr("/ip4/192.0.2.1/tcp/7")
     assert await resolve_dns_addrs([ip4, multiaddr.Multiaddr("/dns4/localhost/tcp/7")]) == [
@@ -188,6 +244,7 @@ async def discovery_on_host(
             host,
             key_pair,
             DiscoveryConfig(swarm_id="s", bootstrap_addrs=bootstrap, record_ttl_s=10.0, republish_interval_s=0.5),
+            config,
             found,
             clock_unix_s=clock,
         )

@@ -252,7 +252,6 @@ async def _wrong_key_scenario(tmp_path: Path) -> None:
         command = _peer_command(
             "--data-dir", str(tmp_path / "peer"), "--swarm-id", "e2e-key", "--swarm-key", str(theirs),
             "--listen", f"/ip4/127.0.0.1/tcp/{port}", "--bootstrap", node.listen_multiaddrs[0],
-            "--set", "network.dial_timeout_s=5",
         )  # fmt: skip
         with trio.fail_after(START_S + 30):
             result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)

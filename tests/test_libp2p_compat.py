@@ -41,6 +41,7 @@ from p2p.libp2p_compat import (
     forget_dial_failure,
     is_inbound,
     local_providers,
+    on_outbound_upgrade,
     query_providers,
     remote_ip,
     stop_auto_connector,
@@ -157,6 +158,8 @@ def test_the_internals_have_the_shape_the_adapter_calls() -> None:
     assert inspect.iscoroutinefunction(AutoConnector.stop) and _parameters(AutoConnector.stop) == ["self"]
     assert "auto_connector" in inspect.get_annotations(Swarm)
     assert _parameters(Swarm.unblock_peer) == ["self", "peer_id"]
+    assert inspect.iscoroutinefunction(Swarm.upgrade_outbound_raw_conn)
+    assert _parameters(Swarm.upgrade_outbound_raw_conn) == ["self", "raw_conn", "peer_id", "pre_scope"]
     assert isinstance(inspect.getattr_static(SwarmConn, "direction"), property)
     assert _parameters(Yamux.get_remote_address) == ["self"]
     assert _parameters(ProviderStore.get_providers) == ["self", "key"]
@@ -194,6 +197,28 @@ async def test_a_peer_in_the_dial_negative_cache_is_refused_until_the_failure_is
             await a.connect(PeerInfo(b.get_id(), b.get_addrs()))
             assert a.get_network().get_connections(b.get_id())
             forget_dial_failure(a, _stranger())  # a peer never dialled: no-op
+
+
+async def test_the_upgrade_of_an_outbound_dial_is_seen_once_tcp_is_up(tmp_path: Path) -> None:
+    """The split between a dial's TCP connect and its handshake: the callback runs for a dial whose TCP connection
+    opened (once), not for one refused at the TCP level, and not for another peer or after the block."""
+    seen: list[str] = []
+    with trio.fail_after(TIMEOUT_S):
+        async with running_host(HostConfig(tmp_path / "a")) as a, running_host(HostConfig(tmp_path / "b")) as b:
+            stranger = _stranger()
+            with (
+                on_outbound_upgrade(a, b.get_id(), lambda: seen.append("b")),
+                on_outbound_upgrade(a, stranger, lambda: seen.append("stranger")),
+            ):
+                with pytest.raises(SwarmException):  # nobody listens on port 1: refused before any upgrade
+                    await a.connect(PeerInfo(stranger, [M("/ip4/127.0.0.1/tcp/1")]))
+                assert seen == []
+                await a.connect(PeerInfo(b.get_id(), b.get_addrs()))
+                assert seen == ["b"]
+            await a.disconnect(b.get_id())
+            forget_dial_failure(a, b.get_id())
+            await a.connect(PeerInfo(b.get_id(), b.get_addrs()))
+    assert seen == ["b"]
 
 
 async def test_a_connection_knows_which_side_dialled(tmp_path: Path) -> None:
