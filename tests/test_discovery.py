@@ -152,7 +152,11 @@ async def test_every_bootstrap_attempt_dials_again(tmp_path: Path) -> None:
         assert reason is not None and "negative cache" not in reason and "connection failed" in reason
 
 
-@pytest.mark.parametrize(("ours", "theirs"), [(b"\x01" * 32, b"\x02" * 32), (None, b"\x02" * 32), (b"\x01" * 32, None)])
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [(b"\x01" * 32, b"\x02" * 32), (None, b"\x02" * 32), (b"\x01" * 32, None)],
+    ids=["another-key", "no-key-here", "no-key-there"],
+)
 async def test_a_wrong_or_missing_swarm_key_fails_within_the_handshake_timeout_naming_the_key(
     tmp_path: Path, ours: bytes | None, theirs: bytes | None
 ) -> None:
