@@ -12,9 +12,9 @@ or `node` never pays for (or breaks on) torch and the training stack.
 
 `node` prints one line per event on stdout (`listening`, `peer_discovered` with `via`, `peer_up`, `peer_down`,
 `peer_forgotten`, `stats`): `event key=value ...` for people, one JSON object with `--json` for scripts and tests;
-logs go to stderr. Every error the user can
-fix (malformed or unreachable bootstrap address, bad swarm id, port in use, bad key file) is one line on stderr
-naming the value, and a non-zero exit status: 2 for a bad argument, 1 for anything else. This is the one place where
+logs go to stderr. Every error the user can fix (malformed or unreachable bootstrap address, wrong swarm key, bad
+swarm id, port in use, bad key file) is one line on stderr naming the value, and a non-zero exit status: 2 for a bad
+argument, 1 for anything else. This is the one place where
 `except SwarmgradError` ends the program; nothing here is protocol logic.
 """
 
