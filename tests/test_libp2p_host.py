@@ -36,6 +36,8 @@ TIMEOUT_S = 30
         ("max_in_flight_bytes_per_peer", 10),
         ("connect_timeout_s", 0),
         ("connect_timeout_s", float("inf")),
+        ("handshake_timeout_s", 0),
+        ("handshake_timeout_s", float("nan")),
         ("stream_open_timeout_s", -1.0),
         ("max_connections", 0),
     ],
