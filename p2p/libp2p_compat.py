@@ -25,6 +25,8 @@ from libp2p.network.connection.swarm_connection import Direction
 from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
+from libp2p.relay.circuit_v2.transport import CircuitV2Transport
+from libp2p.security.pnet.protector import new_protected_conn
 
 from p2p.addrs import AddressPolicy
 from swarmgrad.core.errors import LocalProtocolError
@@ -184,3 +186,21 @@ def on_outbound_upgrade(host: IHost, peer_id: ID, callback: Callable[[], None]) 
         waiting.remove(callback)
         if not waiting:
             del watch.waiters[peer_id]
+
+
+async def dial_relayed(
+    host: IHost, transport: CircuitV2Transport, relay: PeerInfo, target: ID, psk: bytes | None
+) -> INetConn:
+    """A connection to `target` through a circuit relay v2 reservation `target` holds on `relay`, registered in the
+    host's swarm like a direct one (its transport addresses contain `/p2p-circuit`). `psk` is the host's pre-shared
+    key, or None.
+
+    Relies on: `CircuitV2Transport.dial_peer_info(dest_info, relay_info=...)` connects to the relay, sends the hop
+    CONNECT and returns the circuit as a raw, not yet secured connection; the receiving side upgrades an inbound
+    circuit like any inbound connection, inside pnet when it has a key, but `host.upgrade_outbound_connection` adds
+    no pnet, so with a key the dialling side must wrap the circuit itself (`new_protected_conn`, which takes the key
+    as 64 hex characters), or the handshake fails with "failed to negotiate the secure protocol" (docs/nat.md)."""
+    raw = await transport.dial_peer_info(dest_info=PeerInfo(target, []), relay_info=relay)
+    if psk is not None:
+        raw = new_protected_conn(raw, psk.hex())
+    return await host.upgrade_outbound_connection(raw, target)

@@ -2,7 +2,7 @@
 on this machine: first the signature or attribute each function reaches for (so an upgrade that renames or reshapes
 it fails here by name), then its behaviour: the received-address filter in front of the dialer, what a host
 listening on 0.0.0.0 advertises (identify message, signed peer record), the auto-connector, the dial negative cache,
-connection direction, and the Kademlia internals discovery uses."""
+connection direction, the Kademlia internals discovery uses, and a relayed dial in a private swarm."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 import trio
 from libp2p.abc import IHost
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.host.basic_host import BasicHost
 from libp2p.identity.identify.identify import _mk_identify_protobuf
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.kad_dht.peer_routing import PeerRouting
@@ -29,6 +30,11 @@ from libp2p.peer.envelope import consume_envelope
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.peer.peerstore import PeerStore, PeerStoreError, env_to_send_in_RPC
+from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
+from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
+from libp2p.relay.circuit_v2.transport import CircuitV2Transport
+from libp2p.security.pnet.protector import new_protected_conn
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
@@ -37,6 +43,7 @@ from p2p.host import HostConfig, HostError, listen_multiaddrs, running_host
 from p2p.libp2p_compat import (
     closest_known_peers,
     dht_key,
+    dial_relayed,
     fill_routing_table,
     forget_dial_failure,
     is_inbound,
@@ -168,6 +175,10 @@ def test_the_internals_have_the_shape_the_adapter_calls() -> None:
     assert _parameters(RoutingTable.find_local_closest_peers)[:2] == ["self", "key"]
     assert inspect.iscoroutinefunction(PeerRouting.find_closest_peers_network)
     assert _parameters(PeerRouting.find_closest_peers_network)[:2] == ["self", "target_key"]
+    assert inspect.iscoroutinefunction(CircuitV2Transport.dial_peer_info)
+    assert _parameters(CircuitV2Transport.dial_peer_info) == ["self", "dest_info", "relay_info"]
+    assert _parameters(new_protected_conn) == ["conn", "psk"]
+    assert _parameters(BasicHost.upgrade_outbound_connection) == ["self", "raw_conn", "peer_id"]
 
 
 def test_dht_keys_are_the_utf8_bytes_of_a_swarmgrad_key() -> None:
@@ -273,3 +284,38 @@ async def test_kademlia_internals_answer_as_discovery_expects(tmp_path: Path) ->
             assert c.get_id() in [info.peer_id for info in from_c]
             # a peer that does not answer yields no providers rather than an exception
             assert await query_providers(dht_a, _stranger(), key) == []
+
+
+async def test_a_relayed_dial_in_a_private_swarm_works_only_with_pnet_added_by_the_dialler(tmp_path: Path) -> None:
+    psk = bytes(range(32))
+    with trio.fail_after(TIMEOUT_S):
+        async with (
+            running_host(HostConfig(tmp_path / "relay", psk=psk)) as relay,
+            running_host(HostConfig(tmp_path / "listener", psk=psk)) as listener,
+            running_host(HostConfig(tmp_path / "dialler", psk=psk)) as dialler,
+        ):
+            relay_info = PeerInfo(relay.get_id(), relay.get_addrs())
+            hop, stop = CircuitV2Protocol(relay, allow_hop=True), CircuitV2Protocol(listener)
+            async with background_trio_service(hop), background_trio_service(stop), trio.open_nursery() as nursery:
+                await listener.connect(relay_info)
+                stream = await listener.new_stream(relay.get_id(), [HOP_PROTOCOL_ID])
+                reserving = CircuitV2Transport(listener, stop, RelayConfig())
+                assert await reserving.reserve(stream, relay.get_id(), nursery)
+                await stream.close()
+                # the dialler only connects (STOP role: no reservation of its own)
+                transport = CircuitV2Transport(dialler, CircuitV2Protocol(dialler), RelayConfig(roles=RelayRole.STOP))
+                circuit = M(f"{relay.get_addrs()[0]}/p2p-circuit/p2p/{listener.get_id()}")
+                # py-libp2p's own dial adds no pnet on the dialling side: its handshake cannot complete (it fails
+                # after ~10 s, "failed to negotiate the secure protocol"; 3 s tell enough here)
+                with trio.move_on_after(3.0):
+                    try:
+                        await transport.dial(circuit)
+                    except SwarmException:
+                        pass
+                    else:
+                        pytest.fail("a relayed dial without pnet completed in a private swarm")
+                assert not dialler.get_network().get_connections(listener.get_id())
+                conn = await dial_relayed(dialler, transport, relay_info, listener.get_id(), psk)
+                assert any("/p2p-circuit" in str(addr) for addr in conn.get_transport_addresses())
+                assert conn in dialler.get_network().get_connections(listener.get_id())
+                nursery.cancel_scope.cancel()  # the reservation's refresher
