@@ -15,7 +15,8 @@ ESTABLISHED/RELATED). Everything else arriving on `wan` is dropped silently, as 
 reset instead (a "rejecting" NAT, which cuts TCP hole punching short). Public hosts have no route to any private LAN,
 and routers no default route: the private LANs reach one another only through the public bridge, at the routers'
 public addresses, like two homes on the internet. Linux's MASQUERADE keeps a connection's source port when it is
-free, so this NAT is port-preserving with address-and-port-dependent filtering.
+free, so by default this NAT is port-preserving with address-and-port-dependent filtering; with `random_ports=True`
+each connection gets a random source port (`MASQUERADE --random-fully`): a symmetric NAT.
 
 Every name carries this process's id and a count, so two runs (or two topologies of one run) never collide;
 everything is deleted on exit, also when the body raises (deleting a namespace deletes its veth ends and its iptables
@@ -157,8 +158,9 @@ def bridged_hosts(count: int) -> Iterator[list[NetnsHost]]:
 
 
 def _make_router(
-    tag: str, index: int, bridge_ns: str, private_count: int, drop_unsolicited: bool, created: list[str]
+    tag: str, index: int, bridge_ns: str, private_count: int, nat: tuple[bool, bool], created: list[str]
 ) -> NatRouter:
+    drop_unsolicited, random_ports = nat
     lan_prefix = f"198.19.{index + 1}."
     router = NetnsHost(f"{tag}r{index}", f"{SUBNET_PREFIX}{MAX_PUBLIC_HOSTS + 1 + index}")
     _add_namespace(router.name, created)
@@ -166,7 +168,8 @@ def _make_router(
     _add_bridge(router.name, "lan")
     _ip("-n", router.name, "addr", "add", f"{lan_prefix}1/24", "dev", "lan")
     _in(router.name, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
-    _in(router.name, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MASQUERADE")
+    masquerade = ["-j", "MASQUERADE", *(["--random-fully"] if random_ports else [])]
+    _in(router.name, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "wan", *masquerade)
     established = ["-i", "wan", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"]
     chains = ("FORWARD", "INPUT") if drop_unsolicited else ("FORWARD",)
     for chain in chains:
@@ -183,7 +186,9 @@ def _make_router(
 
 
 @contextmanager
-def nat_hosts(public_count: int, private_counts: Sequence[int], drop_unsolicited: bool = True) -> Iterator[NatTopology]:
+def nat_hosts(
+    public_count: int, private_counts: Sequence[int], drop_unsolicited: bool = True, random_ports: bool = False
+) -> Iterator[NatTopology]:
     """`public_count` public hosts (1 to 200) and one NAT router per entry of `private_counts` (1 to 50 routers, 1 to
     200 private hosts each); see the module docstring."""
     if not 1 <= public_count <= MAX_PUBLIC_HOSTS:
@@ -208,7 +213,7 @@ def nat_hosts(public_count: int, private_counts: Sequence[int], drop_unsolicited
             _plug(host.name, "eth0", bridge_ns, "br0", f"v{index}", f"{host.ip}/{PREFIX_LEN}")
             public.append(host)
         routers = tuple(
-            _make_router(tag, index, bridge_ns, count, drop_unsolicited, created)
+            _make_router(tag, index, bridge_ns, count, (drop_unsolicited, random_ports), created)
             for index, count in enumerate(private_counts)
         )
         yield NatTopology(tuple(public), routers)

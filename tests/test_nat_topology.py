@@ -7,7 +7,8 @@ plain TCP sockets (no swarmgrad, no libp2p) so that the NAT tests built on it ca
   route to the private LAN through the router (the router drops unsolicited inbound packets), and not at the
   router's public address (nothing is forwarded);
 * two private hosts behind different routers cannot reach each other directly, at either address;
-* a router built with `drop_unsolicited=False` answers a connection to its public address with a reset instead.
+* a router built with `drop_unsolicited=False` answers a connection to its public address with a reset instead;
+* a router built with `random_ports=True` (a symmetric NAT) does not keep the private host's source port.
 
 Each listener in these tests also accepts a control connection that must succeed, so "no connection" means the
 network refused it, not that nothing was listening. Needs root, iproute2 and iptables; skipped otherwise, except
@@ -162,3 +163,16 @@ def test_a_rejecting_router_answers_a_connection_to_its_public_address_with_a_re
         assert connect(public, router.host.ip) == "ECONNREFUSED"
         assert connect(private, public.ip) == "ECONNREFUSED"  # outbound works: the public host has no listener
         assert [ip for ip, _port in listener.peers()] == []
+
+
+def test_a_symmetric_router_does_not_keep_the_source_port(server: type[Server]) -> None:
+    _require_nat()
+    with nat_hosts(1, (1,), random_ports=True) as symmetric:
+        public, router = symmetric.public[0], symmetric.routers[0]
+        listener = server(public)
+        for source_port in (SOURCE_PORT, SOURCE_PORT + 1):
+            assert connect(router.private[0], public.ip, source_port=source_port) == "connected"
+        seen = listener.peers()
+    assert [ip for ip, _port in seen] == [router.host.ip, router.host.ip]
+    # a random port equals the source port with probability ~1/64k per connection: both kept would be ~1/4e9
+    assert [port for _ip, port in seen] != [SOURCE_PORT, SOURCE_PORT + 1]
