@@ -14,9 +14,9 @@ with an event and carries out the actions it returns --
 * `Compute`: run in place; its `Computed` is stepped after the virtual compute time the host gives (0 by default).
 * `Notify` and `Effect`: handed to the host (the peer model), which may step machines in turn.
 
-A peer that raises `RemoteProtocolError` on a message keeps running (the message is dropped and counted per
-receiver), as in the real driver. Nothing here reads a clock, draws a random number or touches trio: randomness
-belongs to the network and peer models, each with its own seeded `random.Random`.
+A peer that raises `RemoteProtocolError` on a message keeps running (the message is dropped, counted per
+receiver and told to `on_rejected`), as in the real driver. Nothing here reads a clock, draws a random number or
+touches trio: randomness belongs to the network and peer models, each with its own seeded `random.Random`.
 """
 
 from __future__ import annotations
@@ -61,10 +61,18 @@ class EventLoop:
             raise LocalProtocolError(f"cannot schedule at {when_s} s, the clock is at {self.now} s")
         heapq.heappush(self._heap, (when_s, next(self._seq), callback))
 
-    def run(self, until_s: float = float("inf"), stop: Callable[[], bool] | None = None) -> None:
-        """Run events up to `until_s` inclusive (the clock then stands at the last event run), or until `stop()`."""
+    def run(
+        self, until_s: float = float("inf"), stop: Callable[[], bool] | None = None, max_events: int | None = None
+    ) -> None:
+        """Run events up to `until_s` inclusive (the clock then stands at the last event run), or until `stop()`.
+        With `max_events`, a run that would take more events raises `LocalProtocolError` instead of going on (a
+        schedule without end fails rather than hangs)."""
         heap = self._heap
+        budget = -1 if max_events is None else max_events
         while heap and heap[0][0] <= until_s:
+            if budget == 0:
+                raise LocalProtocolError(f"more than {max_events} events by virtual time {self.now} s")
+            budget -= 1
             self.now, _, callback = heapq.heappop(heap)
             self.events_run += 1
             callback()
@@ -100,9 +108,16 @@ class Simulator:
     """Drives one machine per peer on an `EventLoop` through a network model; see the module docstring."""
 
     def __init__(
-        self, loop: EventLoop, network: Network, size_bytes: Callable[[object], int], host: Host | None = None
+        self,
+        loop: EventLoop,
+        network: Network,
+        size_bytes: Callable[[object], int],
+        host: Host | None = None,
+        on_rejected: Callable[[PeerId, PeerId, RemoteProtocolError], None] | None = None,
     ) -> None:
+        """`on_rejected(receiver, sender, error)` is told each message a receiver's machine refused."""
         self.loop = loop
+        self.on_rejected = on_rejected
         self.network = network
         self.host = host
         self._size_bytes = size_bytes
@@ -144,10 +159,12 @@ class Simulator:
             return
         try:
             actions = machine.step(self.loop.now, event)
-        except RemoteProtocolError:
+        except RemoteProtocolError as exc:
             if not isinstance(event, Received):
                 raise
             self.rejected[peer] += 1
+            if self.on_rejected is not None:
+                self.on_rejected(peer, event.peer, exc)
             return
         self._carry_out(peer, machine, actions)
 
@@ -171,6 +188,10 @@ class Simulator:
                     self.host.effect(peer, action)
             else:
                 raise LocalProtocolError(f"unknown action {type(action).__name__}")
+
+    def send(self, sender: PeerId, action: Send) -> None:
+        """Carry out `action` as if `sender`'s machine had returned it (for peers a harness scripts by hand)."""
+        self._send(sender, action)
 
     def _send(self, sender: PeerId, action: Send) -> None:
         size = self._size_bytes(action.msg)

@@ -1,70 +1,45 @@
-"""`GossipRound` machines in virtual time, deterministic per seed: the discrete-event runner of the gossip simulations.
+"""`GossipRound` machines in virtual time, deterministic per seed: the gossip simulations of the tests, on the
+research simulator's discrete-event core (`sim.events`), so the project has one event loop.
 
-`EventQueue` is a heap of `(virtual time, sequence number, callback)`: ties run in the order they were scheduled,
-so a run depends only on its inputs and its seed (no trio scheduler, no wall clock, no thread). `RoundSim` runs one
-machine per simulated peer on it and carries out their actions: a `Send` is delivered after a latency drawn from
-the run's `random.Random`, a timer fires unless it was cancelled first, a `Compute` runs in place (`settle`: it takes
-no virtual time). A `RemoteProtocolError` is recorded as `(receiver, sender, reason)` and the message dropped, as the
-driver does. Each `RoundCompleted` goes to the caller's `on_completed`, which decides when that peer starts its next
-round (`start`). Outsiders -- Byzantine peers with no machine -- are callbacks that receive messages and `send`
-through the run. It holds no protocol logic.
+`RoundSim` runs one real machine per simulated peer on a `sim.events.Simulator` and is its host: a `Send` arrives
+after a latency drawn per message from the run's `random.Random` (`UniformLatency`, no bandwidth), timers and
+`Compute` are the core's (a computation takes no virtual time). A `RemoteProtocolError` is recorded as
+`(receiver, sender, reason)` and the message dropped, as the driver does. Each `RoundCompleted` goes to the
+caller's `on_completed`, which decides when that peer starts its next round (`start`). Outsiders -- Byzantine peers
+with no machine -- are callbacks told each message sent to them; they `send` through the same network. It holds no
+protocol logic.
 """
 
 from __future__ import annotations
 
-import functools
-import heapq
-import itertools
 import random
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
 
 from gossip.messages import SparseUpdate, model_fingerprint
 from gossip.round import GossipConfig, GossipRound, RoundCompleted, StartRound
+from sim.events import EventLoop, Simulator
 from swarmgrad.core.errors import LocalProtocolError, RemoteProtocolError
-from swarmgrad.core.machine import (
-    Action,
-    CancelTimer,
-    Event,
-    Notify,
-    PeerUp,
-    Received,
-    Send,
-    SetTimer,
-    TimerFired,
-    settle,
-)
+from swarmgrad.core.machine import Action, Effect, Event, PeerId, PeerUp, Received, Send
 from training.topk import TopKSelector
 
 MAX_EVENTS = 2_000_000
-"""Bound on the events of one `EventQueue.run`: a run that schedules without end fails instead of hanging."""
+"""Bound on the events of one `RoundSim.run`: a run that schedules without end fails instead of hanging."""
 
 _SELECTOR = TopKSelector()  # built once: loading the native kernel is not part of any simulated step
 
 
-class EventQueue:
-    """Callbacks at virtual times, run in (time, scheduling order)."""
+@dataclass
+class UniformLatency:
+    """The network of these runs: each message arrives after a latency drawn uniformly from `latency_s`, never lost."""
 
-    def __init__(self) -> None:
-        self.now = 0.0
-        self._heap: list[tuple[float, int, Callable[[], None]]] = []
-        self._seq = itertools.count()
+    rng: random.Random
+    latency_s: tuple[float, float]
 
-    def at(self, when: float, callback: Callable[[], None]) -> None:
-        if when < self.now:
-            raise LocalProtocolError(f"cannot schedule at {when}, before now ({self.now})")
-        heapq.heappush(self._heap, (when, next(self._seq), callback))
-
-    def run(self, until_s: float, max_events: int = MAX_EVENTS) -> None:
-        """Run every callback due by `until_s` (those they schedule included), or until none is left."""
-        for _ in range(max_events):
-            if not self._heap or self._heap[0][0] > until_s:
-                return
-            self.now, _, callback = heapq.heappop(self._heap)
-            callback()
-        raise LocalProtocolError(f"more than {max_events} events by virtual time {self.now}")
+    def transmit(self, now: float, sender: PeerId, receiver: PeerId, size_bytes: int) -> list[float]:
+        return [now + self.rng.uniform(*self.latency_s)]
 
 
 @dataclass
@@ -80,6 +55,18 @@ Outsider = Callable[[str, SparseUpdate], None]
 """(sender, message) -> None: a peer with no machine, told each message sent to it."""
 
 
+@dataclass
+class _OutsiderMachine:
+    """An outsider in the event core: a machine that hands each message to the callback and does nothing itself."""
+
+    on_message: Outsider
+
+    def step(self, now: float, event: Event) -> list[Action]:
+        if isinstance(event, Received):
+            self.on_message(event.peer, event.msg)  # type: ignore[arg-type]
+        return []
+
+
 class RoundSim:
     """Machines named `add_peer`, outsiders named `add_outsider`, all connected to each other (`connect_all`)."""
 
@@ -91,38 +78,42 @@ class RoundSim:
         on_completed: Callable[[SimPeer, RoundCompleted], None],
     ) -> None:
         self.rng = random.Random(seed)
-        self.queue = EventQueue()
+        self.loop = EventLoop()
+        # this runner measures rounds and values, not bytes: sizes are not encoded
+        self.core = Simulator(
+            self.loop, UniformLatency(self.rng, latency_s), size_bytes=lambda msg: 0, host=self,
+            on_rejected=self._rejected,
+        )  # fmt: skip
         self.numel = numel
         self.fingerprint = model_fingerprint([(numel,)])
-        self.latency_s = latency_s
         self.peers: dict[str, SimPeer] = {}
         self.blamed: list[tuple[str, str, str]] = []  # (receiver, sender, reason) of every RemoteProtocolError
-        self._outsiders: dict[str, Outsider] = {}
+        self._outsiders: list[str] = []
         self._on_completed = on_completed
-        self._timers: dict[tuple[str, Hashable], int] = {}  # the pending timers: which SetTimer set each one
-        self._timer_seq = itertools.count()
 
     @property
     def now(self) -> float:
-        return self.queue.now
+        return self.loop.now
 
     def add_peer(
         self, name: str, config: GossipConfig, params: torch.Tensor, rng: random.Random, loop_round: int = 0
     ) -> SimPeer:
         machine = GossipRound(config, name, self.numel, self.fingerprint, rng, _SELECTOR)
         peer = self.peers[name] = SimPeer(name, machine, params, loop_round)
+        self.core.add(name, machine)
         return peer
 
     def add_outsider(self, name: str, on_message: Outsider) -> None:
-        self._outsiders[name] = on_message
+        self._outsiders.append(name)
+        self.core.add(name, _OutsiderMachine(on_message))
 
     def connect_all(self) -> None:
         """Every machine sees every other peer and outsider up (in sorted order)."""
         everyone = sorted([*self.peers, *self._outsiders])
-        for peer in self.peers.values():
+        for name in self.peers:
             for other in everyone:
-                if other != peer.name:
-                    self._step(peer, PeerUp(other))
+                if other != name:
+                    self.core.step(name, PeerUp(other))
 
     def start(self, name: str, when: float) -> None:
         """`name` starts its next round with its current params at `when`."""
@@ -130,49 +121,36 @@ class RoundSim:
         def begin() -> None:
             peer = self.peers[name]
             peer.started_at = self.now
-            self._step(peer, StartRound(peer.params, peer.loop_round))
+            self.core.step(name, StartRound(peer.params, peer.loop_round))
 
-        self.queue.at(when, begin)
+        self.loop.at(when, begin)
 
     def send(self, sender: str, receiver: str, msg: SparseUpdate) -> None:
-        """Deliver `msg` after a random latency (for outsiders; machines' `Send`s go the same way)."""
-        self.queue.at(self.now + self.rng.uniform(*self.latency_s), lambda: self._deliver(sender, receiver, msg))
+        """Send `msg` through the network (for outsiders; machines' `Send`s go the same way)."""
+        self.core.send(sender, Send(receiver, msg))
 
     def run(self, until_s: float) -> None:
-        self.queue.run(until_s)
+        self.loop.run(until_s, max_events=MAX_EVENTS)
 
     def honest_senders_blamed(self) -> list[tuple[str, str, str]]:
         return [blame for blame in self.blamed if blame[1] in self.peers]
 
-    def _deliver(self, sender: str, receiver: str, msg: SparseUpdate) -> None:
-        if receiver in self._outsiders:
-            self._outsiders[receiver](sender, msg)
+    def _rejected(self, receiver: PeerId, sender: PeerId, error: RemoteProtocolError) -> None:
+        self.blamed.append((receiver, sender, str(error)))
+
+    # ---- the Host protocol of the event core --------------------------------------------------------------------
+
+    def notified(self, name: PeerId, event: object) -> None:
+        if not isinstance(event, RoundCompleted):
             return
-        try:
-            self._step(self.peers[receiver], Received(sender, msg))
-        except RemoteProtocolError as exc:
-            self.blamed.append((receiver, sender, str(exc)))
+        peer = self.peers[name]
+        peer.params = event.params
+        if not event.held:
+            peer.loop_round = max(peer.loop_round, event.round + 1)
+        self._on_completed(peer, event)
 
-    def _fire(self, peer: SimPeer, key: Hashable, number: int) -> None:
-        if self._timers.get((peer.name, key)) == number:  # neither cancelled nor set again since
-            del self._timers[(peer.name, key)]
-            self._step(peer, TimerFired(key))
+    def effect(self, peer: PeerId, effect: Effect) -> None:
+        raise LocalProtocolError(f"the round simulation carries out no {type(effect).__name__}")
 
-    def _step(self, peer: SimPeer, event: Event) -> None:
-        self._carry_out(peer, settle(peer.machine, self.now, event))
-
-    def _carry_out(self, peer: SimPeer, actions: Sequence[Action]) -> None:
-        for action in actions:
-            if isinstance(action, Send):
-                self.send(peer.name, action.peer, action.msg)  # type: ignore[arg-type]
-            elif isinstance(action, SetTimer):
-                number = self._timers[(peer.name, action.key)] = next(self._timer_seq)
-                self.queue.at(action.deadline, functools.partial(self._fire, peer, action.key, number))
-            elif isinstance(action, CancelTimer):
-                self._timers.pop((peer.name, action.key), None)
-            elif isinstance(action, Notify) and isinstance(action.event, RoundCompleted):
-                done = action.event
-                peer.params = done.params
-                if not done.held:
-                    peer.loop_round = max(peer.loop_round, done.round + 1)
-                self._on_completed(peer, done)
+    def compute_time_s(self, peer: PeerId, key: Hashable) -> float:
+        return 0.0

@@ -1,9 +1,9 @@
 """The swarm-wide round clock of `gossip.round`, from arbitrary starts, in virtual time, deterministic per seed.
 
-The discrete-event runner of `testing.round_sim` (a heap of timed events, one `random.Random` per run: no trio, no
-wall clock) runs `GossipRound` machines that start at chosen rounds, with per-message latency, a compute time between
-rounds, and optionally Byzantine peers that claim huge clocks. For every scenario and seed it checks the bounds
-stated in the module docstring of `gossip.round`:
+The discrete-event runner of `testing.round_sim` (on the simulator's core `sim.events`: a heap of timed events, one
+`random.Random` per run, no trio, no wall clock) runs `GossipRound` machines that start at chosen rounds, with
+per-message latency, a compute time between rounds, and optionally Byzantine peers that claim huge clocks. For every
+scenario and seed it checks the bounds stated in the module docstring of `gossip.round`:
 
 * the honest peers end within `max_future_rounds` of each other (a common round), and got there quickly;
 * no honest round waited its deadline (every neighbour was live and reachable, whatever round it was in);
@@ -62,7 +62,7 @@ class Run:
         for name in self.sim.peers:
             self.sim.start(name, self.sim.rng.uniform(0, COMPUTE_S))
         for name in self.byzantine:
-            self.sim.queue.at(self.sim.rng.uniform(0, COMPUTE_S), functools.partial(self._byzantine_request, name))
+            self.sim.loop.at(self.sim.rng.uniform(0, COMPUTE_S), functools.partial(self._byzantine_request, name))
 
     def run(self, until_s: float) -> None:
         self.sim.run(until_s)
@@ -92,7 +92,7 @@ class Run:
         round_ = BYZANTINE_CLOCK + int(self.sim.now / COMPUTE_S)
         for name in self.sim.peers:
             self.sim.send(byzantine, name, self._byzantine_update(round_, False, round_))
-        self.sim.queue.at(self.sim.now + COMPUTE_S, functools.partial(self._byzantine_request, byzantine))
+        self.sim.loop.at(self.sim.now + COMPUTE_S, functools.partial(self._byzantine_request, byzantine))
 
     def clocks(self) -> list[int]:
         return [peer.machine.clock for peer in self.sim.peers.values()]

@@ -154,3 +154,34 @@ def test_removed_peer_gets_nothing() -> None:
     sim.remove("q")
     loop.run()
     assert receiver.seen == [(0.0, TimerFired("go"))]
+
+
+def test_a_run_past_its_event_bound_fails_instead_of_hanging() -> None:
+    import pytest
+
+    from swarmgrad.core.errors import LocalProtocolError
+
+    loop = EventLoop()
+
+    def again() -> None:
+        loop.at(loop.now + 1.0, again)
+
+    loop.at(0.0, again)
+    with pytest.raises(LocalProtocolError):
+        loop.run(max_events=100)
+    assert loop.events_run == 100
+
+
+def test_rejections_are_told_with_sender_and_a_harness_can_send_for_a_peer() -> None:
+    loop = EventLoop()
+    told: list[tuple[PeerId, PeerId, str]] = []
+    sim = Simulator(loop, FixedNetwork(0.1), size_bytes=len, on_rejected=lambda r, s, e: told.append((r, s, str(e))))
+    receiver = Recorder()
+    sim.add("q", receiver)
+    sim.add("z", Recorder())  # a scripted peer: the harness sends on its behalf
+    sim.send("z", Send("q", "bad"))
+    sim.send("z", Send("q", "fine"))
+    loop.run()
+    assert [e for _, e in receiver.seen] == [Received("z", "bad"), Received("z", "fine")]
+    assert [(r, s) for r, s, _ in told] == [("q", "z")] and "bad" in told[0][2]
+    assert sim.bytes_sent["z"] == 7
