@@ -4,6 +4,7 @@ a run through faults (loss, partition, crash, restart, Byzantine peers) still co
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -57,9 +58,25 @@ def test_bad_scenario_names_the_field(tmp_path: Path, text: str, field: str) -> 
     assert info.value.field == field
 
 
-def test_shipped_scenarios_load() -> None:
-    for path in sorted(SCENARIOS.glob("*.toml")):
-        load_scenario(path)
+SHIPPED = sorted(SCENARIOS.glob("*.toml"))
+RUN_PEERS_UP_TO = 50  # shipped scenarios this size or smaller also run (a few rounds); larger ones only load
+
+
+def test_the_example_scenarios_are_shipped() -> None:
+    names = {path.stem for path in SHIPPED}
+    assert {"lan4", "wan_faults", "wan100_churn", "byzantine10", "partition_heals", "peers1000"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[path.stem for path in SHIPPED])
+def test_shipped_scenario_loads_and_runs(path: Path) -> None:
+    scenario = load_scenario(path)
+    if scenario.swarm.peers > RUN_PEERS_UP_TO:
+        return
+    rounds = 2
+    short = dataclasses.replace(scenario, swarm=dataclasses.replace(scenario.swarm, rounds=rounds))
+    rows = SwarmRun(short, 0).run()
+    assert len(rows) == rounds + 1
+    assert rows[-1].bytes_sent > 0 and rows[-1].loss < rows[0].loss
 
 
 def run_cli(scenario: Path, seed: int, out: Path, hash_seed: str) -> subprocess.CompletedProcess[str]:
