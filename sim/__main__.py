@@ -1,9 +1,12 @@
-"""`python -m sim run SCENARIO.toml --seed N --out DIR` (also `swarmgrad sim run ...`): one simulated run.
+"""`python -m sim run|sweep ...` (also `swarmgrad sim run|sweep ...`): one simulated run, or a sweep of runs.
 
-Writes `DIR/rounds.csv` (one row per swarm round: see `sim.swarm`), `DIR/summary.json` (the scenario as loaded,
-the seed, the software version, the run's totals and the command that replays it) and, where matplotlib is
-installed (`pip install swarmgrad[plots]`), `DIR/rounds.png`. The outputs hold no wall-clock figure, so one
-scenario and seed give byte-identical files. A bad scenario is one line on stderr naming the field, exit status 2.
+`run SCENARIO.toml --seed N --out DIR` writes `DIR/rounds.csv` (one row per swarm round: see `sim.swarm`),
+`DIR/summary.json` (the scenario as loaded, the seed, the software version, the run's totals and the command that
+replays it) and, where matplotlib is installed (`pip install swarmgrad[plots]`), `DIR/rounds.png`: loss against
+rounds, bytes sent and virtual time, and consensus distance against rounds. A progress bar goes to stderr when it
+is a terminal (or with `--progress`). The outputs hold no wall-clock figure, so one scenario and seed give
+byte-identical files. `sweep` is `sim.sweep`. A bad scenario or option is one line on stderr naming the field,
+exit status 2.
 """
 
 from __future__ import annotations
@@ -18,14 +21,17 @@ import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
+from sim import sweep
 from sim.scenario import load_scenario
 from sim.swarm import RoundMetrics, SwarmRun
 from swarmgrad.core.errors import ConfigError
 
 EXIT_USAGE = 2
+BAR_WIDTH = 30
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -35,15 +41,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("scenario", type=Path, metavar="SCENARIO.toml")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--out", type=Path, required=True, metavar="DIR")
+    run.add_argument("--progress", action="store_true", help="show the progress bar even if stderr is no terminal")
+    sweep.add_parser(commands)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one core per run, and reductions in one fixed order
+    if args.command == "sweep":
+        return sweep.main(args)
     try:
         scenario = load_scenario(args.scenario)
     except (ConfigError, OSError) as exc:
         print(f"swarmgrad sim: error: {args.scenario}: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    swarm = SwarmRun(scenario, args.seed)
+    bar = ProgressBar(sys.stderr, scenario.swarm.rounds) if args.progress or sys.stderr.isatty() else None
+    swarm = SwarmRun(scenario, args.seed, on_row=None if bar is None else bar.show)
     rows = swarm.run()
+    if bar is not None:
+        bar.close()
     args.out.mkdir(parents=True, exist_ok=True)
     write_rows(args.out / "rounds.csv", rows)
     replay = shlex.join(["swarmgrad", "sim", "run", str(args.scenario), "--seed", str(args.seed), "--out", "DIR"])
@@ -62,7 +75,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{len(rows) - 1} rounds, {final.virtual_time_s:.1f} virtual s, loss {final.loss:.4g}, "
         f"consensus distance {final.consensus_distance:.4g}, {final.bytes_sent} bytes -> {args.out}"
     )
+    if len(rows) - 1 < scenario.swarm.rounds:  # a surprising run: say how to replay it
+        print(f"stopped at max_virtual_s after {len(rows) - 1} rounds; replay: {replay}", file=sys.stderr)
     return 0
+
+
+class ProgressBar:
+    """`[#####.....] 12/40 rounds, 3.2 virtual s` on one line of `stream`, redrawn per row (never in the outputs)."""
+
+    def __init__(self, stream: TextIO, rounds: int) -> None:
+        self.stream = stream
+        self.rounds = rounds
+
+    def show(self, row: RoundMetrics) -> None:
+        filled = BAR_WIDTH * min(row.round, self.rounds) // self.rounds
+        bar = "#" * filled + "." * (BAR_WIDTH - filled)
+        self.stream.write(f"\r[{bar}] {row.round}/{self.rounds} rounds, {row.virtual_time_s:.1f} virtual s")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.write("\n")
+        self.stream.flush()
 
 
 def write_rows(path: Path, rows: list[RoundMetrics]) -> None:
@@ -74,21 +107,25 @@ def write_rows(path: Path, rows: list[RoundMetrics]) -> None:
 
 
 def plot_rows(path: Path, rows: list[RoundMetrics]) -> None:
+    """Four panels: loss against rounds, bytes sent and virtual time; consensus distance against rounds."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    figure, axes = pyplot.subplots(1, 3, figsize=(13, 3.6))
+    figure, axes = pyplot.subplots(1, 4, figsize=(16, 3.6))
     rounds = [r.round for r in rows]
-    axes[0].semilogy(rounds, [r.loss for r in rows])
+    losses = [r.loss for r in rows]
+    axes[0].semilogy(rounds, losses)
     axes[0].set(xlabel="round", ylabel="loss")
-    axes[1].semilogy([r.bytes_sent for r in rows], [r.loss for r in rows])
-    axes[1].set(xlabel="bytes sent", ylabel="loss")
-    axes[2].semilogy(rounds, [r.consensus_distance for r in rows])
-    axes[2].set(xlabel="round", ylabel="consensus distance")
+    axes[1].semilogy([r.bytes_sent for r in rows], losses)
+    axes[1].set(xlabel="bytes sent (all peers)", ylabel="loss")
+    axes[2].semilogy([r.virtual_time_s for r in rows], losses)
+    axes[2].set(xlabel="virtual time (s)", ylabel="loss")
+    axes[3].semilogy(rounds, [r.consensus_distance for r in rows])
+    axes[3].set(xlabel="round", ylabel="consensus distance")
     figure.tight_layout()
-    figure.savefig(path, dpi=100, metadata={"Software": None})
+    figure.savefig(path, dpi=80, metadata={"Software": None})
     pyplot.close(figure)
 
 

@@ -17,7 +17,7 @@ same scenario and seed give the same rows, whatever the host or `PYTHONHASHSEED`
 from __future__ import annotations
 
 import random
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass
 from functools import partial
 
@@ -68,10 +68,18 @@ class _Peer:
 
 
 class SwarmRun:
-    """Build with a scenario and seed, then `run()`; `rows` holds the per-round metrics."""
+    """Build with a scenario and seed, then `run()`; `rows` holds the per-round metrics, and `on_row` (if given) is
+    told each row as it is recorded (a progress bar; it must not touch the run)."""
 
-    def __init__(self, scenario: Scenario, seed: int, selector: TopKSelector | None = None) -> None:
+    def __init__(
+        self,
+        scenario: Scenario,
+        seed: int,
+        selector: TopKSelector | None = None,
+        on_row: Callable[[RoundMetrics], None] | None = None,
+    ) -> None:
         self.scenario = scenario
+        self.on_row = on_row
         self.seed = seed
         self.gossip_config = scenario.gossip.to_config(seed)
         self.selector = TopKSelector() if selector is None else selector
@@ -238,6 +246,8 @@ class SwarmRun:
                 live_peers=sum(1 for p in self.peers.values() if p.live),
             )
         )
+        if self.on_row is not None:
+            self.on_row(self.rows[-1])
 
     def summary(self) -> dict[str, object]:
         """The run's totals: counters of the event core and of every machine, and the last row."""

@@ -5,6 +5,7 @@ a run through faults (loss, partition, crash, restart, Byzantine peers) still co
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import subprocess
 import sys
@@ -95,9 +96,12 @@ def test_cli_is_byte_identical_per_seed_across_hash_seeds(tmp_path: Path) -> Non
     scenario.write_text(SMALL)
     first = run_cli(scenario, 3, tmp_path / "a", "1")
     second = run_cli(scenario, 3, tmp_path / "b", "2")
-    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
-    for name in ("rounds.csv", "summary.json"):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    other = run_cli(scenario, 4, tmp_path / "c", "1")
+    assert first.returncode == second.returncode == other.returncode == 0, first.stderr + second.stderr
+    plots = ["rounds.png"] if importlib.util.find_spec("matplotlib") is not None else []
+    for name in ("rounds.csv", "summary.json", *plots):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+        assert (tmp_path / "a" / name).read_bytes() != (tmp_path / "c" / name).read_bytes(), name
     rows = (tmp_path / "a" / "rounds.csv").read_text().splitlines()
     assert rows[0] == "round,virtual_time_s,loss,consensus_distance,bytes_sent,messages_sent,live_peers"
     assert len(rows) == 1 + 13
