@@ -10,8 +10,10 @@ resets that stream, so the receiver sees a truncated frame and drops it, and the
 Inbound, each stream is read by its own handler: it parses the header with the limit of that protocol *before*
 holding any buffer, reserves the body size from the sender's in-flight budget (`max_in_flight_bytes_per_peer`:
 beyond it, reading pauses and yamux flow control holds the sender back), then reads the body in bounded reads
-(py-libp2p's own framed reads stop near 6.8 MB, docs/libp2p.md #8). A bad header, an oversized announcement or a
-truncated frame resets the stream, is counted in `remote_errors` and reported to the `PeerPolicy`. A stream on
+(py-libp2p's own framed reads stop near 6.8 MB, docs/libp2p.md #8). A bad header or an oversized announcement resets
+the stream, is counted in `remote_errors` and reported to the `PeerPolicy`. A truncated frame resets the stream and
+is counted (`truncated_frames`) but not reported: honest senders leave one whenever a send is cut at its deadline or
+a connection drops, so it is no evidence of misbehaviour, and it cost no more than was sent. A stream on
 which no byte arrives for `stream_idle_timeout_s` is reset (`idle_streams`), and, given the node's `IpLimits`, a
 stream beyond the remote IP's cap of concurrent inbound streams is reset on arrival (`refused_streams`). Every handler
 runs behind a boundary that catches, logs and counts anything unexpected and resets the stream, because an
@@ -416,8 +418,10 @@ class LibP2PTransport(Transport):
             self._remote_error(peer, f"bad frame under {protocol}: {exc}")
             await _reset_quietly(stream)
         except _Truncated as exc:
+            # not reported (module docstring): charged to the sender's IP, four honest peers on 127.0.0.1 whose sends
+            # were cut at round deadlines got that IP banned for 10 minutes
             self._counters["truncated_frames"] += 1
-            self._remote_error(peer, f"truncated frame under {protocol}: {exc}")
+            log.debug("peer %s: truncated frame under %s: %s", peer, protocol, exc)
             await _reset_quietly(stream)
         except Exception:
             self._counters["handler_errors"] += 1
