@@ -7,8 +7,8 @@ One run of 4 peers (the demo's `start_swarm`: a bootstrap peer and three that fi
    is SIGSTOPped and, at the same moment, another is SIGKILLed and started again on its data directory (same peer
    id: it resumes from its checkpoint) and a fifth peer starts (it asks a neighbour for the model);
 2. the frozen peer is continued `FREEZE_S` after its SIGSTOP;
-3. once all five have trained `SETTLE_ROUNDS` swarm rounds with the four others live, every peer is sent SIGTERM in
-   the middle of an epoch, finishes the round it is in, saves and exits 0.
+3. once all five have trained `SETTLE_ROUNDS` swarm rounds together (each with at least 3 of the 4 others live),
+   every peer is sent SIGTERM in the middle of an epoch, finishes the round it is in, saves and exits 0.
 
 Then every peer's final round lies within `ROUND_BOUND` of every other's, every peer's last `epoch` event names
 the same epoch (that of its final round), and every final test accuracy reaches the demo's target.
@@ -20,6 +20,9 @@ So at any instant the peers' rounds lie within M + 1 (M, plus the round a peer i
 on). The SIGTERMs land a few milliseconds apart and each peer finishes the round it is in, one more:
 `ROUND_BOUND` = M + 2 = 6. Without the common round clock the frozen peer would end hundreds of rounds behind (it
 ran no round while stopped), the restarted one at its checkpoint's count and the late one at the round it fetched.
+
+It runs under `make test-long` (marker `long`): 2-6 minutes on a shared, loaded 2-core machine, most of it the two
+waves of interpreter start-up (torch and libp2p imports: 40-100 s each there) that a restart and a late joiner need.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from gossip.round import GossipConfig
 from swarmgrad.demo import BOOTSTRAP_RETRY_S, DEFAULT_TARGET, START_TIMEOUT_S, PeerProcess, peer_args, start_swarm
 from swarmgrad.procs import ChildFailed, Event
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 SWARM = "chaos"
 EPOCH_ROUNDS = 30
@@ -121,8 +124,10 @@ def test_a_frozen_a_killed_and_a_late_peer_end_on_one_round_one_epoch_and_the_ta
         # 3. all five together, then a stop in the middle of an epoch
         running = [*survivors, frozen, restarted, late]
         goal = max(int(latest(peer, "round")["round"]) for peer in survivors) + SETTLE_ROUNDS
+        # with at least 3 of the 4 others live, not 4: a survivor was seen to take a minute to count the restarted
+        # peer live again (it kept finding the killed one's expired member record)
         for peer in running:
-            peer.read_until("round", STEP_S, reached(goal, peers=len(running) - 1))
+            peer.read_until("round", STEP_S, reached(goal, peers=3))
         stop_at = peers[0].read_until("round", STEP_S, mid_epoch)
         for peer in running:
             peer.signal(signal.SIGTERM)
