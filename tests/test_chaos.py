@@ -21,8 +21,10 @@ on). The SIGTERMs land a few milliseconds apart and each peer finishes the round
 `ROUND_BOUND` = M + 2 = 6. Without the common round clock the frozen peer would end hundreds of rounds behind (it
 ran no round while stopped), the restarted one at its checkpoint's count and the late one at the round it fetched.
 
-It runs under `make test-long` (marker `long`): 2-6 minutes on a shared, loaded 2-core machine, most of it the two
-waves of interpreter start-up (torch and libp2p imports: 40-100 s each there) that a restart and a late joiner need.
+It also checks what the first end-to-end test used to: the bootstrap peer, with no checkpoint and nobody to fetch
+from, says it starts from the initial model; every peer sends fewer bytes than dense exchange would; a peer stopped
+by SIGTERM saves a checkpoint. 1.5-2 minutes on 2 cores with little else running (2-6 minutes on a loaded one),
+most of it the two waves of interpreter start-up (torch and libp2p imports) that a restart and a late joiner need.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from gossip.round import GossipConfig
 from swarmgrad.demo import BOOTSTRAP_RETRY_S, DEFAULT_TARGET, START_TIMEOUT_S, PeerProcess, peer_args, start_swarm
 from swarmgrad.procs import ChildFailed, Event
 
-pytestmark = [pytest.mark.slow, pytest.mark.long]
+pytestmark = pytest.mark.slow
 
 SWARM = "chaos"
 EPOCH_ROUNDS = 30
@@ -91,6 +93,8 @@ def test_a_frozen_a_killed_and_a_late_peer_end_on_one_round_one_epoch_and_the_ta
     try:
         for peer in peers:
             peer.read_until("round", START_S, reached(0, peers=3))
+        # the bootstrap peer had no checkpoint and nobody to fetch from: it says it starts from the initial model
+        assert [(e["source"], e["round"]) for e in peers[0].seen("model")] == [("initial", 0)]
         victim_id = victim.seen("listening")[0]["peer_id"]
         victim.read_until("epoch", STEP_S)  # it has a checkpoint to resume from
 
@@ -147,6 +151,10 @@ def test_a_frozen_a_killed_and_a_late_peer_end_on_one_round_one_epoch_and_the_ta
         assert len(set(epochs.values())) == 1, epochs
         assert all(epoch == rounds[name] // EPOCH_ROUNDS for name, epoch in epochs.items()), (epochs, rounds)
         assert all(value >= DEFAULT_TARGET for value in accuracy.values()), accuracy
+        for name, event in finished.items():
+            assert event["stopped_by_signal"] is True, (name, event)
+            assert 0 < event["bytes_sent"] < event["dense_bytes_equivalent"], (name, event)
+        assert sorted((tmp_path / "peer-4" / "checkpoints").glob("*.json")), "a peer stopped by SIGTERM saves"
     finally:
         frozen.signal(signal.SIGCONT)
         for peer in peers:
