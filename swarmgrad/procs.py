@@ -27,6 +27,9 @@ from typing import Any
 Event = dict[str, Any]
 EXITED: Event = {"event": "exited"}
 """The last event of every child: its stdout was closed (it exited, or closed it)."""
+STOP_GRACE_S = 60.0
+"""How long `stop` waits after SIGTERM before the kill. A peer finishes its round, saves and evaluates first: 20 s
+was once too short on a 2-core machine running at a load of 14."""
 
 
 class ChildFailed(Exception):
@@ -143,9 +146,9 @@ class ChildProcess:
         return status
 
     def stop(self) -> int:
-        """SIGTERM, then the kill after 20 s: for cleanup."""
+        """SIGTERM, then the kill after `STOP_GRACE_S`: for cleanup, and for tests that expect a clean exit."""
         self.signal(signals.SIGTERM)
-        return self.wait(20.0)
+        return self.wait(STOP_GRACE_S)
 
     def kill(self) -> int:
         """SIGKILL (which also ends a stopped process) and reap it."""
