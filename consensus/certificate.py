@@ -1,0 +1,127 @@
+"""Offline checks of certificates, certificate chains and equivocation evidence. No I/O, no clock.
+
+A certificate for epoch E holds for the member set M of E and the parent link P when: its value names E and P, it
+has at least `quorum(len(M))` precommits, every signer is in M (distinct, which the message already enforces), and
+every signature is that member's precommit for the value's hash in the certificate's consensus round. The member
+set of E+1 is the certificate's `next_members` (bound to the value by `next_members_hash`), and E+1's parent link
+is E's value hash. So a chain verifies from the genesis member set (or from a trusted certificate named by its
+value hash) one link at a time; the first link that fails raises `CertificateError` naming its epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from consensus.errors import CertificateError, EvidenceError
+from consensus.membership import genesis_parent_hash
+from consensus.messages import Certificate, EquivocationEvidence, check_members, quorum
+from consensus.signing import SignatureVerifier, precommit_bytes, vote_bytes
+
+
+@dataclass(frozen=True)
+class EpochSummary:
+    """What `verify_chain` reports for each verified epoch."""
+
+    epoch: int
+    consensus_round: int
+    checkpoint_root: bytes
+    member_count: int
+    signers: tuple[bytes, ...]
+    value_hash: bytes
+
+
+def verify_certificate(
+    cert: Certificate,
+    members: Sequence[bytes],
+    parent_hash: bytes,
+    verifier: SignatureVerifier | None = None,
+    epoch: int | None = None,
+) -> bytes:
+    """Check `cert` against the epoch's `members` and the expected parent link; return the certified value hash.
+    Raises `CertificateError` naming the epoch and the first problem found."""
+    verifier = verifier or SignatureVerifier()
+    value = cert.value
+    if epoch is not None and value.epoch != epoch:
+        raise CertificateError(epoch, f"certificate is for epoch {value.epoch} (epoch gap or reordering)")
+    if value.parent_certificate_hash != parent_hash:
+        raise CertificateError(
+            value.epoch,
+            f"broken parent link: names parent {value.parent_certificate_hash.hex()[:16]}, "
+            f"expected {parent_hash.hex()[:16]}",
+        )
+    member_set = set(members)
+    need = quorum(len(member_set))
+    if len(cert.precommits) < need:
+        raise CertificateError(
+            value.epoch, f"below quorum: {len(cert.precommits)} precommits, {need} of {len(member_set)} needed"
+        )
+    value_hash = value.hash()
+    message = precommit_bytes(value.swarm_id, value.epoch, cert.consensus_round, value_hash)
+    for signed in cert.precommits:
+        if signed.member not in member_set:
+            raise CertificateError(value.epoch, f"signer {signed.member.hex()[:16]} is not a member of this epoch")
+        if not verifier.verify(signed.member, message, signed.signature):
+            raise CertificateError(value.epoch, f"forged or wrong signature of member {signed.member.hex()[:16]}")
+    return value_hash
+
+
+def verify_chain(
+    certificates: Iterable[Certificate],
+    genesis_members: Sequence[bytes],
+    trusted_hash: bytes | None = None,
+    verifier: SignatureVerifier | None = None,
+) -> list[EpochSummary]:
+    """Verify consecutive certificates from epoch 1 (members `genesis_members`, parent `genesis_parent_hash` of the
+    chain's swarm id and those members), or,
+    with `trusted_hash`, from the certificate whose value hash it is (accepted without signature checks: the
+    caller trusts it), and return one summary per verified epoch. Raises `CertificateError` at the first bad link,
+    and when `trusted_hash` names no certificate of the chain."""
+    verifier = verifier or SignatureVerifier()
+    certs = list(certificates)
+    members = tuple(genesis_members)
+    try:
+        check_members(members)
+    except ValueError as exc:
+        raise CertificateError(1, f"genesis member set: {exc}") from exc
+    if not certs:
+        return []
+    swarm_id = certs[0].value.swarm_id
+    parent = genesis_parent_hash(swarm_id, members)
+    expected_epoch = 1
+    start = 0
+    if trusted_hash is not None:
+        for index, cert in enumerate(certs):
+            if cert.value.hash() == trusted_hash:
+                start = index + 1
+                members, parent, expected_epoch = cert.next_members, trusted_hash, cert.epoch + 1
+                break
+        else:
+            raise CertificateError(0, f"no certificate of the chain has the trusted hash {trusted_hash.hex()[:16]}")
+    summaries = []
+    for cert in certs[start:]:
+        if cert.value.swarm_id != swarm_id:
+            raise CertificateError(cert.epoch, f"certificate of swarm {cert.value.swarm_id!r} in a chain of {swarm_id!r}")
+        value_hash = verify_certificate(cert, members, parent, verifier, epoch=expected_epoch)
+        summaries.append(
+            EpochSummary(cert.epoch, cert.consensus_round, cert.value.checkpoint_root, len(members), cert.signers,
+                         value_hash)
+        )
+        members, parent, expected_epoch = cert.next_members, value_hash, expected_epoch + 1
+    return summaries
+
+
+def verify_evidence(
+    evidence: EquivocationEvidence, members: Sequence[bytes] | None = None, verifier: SignatureVerifier | None = None
+) -> bytes:
+    """Check offline that `evidence` proves its offender signed two different votes for one (swarm, epoch, round,
+    phase); return the offender's key. With `members`, the offender must also be one of them. Raises
+    `EvidenceError`. (The message itself already enforces that both votes share everything but the value.)"""
+    verifier = verifier or SignatureVerifier()
+    offender = evidence.offender
+    if members is not None and offender not in set(members):
+        raise EvidenceError(f"offender {offender.hex()[:16]} is not a member")
+    for vote in (evidence.first, evidence.second):
+        if not verifier.verify(vote.voter, vote_bytes(vote), vote.signature):
+            raise EvidenceError(f"a vote of {offender.hex()[:16]} in the evidence is not validly signed")
+    return offender

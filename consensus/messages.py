@@ -1,0 +1,250 @@
+"""The epoch-consensus wire messages, their schema and their hashes. No I/O, no state, no signature checks.
+
+What is agreed for epoch E is an `EpochValue`: the proposer's checkpoint at the epoch boundary (a Merkle root over
+its canonical parameter bytes), the model's spec hash, the hash of the member set that votes in E+1, and the link to
+E's parent. Members are named by their raw 32-byte Ed25519 public keys (the same key as the peer's libp2p
+identity; the peer maps one to the other). A message names its signer itself, so the transport's sender never
+decides who voted: a relayed vote is as good as a direct one.
+
+`parent_certificate_hash` is the *value hash* of the parent epoch's certified value (`EpochValue.hash`), not a hash
+of the certificate's bytes: two nodes may hold different 2f+1 subsets of the same precommits, and both must link
+the next epoch to the same parent. Every field is bounded here (`__post_init__`), so a decoded message is at most a
+few hundred bytes plus its member list (`MAX_MEMBERS`) and its justification (at most `MAX_MEMBERS` votes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from swarmgrad.core.codec import Schema
+from swarmgrad.core.swarm_id import MAX_SWARM_ID_CHARS, SWARM_ID_RULE, is_valid_swarm_id
+
+PROTOCOL = "/swarmgrad/consensus/1.0.0"
+KEY_BYTES = 32
+"""A member's raw Ed25519 public key."""
+SIGNATURE_BYTES = 64
+HASH_BYTES = 32
+MAX_MEMBERS = 1024
+"""The largest member set an epoch may have: bounds every decoded list (members, justifications, signatures)."""
+MAX_EPOCH = 2**63 - 1
+MAX_ROUND = 2**31 - 1
+PREVOTE = 1
+PRECOMMIT = 2
+PHASES = (PREVOTE, PRECOMMIT)
+NIL = b""
+"""The value hash of a nil vote."""
+
+_VALUE_DOMAIN = b"swarmgrad/consensus/value/v1\x00"
+_MEMBERS_DOMAIN = b"swarmgrad/consensus/members/v1\x00"
+
+
+def _check_hash(name: str, value: bytes) -> None:
+    if len(value) != HASH_BYTES:
+        raise ValueError(f"{name} must be {HASH_BYTES} bytes, got {len(value)}")
+
+
+def _check_key(name: str, value: bytes) -> None:
+    if len(value) != KEY_BYTES:
+        raise ValueError(f"{name} must be a {KEY_BYTES}-byte Ed25519 public key, got {len(value)} bytes")
+
+
+def _check_signature(value: bytes) -> None:
+    if len(value) != SIGNATURE_BYTES:
+        raise ValueError(f"signature must be {SIGNATURE_BYTES} bytes, got {len(value)}")
+
+
+def _check_swarm(swarm_id: str) -> None:
+    if not is_valid_swarm_id(swarm_id):
+        raise ValueError(f"swarm_id must be {SWARM_ID_RULE}, got {swarm_id[: MAX_SWARM_ID_CHARS + 1]!r}")
+
+
+def _check_epoch(epoch: int) -> None:
+    if not 1 <= epoch <= MAX_EPOCH:
+        raise ValueError(f"epoch must be in [1, {MAX_EPOCH}], got {epoch}")
+
+
+def _check_round(name: str, value: int, lowest: int = 0) -> None:
+    if not lowest <= value <= MAX_ROUND:
+        raise ValueError(f"{name} must be in [{lowest}, {MAX_ROUND}], got {value}")
+
+
+def check_members(members: tuple[bytes, ...]) -> None:
+    """Raise `ValueError` unless `members` is a non-empty, strictly increasing tuple of at most `MAX_MEMBERS` keys."""
+    if not 1 <= len(members) <= MAX_MEMBERS:
+        raise ValueError(f"a member set has 1 to {MAX_MEMBERS} keys, got {len(members)}")
+    for key in members:
+        _check_key("member", key)
+    if any(a >= b for a, b in zip(members, members[1:], strict=False)):
+        raise ValueError("members must be distinct and in increasing byte order")
+
+
+def members_hash(members: tuple[bytes, ...]) -> bytes:
+    """The hash that an `EpochValue` carries for a member set (sorted, distinct keys)."""
+    return hashlib.sha256(_MEMBERS_DOMAIN + len(members).to_bytes(4, "little") + b"".join(members)).digest()
+
+
+def quorum(num_members: int) -> int:
+    """Votes a decision needs among `num_members` voters: 2f + 1 with f = (n - 1) // 3 the tolerated faults.
+
+    Any two quorums of that size share at least f + 1 members, so at least one honest member."""
+    return 2 * ((num_members - 1) // 3) + 1
+
+
+def max_faulty(num_members: int) -> int:
+    """f: the Byzantine members an epoch of `num_members` voters tolerates (n >= 3f + 1)."""
+    return (num_members - 1) // 3
+
+
+@dataclass(frozen=True)
+class EpochValue:
+    """What an epoch decides. `round` is the training round of the checkpoint boundary (not a consensus round)."""
+
+    swarm_id: str
+    epoch: int
+    round: int
+    checkpoint_root: bytes
+    model_spec_hash: bytes
+    next_members_hash: bytes
+    parent_certificate_hash: bytes
+
+    def __post_init__(self) -> None:
+        _check_swarm(self.swarm_id)
+        _check_epoch(self.epoch)
+        if not 0 <= self.round <= MAX_EPOCH:
+            raise ValueError(f"round must be in [0, {MAX_EPOCH}], got {self.round}")
+        _check_hash("checkpoint_root", self.checkpoint_root)
+        _check_hash("model_spec_hash", self.model_spec_hash)
+        _check_hash("next_members_hash", self.next_members_hash)
+        _check_hash("parent_certificate_hash", self.parent_certificate_hash)
+
+    def hash(self) -> bytes:
+        """The value hash that votes name and that the next epoch links to."""
+        return hashlib.sha256(_VALUE_DOMAIN + SCHEMA.encode(self)).digest()
+
+
+@dataclass(frozen=True)
+class Vote:
+    """A prevote or precommit of `voter` for `value_hash` (`NIL`: for no value) in one consensus round."""
+
+    swarm_id: str
+    epoch: int
+    consensus_round: int
+    phase: int
+    value_hash: bytes
+    voter: bytes
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        _check_swarm(self.swarm_id)
+        _check_epoch(self.epoch)
+        _check_round("consensus_round", self.consensus_round)
+        if self.phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES} (prevote, precommit), got {self.phase}")
+        if self.value_hash != NIL:
+            _check_hash("value_hash", self.value_hash)
+        _check_key("voter", self.voter)
+        _check_signature(self.signature)
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """The proposer's value for (epoch, consensus round). `valid_round` >= 0 says the value already gathered 2f+1
+    prevotes in that earlier round, and `justification` carries those prevotes (empty when `valid_round` is -1)."""
+
+    value: EpochValue
+    next_members: tuple[bytes, ...]
+    consensus_round: int
+    valid_round: int
+    proposer: bytes
+    signature: bytes
+    justification: tuple[Vote, ...]
+
+    def __post_init__(self) -> None:
+        check_members(self.next_members)
+        if members_hash(self.next_members) != self.value.next_members_hash:
+            raise ValueError("next_members do not match the value's next_members_hash")
+        _check_round("consensus_round", self.consensus_round)
+        _check_round("valid_round", self.valid_round, lowest=-1)
+        if self.valid_round >= self.consensus_round:
+            raise ValueError(f"valid_round {self.valid_round} must be below the round {self.consensus_round}")
+        _check_key("proposer", self.proposer)
+        _check_signature(self.signature)
+        if len(self.justification) > MAX_MEMBERS:
+            raise ValueError(f"a justification has at most {MAX_MEMBERS} votes, got {len(self.justification)}")
+        if (self.valid_round < 0) != (not self.justification):
+            raise ValueError("a justification comes with valid_round >= 0, and only then")
+
+
+@dataclass(frozen=True)
+class Signed:
+    """One member's precommit signature inside a certificate."""
+
+    member: bytes
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        _check_key("member", self.member)
+        _check_signature(self.signature)
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """2f+1 distinct members' precommits for `value` in `consensus_round` (sorted by member key)."""
+
+    value: EpochValue
+    next_members: tuple[bytes, ...]
+    consensus_round: int
+    precommits: tuple[Signed, ...]
+
+    def __post_init__(self) -> None:
+        check_members(self.next_members)
+        if members_hash(self.next_members) != self.value.next_members_hash:
+            raise ValueError("next_members do not match the value's next_members_hash")
+        _check_round("consensus_round", self.consensus_round)
+        if not 1 <= len(self.precommits) <= MAX_MEMBERS:
+            raise ValueError(f"a certificate has 1 to {MAX_MEMBERS} precommits, got {len(self.precommits)}")
+        keys = [s.member for s in self.precommits]
+        if any(a >= b for a, b in zip(keys, keys[1:], strict=False)):
+            raise ValueError("precommits must come from distinct members, in increasing key order")
+
+    @property
+    def epoch(self) -> int:
+        return self.value.epoch
+
+    @property
+    def signers(self) -> tuple[bytes, ...]:
+        return tuple(s.member for s in self.precommits)
+
+
+@dataclass(frozen=True)
+class EquivocationEvidence:
+    """Two votes of one member for the same (swarm, epoch, round, phase) naming different values."""
+
+    first: Vote
+    second: Vote
+
+    def __post_init__(self) -> None:
+        a, b = self.first, self.second
+        if (a.swarm_id, a.epoch, a.consensus_round, a.phase, a.voter) != (
+            b.swarm_id,
+            b.epoch,
+            b.consensus_round,
+            b.phase,
+            b.voter,
+        ):
+            raise ValueError("evidence votes must share swarm, epoch, round, phase and voter")
+        if a.value_hash == b.value_hash:
+            raise ValueError("evidence votes must name different values")
+
+    @property
+    def offender(self) -> bytes:
+        return self.first.voter
+
+
+SCHEMA = Schema(
+    "consensus",
+    {1: EpochValue, 2: Vote, 3: Proposal, 4: Certificate, 5: EquivocationEvidence},
+)
+MAX_MESSAGE_BYTES = 2 * MAX_MEMBERS * 256 + 4096
+"""An upper bound on an encoded message (a proposal with a full justification, a certificate with every member)."""

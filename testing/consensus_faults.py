@@ -1,0 +1,633 @@
+"""The seeded fault harness of the epoch consensus: real `EpochAgreement` machines on the simulator's event core.
+
+One seed draws one scenario and runs it in virtual time on `sim.events` (an `EventLoop` and its `Simulator` driver)
+with `sim.network.NetworkModel` for the links; no trio, no clock reads, every draw from one `random.Random(seed)`.
+
+A scenario: n in {4, 7, 10, 31} members (all of them vote in every epoch), up to f = (n - 1) // 3 Byzantine ones,
+each of one behaviour --
+
+* `equivocate`: signs a prevote and a precommit for every value it hears of, each to a different random half of
+  the members (and nil to the rest), and as proposer sends two different valid values to two halves;
+* `silent`: never sends anything;
+* `poison`: runs the honest code, but proposes a poisoned checkpoint that honest validity checks refuse;
+* `twins`: two copies of the honest code under one key, each with its own state (the Twins method), placed on
+  different sides of the partition when there is one --
+
+and, for the honest members: crash-restarts at random times and at random `Persist` points (the restarted machine
+gets exactly what was persisted, and actions after the `Persist` are lost with the crash), a partition of the
+members into two sides that heals, and message loss, duplication, reordering and random latency until then.
+`heal_s` is when the last partition, loss and crash end (GST); after it links keep their latency and jitter.
+Several epochs run back to back: when a node decides epoch E, it starts E+1 with E's value hash as parent.
+
+Checked on every run:
+
+* **agreement**: no two different values certified for one epoch, among every node's decisions (twins included)
+  and every `Certificate` message sent by anyone;
+* **validity**: every certified value was proposed and passed the validity check of at least f+1 honest members;
+* **liveness**: every honest member (restarted ones included) decides every epoch by
+  `heal_s + LIVENESS_BOUND_S * epochs` of virtual time.
+
+`python -m testing.consensus_faults --seed N [--count K] [--variant NAME]` runs seeds and prints each violation
+with its seed and a one-line replay command; `--certificates DIR` writes each honest node's decided certificates
+(one file per node, `SCHEMA`-encoded, each record prefixed by its u32 length) so a chain can be built from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import random
+import struct
+import sys
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from consensus.agreement import (
+    AgreementConfig,
+    Candidate,
+    CheckProposal,
+    Decided,
+    EpochAgreement,
+    EquivocationFound,
+    Persist,
+    ProposalChecked,
+    StartEpoch,
+    VoterState,
+    proposer_of,
+)
+from consensus.certificate import verify_certificate
+from consensus.errors import CertificateError
+from consensus.membership import genesis_parent_hash
+from consensus.messages import (
+    NIL,
+    PRECOMMIT,
+    PREVOTE,
+    SCHEMA,
+    Certificate,
+    EpochValue,
+    Proposal,
+    Vote,
+    max_faulty,
+    members_hash,
+)
+from consensus.signing import SignatureVerifier, Signer, proposal_bytes
+from sim.events import EventLoop, Simulator
+from sim.network import NetworkConfig, NetworkModel, links_between
+from swarmgrad.core.machine import (
+    Action,
+    CancelTimer,
+    Effect,
+    Event,
+    Notify,
+    PeerId,
+    Received,
+    Send,
+    SetTimer,
+    TimerFired,
+)
+
+SIZES = (4, 7, 10, 31)
+SIZE_WEIGHTS = (0.4, 0.3, 0.24, 0.06)
+BEHAVIOURS = ("equivocate", "silent", "poison", "twins")
+VARIANTS = ("honest", "weak_quorum", "ignore_lock")
+SWARM_ID = "faults"
+SPEC_HASH = hashlib.sha256(b"model spec").digest()
+LIVENESS_BOUND_S = 60.0
+"""Virtual seconds per epoch, after `heal_s`, by which every honest member must have decided (see docs/consensus.md:
+after GST a round whose proposer is honest decides once its timeouts exceed the ~0.5 s of a round trip and a
+check; an honest proposer comes within f+1 rounds, and rounds started before GST are at most a few seconds long
+at these durations)."""
+MAX_BUFFERED = 4096
+CHECK_DELAY_S = (0.005, 0.1)
+
+
+def _epoch_of(msg: object) -> int:
+    if isinstance(msg, Vote):
+        return msg.epoch
+    if isinstance(msg, (Proposal, Certificate)):
+        return msg.value.epoch
+    return -1
+
+
+def _root(label: str, epoch: int) -> bytes:
+    return hashlib.sha256(f"{label}/{epoch}".encode()).digest()
+
+
+@dataclass
+class Scenario:
+    seed: int
+    n: int
+    behaviour_of: dict[int, str]
+    epochs: int
+    latency_s: float
+    loss: float
+    duplicate: float
+    jitter_s: float
+    partition: tuple[tuple[int, ...], tuple[int, ...]] | None
+    partition_s: tuple[float, float]
+    crashes: list[tuple[int, float, float, bool]]  # (member, at_s, down_s, at_persist)
+    heal_s: float
+
+    @classmethod
+    def draw(cls, seed: int) -> Scenario:
+        rng = random.Random(seed)
+        n = rng.choices(SIZES, SIZE_WEIGHTS)[0]
+        f = max_faulty(n)
+        byzantine = rng.sample(range(n), rng.randint(0, f) if rng.random() < 0.3 else f)
+        behaviour_of = {i: rng.choice(BEHAVIOURS) for i in sorted(byzantine)}
+        partition = None
+        partition_s = (0.0, 0.0)
+        if rng.random() < 0.6:
+            side = set(rng.sample(range(n), rng.randint(1, n - 1)))
+            for i, kind in behaviour_of.items():
+                if kind == "twins":  # twin copies go on different sides: one copy per side
+                    side.discard(i)
+            partition = (tuple(sorted(side)), tuple(sorted(set(range(n)) - side)))
+            start = rng.uniform(0.0, 3.0)
+            partition_s = (start, start + rng.uniform(0.5, 12.0))
+        crashes = []
+        honest = [i for i in range(n) if i not in behaviour_of]
+        for i in honest:
+            if rng.random() < 0.25:
+                crashes.append((i, rng.uniform(0.0, 8.0), rng.uniform(0.05, 4.0), rng.random() < 0.5))
+        lossy = rng.random() < 0.7
+        loss = rng.uniform(0.0, 0.3) if lossy else 0.0
+        end = max([partition_s[1], *(at + down for _, at, down, _ in crashes)], default=0.0)
+        heal_s = max(end, rng.uniform(0.0, 6.0) if lossy else 0.0)
+        return cls(
+            seed=seed,
+            n=n,
+            behaviour_of=behaviour_of,
+            epochs=3 if n <= 10 else 2,
+            latency_s=rng.uniform(0.01, 0.1),
+            loss=loss,
+            duplicate=rng.uniform(0.0, 0.1) if rng.random() < 0.5 else 0.0,
+            jitter_s=rng.uniform(0.0, 0.1) if rng.random() < 0.6 else 0.0,
+            partition=partition,
+            partition_s=partition_s,
+            crashes=crashes,
+            heal_s=heal_s,
+        )
+
+
+@dataclass
+class Violation:
+    seed: int
+    variant: str
+    kind: str
+    detail: str
+
+    def __str__(self) -> str:
+        return (
+            f"seed {self.seed} ({self.variant}): {self.kind}: {self.detail}\n"
+            f"  replay: python -m testing.consensus_faults --seed {self.seed} --variant {self.variant}"
+        )
+
+
+@dataclass
+class RunResult:
+    seed: int
+    violations: list[Violation]
+    decided_at: dict[int, float]
+    certificates: dict[PeerId, list[Certificate]]
+    events_run: int
+    virtual_s: float
+    scenario: Scenario
+
+
+@dataclass
+class EpochNode:
+    """A member's consensus in the harness: one `EpochAgreement` per epoch, one after the other; messages for a
+    later epoch are buffered until it starts, and those for a decided one are answered with its certificate."""
+
+    run: FaultRun
+    name: PeerId
+    index: int
+    signer: Signer
+    config: AgreementConfig
+    root_label: str
+    chain: list[Certificate]
+    agreement: EpochAgreement | None = None
+    buffered: list[tuple[PeerId, object]] = field(default_factory=list)
+    answered: dict[tuple[PeerId, int], float] = field(default_factory=dict)
+
+    @property
+    def epoch(self) -> int:
+        return len(self.chain) + 1
+
+    def start(self, now: float) -> list[Action]:
+        """Start the agreement of the next undecided epoch (resuming from `state` if it is for that epoch)."""
+        run = self.run
+        epoch = self.epoch
+        if self.agreement is not None and self.agreement.epoch >= epoch:
+            return []  # already running (a restart started it before this start event came)
+        if epoch > run.scenario.epochs:
+            self.agreement = None
+            return []
+        parent = run.genesis_parent if not self.chain else self.chain[-1].value.hash()
+        value = EpochValue(
+            SWARM_ID, epoch, epoch * 100, _root(self.root_label, epoch), SPEC_HASH, run.members_hash, parent
+        )
+        persisted = run.persisted.get(self.name)
+        state = persisted if persisted is not None and persisted.epoch == epoch else None
+        self.agreement = EpochAgreement(
+            self.config,
+            self.signer,
+            run.members,
+            run.peer_of,
+            Candidate(value, run.members),
+            verifier=run.verifier,
+            state=state,
+        )
+        actions = self._wrap(epoch, self.agreement.step(now, StartEpoch()))
+        held, self.buffered = self.buffered, []
+        for peer, msg in held:
+            actions.extend(self._received(now, peer, msg))
+        return actions
+
+    def step(self, now: float, event: Event) -> list[Action]:
+        if isinstance(event, StartEpoch):
+            return self.start(now)
+        if isinstance(event, Received):
+            return self._received(now, event.peer, event.msg)
+        if isinstance(event, TimerFired) and isinstance(event.key, tuple):
+            epoch, key = event.key
+            if self.agreement is not None and epoch == self.agreement.epoch:
+                return self._wrap(epoch, self.agreement.step(now, TimerFired(key)))
+            return []
+        if isinstance(event, ProposalChecked):
+            if self.agreement is not None and event.epoch == self.agreement.epoch:
+                return self._wrap(event.epoch, self.agreement.step(now, event))
+        return []
+
+    def _received(self, now: float, peer: PeerId, msg: object) -> list[Action]:
+        epoch = _epoch_of(msg)
+        if self.agreement is not None and epoch == self.agreement.epoch:
+            return self._wrap(epoch, self.agreement.step(now, Received(peer, msg)))
+        if 1 <= epoch <= len(self.chain):
+            if isinstance(msg, Certificate):
+                return []
+            last = self.answered.get((peer, epoch))
+            if last is not None and now < last + self.config.rebroadcast_s:
+                return []
+            self.answered[(peer, epoch)] = now
+            return [Send(peer, self.chain[epoch - 1])]
+        if epoch > len(self.chain) and len(self.buffered) < MAX_BUFFERED:
+            self.buffered.append((peer, msg))
+        return []
+
+    def _wrap(self, epoch: int, actions: list[Action]) -> list[Action]:
+        out: list[Action] = []
+        for action in actions:
+            if isinstance(action, SetTimer):
+                out.append(SetTimer((epoch, action.key), action.deadline))
+            elif isinstance(action, CancelTimer):
+                out.append(CancelTimer((epoch, action.key)))
+            elif isinstance(action, Send):
+                out.extend(Send(peer, action.msg) for peer in self.run.copies_of.get(action.peer, (action.peer,)))
+            else:
+                out.append(action)
+        return out
+
+
+@dataclass
+class Silent:
+    def step(self, now: float, event: Event) -> list[Action]:
+        return []
+
+
+@dataclass
+class Equivocator:
+    """A Byzantine member that signs conflicting votes and proposals for every round it hears of."""
+
+    run: FaultRun
+    signer: Signer
+    rng: random.Random
+    acted: set[tuple[int, int]] = field(default_factory=set)
+    proposed: set[tuple[int, int]] = field(default_factory=set)
+    values: dict[tuple[int, int], set[bytes]] = field(default_factory=dict)
+
+    def step(self, now: float, event: Event) -> list[Action]:
+        if not isinstance(event, Received):
+            return []
+        msg = event.msg
+        epoch = _epoch_of(msg)
+        parent = self.run.parent_of(epoch)
+        if parent is None or isinstance(msg, Certificate):
+            return []
+        r = msg.consensus_round  # type: ignore[attr-defined]
+        known = self.values.setdefault((epoch, r), set())
+        new_value = False
+        if isinstance(msg, Proposal):
+            h = msg.value.hash()
+            new_value = h not in known
+            known.add(h)
+        elif isinstance(msg, Vote) and msg.value_hash != NIL:
+            new_value = msg.value_hash not in known
+            known.add(msg.value_hash)
+        actions: list[Action] = []
+        for rr in (r, r + 1):
+            if (epoch, rr) not in self.proposed and proposer_of(self.run.members, parent, rr) == self.signer.public_key:
+                self.proposed.add((epoch, rr))
+                actions.extend(self._propose(epoch, rr, parent))
+        if (epoch, r) not in self.acted or new_value:
+            self.acted.add((epoch, r))
+            actions.extend(self._vote(epoch, r))
+        return actions
+
+    def _split(self) -> tuple[list[PeerId], list[PeerId]]:
+        peers = [p for p in self.run.all_peers if p != self.run.name_of[self.signer.public_key]]
+        self.rng.shuffle(peers)
+        half = len(peers) // 2
+        return peers[:half], peers[half:]
+
+    def _propose(self, epoch: int, r: int, parent: bytes) -> list[Action]:
+        actions: list[Action] = []
+        for side, label in zip(self._split(), ("equivocator-a", "equivocator-b"), strict=True):
+            tag = f"{label}/{self.signer.public_key.hex()[:8]}/{r}"
+            value = EpochValue(SWARM_ID, epoch, epoch * 100, _root(tag, epoch), SPEC_HASH, self.run.members_hash, parent)
+            self.run.valid_roots.add(value.checkpoint_root)
+            unsigned = Proposal(value, self.run.members, r, -1, self.signer.public_key, bytes(64), ())
+            proposal = replace(unsigned, signature=self.signer.sign(proposal_bytes(unsigned)))
+            self.values.setdefault((epoch, r), set()).add(value.hash())
+            actions.extend(Send(peer, proposal) for peer in side)
+        return actions
+
+    def _vote(self, epoch: int, r: int) -> list[Action]:
+        options = sorted(self.values.get((epoch, r), set())) + [NIL]
+        actions: list[Action] = []
+        for phase in (PREVOTE, PRECOMMIT):
+            for peer in sorted(self.run.all_peers):
+                choice = self.rng.choice(options)
+                actions.append(Send(peer, self.signer.vote(SWARM_ID, epoch, r, phase, choice)))
+        return actions
+
+
+class FaultRun:
+    """One seeded run of a scenario; `result()` runs it and checks the properties."""
+
+    def __init__(self, scenario: Scenario, variant: str = "honest") -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        self.scenario = scenario
+        self.variant = variant
+        self.rng = random.Random(scenario.seed * 7919 + 1)
+        s = scenario
+        self.signers = [Signer.from_seed(f"member {i}".encode()) for i in range(s.n)]
+        self.members = tuple(sorted(signer.public_key for signer in self.signers))
+        self.members_hash = members_hash(self.members)
+        self.genesis_parent = genesis_parent_hash(SWARM_ID, self.members)
+        self.index_of = {signer.public_key: i for i, signer in enumerate(self.signers)}
+        self.name_of = {signer.public_key: f"n{i:02d}" for i, signer in enumerate(self.signers)}
+        self.peer_of = dict(self.name_of)
+        self.copies_of: dict[PeerId, tuple[PeerId, ...]] = {}
+        self.verifier = SignatureVerifier(max_entries=1 << 18)
+        self.f = max_faulty(s.n)
+        honest_config = AgreementConfig(planted_bug=None if variant == "honest" else variant)
+        self.honest = [i for i in range(s.n) if i not in s.behaviour_of]
+        self.valid_roots: set[bytes] = set()
+        self.checks_passed: dict[bytes, set[int]] = {}
+        self.proposed: set[bytes] = set()
+        self.certified: dict[int, dict[bytes, str]] = {}
+        self.decided_at: dict[tuple[PeerId, int], float] = {}
+        self.chains: dict[PeerId, list[Certificate]] = {}
+        self.persisted: dict[PeerId, VoterState] = {}
+        self.crash_at_persist: dict[PeerId, tuple[float, float]] = {}
+        self.violations: list[Violation] = []
+        self.loop = EventLoop()
+        self.network = NetworkModel(
+            NetworkConfig(
+                latency_s=s.latency_s,
+                latency_distribution="uniform",
+                latency_spread=0.5,
+                loss=s.loss,
+                duplicate=s.duplicate,
+                reorder_jitter_s=s.jitter_s,
+            ),
+            random.Random(s.seed * 7919 + 2),
+        )
+        self._last_msg: object = None
+        self._last_size = 0
+        self.sim = Simulator(self.loop, self.network, self._size_bytes, host=self)
+        self.nodes: dict[PeerId, tuple[int, str, AgreementConfig]] = {}
+        for i in range(s.n):
+            name = self.name_of[self.signers[i].public_key]
+            kind = s.behaviour_of.get(i, "honest")
+            if kind == "silent":
+                self.sim.add(name, Silent())
+            elif kind == "equivocate":
+                self.sim.add(name, Equivocator(self, self.signers[i], random.Random(s.seed * 31 + i)))
+            else:
+                label = f"poison/{i}" if kind == "poison" else f"honest/{i}"
+                if kind != "poison":
+                    self.valid_roots.update(_root(label, e) for e in range(1, s.epochs + 1))
+                config = honest_config if kind == "honest" else AgreementConfig()
+                self.nodes[name] = (i, label, config)
+                if kind == "twins":
+                    twin = name + "b"
+                    self.copies_of[name] = (name, twin)
+                    self.nodes[twin] = (i, f"twin/{i}", config)
+                    self.valid_roots.update(_root(f"twin/{i}", e) for e in range(1, s.epochs + 1))
+        self.all_peers = sorted(self.nodes) + sorted(
+            self.name_of[self.signers[i].public_key] for i in s.behaviour_of if s.behaviour_of[i] in ("silent", "equivocate")
+        )
+        self.all_peers = sorted(set(self.all_peers))
+
+    # ---- the host -----------------------------------------------------------------------------------------------
+
+    def _size_bytes(self, msg: object) -> int:
+        if msg is self._last_msg:
+            return self._last_size
+        if isinstance(msg, Proposal):
+            value_hash = msg.value.hash()
+            self.proposed.add(value_hash)
+            index = self.index_of[msg.proposer]
+            if index in self.honest and msg.value.checkpoint_root in self.valid_roots:
+                self.checks_passed.setdefault(value_hash, set()).add(index)  # its own checkpoint, or one it checked
+        elif isinstance(msg, Certificate):
+            self._observe_certificate(msg, "sent")
+        self._last_msg, self._last_size = msg, len(SCHEMA.encode(msg))
+        return self._last_size
+
+    def parent_of(self, epoch: int) -> bytes | None:
+        if epoch == 1:
+            return self.genesis_parent
+        certified = self.certified.get(epoch - 1)
+        return next(iter(certified)) if certified else None
+
+    def _observe_certificate(self, cert: Certificate, where: str) -> None:
+        epoch = cert.epoch
+        value_hash = cert.value.hash()
+        known = self.certified.setdefault(epoch, {})
+        if value_hash in known:
+            return
+        parent = self.parent_of(epoch)
+        if parent is None:
+            return
+        if where == "sent":
+            try:
+                verify_certificate(cert, self.members, parent, self.verifier, epoch=epoch)
+            except CertificateError:
+                return  # not a certificate under the real rules (a planted bug's own decisions are counted anyway)
+        known[value_hash] = where
+        if len(known) > 1:
+            self._violate("agreement", f"epoch {epoch} has {len(known)} certified values ({where})")
+        honest_passes = self.checks_passed.get(value_hash, set())
+        if value_hash not in self.proposed or len(honest_passes) < self.f + 1:
+            self._violate(
+                "validity",
+                f"epoch {epoch}: certified value passed {len(honest_passes)} honest checks (f+1 = {self.f + 1})",
+            )
+
+    def _violate(self, kind: str, detail: str) -> None:
+        self.violations.append(Violation(self.scenario.seed, self.variant, kind, detail))
+
+    def notified(self, peer: PeerId, event: object) -> None:
+        if isinstance(event, Decided):
+            cert = event.certificate
+            chain = self.chains.setdefault(peer, [])
+            if cert.epoch != len(chain) + 1:
+                return
+            chain.append(cert)
+            self.decided_at[(peer, cert.epoch)] = self.loop.now
+            self._observe_certificate(cert, f"decided by {peer}")
+            self.loop.at(self.loop.now, lambda: self.sim.step(peer, StartEpoch()))
+        elif isinstance(event, EquivocationFound):
+            offender = event.evidence.offender
+            index = self.index_of[offender]
+            if self.scenario.behaviour_of.get(index) not in ("equivocate", "twins"):
+                self._violate("evidence", f"{peer} blamed honest member {index}")
+
+    def effect(self, peer: PeerId, effect: Effect) -> None:
+        if isinstance(effect, Persist):
+            self.persisted[peer] = effect.state
+            window = self.crash_at_persist.get(peer)
+            if window is not None and window[0] <= self.loop.now:
+                del self.crash_at_persist[peer]
+                self._crash(peer, window[1])
+        elif isinstance(effect, CheckProposal):
+            value = effect.proposal.value
+            ok = (
+                value.checkpoint_root in self.valid_roots
+                and value.model_spec_hash == SPEC_HASH
+                and effect.proposal.next_members == self.members
+            )
+            index = self.nodes[peer][0]
+            if ok and index in self.honest and not peer.endswith("b"):
+                self.checks_passed.setdefault(value.hash(), set()).add(index)
+            delay = self.rng.uniform(*CHECK_DELAY_S)
+            answer = ProposalChecked(value.epoch, value.hash(), ok, "" if ok else "root outside tolerance")
+            self.loop.at(self.loop.now + delay, lambda: self.sim.step(peer, answer))
+
+    def compute_time_s(self, peer: PeerId, key: Hashable) -> float:
+        return 0.0
+
+    # ---- faults -------------------------------------------------------------------------------------------------
+
+    def _spawn(self, name: PeerId) -> None:
+        index, label, config = self.nodes[name]
+        node = EpochNode(
+            self, name, index, self.signers[index], config, label, self.chains.setdefault(name, [])
+        )
+        self.sim.add(name, node)
+        self.sim.step(name, StartEpoch())
+
+    def _crash(self, name: PeerId, down_s: float) -> None:
+        if not self.sim.has(name):
+            return
+        self.sim.remove(name)
+        self.loop.at(self.loop.now + down_s, lambda: self._spawn(name))
+
+    def _heal(self) -> None:
+        self.network.config = replace(self.network.config, loss=0.0)
+
+    def result(self) -> RunResult:
+        s = self.scenario
+        for name in sorted(self.nodes):
+            self.loop.at(0.0, lambda name=name: self._spawn(name))  # type: ignore[misc]
+        if s.partition is not None:
+            left = [self.name_of[self.signers[i].public_key] for i in s.partition[0]]
+            right = [self.name_of[self.signers[i].public_key] for i in s.partition[1]]
+            right += [self.name_of[self.signers[i].public_key] + "b" for i, k in s.behaviour_of.items() if k == "twins"]
+            cut = links_between([left, right])
+            self.loop.at(s.partition_s[0], lambda: self.network.block(cut))
+            self.loop.at(s.partition_s[1], lambda: self.network.heal(cut))
+        for i, at_s, down_s, at_persist in s.crashes:
+            name = self.name_of[self.signers[i].public_key]
+            if at_persist:
+                self.crash_at_persist[name] = (at_s, down_s)
+            else:
+                self.loop.at(at_s, lambda name=name, down_s=down_s: self._crash(name, down_s))  # type: ignore[misc]
+        self.loop.at(s.heal_s, self._heal)
+        self.loop.at(s.heal_s, lambda: self.crash_at_persist.clear())
+        deadline = s.heal_s + LIVENESS_BOUND_S * s.epochs
+        honest_names = [self.name_of[self.signers[i].public_key] for i in self.honest]
+
+        def done() -> bool:
+            return bool(self.violations) or all(
+                len(self.chains.get(name, ())) >= s.epochs for name in honest_names
+            )
+
+        self.loop.run(until_s=deadline, stop=done)
+        if not self.violations:
+            for name in honest_names:
+                have = len(self.chains.get(name, ()))
+                if have < s.epochs:
+                    self._violate("liveness", f"{name} decided {have} of {s.epochs} epochs by {deadline:.1f} s")
+                    break
+        decided_at: dict[int, float] = {}
+        for (_, epoch), when in self.decided_at.items():
+            decided_at[epoch] = max(decided_at.get(epoch, 0.0), when)
+        return RunResult(
+            s.seed,
+            self.violations,
+            decided_at,
+            {name: list(self.chains.get(name, [])) for name in honest_names},
+            self.loop.events_run,
+            self.loop.now,
+            s,
+        )
+
+
+def run_seed(seed: int, variant: str = "honest") -> RunResult:
+    return FaultRun(Scenario.draw(seed), variant).result()
+
+
+def write_certificates(result: RunResult, directory: Path) -> list[Path]:
+    """Write each honest node's decided certificates to `directory/<node>.certs` (u32 length + encoded record)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, certs in sorted(result.certificates.items()):
+        path = directory / f"seed{result.seed}-{name}.certs"
+        path.write_bytes(b"".join(struct.pack("<I", len(b)) + b for b in (SCHEMA.encode(c) for c in certs)))
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m testing.consensus_faults", description=__doc__.split("\n")[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--count", type=int, default=1)
+    parser.add_argument("--variant", choices=VARIANTS, default="honest")
+    parser.add_argument("--certificates", type=Path, default=None, help="write decided certificates here")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    failures = 0
+    for seed in range(args.seed, args.seed + args.count):
+        result = run_seed(seed, args.variant)
+        for violation in result.violations:
+            print(violation)
+        failures += bool(result.violations)
+        if args.certificates is not None:
+            write_certificates(result, args.certificates)
+    elapsed = time.perf_counter() - started
+    rate = args.count / elapsed if elapsed > 0 else math.inf
+    print(f"{args.count - failures} of {args.count} seeds without violation ({rate:.1f} seeds/s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
