@@ -25,7 +25,8 @@ precommits of any kind start the precommit timeout, after which the voter goes t
 messages for a higher round make it jump there at once. Timeouts grow by `timeout_increase_s` per round. A decided
 machine answers every later message of its epoch with its certificate, and an undecided one that receives a valid
 certificate for its epoch decides too. Undecided machines re-send their current round's proposal and votes every
-`rebroadcast_s`, so lost messages are made good.
+`rebroadcast_s`, doubling the interval up to `max_rebroadcast_s` while the round and step stay the same, so lost
+messages are made good without flooding a partitioned network.
 
 Fault model. Partial synchrony: messages may be lost, duplicated, reordered and delayed without bound until an
 unknown time GST, after which every message between honest members arrives within some bound D. Of the epoch's n
@@ -106,17 +107,19 @@ STEP_PROPOSE, STEP_PREVOTE, STEP_PRECOMMIT = 0, 1, 2
 class AgreementConfig:
     """Timeouts of a round r: propose `propose_timeout_s + r * timeout_increase_s`, prevote and precommit
     `vote_timeout_s + r * timeout_increase_s`. Defaults are for links of up to ~100 ms and a validity check of a
-    few hundred ms; `rebroadcast_s` re-sends the current round's messages while undecided."""
+    few hundred ms; `rebroadcast_s` re-sends the current round's messages while undecided (the interval doubles up
+to `max_rebroadcast_s` while nothing changes)."""
 
     propose_timeout_s: float = 1.0
     vote_timeout_s: float = 0.5
     timeout_increase_s: float = 0.5
     rebroadcast_s: float = 1.0
+    max_rebroadcast_s: float = 8.0
     max_future_rounds: int = 64
     planted_bug: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("propose_timeout_s", "vote_timeout_s", "rebroadcast_s"):
+        for name in ("propose_timeout_s", "vote_timeout_s", "rebroadcast_s", "max_rebroadcast_s"):
             value = getattr(self, name)
             if not value > 0:
                 raise ConfigError(f"consensus.{name}", value, "a number > 0")
@@ -291,6 +294,9 @@ class EpochAgreement:
         self._reported: set[bytes] = set()
         self._cert_sent_at: dict[PeerId, float] = {}
         self._helped_at: dict[PeerId, float] = {}
+        self._rebroadcast_at = (-1, -1)
+        self._rebroadcast_s = config.rebroadcast_s
+        self._decidable: list[tuple[int, bytes]] = []  # (round, value hash) with 2f+1 precommits
         self.decided: Certificate | None = None
         self._started = False
         self._out: list[Action] = []
@@ -450,9 +456,12 @@ class EpochAgreement:
                 self._out.append(Notify(EquivocationFound(EquivocationEvidence(seen, vote))))
             return
         rnd.votes[key] = vote
-        rnd.tally[vote.phase][vote.value_hash] += 1
+        tally = rnd.tally[vote.phase]
+        tally[vote.value_hash] += 1
         rnd.senders.add(vote.voter)
         r = vote.consensus_round
+        if vote.phase == PRECOMMIT and vote.value_hash != NIL and tally[vote.value_hash] == self.q:
+            self._decidable.append((r, vote.value_hash))
         if r > self.state.consensus_round and len(rnd.senders) >= self.f + 1:
             first: dict[bytes, Vote] = {}
             for (_, voter), seen_vote in sorted(rnd.votes.items()):
@@ -544,7 +553,12 @@ class EpochAgreement:
 
     def _rebroadcast(self) -> None:
         s = self.state
-        self._out.append(SetTimer(("rebroadcast", 0), self._now + self.config.rebroadcast_s))
+        position = (s.consensus_round, self.step_name)
+        if position == self._rebroadcast_at:
+            self._rebroadcast_s = min(2 * self._rebroadcast_s, self.config.max_rebroadcast_s)
+        else:
+            self._rebroadcast_at, self._rebroadcast_s = position, self.config.rebroadcast_s
+        self._out.append(SetTimer(("rebroadcast", 0), self._now + self._rebroadcast_s))
         if s.proposed is not None and s.proposed.consensus_round == s.consensus_round:
             self._broadcast(s.proposed)
         rnd = self._round(s.consensus_round)
@@ -562,11 +576,10 @@ class EpochAgreement:
         raise LocalProtocolError(f"epoch {self.epoch}: the rules did not settle")
 
     def _progress_once(self) -> bool:
-        for r, rnd in sorted(self._rounds.items()):
-            for value_hash, count in rnd.tally[PRECOMMIT].items():
-                if value_hash != NIL and count >= self.q and value_hash in self._values:
-                    self._decide_from(r, rnd, value_hash)
-                    return False
+        for r, value_hash in self._decidable:
+            if value_hash in self._values:
+                self._decide_from(r, self._rounds[r], value_hash)
+                return False
         s = self.state
         r = s.consensus_round
         rnd = self._round(r)

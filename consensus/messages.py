@@ -119,8 +119,12 @@ class EpochValue:
         _check_hash("parent_certificate_hash", self.parent_certificate_hash)
 
     def hash(self) -> bytes:
-        """The value hash that votes name and that the next epoch links to."""
-        return hashlib.sha256(_VALUE_DOMAIN + SCHEMA.encode(self)).digest()
+        """The value hash that votes name and that the next epoch links to (computed once per object)."""
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hashlib.sha256(_VALUE_DOMAIN + SCHEMA.encode(self)).digest()
+            object.__setattr__(self, "_hash", cached)
+        return cached
 
 
 @dataclass(frozen=True)

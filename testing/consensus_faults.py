@@ -6,8 +6,11 @@ with `sim.network.NetworkModel` for the links; no trio, no clock reads, every dr
 A scenario: n in {4, 7, 10, 31} members (all of them vote in every epoch), up to f = (n - 1) // 3 Byzantine ones,
 each of one behaviour --
 
-* `equivocate`: signs a prevote and a precommit for every value it hears of, each to a different random half of
-  the members (and nil to the rest), and as proposer sends two different valid values to two halves;
+* `equivocate`: for every round it hears of, signs prevotes and precommits for values of that round drawn at random
+  per receiver (nil among them), again whenever it hears of a new value; as proposer it sends either two different
+  valid values to two random halves or (lock breaking) one fresh valid value to all members but one, backed by its
+  prevotes to them, while its precommit for it goes to a single random victim (in the other rounds it backs the
+  round's newest value to all);
 * `silent`: never sends anything;
 * `poison`: runs the honest code, but proposes a poisoned checkpoint that honest validity checks refuse;
 * `twins`: two copies of the honest code under one key, each with its own state (the Twins method), placed on
@@ -44,6 +47,8 @@ import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from consensus.agreement import (
     AgreementConfig,
@@ -90,8 +95,9 @@ from swarmgrad.core.machine import (
 )
 
 SIZES = (4, 7, 10, 31)
-SIZE_WEIGHTS = (0.4, 0.3, 0.24, 0.06)
+SIZE_WEIGHTS = (0.47, 0.3, 0.2, 0.03)
 BEHAVIOURS = ("equivocate", "silent", "poison", "twins")
+BEHAVIOUR_WEIGHTS = (0.4, 0.2, 0.2, 0.2)
 VARIANTS = ("honest", "weak_quorum", "ignore_lock")
 SWARM_ID = "faults"
 SPEC_HASH = hashlib.sha256(b"model spec").digest()
@@ -101,6 +107,7 @@ after GST a round whose proposer is honest decides once its timeouts exceed the 
 check; an honest proposer comes within f+1 rounds, and rounds started before GST are at most a few seconds long
 at these durations)."""
 MAX_BUFFERED = 4096
+ISOLATE_MAX_S = 8.0
 CHECK_DELAY_S = (0.005, 0.1)
 
 
@@ -114,6 +121,21 @@ def _epoch_of(msg: object) -> int:
 
 def _root(label: str, epoch: int) -> bytes:
     return hashlib.sha256(f"{label}/{epoch}".encode()).digest()
+
+
+class MemoSigner(Signer):
+    """Ed25519 signatures are deterministic: the harness remembers them instead of signing the same bytes again
+    (an Equivocator signs one vote for many receivers; restarts re-sign persisted votes)."""
+
+    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+        super().__init__(private_key)
+        self._memo: dict[bytes, bytes] = {}
+
+    def sign(self, message: bytes) -> bytes:
+        signature = self._memo.get(message)
+        if signature is None:
+            signature = self._memo[message] = super().sign(message)
+        return signature
 
 
 @dataclass
@@ -130,6 +152,12 @@ class Scenario:
     partition_s: tuple[float, float]
     crashes: list[tuple[int, float, float, bool]]  # (member, at_s, down_s, at_persist)
     heal_s: float
+    isolate_decider_s: float
+    flap_period_s: float
+    """> 0: until `heal_s`, the links are re-partitioned at random every this many seconds (into two random sides,
+    or not at all), so that members in one round see different subsets of the votes."""
+    """> 0: when the first node decides an epoch before `heal_s`, cut all its links for this long (a targeted
+    partition: the decider's news must not save the others from a broken protocol)."""
 
     @classmethod
     def draw(cls, seed: int) -> Scenario:
@@ -137,7 +165,7 @@ class Scenario:
         n = rng.choices(SIZES, SIZE_WEIGHTS)[0]
         f = max_faulty(n)
         byzantine = rng.sample(range(n), rng.randint(0, f) if rng.random() < 0.3 else f)
-        behaviour_of = {i: rng.choice(BEHAVIOURS) for i in sorted(byzantine)}
+        behaviour_of = {i: rng.choices(BEHAVIOURS, BEHAVIOUR_WEIGHTS)[0] for i in sorted(byzantine)}
         partition = None
         partition_s = (0.0, 0.0)
         if rng.random() < 0.6:
@@ -147,21 +175,21 @@ class Scenario:
                     side.discard(i)
             partition = (tuple(sorted(side)), tuple(sorted(set(range(n)) - side)))
             start = rng.uniform(0.0, 3.0)
-            partition_s = (start, start + rng.uniform(0.5, 12.0))
+            partition_s = (start, start + rng.uniform(0.5, 8.0))
         crashes = []
         honest = [i for i in range(n) if i not in behaviour_of]
         for i in honest:
             if rng.random() < 0.25:
-                crashes.append((i, rng.uniform(0.0, 8.0), rng.uniform(0.05, 4.0), rng.random() < 0.5))
+                crashes.append((i, rng.uniform(0.0, 6.0), rng.uniform(0.05, 3.0), rng.random() < 0.5))
         lossy = rng.random() < 0.7
         loss = rng.uniform(0.0, 0.3) if lossy else 0.0
         end = max([partition_s[1], *(at + down for _, at, down, _ in crashes)], default=0.0)
-        heal_s = max(end, rng.uniform(0.0, 6.0) if lossy else 0.0)
+        heal_s = max(end, rng.uniform(0.0, 5.0) if lossy else 0.0)
         return cls(
             seed=seed,
             n=n,
             behaviour_of=behaviour_of,
-            epochs=3 if n <= 10 else 2,
+            epochs=3 if n == 4 else 2 if n <= 10 else 1,
             latency_s=rng.uniform(0.01, 0.1),
             loss=loss,
             duplicate=rng.uniform(0.0, 0.1) if rng.random() < 0.5 else 0.0,
@@ -170,6 +198,8 @@ class Scenario:
             partition_s=partition_s,
             crashes=crashes,
             heal_s=heal_s,
+            isolate_decider_s=rng.uniform(0.5, ISOLATE_MAX_S) if rng.random() < 0.5 else 0.0,
+            flap_period_s=rng.uniform(0.1, 1.0) if rng.random() < 0.4 else 0.0,
         )
 
 
@@ -306,11 +336,23 @@ class Equivocator:
     run: FaultRun
     signer: Signer
     rng: random.Random
+    split: bool
     acted: set[tuple[int, int]] = field(default_factory=set)
     proposed: set[tuple[int, int]] = field(default_factory=set)
     values: dict[tuple[int, int], set[bytes]] = field(default_factory=dict)
+    newest: dict[tuple[int, int], bytes] = field(default_factory=dict)
+    left_out: dict[tuple[int, int], PeerId] = field(default_factory=dict)
 
     def step(self, now: float, event: Event) -> list[Action]:
+        if isinstance(event, StartEpoch):  # the harness tells it an epoch's parent is known: propose round 0 early
+            epoch = len(self.run.certified) + 1
+            parent = self.run.parent_of(epoch)
+            if parent is None or (epoch, 0) in self.proposed:
+                return []
+            if proposer_of(self.run.members, parent, 0) != self.signer.public_key:
+                return []
+            self.proposed.add((epoch, 0))
+            return self._propose(epoch, 0, parent)
         if not isinstance(event, Received):
             return []
         msg = event.msg
@@ -321,13 +363,11 @@ class Equivocator:
         r = msg.consensus_round  # type: ignore[attr-defined]
         known = self.values.setdefault((epoch, r), set())
         new_value = False
-        if isinstance(msg, Proposal):
-            h = msg.value.hash()
-            new_value = h not in known
+        h = msg.value.hash() if isinstance(msg, Proposal) else msg.value_hash  # type: ignore[attr-defined]
+        if h != NIL and h not in known:
+            new_value = True
             known.add(h)
-        elif isinstance(msg, Vote) and msg.value_hash != NIL:
-            new_value = msg.value_hash not in known
-            known.add(msg.value_hash)
+            self.newest[(epoch, r)] = h
         actions: list[Action] = []
         for rr in (r, r + 1):
             if (epoch, rr) not in self.proposed and proposer_of(self.run.members, parent, rr) == self.signer.public_key:
@@ -338,27 +378,47 @@ class Equivocator:
             actions.extend(self._vote(epoch, r))
         return actions
 
+    def _others(self) -> list[PeerId]:
+        return [p for p in self.run.all_peers if p != self.run.name_of[self.signer.public_key]]
+
     def _split(self) -> tuple[list[PeerId], list[PeerId]]:
-        peers = [p for p in self.run.all_peers if p != self.run.name_of[self.signer.public_key]]
+        peers = self._others()
         self.rng.shuffle(peers)
         half = len(peers) // 2
         return peers[:half], peers[half:]
 
     def _propose(self, epoch: int, r: int, parent: bytes) -> list[Action]:
         actions: list[Action] = []
-        for side, label in zip(self._split(), ("equivocator-a", "equivocator-b"), strict=True):
+        if self.split:
+            sides = self._split()
+        else:  # one fresh value for all but one member, which then cannot lock on it
+            left_out = self.rng.choice(self._others())
+            self.left_out[(epoch, r)] = left_out
+            sides = ([p for p in self._others() if p != left_out],)
+        for side, label in zip(sides, ("equivocator-a", "equivocator-b"), strict=False):
             tag = f"{label}/{self.signer.public_key.hex()[:8]}/{r}"
             value = EpochValue(SWARM_ID, epoch, epoch * 100, _root(tag, epoch), SPEC_HASH, self.run.members_hash, parent)
             self.run.valid_roots.add(value.checkpoint_root)
             unsigned = Proposal(value, self.run.members, r, -1, self.signer.public_key, bytes(64), ())
             proposal = replace(unsigned, signature=self.signer.sign(proposal_bytes(unsigned)))
             self.values.setdefault((epoch, r), set()).add(value.hash())
+            self.newest[(epoch, r)] = value.hash()
             actions.extend(Send(peer, proposal) for peer in side)
         return actions
 
     def _vote(self, epoch: int, r: int) -> list[Action]:
         options = sorted(self.values.get((epoch, r), set())) + [NIL]
         actions: list[Action] = []
+        if not self.split:  # lock breaking: back the newest value, but let only one victim see the precommit
+            newest = self.newest.get((epoch, r), NIL)
+            left_out = self.left_out.get((epoch, r))
+            victim = self.rng.choice([p for p in self._others() if p != left_out])
+            for peer in self.run.all_peers:
+                prevote = NIL if peer == left_out else newest
+                actions.append(Send(peer, self.signer.vote(SWARM_ID, epoch, r, PREVOTE, prevote)))
+                precommit = newest if left_out is None or peer == victim else NIL
+                actions.append(Send(peer, self.signer.vote(SWARM_ID, epoch, r, PRECOMMIT, precommit)))
+            return actions
         for phase in (PREVOTE, PRECOMMIT):
             for peer in sorted(self.run.all_peers):
                 choice = self.rng.choice(options)
@@ -376,7 +436,7 @@ class FaultRun:
         self.variant = variant
         self.rng = random.Random(scenario.seed * 7919 + 1)
         s = scenario
-        self.signers = [Signer.from_seed(f"member {i}".encode()) for i in range(s.n)]
+        self.signers: list[Signer] = [MemoSigner.from_seed(f"{s.seed}/member {i}".encode()) for i in range(s.n)]
         self.members = tuple(sorted(signer.public_key for signer in self.signers))
         self.members_hash = members_hash(self.members)
         self.genesis_parent = genesis_parent_hash(SWARM_ID, self.members)
@@ -397,6 +457,9 @@ class FaultRun:
         self.persisted: dict[PeerId, VoterState] = {}
         self.crash_at_persist: dict[PeerId, tuple[float, float]] = {}
         self.violations: list[Violation] = []
+        self._flapped: list[tuple[PeerId, PeerId]] = []
+        self.complete = 0  # honest members that decided every epoch
+        self.honest_names = [self.name_of[self.signers[i].public_key] for i in self.honest]
         self.loop = EventLoop()
         self.network = NetworkModel(
             NetworkConfig(
@@ -410,16 +473,20 @@ class FaultRun:
             random.Random(s.seed * 7919 + 2),
         )
         self._last_msg: object = None
+        self._vote_sizes: dict[tuple[int, int, int], int] = {}
         self._last_size = 0
         self.sim = Simulator(self.loop, self.network, self._size_bytes, host=self)
         self.nodes: dict[PeerId, tuple[int, str, AgreementConfig]] = {}
+        self.equivocators: list[PeerId] = []
         for i in range(s.n):
             name = self.name_of[self.signers[i].public_key]
             kind = s.behaviour_of.get(i, "honest")
             if kind == "silent":
                 self.sim.add(name, Silent())
             elif kind == "equivocate":
-                self.sim.add(name, Equivocator(self, self.signers[i], random.Random(s.seed * 31 + i)))
+                self.equivocators.append(name)
+                rng = random.Random(s.seed * 31 + i)
+                self.sim.add(name, Equivocator(self, self.signers[i], rng, split=rng.random() < 0.3))
             else:
                 label = f"poison/{i}" if kind == "poison" else f"honest/{i}"
                 if kind != "poison":
@@ -441,6 +508,12 @@ class FaultRun:
     def _size_bytes(self, msg: object) -> int:
         if msg is self._last_msg:
             return self._last_size
+        if isinstance(msg, Vote):  # a vote's encoding depends only on these lengths: encode one of each shape
+            shape = (len(msg.value_hash), msg.epoch.bit_length(), msg.consensus_round.bit_length())
+            size = self._vote_sizes.get(shape)
+            if size is None:
+                size = self._vote_sizes[shape] = len(SCHEMA.encode(msg))
+            return size
         if isinstance(msg, Proposal):
             value_hash = msg.value.hash()
             self.proposed.add(value_hash)
@@ -492,8 +565,17 @@ class FaultRun:
             if cert.epoch != len(chain) + 1:
                 return
             chain.append(cert)
+            if cert.epoch == self.scenario.epochs and peer in self.honest_names:
+                self.complete += 1
             self.decided_at[(peer, cert.epoch)] = self.loop.now
+            if self.scenario.isolate_decider_s > 0 and cert.epoch not in self.certified and self.loop.now < self.scenario.heal_s:
+                cut = [(peer, other) for other in self.all_peers if other != peer]
+                self.network.block(cut)
+                self.loop.at(self.loop.now + self.scenario.isolate_decider_s, lambda: self.network.heal(cut))
+            first = cert.epoch not in self.certified
             self._observe_certificate(cert, f"decided by {peer}")
+            if first:
+                self._kick()
             self.loop.at(self.loop.now, lambda: self.sim.step(peer, StartEpoch()))
         elif isinstance(event, EquivocationFound):
             offender = event.evidence.offender
@@ -541,6 +623,23 @@ class FaultRun:
         self.sim.remove(name)
         self.loop.at(self.loop.now + down_s, lambda: self._spawn(name))
 
+    def _flap(self) -> None:
+        if self._flapped:
+            self.network.heal(self._flapped)
+        self._flapped = []
+        if self.loop.now >= self.scenario.heal_s:
+            return
+        if self.rng.random() < 0.8:
+            peers = list(self.all_peers)
+            side = set(self.rng.sample(peers, self.rng.randint(1, len(peers) - 1)))
+            self._flapped = links_between([sorted(side), sorted(set(peers) - side)])
+            self.network.block(self._flapped)
+        self.loop.at(self.loop.now + self.scenario.flap_period_s, self._flap)
+
+    def _kick(self) -> None:
+        for name in self.equivocators:
+            self.loop.at(self.loop.now, lambda name=name: self.sim.step(name, StartEpoch()))  # type: ignore[misc]
+
     def _heal(self) -> None:
         self.network.config = replace(self.network.config, loss=0.0)
 
@@ -548,6 +647,7 @@ class FaultRun:
         s = self.scenario
         for name in sorted(self.nodes):
             self.loop.at(0.0, lambda name=name: self._spawn(name))  # type: ignore[misc]
+        self.loop.at(0.0, self._kick)
         if s.partition is not None:
             left = [self.name_of[self.signers[i].public_key] for i in s.partition[0]]
             right = [self.name_of[self.signers[i].public_key] for i in s.partition[1]]
@@ -561,15 +661,15 @@ class FaultRun:
                 self.crash_at_persist[name] = (at_s, down_s)
             else:
                 self.loop.at(at_s, lambda name=name, down_s=down_s: self._crash(name, down_s))  # type: ignore[misc]
+        if s.flap_period_s > 0:
+            self.loop.at(0.0, self._flap)
         self.loop.at(s.heal_s, self._heal)
         self.loop.at(s.heal_s, lambda: self.crash_at_persist.clear())
-        deadline = s.heal_s + LIVENESS_BOUND_S * s.epochs
-        honest_names = [self.name_of[self.signers[i].public_key] for i in self.honest]
+        deadline = s.heal_s + s.isolate_decider_s + LIVENESS_BOUND_S * s.epochs
+        honest_names = self.honest_names
 
         def done() -> bool:
-            return bool(self.violations) or all(
-                len(self.chains.get(name, ())) >= s.epochs for name in honest_names
-            )
+            return bool(self.violations) or self.complete >= len(honest_names)
 
         self.loop.run(until_s=deadline, stop=done)
         if not self.violations:
