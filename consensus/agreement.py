@@ -95,8 +95,19 @@ from consensus.messages import (
 from consensus.signing import SignatureVerifier, Signer, proposal_bytes
 from swarmgrad.core.codec import Schema
 from swarmgrad.core.errors import ConfigError, LocalProtocolError, RemoteProtocolError
-from swarmgrad.core.machine import Action, CancelTimer, Command, Effect, Event, Notify, PeerId, Received, Send
-from swarmgrad.core.machine import SetTimer, TimerFired
+from swarmgrad.core.machine import (
+    Action,
+    CancelTimer,
+    Command,
+    Effect,
+    Event,
+    Notify,
+    PeerId,
+    Received,
+    Send,
+    SetTimer,
+    TimerFired,
+)
 
 PLANTED_BUGS = ("weak_quorum", "ignore_lock")
 _PROPOSER_DOMAIN = b"swarmgrad/consensus/proposer-order/v1\x00"
@@ -106,9 +117,9 @@ STEP_PROPOSE, STEP_PREVOTE, STEP_PRECOMMIT = 0, 1, 2
 @dataclass(frozen=True)
 class AgreementConfig:
     """Timeouts of a round r: propose `propose_timeout_s + r * timeout_increase_s`, prevote and precommit
-    `vote_timeout_s + r * timeout_increase_s`. Defaults are for links of up to ~100 ms and a validity check of a
-    few hundred ms; `rebroadcast_s` re-sends the current round's messages while undecided (the interval doubles up
-to `max_rebroadcast_s` while nothing changes)."""
+        `vote_timeout_s + r * timeout_increase_s`. Defaults are for links of up to ~100 ms and a validity check of a
+        few hundred ms; `rebroadcast_s` re-sends the current round's messages while undecided (the interval doubles up
+    to `max_rebroadcast_s` while nothing changes)."""
 
     propose_timeout_s: float = 1.0
     vote_timeout_s: float = 0.5
@@ -339,7 +350,10 @@ class EpochAgreement:
 
     def _on_message(self, peer: PeerId, msg: object) -> None:
         if self.decided is not None:
-            if isinstance(msg, (Vote, Proposal)) and self._cert_sent_at.get(peer, -1e18) + self.config.rebroadcast_s <= self._now:
+            if (
+                isinstance(msg, (Vote, Proposal))
+                and self._cert_sent_at.get(peer, -1e18) + self.config.rebroadcast_s <= self._now
+            ):
                 self._cert_sent_at[peer] = self._now
                 self._out.append(Send(peer, self.decided))
             return
@@ -357,7 +371,9 @@ class EpochAgreement:
 
     def _check_vote(self, peer: PeerId, vote: Vote, phase: int | None = None) -> None:
         if (vote.swarm_id, vote.epoch) != (self.swarm_id, self.epoch):
-            raise RemoteProtocolError(peer, f"vote for {vote.swarm_id}/{vote.epoch}, this is {self.swarm_id}/{self.epoch}")
+            raise RemoteProtocolError(
+                peer, f"vote for {vote.swarm_id}/{vote.epoch}, this is {self.swarm_id}/{self.epoch}"
+            )
         if vote.voter not in self._member_set:
             raise RemoteProtocolError(peer, f"vote of non-member {vote.voter.hex()[:16]}")
         if phase is not None and vote.phase != phase:
@@ -367,7 +383,11 @@ class EpochAgreement:
 
     def _on_proposal(self, peer: PeerId, p: Proposal) -> None:
         value = p.value
-        if (value.swarm_id, value.epoch, value.parent_certificate_hash) != (self.swarm_id, self.epoch, self.parent_hash):
+        if (value.swarm_id, value.epoch, value.parent_certificate_hash) != (
+            self.swarm_id,
+            self.epoch,
+            self.parent_hash,
+        ):
             raise RemoteProtocolError(peer, "proposal for another swarm, epoch or parent")
         if p.proposer != self.proposer(p.consensus_round):
             raise RemoteProtocolError(peer, f"{p.proposer.hex()[:16]} is not the proposer of round {p.consensus_round}")
@@ -499,12 +519,11 @@ class EpochAgreement:
         if self.proposer(r) != self.me:
             self._out.append(SetTimer(("propose", r), self._timeout(self.config.propose_timeout_s, r)))
             return
-        candidate, valid_round, justification = self.own, -1, ()
+        candidate, valid_round = self.own, -1
+        justification: tuple[Vote, ...] = ()
         if s.valid is not None:
             candidate, valid_round, justification = s.valid, s.valid_round, s.valid_justification
-        unsigned = Proposal(
-            candidate.value, candidate.next_members, r, valid_round, self.me, bytes(64), justification
-        )
+        unsigned = Proposal(candidate.value, candidate.next_members, r, valid_round, self.me, bytes(64), justification)
         proposal = Proposal(
             candidate.value,
             candidate.next_members,
@@ -576,9 +595,9 @@ class EpochAgreement:
         raise LocalProtocolError(f"epoch {self.epoch}: the rules did not settle")
 
     def _progress_once(self) -> bool:
-        for r, value_hash in self._decidable:
-            if value_hash in self._values:
-                self._decide_from(r, self._rounds[r], value_hash)
+        for decided_round, decided_hash in self._decidable:
+            if decided_hash in self._values:
+                self._decide_from(decided_round, self._rounds[decided_round], decided_hash)
                 return False
         s = self.state
         r = s.consensus_round

@@ -101,11 +101,14 @@ def verify_chain(
     summaries = []
     for cert in certs[start:]:
         if cert.value.swarm_id != swarm_id:
-            raise CertificateError(cert.epoch, f"certificate of swarm {cert.value.swarm_id!r} in a chain of {swarm_id!r}")
+            raise CertificateError(
+                cert.epoch, f"certificate of swarm {cert.value.swarm_id!r} in a chain of {swarm_id!r}"
+            )
         value_hash = verify_certificate(cert, members, parent, verifier, epoch=expected_epoch)
         summaries.append(
-            EpochSummary(cert.epoch, cert.consensus_round, cert.value.checkpoint_root, len(members), cert.signers,
-                         value_hash)
+            EpochSummary(
+                cert.epoch, cert.consensus_round, cert.value.checkpoint_root, len(members), cert.signers, value_hash
+            )
         )
         members, parent, expected_epoch = cert.next_members, value_hash, expected_epoch + 1
     return summaries

@@ -15,6 +15,7 @@ few hundred bytes plus its member list (`MAX_MEMBERS`) and its justification (at
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass
 
 from swarmgrad.core.codec import Schema
@@ -75,7 +76,7 @@ def check_members(members: tuple[bytes, ...]) -> None:
         raise ValueError(f"a member set has 1 to {MAX_MEMBERS} keys, got {len(members)}")
     for key in members:
         _check_key("member", key)
-    if any(a >= b for a, b in zip(members, members[1:], strict=False)):
+    if any(a >= b for a, b in itertools.pairwise(members)):
         raise ValueError("members must be distinct and in increasing byte order")
 
 
@@ -209,7 +210,7 @@ class Certificate:
         if not 1 <= len(self.precommits) <= MAX_MEMBERS:
             raise ValueError(f"a certificate has 1 to {MAX_MEMBERS} precommits, got {len(self.precommits)}")
         keys = [s.member for s in self.precommits]
-        if any(a >= b for a, b in zip(keys, keys[1:], strict=False)):
+        if any(a >= b for a, b in itertools.pairwise(keys)):
             raise ValueError("precommits must come from distinct members, in increasing key order")
 
     @property

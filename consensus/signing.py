@@ -34,7 +34,9 @@ KIND_SEED = 3
 _HEAD = struct.Struct("<QIi")
 
 
-def signing_bytes(kind: int, swarm_id: str, epoch: int, consensus_round: int, value_hash: bytes, extra: int = 0) -> bytes:
+def signing_bytes(
+    kind: int, swarm_id: str, epoch: int, consensus_round: int, value_hash: bytes, extra: int = 0
+) -> bytes:
     """The canonical bytes signed for one message; see the module docstring."""
     swarm = swarm_id.encode()
     return (
@@ -142,4 +144,3 @@ class SignatureVerifier:
 
     def proposal(self, proposal: Proposal) -> bool:
         return self.verify(proposal.proposer, proposal_bytes(proposal), proposal.signature)
-

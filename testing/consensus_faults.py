@@ -86,7 +86,6 @@ from swarmgrad.core.machine import (
     CancelTimer,
     Effect,
     Event,
-    Notify,
     PeerId,
     Received,
     Send,
@@ -389,6 +388,7 @@ class Equivocator:
 
     def _propose(self, epoch: int, r: int, parent: bytes) -> list[Action]:
         actions: list[Action] = []
+        sides: tuple[list[PeerId], ...]
         if self.split:
             sides = self._split()
         else:  # one fresh value for all but one member, which then cannot lock on it
@@ -397,7 +397,9 @@ class Equivocator:
             sides = ([p for p in self._others() if p != left_out],)
         for side, label in zip(sides, ("equivocator-a", "equivocator-b"), strict=False):
             tag = f"{label}/{self.signer.public_key.hex()[:8]}/{r}"
-            value = EpochValue(SWARM_ID, epoch, epoch * 100, _root(tag, epoch), SPEC_HASH, self.run.members_hash, parent)
+            value = EpochValue(
+                SWARM_ID, epoch, epoch * 100, _root(tag, epoch), SPEC_HASH, self.run.members_hash, parent
+            )
             self.run.valid_roots.add(value.checkpoint_root)
             unsigned = Proposal(value, self.run.members, r, -1, self.signer.public_key, bytes(64), ())
             proposal = replace(unsigned, signature=self.signer.sign(proposal_bytes(unsigned)))
@@ -407,7 +409,7 @@ class Equivocator:
         return actions
 
     def _vote(self, epoch: int, r: int) -> list[Action]:
-        options = sorted(self.values.get((epoch, r), set())) + [NIL]
+        options = [*sorted(self.values.get((epoch, r), set())), NIL]
         actions: list[Action] = []
         if not self.split:  # lock breaking: back the newest value, but let only one victim see the precommit
             newest = self.newest.get((epoch, r), NIL)
@@ -499,7 +501,9 @@ class FaultRun:
                     self.nodes[twin] = (i, f"twin/{i}", config)
                     self.valid_roots.update(_root(f"twin/{i}", e) for e in range(1, s.epochs + 1))
         self.all_peers = sorted(self.nodes) + sorted(
-            self.name_of[self.signers[i].public_key] for i in s.behaviour_of if s.behaviour_of[i] in ("silent", "equivocate")
+            self.name_of[self.signers[i].public_key]
+            for i in s.behaviour_of
+            if s.behaviour_of[i] in ("silent", "equivocate")
         )
         self.all_peers = sorted(set(self.all_peers))
 
@@ -568,7 +572,11 @@ class FaultRun:
             if cert.epoch == self.scenario.epochs and peer in self.honest_names:
                 self.complete += 1
             self.decided_at[(peer, cert.epoch)] = self.loop.now
-            if self.scenario.isolate_decider_s > 0 and cert.epoch not in self.certified and self.loop.now < self.scenario.heal_s:
+            if (
+                self.scenario.isolate_decider_s > 0
+                and cert.epoch not in self.certified
+                and self.loop.now < self.scenario.heal_s
+            ):
                 cut = [(peer, other) for other in self.all_peers if other != peer]
                 self.network.block(cut)
                 self.loop.at(self.loop.now + self.scenario.isolate_decider_s, lambda: self.network.heal(cut))
@@ -611,9 +619,7 @@ class FaultRun:
 
     def _spawn(self, name: PeerId) -> None:
         index, label, config = self.nodes[name]
-        node = EpochNode(
-            self, name, index, self.signers[index], config, label, self.chains.setdefault(name, [])
-        )
+        node = EpochNode(self, name, index, self.signers[index], config, label, self.chains.setdefault(name, []))
         self.sim.add(name, node)
         self.sim.step(name, StartEpoch())
 

@@ -43,7 +43,11 @@ def value(epoch: int, parent: bytes, members: tuple[bytes, ...], label: str = "v
 
 
 def certificate(
-    epoch: int, parent: bytes, members: Members, signers: list[Signer] | None = None, consensus_round: int = 0,
+    epoch: int,
+    parent: bytes,
+    members: Members,
+    signers: list[Signer] | None = None,
+    consensus_round: int = 0,
     next_members: tuple[bytes, ...] | None = None,
 ) -> Certificate:
     nxt = next_members if next_members is not None else members.keys

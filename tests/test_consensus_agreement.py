@@ -46,7 +46,9 @@ class Setup:
         own = Candidate(value(1, self.parent, self.m.keys, label=signer.public_key.hex()), self.m.keys)
         return EpochAgreement(self.config, signer, self.m.keys, self.m.peer_of, own, state=state)  # type: ignore[arg-type]
 
-    def proposal(self, r: int, label: str = "x", valid_round: int = -1, justification: tuple[Vote, ...] = ()) -> Proposal:
+    def proposal(
+        self, r: int, label: str = "x", valid_round: int = -1, justification: tuple[Vote, ...] = ()
+    ) -> Proposal:
         signer = self.m.by_key(self.proposers[r])
         v = value(1, self.parent, self.m.keys, label=label)
         unsigned = Proposal(v, self.m.keys, r, valid_round, signer.public_key, bytes(64), justification)
@@ -60,7 +62,9 @@ class Setup:
 
 
 def votes_sent(actions: list[Action], phase: int) -> set[bytes]:
-    return {a.msg.value_hash for a in actions if isinstance(a, Send) and isinstance(a.msg, Vote) and a.msg.phase == phase}
+    return {
+        a.msg.value_hash for a in actions if isinstance(a, Send) and isinstance(a.msg, Vote) and a.msg.phase == phase
+    }
 
 
 def accept(setup: Setup, p: Proposal, now: float = 0.2, ok: bool = True) -> list[Action]:
@@ -196,7 +200,9 @@ def test_round_skip_on_f_plus_one_higher_round_messages() -> None:
     assert s.machine.state.consensus_round == 0
     actions = s.recv(s.vote(s.others[1], 3, PRECOMMIT, NIL))
     assert s.machine.state.consensus_round == 3
-    assert any(isinstance(a, SetTimer) and a.key == ("propose", 3) for a in actions) or s.proposers[3] == s.me.public_key
+    assert (
+        any(isinstance(a, SetTimer) and a.key == ("propose", 3) for a in actions) or s.proposers[3] == s.me.public_key
+    )
     # a member still in round 0 is shown the votes that moved this one on
     helped = s.recv(s.vote(s.others[2], 0, PREVOTE, NIL), now=0.2)
     assert {a.msg for a in helped if isinstance(a, Send)} == set(s.machine.state.entry_votes)
@@ -264,7 +270,9 @@ def test_certificate_from_a_peer_decides() -> None:
     s.machine.step(0.0, StartEpoch())
     p = s.proposal(0)
     h = p.value.hash()
-    signed = sorted((Signed(o.public_key, s.vote(o, 0, PRECOMMIT, h).signature) for o in s.others), key=lambda x: x.member)
+    signed = sorted(
+        (Signed(o.public_key, s.vote(o, 0, PRECOMMIT, h).signature) for o in s.others), key=lambda x: x.member
+    )
     cert = Certificate(p.value, p.next_members, 0, tuple(signed))
     actions = s.recv(cert)
     assert [a.event for a in actions if isinstance(a, Notify)] == [Decided(cert)]

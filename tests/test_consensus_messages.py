@@ -25,7 +25,6 @@ from consensus.messages import (
     EquivocationEvidence,
     Proposal,
     Signed,
-    Vote,
     quorum,
 )
 from consensus.signing import SignatureVerifier, Signer, proposal_bytes, vote_bytes
@@ -133,7 +132,7 @@ def test_chain_errors_name_the_epoch_and_problem() -> None:
         verify_chain([certs[0], forged_sig], m.keys)
 
     stranger = certificate(2, parent2, m, signers=[*m.signers[:2], outsider])
-    with pytest.raises(CertificateError, match="epoch 2: signer .* is not a member"):
+    with pytest.raises(CertificateError, match=r"epoch 2: signer .* is not a member"):
         verify_chain([certs[0], stranger], m.keys)
 
     broken = certificate(2, b"\x01" * 32, m)
