@@ -28,7 +28,7 @@ Checked on every run:
   and every `Certificate` message sent by anyone;
 * **validity**: every certified value was proposed and passed the validity check of at least f+1 honest members;
 * **liveness**: every honest member (restarted ones included) decides every epoch by
-  `heal_s + LIVENESS_BOUND_S * epochs` of virtual time.
+  `heal_s + (isolate_decider_s + LIVENESS_BOUND_S) * epochs` of virtual time.
 
 `python -m testing.consensus_faults --seed N [--count K] [--variant NAME]` runs seeds and prints each violation
 with its seed and a one-line replay command; `--certificates DIR` writes each honest node's decided certificates
@@ -155,8 +155,8 @@ class Scenario:
     flap_period_s: float
     """> 0: until `heal_s`, the links are re-partitioned at random every this many seconds (into two random sides,
     or not at all), so that members in one round see different subsets of the votes."""
-    """> 0: when the first node decides an epoch before `heal_s`, cut all its links for this long (a targeted
-    partition: the decider's news must not save the others from a broken protocol)."""
+    """> 0: when the first node decides an epoch, cut all its links for this long (a targeted partition: the
+    decider's news must not save the others from a broken protocol); liveness then allows this much more per epoch."""
 
     @classmethod
     def draw(cls, seed: int) -> Scenario:
@@ -344,7 +344,7 @@ class Equivocator:
 
     def step(self, now: float, event: Event) -> list[Action]:
         if isinstance(event, StartEpoch):  # the harness tells it an epoch's parent is known: propose round 0 early
-            epoch = len(self.run.certified) + 1
+            epoch = 1 + max((e for e, values in self.run.certified.items() if values), default=0)
             parent = self.run.parent_of(epoch)
             if parent is None or (epoch, 0) in self.proposed:
                 return []
@@ -572,15 +572,11 @@ class FaultRun:
             if cert.epoch == self.scenario.epochs and peer in self.honest_names:
                 self.complete += 1
             self.decided_at[(peer, cert.epoch)] = self.loop.now
-            if (
-                self.scenario.isolate_decider_s > 0
-                and cert.epoch not in self.certified
-                and self.loop.now < self.scenario.heal_s
-            ):
+            first = not self.certified.get(cert.epoch)
+            if first and self.scenario.isolate_decider_s > 0:
                 cut = [(peer, other) for other in self.all_peers if other != peer]
                 self.network.block(cut)
                 self.loop.at(self.loop.now + self.scenario.isolate_decider_s, lambda: self.network.heal(cut))
-            first = cert.epoch not in self.certified
             self._observe_certificate(cert, f"decided by {peer}")
             if first:
                 self._kick()
@@ -671,7 +667,7 @@ class FaultRun:
             self.loop.at(0.0, self._flap)
         self.loop.at(s.heal_s, self._heal)
         self.loop.at(s.heal_s, lambda: self.crash_at_persist.clear())
-        deadline = s.heal_s + s.isolate_decider_s + LIVENESS_BOUND_S * s.epochs
+        deadline = s.heal_s + (s.isolate_decider_s + LIVENESS_BOUND_S) * s.epochs
         honest_names = self.honest_names
 
         def done() -> bool:
