@@ -155,7 +155,9 @@ class Vote:
 @dataclass(frozen=True)
 class Proposal:
     """The proposer's value for (epoch, consensus round). `valid_round` >= 0 says the value already gathered 2f+1
-    prevotes in that earlier round, and `justification` carries those prevotes (empty when `valid_round` is -1)."""
+    prevotes in that earlier round, and `justification` carries those prevotes (empty when `valid_round` is -1).
+    The proposer's signature covers the value hash, the round and `valid_round`; the justification's votes carry
+    their own signatures, so they are not signed again."""
 
     value: EpochValue
     next_members: tuple[bytes, ...]
