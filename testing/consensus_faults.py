@@ -44,6 +44,7 @@ import random
 import struct
 import sys
 import time
+from collections import Counter
 from collections.abc import Hashable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -225,6 +226,7 @@ class RunResult:
     events_run: int
     virtual_s: float
     scenario: Scenario
+    stats: Counter[str]
 
 
 @dataclass
@@ -461,6 +463,7 @@ class FaultRun:
         self.violations: list[Violation] = []
         self._flapped: list[tuple[PeerId, PeerId]] = []
         self.complete = 0  # honest members that decided every epoch
+        self.stats: Counter[str] = Counter()  # faults injected and detected, for the tests
         self.honest_names = [self.name_of[self.signers[i].public_key] for i in self.honest]
         self.loop = EventLoop()
         self.network = NetworkModel(
@@ -582,6 +585,7 @@ class FaultRun:
                 self._kick()
             self.loop.at(self.loop.now, lambda: self.sim.step(peer, StartEpoch()))
         elif isinstance(event, EquivocationFound):
+            self.stats["equivocations_found"] += 1
             offender = event.evidence.offender
             index = self.index_of[offender]
             if self.scenario.behaviour_of.get(index) not in ("equivocate", "twins"):
@@ -593,6 +597,7 @@ class FaultRun:
             window = self.crash_at_persist.get(peer)
             if window is not None and window[0] <= self.loop.now:
                 del self.crash_at_persist[peer]
+                self.stats["crashes_at_persist"] += 1
                 self._crash(peer, window[1])
         elif isinstance(effect, CheckProposal):
             value = effect.proposal.value
@@ -617,11 +622,13 @@ class FaultRun:
         index, label, config = self.nodes[name]
         node = EpochNode(self, name, index, self.signers[index], config, label, self.chains.setdefault(name, []))
         self.sim.add(name, node)
+        self.stats["restored_from_persisted"] += name in self.persisted
         self.sim.step(name, StartEpoch())
 
     def _crash(self, name: PeerId, down_s: float) -> None:
         if not self.sim.has(name):
             return
+        self.stats["crashes"] += 1
         self.sim.remove(name)
         self.loop.at(self.loop.now + down_s, lambda: self._spawn(name))
 
@@ -691,6 +698,7 @@ class FaultRun:
             self.loop.events_run,
             self.loop.now,
             s,
+            self.stats,
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,15 @@ def test_scenarios_cover_every_size_and_behaviour() -> None:
     assert {b for s in scenarios for b in s.behaviour_of.values()} == {"equivocate", "silent", "poison", "twins"}
     assert sum(bool(s.crashes) for s in scenarios) > 100
     assert sum(s.partition is not None for s in scenarios) > 100
+
+
+def test_faults_are_really_injected_and_detected() -> None:
+    totals: Counter[str] = Counter()
+    for seed in range(100):
+        totals.update(run_seed(seed).stats)
+    assert totals["crashes_at_persist"] > 5 and totals["crashes"] > totals["crashes_at_persist"]
+    assert totals["restored_from_persisted"] > 5
+    assert totals["equivocations_found"] > 5
 
 
 def test_harness_writes_certificates_that_form_a_verifiable_chain(tmp_path: Path) -> None:
