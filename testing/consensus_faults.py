@@ -8,7 +8,8 @@ each of one behaviour --
 
 * `equivocate`: for every round it hears of, signs prevotes and precommits for values of that round drawn at random
   per receiver (nil among them), again whenever it hears of a new value; as proposer it sends either two different
-  valid values to two random halves or (lock breaking) one fresh valid value to all members but one, backed by its
+  valid values to two random halves or (lock breaking) one fresh valid value to all members but the next round's
+  proposer (so that it proposes another value there), backed by its
   prevotes to them, while its precommit for it goes to a single random victim (in the other rounds it backs the
   round's newest value to all);
 * `silent`: never sends anything;
@@ -393,8 +394,9 @@ class Equivocator:
         sides: tuple[list[PeerId], ...]
         if self.split:
             sides = self._split()
-        else:  # one fresh value for all but one member, which then cannot lock on it
-            left_out = self.rng.choice(self._others())
+        else:  # one fresh value for all but one member (the next round's proposer), which then cannot lock on it
+            following = self.run.name_of[proposer_of(self.run.members, parent, r + 1)]
+            left_out = following if following in self._others() else self.rng.choice(self._others())
             self.left_out[(epoch, r)] = left_out
             sides = ([p for p in self._others() if p != left_out],)
         for side, label in zip(sides, ("equivocator-a", "equivocator-b"), strict=False):
