@@ -24,6 +24,7 @@ class EpochSummary:
     """What `verify_chain` reports for each verified epoch."""
 
     epoch: int
+    round: int  # the swarm (training) round of the certified checkpoint
     consensus_round: int
     checkpoint_root: bytes
     member_count: int
@@ -107,7 +108,13 @@ def verify_chain(
         value_hash = verify_certificate(cert, members, parent, verifier, epoch=expected_epoch)
         summaries.append(
             EpochSummary(
-                cert.epoch, cert.consensus_round, cert.value.checkpoint_root, len(members), cert.signers, value_hash
+                cert.epoch,
+                cert.value.round,
+                cert.consensus_round,
+                cert.value.checkpoint_root,
+                len(members),
+                cert.signers,
+                value_hash,
             )
         )
         members, parent, expected_epoch = cert.next_members, value_hash, expected_epoch + 1

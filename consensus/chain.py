@@ -92,21 +92,26 @@ class ChainLog:
         self.path = Path(path)
         self._end: int | None = None  # the end of the last whole record, once loaded or created
 
-    def load(self, *, repair: bool = True) -> list[bytes]:
+    def load(self, *, repair: bool = True, strict: bool = False) -> list[bytes]:
         """Every record, verified; none if the file does not exist yet. A truncated tail (or header) is cut back
-        with one warning (left in place when `repair` is false, for a read-only check); any other damage raises
-        `ChainError`."""
+        with one warning (left in place when `repair` is false, for a read-only check; an error with `strict`, for
+        a file that no crash of ours can explain, such as a copy to verify); any other damage raises `ChainError`."""
         if not self.path.exists():
             self._end = None
             return []
         data = self.path.read_bytes()
         if len(data) < FILE_HEADER_BYTES and _file_header().startswith(data):
+            if strict:
+                raise ChainError(self.path, len(data), "the file header is cut short: the file holds no record")
             log.warning("chain file %s: its header is cut short at %d bytes; it holds no records", self.path, len(data))
             if repair:
                 self._write_header(self.path.open("r+b"))
             self._end = FILE_HEADER_BYTES
             return []
         records, end = self._parse(data)
+        if end < len(data) and strict:
+            cut = len(data) - end
+            raise ChainError(self.path, end, f"a truncated last record ({cut} bytes after the last whole one)")
         if end < len(data):
             log.warning(
                 "chain file %s: a truncated last record (%d bytes at byte %d); keeping the %d whole records",

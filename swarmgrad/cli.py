@@ -1,10 +1,11 @@
 """The `swarmgrad` command line: argument parsing, the subcommands' top level, exit codes.
 
 Subcommands here: `id` (print this peer's id and the addresses others dial it at), `keygen` (write a new
-private-swarm key), `node` (run a discovery-only member of a swarm: a bootstrap peer, or a probe for tests and
-benchmarks) and `sim` (the research simulator, run as `python -m sim` in a subprocess: the product never imports a
-harness). Other modules add subcommands by convention: a module listed in `PLUGIN_SUBCOMMANDS` defines
-`register(subparsers) -> None`, which adds its parser (under the listed name) with
+private-swarm key), `verify-chain` (check a provenance chain file offline), `node` (run a discovery-only member of
+a swarm: a bootstrap peer, or a probe for tests and benchmarks) and `sim` (the research simulator, run as
+`python -m sim` in a subprocess: the product never imports a harness). Other modules add subcommands by
+convention: a module listed in `PLUGIN_SUBCOMMANDS` defines `register(subparsers) -> None`, which adds its parser
+(under the listed name) with
 `set_defaults(run=<function(args) -> int>)`; it reuses `swarmgrad.netconfig.add_network_arguments` for the flags
 every swarm member shares (`--config`, `--set`, `--json`, the data directory and the `[network]` flags), so `id`,
 `node` and `peer` accept the same ones. A plugin module is imported only when its subcommand runs, so `swarmgrad id`
@@ -96,6 +97,29 @@ def _run_id(args: argparse.Namespace) -> int:
         print(peer_id)
         for addr in addrs:
             print(addr)
+    return 0
+
+
+def _value_hash(text: str) -> bytes:
+    if len(text) != 64 or any(c not in "0123456789abcdefABCDEF" for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a value hash (64 hex digits)")
+    return bytes.fromhex(text)
+
+
+def _run_verify_chain(args: argparse.Namespace) -> int:
+    from consensus.provenance import verify_file  # here: `swarmgrad id` and `node` never load the consensus layer
+
+    genesis, epochs = verify_file(args.path, args.trust)
+    start = "the trusted certificate" if args.trust is not None else f"genesis ({len(genesis.members)} members)"
+    print(f"chain {args.path}: swarm {genesis.swarm_id!r}, verified from {start}")
+    header = f"{'epoch':>6} {'round':>7} {'c.round':>7}  {'checkpoint root':<16} {'members':>7} {'signers':>7}"
+    print(f"{header}  value hash")
+    for e in epochs:
+        print(
+            f"{e.epoch:>6} {e.round:>7} {e.consensus_round:>7}  {e.checkpoint_root.hex()[:16]:<16} "
+            f"{e.member_count:>7} {len(e.signers):>7}  {e.value_hash.hex()}"
+        )
+    print(f"ok: {len(epochs)} epochs, every link, signature and quorum holds")
     return 0
 
 
@@ -218,6 +242,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     keygen = subparsers.add_parser("keygen", help="write a new swarm key (libp2p pnet, /key/swarm/psk/1.0.0/)")
     keygen.add_argument("--out", type=Path, required=True, metavar="FILE", help="where to write it (mode 0600)")
     keygen.set_defaults(run=_run_keygen)
+
+    verify = subparsers.add_parser(
+        "verify-chain",
+        help="check a provenance chain file offline: every certificate's signatures, quorum and parent link",
+        description="Verify a chain file (a peer's data directory holds one) from its genesis record, or from a "
+        "certificate you trust, named by its value hash. Exit status 0 only when every link, signature and quorum "
+        "holds; otherwise one line names the record or epoch and the problem, exit status 1.",
+    )
+    verify.add_argument("path", type=Path, metavar="PATH")
+    verify.add_argument(
+        "--trust", type=_value_hash, metavar="HASH", help="verify from the certificate with this value hash"
+    )
+    verify.set_defaults(run=_run_verify_chain)
 
     node = subparsers.add_parser("node", help="run a discovery-only member of a swarm (e.g. a bootstrap peer)")
     add_network_arguments(node)

@@ -32,8 +32,8 @@ Checked on every run:
   `heal_s + (isolate_decider_s + LIVENESS_BOUND_S) * epochs` of virtual time.
 
 `python -m testing.consensus_faults --seed N [--count K] [--variant NAME]` runs seeds and prints each violation
-with its seed and a one-line replay command; `--certificates DIR` writes each honest node's decided certificates
-(one file per node, `SCHEMA`-encoded, each record prefixed by its u32 length) so a chain can be built from them.
+with its seed and a one-line replay command; `--chains DIR` writes each honest node's decided certificates as a
+provenance chain file (`consensus.provenance`), one per node, which `swarmgrad verify-chain` checks.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ import argparse
 import hashlib
 import math
 import random
-import struct
 import sys
 import time
 from collections import Counter
@@ -80,6 +79,7 @@ from consensus.messages import (
     max_faulty,
     members_hash,
 )
+from consensus.provenance import ChainGenesis, append_certificate, create_chain
 from consensus.signing import SignatureVerifier, Signer, proposal_bytes
 from sim.events import EventLoop, Simulator
 from sim.network import NetworkConfig, NetworkModel, links_between
@@ -708,13 +708,17 @@ def run_seed(seed: int, variant: str = "honest") -> RunResult:
     return FaultRun(Scenario.draw(seed), variant).result()
 
 
-def write_certificates(result: RunResult, directory: Path) -> list[Path]:
-    """Write each honest node's decided certificates to `directory/<node>.certs` (u32 length + encoded record)."""
+def write_chains(result: RunResult, members: tuple[bytes, ...], directory: Path) -> list[Path]:
+    """Write each honest node's decided certificates as a provenance chain file, `directory/seed<S>-<node>.chain`
+    (genesis record: the harness's swarm id and `members`), which `swarmgrad verify-chain` checks."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, certs in sorted(result.certificates.items()):
-        path = directory / f"seed{result.seed}-{name}.certs"
-        path.write_bytes(b"".join(struct.pack("<I", len(b)) + b for b in (SCHEMA.encode(c) for c in certs)))
+        path = directory / f"seed{result.seed}-{name}.chain"
+        path.unlink(missing_ok=True)
+        chain = create_chain(path, ChainGenesis(SWARM_ID, members))
+        for cert in certs:
+            append_certificate(chain, cert)
         paths.append(path)
     return paths
 
@@ -724,17 +728,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--variant", choices=VARIANTS, default="honest")
-    parser.add_argument("--certificates", type=Path, default=None, help="write decided certificates here")
+    parser.add_argument("--chains", type=Path, default=None, metavar="DIR", help="write each node's chain file here")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     failures = 0
     for seed in range(args.seed, args.seed + args.count):
-        result = run_seed(seed, args.variant)
+        run = FaultRun(Scenario.draw(seed), args.variant)
+        result = run.result()
         for violation in result.violations:
             print(violation)
         failures += bool(result.violations)
-        if args.certificates is not None:
-            write_certificates(result, args.certificates)
+        if args.chains is not None:
+            write_chains(result, run.members, args.chains)
     elapsed = time.perf_counter() - started
     rate = args.count / elapsed if elapsed > 0 else math.inf
     print(f"{args.count - failures} of {args.count} seeds without violation ({rate:.1f} seeds/s)")

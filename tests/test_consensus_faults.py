@@ -3,16 +3,14 @@ validity and liveness over many seeds, and the harness catches two protocols bro
 
 from __future__ import annotations
 
-import struct
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from consensus.certificate import verify_chain
-from consensus.messages import SCHEMA, Certificate
-from testing.consensus_faults import FaultRun, Scenario, main, run_seed, write_certificates
+from consensus.provenance import verify_file
+from testing.consensus_faults import FaultRun, Scenario, main, run_seed, write_chains
 
 DEFAULT_SEEDS = 500
 LONG_SEEDS = 100_000
@@ -65,22 +63,16 @@ def test_faults_are_really_injected_and_detected() -> None:
     assert totals["equivocations_found"] > 5
 
 
-def test_harness_writes_certificates_that_form_a_verifiable_chain(tmp_path: Path) -> None:
+def test_harness_writes_chain_files_that_verify(tmp_path: Path) -> None:
     run = FaultRun(Scenario.draw(3))
     result = run.result()
     assert not result.violations
-    paths = write_certificates(result, tmp_path)
-    assert paths
-    data = paths[0].read_bytes()
-    certs = []
-    while data:
-        (size,) = struct.unpack_from("<I", data)
-        cert = SCHEMA.decode(data[4 : 4 + size])
-        assert isinstance(cert, Certificate)
-        certs.append(cert)
-        data = data[4 + size :]
-    summaries = verify_chain(certs, run.members)
-    assert [s.epoch for s in summaries] == list(range(1, result.scenario.epochs + 1))
+    paths = write_chains(result, run.members, tmp_path)
+    assert len(paths) == len(result.certificates)
+    for path in paths:
+        genesis, summaries = verify_file(path)
+        assert genesis.members == run.members
+        assert [s.epoch for s in summaries] == list(range(1, result.scenario.epochs + 1))
 
 
 def test_cli_prints_violations_with_a_replay_line(capsys: pytest.CaptureFixture[str]) -> None:
