@@ -73,9 +73,12 @@ The round clock
 A round's number is `max(next round, C)`, C the (f+1)-th largest clock heard from the live peers (the latest clock
 each sent), where f = (n - 1) // 3 for n = live peers + 1 is the number of Byzantine peers the swarm tolerates. A
 peer *holds* (`StartRound` completes at once, `held=True`, nothing sent, the round number kept) while fewer than
-f + 1 peers, itself included, are within `max_future_rounds` of its next round or ahead of it (a peer whose clock it has
-not heard counts as near; a peer alone never holds: its rounds are the rounds of a swarm of one). What follows, for
-at most f Byzantine live peers:
+f + 1 peers, itself included, are within `max_future_rounds` of its next round or ahead of it. Where a peer is, it
+judges by the age of what it heard: a peer that sent clock c, t seconds ago, is presumed at c + t / pace, the pace
+being this peer's own seconds per round (a moving average of the intervals between the starts of the rounds it ran;
+`round_deadline_s` until measured). A peer whose clock it has not heard counts as near; a peer alone never holds
+(its rounds are the rounds of a swarm of one). Only the hold uses the presumed clocks; C uses the clocks as sent.
+What follows, for at most f Byzantine live peers:
 
 * **No push ahead.** At least one honest live peer's clock is >= C, so an honest peer never numbers a round above
   the largest honest clock (or its own next round): Byzantine clocks, however large, move nobody.
@@ -92,11 +95,21 @@ at most f Byzantine live peers:
   each later one f + 1 clocks at that round. Only three or more joining at once make it hold.) A Byzantine minority
   cannot make an honest peer hold while f + 1 honest peers are near it (their clocks count, however low the
   Byzantine ones claim to be).
+* **A hold ends.** A peer that sent clock c counts as near to `number` once `(number - max_future_rounds - c) *
+  pace` seconds have passed without a newer clock from it, whether or not it sends again: a peer holding at `number`
+  with gap g = number - (lowest clock heard) resumes at the latest g x pace seconds after the clocks it last heard.
+  The peers behind keep it holding only while they keep telling it, by fresh clocks, that they are far behind.
+  Without the presumption the views of a large swarm went stale into a deadlock: with 3 neighbours a round among
+  64 peers, a peer hears from about 6 others a round, so most of the clocks it holds are many rounds old; a
+  fault-free swarm saw more than 2/3 of itself as far behind and held, and a holding peer sends nothing, so no view
+  got fresher (seed 0 of the simulator: 37 rounds in 15 virtual seconds, 1,529 starts held).
 
 So from any start the honest live peers reach rounds within `max_future_rounds` of each other after at most
-(largest gap) / (slowest honest round rate) of their own rounds, and no honest round on the way waits a deadline for
+(largest gap) / (slowest honest round rate) of their own rounds (a leader holds at most (largest gap) x its pace
+seconds past the last clock it heard from the peers behind), and no honest round on the way waits a deadline for
 a live, reachable honest peer: `tests/test_round_clock.py` runs this from arbitrary starts (spread, one ahead, two
-behind, split halves, with Byzantine clocks) over many seeds in virtual time.
+behind, split halves, with Byzantine clocks) over many seeds in virtual time, and a 64-peer swarm with 3 neighbours
+a round that must not hold.
 """
 
 from __future__ import annotations
@@ -143,6 +156,8 @@ ELIGIBLE_FACTOR = 2.0
 """A sender picks its neighbours among the peers whose pair coin is below `ELIGIBLE_FACTOR * m / live peers`."""
 ACCEPT_FACTOR = 2.5
 """A receiver aggregates an unsolicited request if the coin is below this bound (slack for differing peer views)."""
+PACE_WEIGHT = 0.25
+"""A peer's pace (seconds per round it runs) is a moving average: each new start-to-start interval weighs this much."""
 
 
 def pair_coin(swarm_id: str, number: int, sender: PeerId, receiver: PeerId) -> float:
@@ -373,6 +388,9 @@ class GossipRound:
         # reply rounds heard per sender (rounds of ours), back to `max_future_rounds` below our next round
         self._replies_from: dict[PeerId, set[int]] = {}
         self._clock_of: dict[PeerId, int] = {}  # the largest clock each peer has sent
+        self._heard_at: dict[PeerId, float] = {}  # when each peer last sent that clock
+        self._pace_s: float | None = None  # seconds per round this peer runs (start to start), once measured
+        self._last_start_s: float | None = None  # when its last round started, unless it held since
         self._backoff_until: dict[PeerId, int] = {}  # a chosen neighbour that did not answer is not asked again
         self._buffer: dict[int, dict[PeerId, tuple[SparseUpdate, torch.Tensor, torch.Tensor]]] = {}
         self._norms: deque[float] = deque(maxlen=config.clip_history_len)
@@ -428,9 +446,15 @@ class GossipRound:
             raise LocalProtocolError(f"params must be a flat float32 tensor of {self.numel}, got {params.shape}")
         number = max(self._next_number(), not_before)
         self._next_round = number  # until the selection below is computed, this round's messages are buffered
-        if self._holds(number):
+        if self._holds(now, number):
             self._counters["rounds_held"] += 1
+            self._last_start_s = None  # the next interval spans the hold: it is no measure of the pace
             return [Notify(RoundCompleted(number, params, (), (), 0, False, held=True))]
+        if self._last_start_s is not None:
+            interval_s = now - self._last_start_s
+            previous_s = interval_s if self._pace_s is None else self._pace_s
+            self._pace_s = previous_s + PACE_WEIGHT * (interval_s - previous_s)
+        self._last_start_s = now
         x = params.detach()
         self._starting = (number, x)
         if self.config.error_feedback:
@@ -502,11 +526,16 @@ class GossipRound:
         f = self._tolerated()
         return max(self._next_round, clocks[f]) if len(clocks) > f else self._next_round
 
-    def _holds(self, number: int) -> bool:
-        """Whether fewer than f + 1 peers, this one included, are near `number` (unheard peers count as near)."""
-        far_behind = sum(
-            1 for p in self._live if p in self._clock_of and self._clock_of[p] < number - self.config.max_future_rounds
-        )
+    def _holds(self, now: float, number: int) -> bool:
+        """Whether fewer than f + 1 peers, this one included, are near `number`: see the round clock in the module
+        docstring. A peer last heard at clock c, t seconds ago, is presumed at c + t / pace (unheard: near)."""
+        below = number - self.config.max_future_rounds
+        pace_s = self.config.round_deadline_s if self._pace_s is None else self._pace_s
+        far_behind = 0
+        for peer in self._live:  # a count: the order does not matter
+            clock = self._clock_of.get(peer)
+            if clock is not None and clock < below and now - self._heard_at[peer] < (below - clock) * pace_s:
+                far_behind += 1
         near = 1 + len(self._live) - far_behind
         return far_behind > 0 and near < self._tolerated() + 1
 
@@ -585,7 +614,9 @@ class GossipRound:
         else:
             newest = max(heard)
             self._requests_from[peer] = {r for r in heard if r >= newest - self.config.max_future_rounds}
-        self._clock_of[peer] = max(self._clock_of.get(peer, 0), msg.clock)
+        if msg.clock >= self._clock_of.get(peer, 0):
+            self._clock_of[peer] = msg.clock
+            self._heard_at[peer] = now
         self._counters["updates_received"] += 1
         current = self._round
         if current is not None and msg.round == current.number:

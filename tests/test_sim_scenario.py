@@ -160,15 +160,13 @@ def test_swarmgrad_sim_dispatches_to_the_simulator(tmp_path: Path) -> None:
     assert main(["sim", "run", str(scenario), "--out", str(tmp_path / "out")]) == 2
 
 
-@pytest.mark.long
-@pytest.mark.xfail(strict=True, reason="known: the round clock stalls a 64-peer swarm (stale clocks count as behind)")
 def test_a_fault_free_64_peer_swarm_keeps_running_rounds() -> None:
-    """Found by the simulator: with 64 peers and 3 neighbours per round, no faults at all, peers mostly hold from
-    about round 35 on (seed 0: 37 rounds in 15 virtual s, 1,529 rounds held; 32 peers run 100 rounds in 14 s, none
-    held). A peer holds while fewer than f + 1 live peers are near its next round, judging "near" by the latest
-    clock each peer sent it; with sparse gossip most of those clocks are many rounds old, so it sees the swarm as
-    far behind and holds -- and a holding peer sends nothing, so nobody's view gets fresher. (100 peers of
-    sim/scenarios/wan100_churn.toml: from round 37.) When `gossip.round` is fixed this passes: drop the xfail."""
+    """Found by the simulator: with 64 peers and 3 neighbours per round, no faults at all, peers mostly held from
+    about round 35 on (seed 0: 37 rounds in 15 virtual s, 1,529 rounds held; 32 peers ran 100 rounds in 14 s, none
+    held). A peer holds while fewer than f + 1 live peers are near its next round, and judged "near" by the latest
+    clock each peer sent it; with sparse gossip most of those clocks are many rounds old, so it saw the swarm as far
+    behind and held -- and a holding peer sends nothing, so nobody's view got fresher. The round clock now presumes
+    a peer heard t seconds ago has run t / pace rounds since (`gossip.round`)."""
     data = {
         "swarm": {"peers": 64, "rounds": 80, "max_virtual_s": 15.0},
         "model": {"dim": 50},
@@ -178,3 +176,5 @@ def test_a_fault_free_64_peer_swarm_keeps_running_rounds() -> None:
     run = SwarmRun(scenario_from_dict(data), 0)
     rows = run.run()
     assert len(rows) == 81, f"stalled after {len(rows) - 1} rounds, {run.summary()['gossip']}"
+    gossip = run.summary()["gossip"]
+    assert isinstance(gossip, dict) and gossip.get("rounds_held", 0) == 0, gossip
