@@ -376,6 +376,7 @@ class GossipRound:
         self._rng = rng
         self._compressor = compressor
         self._live: set[PeerId] = set()
+        self._sorted_live: tuple[PeerId, ...] | None = None  # `_live` in sorted order, rebuilt after it changes
         self._public: torch.Tensor | None = None
         self._told = torch.empty(0, dtype=torch.bool)  # which coordinates the public copy holds a told value of
         self._difference = torch.empty(0)  # scratch for x - public, allocated with the public copy
@@ -400,7 +401,7 @@ class GossipRound:
 
     @property
     def live_peers(self) -> list[PeerId]:
-        return sorted(self._live)
+        return list(self._sorted())
 
     @property
     def in_round(self) -> bool:
@@ -428,9 +429,11 @@ class GossipRound:
             return []
         if isinstance(event, PeerUp):
             self._live.add(event.peer)
+            self._sorted_live = None
             return []
         if isinstance(event, PeerDown):
             self._live.discard(event.peer)
+            self._sorted_live = None
             return self._forget_expected(event.peer)
         if isinstance(event, SendFailed):
             self._counters["send_failed"] += 1
@@ -493,7 +496,7 @@ class GossipRound:
     def _begin(self, now: float, number: int, x: torch.Tensor, indices: torch.Tensor) -> list[Action]:
         # NaN and Inf rank first in top-k: `pack_sparse` refuses them
         update = self._pack(number, False, indices, x, number)
-        eligible = [p for p in sorted(self._live) if self._eligible(number, self.local_peer, p, ELIGIBLE_FACTOR)]
+        eligible = [p for p in self._sorted() if self._eligible(number, self.local_peer, p, ELIGIBLE_FACTOR)]
         rested = [p for p in eligible if self._backoff_until.get(p, 0) <= number]
         backed_off = [p for p in eligible if self._backoff_until.get(p, 0) > number]
         m = self.config.neighbours_per_round
@@ -538,6 +541,12 @@ class GossipRound:
                 far_behind += 1
         near = 1 + len(self._live) - far_behind
         return far_behind > 0 and near < self._tolerated() + 1
+
+    def _sorted(self) -> tuple[PeerId, ...]:
+        """The live peers in sorted order, sorted once per change of the set (not once per round)."""
+        if self._sorted_live is None:
+            self._sorted_live = tuple(sorted(self._live))
+        return self._sorted_live
 
     def _accept(
         self, current: _Round, peer: PeerId, msg: SparseUpdate, indices: torch.Tensor, values: torch.Tensor
@@ -667,8 +676,10 @@ class GossipRound:
         return SparseUpdate(self.config.swarm_id, number, self.fingerprint, reply, payload, clock)
 
     def _eligible(self, number: int, sender: PeerId, receiver: PeerId, factor: float) -> bool:
-        """Whether `sender` may pick `receiver` in round `number` (a coin both sides compute; see the docstring)."""
-        live = len((self._live | {sender, receiver}) - {self.local_peer})
+        """Whether `sender` may pick `receiver` in round `number` (a coin both sides compute; see the docstring).
+        The live count is that of this peer's live set with both ends and without itself, counted (no copy)."""
+        ends = {sender, receiver} - {self.local_peer}
+        live = len(self._live) - (self.local_peer in self._live) + sum(1 for p in ends if p not in self._live)
         return (
             pair_coin(self.config.swarm_id, number, sender, receiver) < factor * self.config.neighbours_per_round / live
         )
