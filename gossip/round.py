@@ -118,7 +118,7 @@ import hashlib
 import math
 import random
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -162,8 +162,17 @@ PACE_WEIGHT = 0.25
 
 def pair_coin(swarm_id: str, number: int, sender: PeerId, receiver: PeerId) -> float:
     """A uniform number in [0, 1) that anyone can compute for (swarm, round, sender, receiver)."""
-    digest = hashlib.sha256(f"{swarm_id}\x00{number}\x00{sender}\x00{receiver}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") / 2.0**64
+    return next(pair_coins(swarm_id, number, sender, (receiver,)))
+
+
+def pair_coins(swarm_id: str, number: int, sender: PeerId, receivers: Iterable[PeerId]) -> Iterator[float]:
+    """`pair_coin` of `sender` with each of `receivers`, in their order: sha256 of (swarm, round, sender, receiver),
+    the common prefix hashed once."""
+    prefix = hashlib.sha256(f"{swarm_id}\x00{number}\x00{sender}\x00".encode())
+    for receiver in receivers:
+        digest = prefix.copy()
+        digest.update(receiver.encode())
+        yield int.from_bytes(digest.digest()[:8], "little") / 2.0**64
 
 
 @dataclass(frozen=True)
@@ -496,7 +505,11 @@ class GossipRound:
     def _begin(self, now: float, number: int, x: torch.Tensor, indices: torch.Tensor) -> list[Action]:
         # NaN and Inf rank first in top-k: `pack_sparse` refuses them
         update = self._pack(number, False, indices, x, number)
-        eligible = [p for p in self._sorted() if self._eligible(number, self.local_peer, p, ELIGIBLE_FACTOR)]
+        # the coin bound is the same for every candidate (each is live): one pass, no set built per candidate
+        candidates = [p for p in self._sorted() if p != self.local_peer]
+        bound = ELIGIBLE_FACTOR * self.config.neighbours_per_round / max(1, len(candidates))
+        coins = pair_coins(self.config.swarm_id, number, self.local_peer, candidates)
+        eligible = [p for p, coin in zip(candidates, coins, strict=True) if coin < bound]
         rested = [p for p in eligible if self._backoff_until.get(p, 0) <= number]
         backed_off = [p for p in eligible if self._backoff_until.get(p, 0) > number]
         m = self.config.neighbours_per_round

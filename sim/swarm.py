@@ -64,7 +64,6 @@ class _Peer:
         self.live = False
         self.in_round = False
         self.generation = 0  # bumped on every leave, crash and restart: a stale scheduled step is ignored
-        self.rounds_completed = 0
 
 
 class SwarmRun:
@@ -108,6 +107,7 @@ class SwarmRun:
         self.honest = [p for p in names if p not in byzantine]
         self.rows: list[RoundMetrics] = []
         self._machines_built = 0
+        self._honest_rounds_completed = 0  # rounds run by honest peers, all together (a swarm round per len(honest))
 
     # ---- setup and the run --------------------------------------------------------------------------------------
 
@@ -208,10 +208,9 @@ class SwarmRun:
         peer.in_round = False
         if peer.behaviour is None:
             peer.params = event.params
-        if not event.held:
-            peer.rounds_completed += 1
-            if peer.behaviour is None:
-                self._maybe_record()
+        if not event.held and peer.behaviour is None:
+            self._honest_rounds_completed += 1
+            self._maybe_record()
         self._train_then_start(peer)
 
     def effect(self, peer: PeerId, effect: Effect) -> None:
@@ -223,8 +222,7 @@ class SwarmRun:
     # ---- metrics ------------------------------------------------------------------------------------------------
 
     def _maybe_record(self) -> None:
-        completed = sum(self.peers[p].rounds_completed for p in self.honest)
-        if completed >= len(self.rows) * len(self.honest):
+        if self._honest_rounds_completed >= len(self.rows) * len(self.honest):
             self._record()
 
     def _record(self) -> None:
