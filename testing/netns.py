@@ -141,20 +141,24 @@ def bridged_hosts(count: int) -> Iterator[list[NetnsHost]]:
     if not 1 <= count <= MAX_PUBLIC_HOSTS:
         raise ValueError(f"count must be 1 to {MAX_PUBLIC_HOSTS}, got {count}")
     tag = _tag()
-    bridge_ns = f"{tag}br"
     created: list[str] = []
     try:
-        _add_namespace(bridge_ns, created)
-        _add_bridge(bridge_ns, "br0")
-        hosts = []
-        for index in range(count):
-            host = NetnsHost(f"{tag}h{index}", f"{SUBNET_PREFIX}{index + 1}")
-            _add_namespace(host.name, created)
-            _plug(host.name, "eth0", bridge_ns, "br0", f"v{index}", f"{host.ip}/{PREFIX_LEN}")
-            hosts.append(host)
-        yield hosts
+        yield _bridge_with_hosts(f"{tag}br", f"{tag}h", count, created)
     finally:
         _delete(created)
+
+
+def _bridge_with_hosts(bridge_ns: str, host_prefix: str, count: int, created: list[str]) -> list[NetnsHost]:
+    """A namespace `bridge_ns` holding bridge br0, and `count` host namespaces on it at 198.18.0.1, .2, ..."""
+    _add_namespace(bridge_ns, created)
+    _add_bridge(bridge_ns, "br0")
+    hosts = []
+    for index in range(count):
+        host = NetnsHost(f"{host_prefix}{index}", f"{SUBNET_PREFIX}{index + 1}")
+        _add_namespace(host.name, created)
+        _plug(host.name, "eth0", bridge_ns, "br0", f"v{index}", f"{host.ip}/{PREFIX_LEN}")
+        hosts.append(host)
+    return hosts
 
 
 def _make_router(
@@ -204,14 +208,7 @@ def nat_hosts(
     bridge_ns = f"{tag}pub"
     created: list[str] = []
     try:
-        _add_namespace(bridge_ns, created)
-        _add_bridge(bridge_ns, "br0")
-        public = []
-        for index in range(public_count):
-            host = NetnsHost(f"{tag}g{index}", f"{SUBNET_PREFIX}{index + 1}")
-            _add_namespace(host.name, created)
-            _plug(host.name, "eth0", bridge_ns, "br0", f"v{index}", f"{host.ip}/{PREFIX_LEN}")
-            public.append(host)
+        public = _bridge_with_hosts(bridge_ns, f"{tag}g", public_count, created)
         routers = tuple(
             _make_router(tag, index, bridge_ns, count, (drop_unsolicited, random_ports), created)
             for index, count in enumerate(private_counts)
