@@ -85,11 +85,15 @@ class Server:
         self.proc = subprocess.Popen(host.wrap([sys.executable, "-c", _SERVER]), stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "ready"
 
-    def peers(self) -> list[tuple[str, int]]:
-        """Stop it; the (ip, port) of each connection it accepted."""
+    def peers(self, expected: int) -> list[tuple[str, int]]:
+        """The (ip, port) of each connection it accepted, once it has reported `expected` of them (a client's
+        "connected" can come before the server's accept), then stop it; any extra one it reported is listed too."""
+        assert self.proc.stdout is not None
+        lines = [self.proc.stdout.readline() for _ in range(expected)]  # bounded: the server's accept times out
         self.proc.kill()
         out, _ = self.proc.communicate(timeout=10)
-        return [(words[1], int(words[2])) for line in out.splitlines() if (words := line.split())[0] == "peer"]
+        lines += out.splitlines()
+        return [(words[1], int(words[2])) for line in lines if (words := line.split()) and words[0] == "peer"]
 
 
 @pytest.fixture
@@ -122,7 +126,7 @@ def test_a_private_host_reaches_a_public_one_seen_from_its_routers_public_addres
     private = router.private[0]
     listener = server(public)
     assert connect(private, public.ip, source_port=SOURCE_PORT) == "connected"
-    assert listener.peers() == [(router.host.ip, SOURCE_PORT)]
+    assert listener.peers(1) == [(router.host.ip, SOURCE_PORT)]
     assert router.host.ip != private.ip and router.host.ip.startswith("198.18.0.")
 
 
@@ -139,7 +143,7 @@ def test_a_public_host_cannot_open_a_connection_to_a_private_host(topology: NatT
         public.run("ip", "route", "del", router.lan_subnet, "via", router.host.ip)
     assert connect(public, router.host.ip, timeout_s=REFUSED_WAIT_S) == "timeout"  # no port forwarded: dropped
     assert connect(private, private.ip) == "connected"  # control: the listener was there all along
-    assert [ip for ip, _port in listener.peers()] == [private.ip]
+    assert [ip for ip, _port in listener.peers(1)] == [private.ip]
 
 
 def test_private_hosts_behind_different_routers_cannot_reach_each_other_directly(
@@ -151,7 +155,7 @@ def test_private_hosts_behind_different_routers_cannot_reach_each_other_directly
     assert connect(a, b.ip) == "ENETUNREACH"  # a's router has no route to b's LAN
     assert connect(a, router_b.host.ip, timeout_s=REFUSED_WAIT_S) == "timeout"  # b's router forwards no port
     assert connect(b, b.ip) == "connected"  # control
-    assert [ip for ip, _port in listener.peers()] == [b.ip]
+    assert [ip for ip, _port in listener.peers(1)] == [b.ip]
 
 
 def test_a_rejecting_router_answers_a_connection_to_its_public_address_with_a_reset(server: type[Server]) -> None:
@@ -162,7 +166,7 @@ def test_a_rejecting_router_answers_a_connection_to_its_public_address_with_a_re
         listener = server(private)
         assert connect(public, router.host.ip) == "ECONNREFUSED"
         assert connect(private, public.ip) == "ECONNREFUSED"  # outbound works: the public host has no listener
-        assert [ip for ip, _port in listener.peers()] == []
+        assert [ip for ip, _port in listener.peers(0)] == []
 
 
 def test_a_symmetric_router_does_not_keep_the_source_port(server: type[Server]) -> None:
@@ -172,7 +176,7 @@ def test_a_symmetric_router_does_not_keep_the_source_port(server: type[Server]) 
         listener = server(public)
         for source_port in (SOURCE_PORT, SOURCE_PORT + 1):
             assert connect(router.private[0], public.ip, source_port=source_port) == "connected"
-        seen = listener.peers()
+        seen = listener.peers(2)
     assert [ip for ip, _port in seen] == [router.host.ip, router.host.ip]
     # a random port equals the source port with probability ~1/64k per connection: both kept would be ~1/4e9
     assert [port for _ip, port in seen] != [SOURCE_PORT, SOURCE_PORT + 1]
