@@ -1,6 +1,7 @@
 """`python -m sim run|sweep ...` (also `swarmgrad sim run|sweep ...`): one simulated run, or a sweep of runs.
 
-`run SCENARIO.toml --seed N --out DIR` writes `DIR/rounds.csv` (one row per swarm round: see `sim.swarm`),
+`run SCENARIO.toml --seed N --out DIR` writes `DIR/rounds.csv` (one row per swarm round: see `sim.swarm`), with
+epoch consensus on `DIR/epochs.csv` (one row per epoch: see `sim.consensus.EpochRecord`),
 `DIR/summary.json` (the scenario as loaded, the seed, the software version, the run's totals and the command that
 replays it) and, where matplotlib is installed (`pip install swarmgrad[plots]`), `DIR/rounds.png`: loss against
 rounds, bytes sent and virtual time, and consensus distance against rounds. A progress bar goes to stderr when it
@@ -26,6 +27,7 @@ from typing import TextIO
 import torch
 
 from sim import sweep
+from sim.consensus import EPOCH_COLUMNS
 from sim.scenario import load_scenario
 from sim.swarm import RoundMetrics, SwarmRun
 from swarmgrad.core.errors import ConfigError
@@ -59,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         bar.close()
     args.out.mkdir(parents=True, exist_ok=True)
     write_rows(args.out / "rounds.csv", rows)
+    if swarm.consensus is not None:
+        write_table(args.out / "epochs.csv", EPOCH_COLUMNS, swarm.consensus.epoch_rows())
     replay = shlex.join(["swarmgrad", "sim", "run", str(args.scenario), "--seed", str(args.seed), "--out", "DIR"])
     summary = {
         "scenario": dataclasses.asdict(scenario),
@@ -75,6 +79,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{len(rows) - 1} rounds, {final.virtual_time_s:.1f} virtual s, loss {final.loss:.4g}, "
         f"consensus distance {final.consensus_distance:.4g}, {final.bytes_sent} bytes -> {args.out}"
     )
+    if swarm.consensus is not None:
+        figures = swarm.consensus.summary()
+        latency = figures["commit_latency_s"]
+        print(
+            f"consensus: {figures['epochs_committed']} of {figures['epochs_started']} epochs committed, "
+            f"commit latency median {latency['median']:.3g} s, max {latency['max']:.3g} s"  # type: ignore[index]
+        )
     if len(rows) - 1 < scenario.swarm.rounds:  # a surprising run: say how to replay it
         print(f"stopped at max_virtual_s after {len(rows) - 1} rounds; replay: {replay}", file=sys.stderr)
     return 0
@@ -99,11 +110,17 @@ class ProgressBar:
 
 
 def write_rows(path: Path, rows: list[RoundMetrics]) -> None:
+    columns = [field.name for field in dataclasses.fields(RoundMetrics)]
+    write_table(path, columns, [row.as_row() for row in rows])
+
+
+def write_table(path: Path, columns: Sequence[str], rows: list[dict[str, object]]) -> None:
+    """One CSV row per dict, floats as `repr` (exact, so byte-identical per seed)."""
     with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=[field.name for field in dataclasses.fields(RoundMetrics)])
+        writer = csv.DictWriter(f, fieldnames=list(columns))
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.as_row().items()})
+            writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
 
 
 def plot_rows(path: Path, rows: list[RoundMetrics]) -> None:

@@ -20,6 +20,10 @@ before that, so a bad file gives one `ConfigError` naming the field (`network.up
     at_s = 3.0
     peer = "p5"
     kind = "crash"
+    [consensus]
+    epoch_rounds = 10
+    byzantine_peers = ["p3"]
+    byzantine_role = "equivocate"
 
 This module only describes runs; `sim.swarm` carries them out.
 """
@@ -35,7 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from consensus.agreement import AgreementConfig
+from consensus.chunks import DEFAULT_TOLERANCE
+from consensus.messages import MAX_MEMBERS
 from gossip.round import GossipConfig
+from sim.consensus import CONSENSUS_ROLES
 from sim.network import NetworkConfig
 from sim.peers import BEHAVIOURS
 from swarmgrad.core.errors import ConfigError
@@ -146,6 +154,43 @@ class ByzantineSection:
 
 
 @dataclass(frozen=True)
+class ConsensusSection:
+    """Epoch consensus (off while `epoch_rounds` is 0): every `epoch_rounds` gossip rounds the first `members` peers
+    (0: all of them) decide one checkpoint with the real `EpochAgreement`, checking proposals by sampled chunks
+    within `tolerance`; `byzantine_peers` (members) take `byzantine_role` (one of `sim.consensus.CONSENSUS_ROLES`).
+    The timeouts are `consensus.agreement.AgreementConfig`'s."""
+
+    epoch_rounds: int = 0
+    members: int = 0
+    byzantine_peers: tuple[str, ...] = ()
+    byzantine_role: str = "equivocate"
+    tolerance: float = DEFAULT_TOLERANCE
+    propose_timeout_s: float = 1.0
+    vote_timeout_s: float = 0.5
+    timeout_increase_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.epoch_rounds < 0:
+            raise ConfigError("consensus.epoch_rounds", self.epoch_rounds, ">= 0 (0: no consensus)")
+        if not 0 <= self.members <= MAX_MEMBERS:
+            raise ConfigError("consensus.members", self.members, f"in [0, {MAX_MEMBERS}] (0: every peer)")
+        if self.byzantine_role not in CONSENSUS_ROLES:
+            raise ConfigError("consensus.byzantine_role", self.byzantine_role, f"one of {CONSENSUS_ROLES}")
+        _non_negative("consensus", "tolerance", self.tolerance)
+        self.agreement_config()
+
+    def agreement_config(self) -> AgreementConfig:
+        return AgreementConfig(
+            propose_timeout_s=self.propose_timeout_s,
+            vote_timeout_s=self.vote_timeout_s,
+            timeout_increase_s=self.timeout_increase_s,
+        )
+
+    def member_names(self, peers: int) -> list[str]:
+        return [f"p{i}" for i in range(self.members or min(peers, MAX_MEMBERS))]
+
+
+@dataclass(frozen=True)
 class PartitionSection:
     """From `at_s` (to `heal_at_s`, if set) every link between two of `groups` is blocked."""
 
@@ -187,6 +232,7 @@ class Scenario:
     compute: ComputeSection = field(default_factory=ComputeSection)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     byzantine: ByzantineSection = field(default_factory=ByzantineSection)
+    consensus: ConsensusSection = field(default_factory=ConsensusSection)
     partitions: tuple[PartitionSection, ...] = ()
     churn: tuple[ChurnSection, ...] = ()
 
@@ -198,6 +244,12 @@ class Scenario:
             self._check_peers(f"partitions[{i}].groups", [p for g in partition.groups for p in g], names)
         for i, event in enumerate(self.churn):
             self._check_peers(f"churn[{i}].peer", [event.peer], names)
+        if self.consensus.members > self.swarm.peers:
+            raise ConfigError("consensus.members", self.consensus.members, f"<= swarm.peers ({self.swarm.peers})")
+        members = set(self.consensus.member_names(self.swarm.peers))
+        for peer in self.consensus.byzantine_peers:
+            if peer not in members:
+                raise ConfigError("consensus.byzantine_peers", peer, f"a member (p0 ... p{len(members) - 1})")
         if self.network.regions and not self.network.region_latency_s:
             raise ConfigError("network.region_latency_s", (), "a latency matrix for the regions")
 
@@ -221,6 +273,7 @@ _SECTIONS: dict[str, type] = {
     "compute": ComputeSection,
     "network": NetworkConfig,
     "byzantine": ByzantineSection,
+    "consensus": ConsensusSection,
 }
 _LISTS: dict[str, type] = {"partitions": PartitionSection, "churn": ChurnSection}
 

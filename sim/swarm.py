@@ -16,6 +16,7 @@ same scenario and seed give the same rows, whatever the host or `PYTHONHASHSEED`
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass
@@ -25,6 +26,7 @@ import torch
 
 from gossip.messages import SCHEMA, model_fingerprint
 from gossip.round import GossipRound, RoundCompleted, StartRound
+from sim.consensus import SwarmConsensus
 from sim.events import EventLoop, Simulator
 from sim.network import NetworkModel, links_between
 from sim.peers import BEHAVIOURS, Behaviour, compute_speeds
@@ -106,6 +108,18 @@ class SwarmRun:
         }
         self.honest = [p for p in names if p not in byzantine]
         self.rows: list[RoundMetrics] = []
+        self.consensus: SwarmConsensus | None = None
+        if scenario.consensus.epoch_rounds:
+            self.consensus = SwarmConsensus.from_section(
+                scenario.consensus,
+                scenario.swarm.peers,
+                scenario.swarm.rounds,
+                self.loop,
+                self.network,
+                seed,
+                hashlib.sha256(self.fingerprint).digest(),
+                lambda name: self.peers[name].params,
+            )
         self._machines_built = 0
         self._honest_rounds_completed = 0  # rounds run by honest peers, all together (a swarm round per len(honest))
 
@@ -141,6 +155,8 @@ class SwarmRun:
             if other != name and self.peers[other].live:
                 self.sim.step(name, PeerUp(other))
                 self.sim.step(other, PeerUp(name))
+        if self.consensus is not None:
+            self.consensus.peer_up(name)
         self._train_then_start(peer)
 
     def _take_down(self, name: PeerId, others_learn_at_s: float) -> None:
@@ -150,6 +166,8 @@ class SwarmRun:
         peer.live = False
         peer.generation += 1
         self.sim.remove(name)
+        if self.consensus is not None:
+            self.consensus.peer_down(name)
 
         def tell() -> None:
             for other in sorted(self.peers):
@@ -208,6 +226,8 @@ class SwarmRun:
         peer.in_round = False
         if peer.behaviour is None:
             peer.params = event.params
+        if not event.held and self.consensus is not None:
+            self.consensus.round_completed(name, event.round)
         if not event.held and peer.behaviour is None:
             self._honest_rounds_completed += 1
             self._maybe_record()
@@ -264,4 +284,5 @@ class SwarmRun:
             "network": dict(sorted(self.sim.counters.items())),
             "rejected_messages": sum(self.sim.rejected.values()),
             "gossip": dict(sorted(statistics.items())),
+            **({} if self.consensus is None else {"consensus": self.consensus.summary()}),
         }

@@ -2,6 +2,8 @@
 
 One seed draws one scenario and runs it in virtual time on `sim.events` (an `EventLoop` and its `Simulator` driver)
 with `sim.network.NetworkModel` for the links; no trio, no clock reads, every draw from one `random.Random(seed)`.
+A member's chain of epochs (`EpochNode`) and the `Equivocator` and `Silent` roles are `sim.consensus`'s, shared
+with the swarm simulation; this module draws the scenarios, injects the faults and checks the properties.
 
 A scenario: n in {4, 7, 10, 31} members (all of them vote in every epoch), up to f = (n - 1) // 3 Byzantine ones,
 each of one behaviour --
@@ -46,31 +48,24 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Hashable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from consensus.agreement import (
     AgreementConfig,
     Candidate,
     CheckProposal,
     Decided,
-    EpochAgreement,
     EquivocationFound,
     Persist,
     ProposalChecked,
     StartEpoch,
     VoterState,
-    proposer_of,
 )
 from consensus.certificate import verify_certificate
 from consensus.errors import CertificateError
 from consensus.membership import genesis_parent_hash
 from consensus.messages import (
-    NIL,
-    PRECOMMIT,
-    PREVOTE,
     SCHEMA,
     Certificate,
     EpochValue,
@@ -80,20 +75,11 @@ from consensus.messages import (
     members_hash,
 )
 from consensus.provenance import ChainGenesis, append_certificate, create_chain
-from consensus.signing import SignatureVerifier, Signer, proposal_bytes
+from consensus.signing import SignatureVerifier, Signer
+from sim.consensus import EpochNode, Equivocator, MemoSigner, Silent
 from sim.events import EventLoop, Simulator
 from sim.network import NetworkConfig, NetworkModel, links_between
-from swarmgrad.core.machine import (
-    Action,
-    CancelTimer,
-    Effect,
-    Event,
-    PeerId,
-    Received,
-    Send,
-    SetTimer,
-    TimerFired,
-)
+from swarmgrad.core.machine import Effect, PeerId
 
 SIZES = (4, 7, 10, 31)
 SIZE_WEIGHTS = (0.47, 0.3, 0.2, 0.03)
@@ -107,36 +93,12 @@ LIVENESS_BOUND_S = 60.0
 after GST a round whose proposer is honest decides once its timeouts exceed the ~0.5 s of a round trip and a
 check; an honest proposer comes within f+1 rounds, and rounds started before GST are at most a few seconds long
 at these durations)."""
-MAX_BUFFERED = 4096
 ISOLATE_MAX_S = 8.0
 CHECK_DELAY_S = (0.005, 0.1)
 
 
-def _epoch_of(msg: object) -> int:
-    if isinstance(msg, Vote):
-        return msg.epoch
-    if isinstance(msg, (Proposal, Certificate)):
-        return msg.value.epoch
-    return -1
-
-
 def _root(label: str, epoch: int) -> bytes:
     return hashlib.sha256(f"{label}/{epoch}".encode()).digest()
-
-
-class MemoSigner(Signer):
-    """Ed25519 signatures are deterministic: the harness remembers them instead of signing the same bytes again
-    (an Equivocator signs one vote for many receivers; restarts re-sign persisted votes)."""
-
-    def __init__(self, private_key: Ed25519PrivateKey) -> None:
-        super().__init__(private_key)
-        self._memo: dict[bytes, bytes] = {}
-
-    def sign(self, message: bytes) -> bytes:
-        signature = self._memo.get(message)
-        if signature is None:
-            signature = self._memo[message] = super().sign(message)
-        return signature
 
 
 @dataclass
@@ -230,208 +192,6 @@ class RunResult:
     stats: Counter[str]
 
 
-@dataclass
-class EpochNode:
-    """A member's consensus in the harness: one `EpochAgreement` per epoch, one after the other; messages for a
-    later epoch are buffered until it starts, and those for a decided one are answered with its certificate."""
-
-    run: FaultRun
-    name: PeerId
-    index: int
-    signer: Signer
-    config: AgreementConfig
-    root_label: str
-    chain: list[Certificate]
-    agreement: EpochAgreement | None = None
-    buffered: list[tuple[PeerId, object]] = field(default_factory=list)
-    answered: dict[tuple[PeerId, int], float] = field(default_factory=dict)
-
-    @property
-    def epoch(self) -> int:
-        return len(self.chain) + 1
-
-    def start(self, now: float) -> list[Action]:
-        """Start the agreement of the next undecided epoch (resuming from `state` if it is for that epoch)."""
-        run = self.run
-        epoch = self.epoch
-        if self.agreement is not None and self.agreement.epoch >= epoch:
-            return []  # already running (a restart started it before this start event came)
-        if epoch > run.scenario.epochs:
-            self.agreement = None
-            return []
-        parent = run.genesis_parent if not self.chain else self.chain[-1].value.hash()
-        value = EpochValue(
-            SWARM_ID, epoch, epoch * 100, _root(self.root_label, epoch), SPEC_HASH, run.members_hash, parent
-        )
-        persisted = run.persisted.get(self.name)
-        state = persisted if persisted is not None and persisted.epoch == epoch else None
-        self.agreement = EpochAgreement(
-            self.config,
-            self.signer,
-            run.members,
-            run.peer_of,
-            Candidate(value, run.members),
-            verifier=run.verifier,
-            state=state,
-        )
-        actions = self._wrap(epoch, self.agreement.step(now, StartEpoch()))
-        held, self.buffered = self.buffered, []
-        for peer, msg in held:
-            actions.extend(self._received(now, peer, msg))
-        return actions
-
-    def step(self, now: float, event: Event) -> list[Action]:
-        if isinstance(event, StartEpoch):
-            return self.start(now)
-        if isinstance(event, Received):
-            return self._received(now, event.peer, event.msg)
-        if isinstance(event, TimerFired) and isinstance(event.key, tuple):
-            epoch, key = event.key
-            if self.agreement is not None and epoch == self.agreement.epoch:
-                return self._wrap(epoch, self.agreement.step(now, TimerFired(key)))
-            return []
-        if isinstance(event, ProposalChecked):
-            if self.agreement is not None and event.epoch == self.agreement.epoch:
-                return self._wrap(event.epoch, self.agreement.step(now, event))
-        return []
-
-    def _received(self, now: float, peer: PeerId, msg: object) -> list[Action]:
-        epoch = _epoch_of(msg)
-        if self.agreement is not None and epoch == self.agreement.epoch:
-            return self._wrap(epoch, self.agreement.step(now, Received(peer, msg)))
-        if 1 <= epoch <= len(self.chain):
-            if isinstance(msg, Certificate):
-                return []
-            last = self.answered.get((peer, epoch))
-            if last is not None and now < last + self.config.rebroadcast_s:
-                return []
-            self.answered[(peer, epoch)] = now
-            return [Send(peer, self.chain[epoch - 1])]
-        if epoch > len(self.chain) and len(self.buffered) < MAX_BUFFERED:
-            self.buffered.append((peer, msg))
-        return []
-
-    def _wrap(self, epoch: int, actions: list[Action]) -> list[Action]:
-        out: list[Action] = []
-        for action in actions:
-            if isinstance(action, SetTimer):
-                out.append(SetTimer((epoch, action.key), action.deadline))
-            elif isinstance(action, CancelTimer):
-                out.append(CancelTimer((epoch, action.key)))
-            elif isinstance(action, Send):
-                out.extend(Send(peer, action.msg) for peer in self.run.copies_of.get(action.peer, (action.peer,)))
-            else:
-                out.append(action)
-        return out
-
-
-@dataclass
-class Silent:
-    def step(self, now: float, event: Event) -> list[Action]:
-        return []
-
-
-@dataclass
-class Equivocator:
-    """A Byzantine member that signs conflicting votes and proposals for every round it hears of."""
-
-    run: FaultRun
-    signer: Signer
-    rng: random.Random
-    split: bool
-    acted: set[tuple[int, int]] = field(default_factory=set)
-    proposed: set[tuple[int, int]] = field(default_factory=set)
-    values: dict[tuple[int, int], set[bytes]] = field(default_factory=dict)
-    newest: dict[tuple[int, int], bytes] = field(default_factory=dict)
-    left_out: dict[tuple[int, int], PeerId] = field(default_factory=dict)
-
-    def step(self, now: float, event: Event) -> list[Action]:
-        if isinstance(event, StartEpoch):  # the harness tells it an epoch's parent is known: propose round 0 early
-            epoch = 1 + max((e for e, values in self.run.certified.items() if values), default=0)
-            parent = self.run.parent_of(epoch)
-            if parent is None or (epoch, 0) in self.proposed:
-                return []
-            if proposer_of(self.run.members, parent, 0) != self.signer.public_key:
-                return []
-            self.proposed.add((epoch, 0))
-            return self._propose(epoch, 0, parent)
-        if not isinstance(event, Received):
-            return []
-        msg = event.msg
-        epoch = _epoch_of(msg)
-        parent = self.run.parent_of(epoch)
-        if parent is None or isinstance(msg, Certificate):
-            return []
-        r = msg.consensus_round  # type: ignore[attr-defined]
-        known = self.values.setdefault((epoch, r), set())
-        new_value = False
-        h = msg.value.hash() if isinstance(msg, Proposal) else msg.value_hash  # type: ignore[attr-defined]
-        if h != NIL and h not in known:
-            new_value = True
-            known.add(h)
-            self.newest[(epoch, r)] = h
-        actions: list[Action] = []
-        for rr in (r, r + 1):
-            if (epoch, rr) not in self.proposed and proposer_of(self.run.members, parent, rr) == self.signer.public_key:
-                self.proposed.add((epoch, rr))
-                actions.extend(self._propose(epoch, rr, parent))
-        if (epoch, r) not in self.acted or new_value:
-            self.acted.add((epoch, r))
-            actions.extend(self._vote(epoch, r))
-        return actions
-
-    def _others(self) -> list[PeerId]:
-        return [p for p in self.run.all_peers if p != self.run.name_of[self.signer.public_key]]
-
-    def _split(self) -> tuple[list[PeerId], list[PeerId]]:
-        peers = self._others()
-        self.rng.shuffle(peers)
-        half = len(peers) // 2
-        return peers[:half], peers[half:]
-
-    def _propose(self, epoch: int, r: int, parent: bytes) -> list[Action]:
-        actions: list[Action] = []
-        sides: tuple[list[PeerId], ...]
-        if self.split:
-            sides = self._split()
-        else:  # one fresh value for all but one member (the next round's proposer), which then cannot lock on it
-            following = self.run.name_of[proposer_of(self.run.members, parent, r + 1)]
-            left_out = following if following in self._others() else self.rng.choice(self._others())
-            self.left_out[(epoch, r)] = left_out
-            sides = ([p for p in self._others() if p != left_out],)
-        for side, label in zip(sides, ("equivocator-a", "equivocator-b"), strict=False):
-            tag = f"{label}/{self.signer.public_key.hex()[:8]}/{r}"
-            value = EpochValue(
-                SWARM_ID, epoch, epoch * 100, _root(tag, epoch), SPEC_HASH, self.run.members_hash, parent
-            )
-            self.run.valid_roots.add(value.checkpoint_root)
-            unsigned = Proposal(value, self.run.members, r, -1, self.signer.public_key, bytes(64), ())
-            proposal = replace(unsigned, signature=self.signer.sign(proposal_bytes(unsigned)))
-            self.values.setdefault((epoch, r), set()).add(value.hash())
-            self.newest[(epoch, r)] = value.hash()
-            actions.extend(Send(peer, proposal) for peer in side)
-        return actions
-
-    def _vote(self, epoch: int, r: int) -> list[Action]:
-        options = [*sorted(self.values.get((epoch, r), set())), NIL]
-        actions: list[Action] = []
-        if not self.split:  # lock breaking: back the newest value, but let only one victim see the precommit
-            newest = self.newest.get((epoch, r), NIL)
-            left_out = self.left_out.get((epoch, r))
-            victim = self.rng.choice([p for p in self._others() if p != left_out])
-            for peer in self.run.all_peers:
-                prevote = NIL if peer == left_out else newest
-                actions.append(Send(peer, self.signer.vote(SWARM_ID, epoch, r, PREVOTE, prevote)))
-                precommit = newest if left_out is None or peer == victim else NIL
-                actions.append(Send(peer, self.signer.vote(SWARM_ID, epoch, r, PRECOMMIT, precommit)))
-            return actions
-        for phase in (PREVOTE, PRECOMMIT):
-            for peer in sorted(self.run.all_peers):
-                choice = self.rng.choice(options)
-                actions.append(Send(peer, self.signer.vote(SWARM_ID, epoch, r, phase, choice)))
-        return actions
-
-
 class FaultRun:
     """One seeded run of a scenario; `result()` runs it and checks the properties."""
 
@@ -450,6 +210,7 @@ class FaultRun:
         self.name_of = {signer.public_key: f"n{i:02d}" for i, signer in enumerate(self.signers)}
         self.peer_of = dict(self.name_of)
         self.copies_of: dict[PeerId, tuple[PeerId, ...]] = {}
+        self.swarm_id = SWARM_ID
         self.verifier = SignatureVerifier(max_entries=1 << 18)
         self.f = max_faulty(s.n)
         honest_config = AgreementConfig(planted_bug=None if variant == "honest" else variant)
@@ -460,7 +221,7 @@ class FaultRun:
         self.certified: dict[int, dict[bytes, str]] = {}
         self.decided_at: dict[tuple[PeerId, int], float] = {}
         self.chains: dict[PeerId, list[Certificate]] = {}
-        self.persisted: dict[PeerId, VoterState] = {}
+        self.persisted_states: dict[PeerId, VoterState] = {}
         self.crash_at_persist: dict[PeerId, tuple[float, float]] = {}
         self.violations: list[Violation] = []
         self._flapped: list[tuple[PeerId, PeerId]] = []
@@ -534,6 +295,29 @@ class FaultRun:
         self._last_msg, self._last_size = msg, len(SCHEMA.encode(msg))
         return self._last_size
 
+    # ---- sim.consensus.EpochWorld and EquivocatorWorld ----------------------------------------------------------
+
+    def candidate(self, node: PeerId, epoch: int, parent: bytes) -> Candidate | None:
+        if epoch > self.scenario.epochs:
+            return None
+        label = self.nodes[node][1]
+        value = EpochValue(SWARM_ID, epoch, epoch * 100, _root(label, epoch), SPEC_HASH, self.members_hash, parent)
+        return Candidate(value, self.members)
+
+    def persisted(self, node: PeerId) -> VoterState | None:
+        return self.persisted_states.get(node)
+
+    def recipients(self, peer: PeerId) -> tuple[PeerId, ...]:
+        return self.copies_of.get(peer, (peer,))
+
+    def current_epoch(self) -> int:
+        return 1 + max((e for e, values in self.certified.items() if values), default=0)
+
+    def forge(self, signer: Signer, tag: str, epoch: int, parent: bytes) -> EpochValue:
+        value = EpochValue(SWARM_ID, epoch, epoch * 100, _root(tag, epoch), SPEC_HASH, self.members_hash, parent)
+        self.valid_roots.add(value.checkpoint_root)
+        return value
+
     def parent_of(self, epoch: int) -> bytes | None:
         if epoch == 1:
             return self.genesis_parent
@@ -595,7 +379,7 @@ class FaultRun:
 
     def effect(self, peer: PeerId, effect: Effect) -> None:
         if isinstance(effect, Persist):
-            self.persisted[peer] = effect.state
+            self.persisted_states[peer] = effect.state
             window = self.crash_at_persist.get(peer)
             if window is not None and window[0] <= self.loop.now:
                 del self.crash_at_persist[peer]
@@ -621,10 +405,10 @@ class FaultRun:
     # ---- faults -------------------------------------------------------------------------------------------------
 
     def _spawn(self, name: PeerId) -> None:
-        index, label, config = self.nodes[name]
-        node = EpochNode(self, name, index, self.signers[index], config, label, self.chains.setdefault(name, []))
+        index, _, config = self.nodes[name]
+        node = EpochNode(self, name, self.signers[index], config, self.chains.setdefault(name, []))
         self.sim.add(name, node)
-        self.stats["restored_from_persisted"] += name in self.persisted
+        self.stats["restored_from_persisted"] += name in self.persisted_states
         self.sim.step(name, StartEpoch())
 
     def _crash(self, name: PeerId, down_s: float) -> None:
