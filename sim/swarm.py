@@ -29,10 +29,10 @@ from gossip.round import GossipRound, RoundCompleted, StartRound
 from sim.consensus import SwarmConsensus
 from sim.events import EventLoop, Simulator
 from sim.network import NetworkModel, links_between
-from sim.peers import BEHAVIOURS, Behaviour, compute_speeds
+from sim.peers import BEHAVIOURS, Behaviour, ReplayingMachine, compute_speeds
 from sim.scenario import ChurnSection, PartitionSection, Scenario
 from swarmgrad.core.errors import LocalProtocolError
-from swarmgrad.core.machine import Effect, PeerDown, PeerId, PeerUp
+from swarmgrad.core.machine import Effect, Machine, PeerDown, PeerId, PeerUp
 from training.topk import TopKSelector
 
 
@@ -66,6 +66,30 @@ class _Peer:
         self.live = False
         self.in_round = False
         self.generation = 0  # bumped on every leave, crash and restart: a stale scheduled step is ignored
+
+
+class _HonestView:
+    """`sim.peers.HonestView` of one swarm round: the statistics are computed once, when first read."""
+
+    def __init__(self, round_: int, vectors: Callable[[], list[torch.Tensor]]) -> None:
+        self.round = round_
+        self._vectors = vectors
+        self._stats: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _computed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._stats is None:
+            stacked = torch.stack(self._vectors())
+            std = stacked.std(dim=0) if len(stacked) > 1 else torch.zeros(stacked.shape[1])
+            self._stats = (stacked.mean(dim=0), std)
+        return self._stats
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self._computed()[0]
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self._computed()[1]
 
 
 class SwarmRun:
@@ -121,6 +145,7 @@ class SwarmRun:
                 lambda name: self.peers[name].params,
             )
         self._machines_built = 0
+        self._view: _HonestView | None = None
         self._honest_rounds_completed = 0  # rounds run by honest peers, all together (a swarm round per len(honest))
 
     # ---- setup and the run --------------------------------------------------------------------------------------
@@ -148,7 +173,11 @@ class SwarmRun:
         peer = self.peers[name]
         self._machines_built += 1
         rng = random.Random(derived_seed(self.seed, f"machine/{name}/{self._machines_built}"))
-        machine = GossipRound(self.gossip_config, name, self.scenario.model.dim, self.fingerprint, rng, self.selector)
+        machine: Machine = GossipRound(
+            self.gossip_config, name, self.scenario.model.dim, self.fingerprint, rng, self.selector
+        )
+        if peer.behaviour is not None and peer.behaviour.replays_rounds_back:
+            machine = ReplayingMachine(machine, peer.behaviour.replays_rounds_back)
         self.sim.add(name, machine)
         peer.live, peer.in_round = True, False
         for other in sorted(self.peers):
@@ -213,9 +242,21 @@ class SwarmRun:
     def _start_round(self, peer: _Peer, generation: int) -> None:
         if not peer.live or peer.generation != generation:
             return
-        told = peer.params if peer.behaviour is None else peer.behaviour.corrupt(peer.params, self.generator)
+        told = peer.params
+        if peer.behaviour is not None:
+            told = peer.behaviour.corrupt(peer.params, self.generator, self._honest_view())
         peer.in_round = True
         self.sim.step(peer.name, StartRound(told))
+
+    def _honest_view(self) -> _HonestView:
+        """The live honest peers' mean and spread, as of this swarm round (what ALIE and IPM read)."""
+        if self._view is None or self._view.round != len(self.rows):
+            self._view = _HonestView(len(self.rows), self._live_honest_params)
+        return self._view
+
+    def _live_honest_params(self) -> list[torch.Tensor]:
+        live = [self.peers[p].params for p in self.honest if self.peers[p].live]
+        return live or [self.optimum]
 
     # ---- the Host protocol of the event core --------------------------------------------------------------------
 
