@@ -110,8 +110,9 @@ class ProgressBar:
 
 
 def write_rows(path: Path, rows: list[RoundMetrics]) -> None:
-    columns = [field.name for field in dataclasses.fields(RoundMetrics)]
-    write_table(path, columns, [row.as_row() for row in rows])
+    table = [row.as_row() for row in rows]
+    columns = [field.name for field in dataclasses.fields(RoundMetrics) if field.name in table[0]]
+    write_table(path, columns, table)
 
 
 def write_table(path: Path, columns: Sequence[str], rows: list[dict[str, object]]) -> None:

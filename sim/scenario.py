@@ -47,8 +47,10 @@ from sim.consensus import CONSENSUS_ROLES
 from sim.network import NetworkConfig
 from sim.peers import BEHAVIOURS
 from swarmgrad.core.errors import ConfigError
+from training.tasks import resolve_task_name
 
 CHURN_KINDS = ("join", "leave", "crash", "restart")
+MODEL_KINDS = ("quadratic", "task")
 
 
 def _positive(section: str, name: str, value: float) -> None:
@@ -103,9 +105,12 @@ class GossipSection:
 
 @dataclass(frozen=True)
 class ModelSection:
-    """The cheap model of training, a noisy quadratic: every peer's loss is `0.5 * mean((x - x*)^2)` with one common
-    optimum x*; a local step is `x -= learning_rate * (x - x* + gradient_noise * N(0, 1))`. Peers start at
-    `x* + init_spread * N(0, 1)`, each its own draw."""
+    """What the peers train. `kind = "quadratic"`: the cheap model of training, a noisy quadratic: every peer's loss
+    is `0.5 * mean((x - x*)^2)` with one common optimum x*; a local step is
+    `x -= learning_rate * (x - x* + gradient_noise * N(0, 1))`; peers start at `x* + init_spread * N(0, 1)`, each
+    its own draw. `kind = "task"`: the real model, shard, loss and optimizer of the task plug-in `task` (`digits`,
+    or `package.module:factory`; see `sim.training`); `dim` then comes from the model and `learning_rate`,
+    `gradient_noise` and `init_spread` do not apply. Either way a peer takes `local_steps` steps between rounds."""
 
     kind: str = "quadratic"
     dim: int = 1000
@@ -113,10 +118,18 @@ class ModelSection:
     gradient_noise: float = 0.1
     init_spread: float = 1.0
     local_steps: int = 1
+    task: str = ""
 
     def __post_init__(self) -> None:
-        if self.kind != "quadratic":
-            raise ConfigError("model.kind", self.kind, '"quadratic" (the only model of training so far)')
+        if self.kind not in MODEL_KINDS:
+            raise ConfigError("model.kind", self.kind, f"one of {MODEL_KINDS}")
+        if (self.kind == "task") != bool(self.task):
+            raise ConfigError("model.task", self.task, 'a task name (e.g. "digits") with kind = "task", and only then')
+        if self.task:
+            try:
+                resolve_task_name(self.task)
+            except ConfigError as exc:
+                raise ConfigError("model.task", self.task, exc.expected) from exc
         if self.dim < 1:
             raise ConfigError("model.dim", self.dim, ">= 1")
         if not 0 <= self.learning_rate <= 1:

@@ -31,6 +31,7 @@ from sim.events import EventLoop, Simulator
 from sim.network import NetworkModel, links_between
 from sim.peers import BEHAVIOURS, Behaviour, ReplayingMachine, compute_speeds
 from sim.scenario import ChurnSection, PartitionSection, Scenario
+from sim.training import TaskTraining
 from swarmgrad.core.errors import LocalProtocolError
 from swarmgrad.core.machine import Effect, Machine, PeerDown, PeerId, PeerUp
 from training.topk import TopKSelector
@@ -47,9 +48,15 @@ class RoundMetrics:
     bytes_sent: int
     messages_sent: int
     live_peers: int
+    accuracy: float | None = None
+    """The task's held-out metric (accuracy for `digits`), mean over the live honest peers; None (and no column)
+    for the quadratic."""
 
     def as_row(self) -> dict[str, object]:
-        return asdict(self)
+        row = asdict(self)
+        if self.accuracy is None:
+            del row["accuracy"]
+        return row
 
 
 def derived_seed(seed: int, purpose: str) -> int:
@@ -108,7 +115,9 @@ class SwarmRun:
         self.seed = seed
         self.gossip_config = scenario.gossip.to_config(seed)
         self.selector = TopKSelector() if selector is None else selector
-        dim = scenario.model.dim
+        self.trainer = TaskTraining(scenario.model.task) if scenario.model.kind == "task" else None
+        dim = scenario.model.dim if self.trainer is None else self.trainer.dim
+        self.dim = dim
         self.fingerprint = model_fingerprint([(dim,)])
         self.generator = torch.Generator().manual_seed(derived_seed(seed, "model"))
         self.optimum = torch.randn(dim, generator=self.generator)
@@ -124,7 +133,7 @@ class SwarmRun:
         self.peers = {
             name: _Peer(
                 name,
-                self._fresh_params(),
+                self._fresh_params(name),
                 speeds[name],
                 behaviour_cls(scenario.byzantine.scale) if name in byzantine else None,
             )
@@ -150,9 +159,11 @@ class SwarmRun:
 
     # ---- setup and the run --------------------------------------------------------------------------------------
 
-    def _fresh_params(self) -> torch.Tensor:
+    def _fresh_params(self, name: PeerId) -> torch.Tensor:
+        if self.trainer is not None:
+            return self.trainer.fresh(name)
         spread = self.scenario.model.init_spread
-        return self.optimum + spread * torch.randn(self.scenario.model.dim, generator=self.generator)
+        return self.optimum + spread * torch.randn(self.dim, generator=self.generator)
 
     def run(self) -> list[RoundMetrics]:
         absent = set(self.scenario.swarm.absent)
@@ -174,7 +185,7 @@ class SwarmRun:
         self._machines_built += 1
         rng = random.Random(derived_seed(self.seed, f"machine/{name}/{self._machines_built}"))
         machine: Machine = GossipRound(
-            self.gossip_config, name, self.scenario.model.dim, self.fingerprint, rng, self.selector
+            self.gossip_config, name, self.dim, self.fingerprint, rng, self.selector
         )
         if peer.behaviour is not None and peer.behaviour.replays_rounds_back:
             machine = ReplayingMachine(machine, peer.behaviour.replays_rounds_back)
@@ -214,12 +225,12 @@ class SwarmRun:
             self._take_down(event.peer, now + event.detect_s)
         elif not peer.live:  # join, or restart of a peer that is down
             if event.kind == "join" or not event.keep_state:
-                peer.params = self._fresh_params()
+                peer.params = self._fresh_params(event.peer)
             self._bring_up(event.peer)
         elif event.kind == "restart":  # a live peer restarts: it is down for no virtual time
             self._take_down(event.peer, now)
             if not event.keep_state:
-                peer.params = self._fresh_params()
+                peer.params = self._fresh_params(event.peer)
             self._bring_up(event.peer)
 
     def _schedule_partition(self, partition: PartitionSection) -> None:
@@ -232,7 +243,9 @@ class SwarmRun:
 
     def _train_then_start(self, peer: _Peer) -> None:
         model = self.scenario.model
-        for _ in range(model.local_steps):
+        if self.trainer is not None:
+            peer.params = self.trainer.steps(peer.name, peer.params, model.local_steps)
+        for _ in range(model.local_steps if self.trainer is None else 0):
             noise = torch.randn(model.dim, generator=self.generator)
             peer.params -= model.learning_rate * (peer.params - self.optimum + model.gradient_noise * noise)
         duration_s = model.local_steps * self.scenario.compute.step_time_s * peer.speed
@@ -292,8 +305,14 @@ class SwarmRun:
             stacked = torch.stack([p.params for p in live])
             loss = float(0.5 * ((stacked - self.optimum) ** 2).mean())
             spread = float((stacked - stacked.mean(dim=0)).pow(2).sum(dim=1).mean().sqrt())
+            accuracy: float | None = None
+            if self.trainer is not None:  # the task's held-out loss and metric, averaged over the peers' models
+                scores = [self.trainer.evaluate(p.params) for p in live]
+                loss = sum(e.loss for e in scores) / len(scores)
+                accuracy = sum(e.value for e in scores) / len(scores)
         else:
             loss = spread = float("nan")
+            accuracy = None if self.trainer is None else float("nan")
         self.rows.append(
             RoundMetrics(
                 round=len(self.rows),
@@ -303,6 +322,7 @@ class SwarmRun:
                 bytes_sent=sum(self.sim.bytes_sent.values()),
                 messages_sent=self.sim.counters["messages_sent"],
                 live_peers=sum(1 for p in self.peers.values() if p.live),
+                accuracy=accuracy,
             )
         )
         if self.on_row is not None:

@@ -170,7 +170,8 @@ def write_table(
 ) -> None:
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow([*keys, "seed", *_COLUMNS])
+        width = len(results[0][0]) if results and results[0] else len(_COLUMNS)
+        writer.writerow([*keys, "seed", *_COLUMNS[:width]])  # a quadratic run has no accuracy (the last column)
         for (_, combination, seed), rows in zip(jobs, results, strict=True):
             values = [repr(v) if isinstance(v, float) else v for _, v in combination]
             for row in rows:
