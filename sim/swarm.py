@@ -1,13 +1,17 @@
 """`SwarmRun`: one scenario carried out in virtual time -- real `GossipRound` machines, the real top-k compressor
-with error feedback, a cheap model of training between rounds, the network and peer models, and the metrics.
+with error feedback, training between rounds (the cheap noisy quadratic, or a real task plug-in's model with
+`sim.training`), epoch consensus when the scenario turns it on (`sim.consensus`), the network and peer models,
+and the metrics.
 
-Each live peer loops: `model.local_steps` local steps of the noisy quadratic (taking `step_time_s` times its speed
-factor each, in virtual time), then a gossip round (`StartRound` into its machine; the `RoundCompleted` it notifies
-hands the mixed vector back), and again. A Byzantine peer trains its own vector the same way but never adopts what
-it mixes, and hands its machine the corrupted vector of its behaviour each round. Churn and partitions happen at
-their scheduled times. A *swarm round* ends each time the honest peers have completed, on average, one more round
-(rounds held by the round clock do not count); at its end one metrics row is recorded: virtual time, mean loss
-and consensus distance of the live honest peers, bytes and messages sent so far, live peers.
+Each live peer loops: `model.local_steps` local steps (taking `step_time_s` times its speed factor each, in
+virtual time), then a gossip round (`StartRound` into its machine; the `RoundCompleted` it notifies hands the
+mixed vector back), and again. A Byzantine peer trains its own vector the same way but never adopts what it
+mixes, and hands its machine the corrupted vector of its behaviour each round (ALIE and IPM read the honest
+peers' statistics of the current swarm round). Churn and partitions happen at their scheduled times. A *swarm
+round* ends each time the honest peers have completed, on average, one more round (rounds held by the round clock
+do not count); at its end one metrics row is recorded: virtual time, mean loss (for a task: held-out loss, and the
+held-out accuracy) and consensus distance of the live honest peers, gossip bytes and messages sent so far, live
+peers. Consensus traffic is counted apart, per epoch (`SwarmConsensus.epoch_rows`).
 
 Randomness: one `random.Random` per purpose (network, compute speeds, each machine) and one `torch.Generator`
 (the quadratic's draws), all derived from the scenario seed by name; peers are iterated in sorted order. So the
