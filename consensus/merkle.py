@@ -40,8 +40,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,22 +118,26 @@ def _pad(size: int) -> int:
 def parameter_layout(state: Mapping[str, torch.Tensor]) -> ParameterLayout:
     """The layout of `state`'s canonical bytes (no tensor data is read). A dtype outside `NUMERIC_DTYPES` is a
     `LocalProtocolError`: the task built a model that cannot be checkpointed."""
-    names = sorted(state)
-    entries = []
-    for name in names:
-        tensor = state[name]
-        if tensor.dtype not in NUMERIC_DTYPES:
-            raise LocalProtocolError(f"tensor {name!r} has dtype {tensor.dtype}, which a checkpoint cannot hold")
-        entries.append([name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape)])
-    text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
+    return layout_of((name, state[name].dtype, tuple(state[name].shape)) for name in state)
+
+
+def layout_of(entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]]) -> ParameterLayout:
+    """The layout of the canonical bytes of tensors named, typed and shaped by `entries` (name, dtype, shape), in
+    any order: what `parameter_layout` gives for a state of such tensors, without any tensor."""
+    entries = sorted(entries, key=lambda entry: entry[0])
+    listed = []
+    for name, dtype, shape in entries:
+        if dtype not in NUMERIC_DTYPES:
+            raise LocalProtocolError(f"tensor {name!r} has dtype {dtype}, which a checkpoint cannot hold")
+        listed.append([name, str(dtype).removeprefix("torch."), list(shape)])
+    text = json.dumps(listed, separators=(",", ":"), ensure_ascii=False).encode()
     header = HEADER_MAGIC + _U64.pack(len(text)) + text
     header += bytes(_pad(len(header)))
     offset = len(header)
     segments = []
-    for name in names:
-        tensor = state[name]
-        size = tensor.numel() * tensor.element_size()
-        segments.append(Segment(name, tensor.dtype, tuple(tensor.shape), offset, size))
+    for name, dtype, shape in entries:
+        size = math.prod(shape) * dtype.itemsize
+        segments.append(Segment(name, dtype, tuple(shape), offset, size))
         offset += size + _pad(size)
     return ParameterLayout(header, tuple(segments), offset)
 
