@@ -14,6 +14,7 @@ is repaired by the peer that owns the file, when it opens it).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +23,12 @@ from consensus.chain import ChainLog
 from consensus.errors import CertificateError
 from consensus.membership import genesis_parent_hash
 from consensus.messages import Certificate, check_members
+from consensus.signing import SignatureVerifier
 from swarmgrad.core.codec import Schema
 from swarmgrad.core.errors import DecodeError, SwarmgradError
 from swarmgrad.core.swarm_id import SWARM_ID_RULE, is_valid_swarm_id
+
+log = logging.getLogger(__name__)
 
 
 class ChainContentError(SwarmgradError):
@@ -62,9 +66,9 @@ def create_chain(path: Path, genesis: ChainGenesis) -> ChainLog:
     """A new chain file at `path` holding only `genesis`. Refuses to touch an existing file."""
     if path.exists():
         raise ChainContentError(path, 0, "a chain file already exists here")
-    log = ChainLog(path)
-    log.append(SCHEMA.encode(genesis))
-    return log
+    chain = ChainLog(path)
+    chain.append(SCHEMA.encode(genesis))
+    return chain
 
 
 def append_certificate(log: ChainLog, certificate: Certificate) -> None:
@@ -78,7 +82,12 @@ def read_chain(path: Path, *, repair: bool = False) -> tuple[ChainGenesis, list[
     `ChainContentError` when the records do not form a chain."""
     if not path.is_file():
         raise ChainContentError(path, 0, "no such file")
-    records = ChainLog(path).load(repair=repair, strict=not repair)
+    return decode_chain(path, ChainLog(path).load(repair=repair, strict=not repair))
+
+
+def decode_chain(path: Path, records: list[bytes]) -> tuple[ChainGenesis, list[Certificate]]:
+    """The genesis record and certificates that `records` (a `ChainLog`'s, read from `path`) hold, or
+    `ChainContentError` naming the first record that does not fit."""
     if not records:
         raise ChainContentError(path, 0, "the chain holds no record (a chain starts with its genesis record)")
     decoded: list[object] = []
@@ -98,6 +107,21 @@ def read_chain(path: Path, *, repair: bool = False) -> tuple[ChainGenesis, list[
     return genesis, certificates
 
 
+def genesis_difference(found: ChainGenesis, expected: ChainGenesis) -> str | None:
+    """None when `found` is the `expected` genesis record, else which field differs and how (one line)."""
+    if found.swarm_id != expected.swarm_id:
+        return f"swarm_id is {found.swarm_id!r}, expected {expected.swarm_id!r}"
+    if found.members != expected.members:
+        extra = sorted(set(found.members) - set(expected.members))
+        missing = sorted(set(expected.members) - set(found.members))
+        return (
+            f"members differ: {len(found.members)} founders where {len(expected.members)} are expected"
+            f" ({len(extra)} unknown, first {extra[0].hex()[:16] if extra else '-'};"
+            f" {len(missing)} missing, first {missing[0].hex()[:16] if missing else '-'})"
+        )
+    return None
+
+
 def verify_file(path: Path, trusted_hash: bytes | None = None) -> tuple[ChainGenesis, list[EpochSummary]]:
     """Read and verify the chain at `path` from its genesis record (or from the certificate whose value hash is
     `trusted_hash`); one summary per verified epoch. Raises `ChainError` / `ChainContentError` (the file) or
@@ -110,3 +134,48 @@ def verify_file(path: Path, trusted_hash: bytes | None = None) -> tuple[ChainGen
                 cert.epoch, f"a certificate of swarm {cert.value.swarm_id!r} in the chain of {genesis.swarm_id!r}"
             )
     return genesis, verify_chain(certificates, genesis.members, trusted_hash)
+
+
+@dataclass(frozen=True, eq=False)
+class OpenedChain:
+    """A peer's own chain, opened at start: `log` appends after its last certificate."""
+
+    log: ChainLog
+    genesis: ChainGenesis
+    certificates: tuple[Certificate, ...]
+    summaries: tuple[EpochSummary, ...]
+
+
+def open_chain(path: Path, genesis: ChainGenesis, verifier: SignatureVerifier | None = None) -> OpenedChain:
+    """Open the peer's own chain file at `path` at start, for the swarm whose configured genesis is `genesis`.
+
+    No file: one is created holding `genesis`. A truncated last record (a crash while appending) is cut back to the
+    last whole record with one warning, and a file that holds only its header (a crash while it was created) gets
+    `genesis` appended, with a warning. Everything else that is wrong is an error and the file is left as it is:
+    damage (`ChainError`: the file and the byte offset), records that do not form a chain, a genesis record other
+    than `genesis` (which field differs), a certificate of another swarm id, or a certificate that does not verify
+    from genesis (`ChainContentError`: the file and the record)."""
+    if not path.exists():
+        return OpenedChain(create_chain(path, genesis), genesis, (), ())
+    chain = ChainLog(path)
+    records = chain.load(repair=True)
+    if not records:
+        log.warning("chain file %s: holds no genesis record (cut short while created); writing it", path)
+        chain.append(SCHEMA.encode(genesis))
+        records = [SCHEMA.encode(genesis)]
+    found, certificates = decode_chain(path, records)
+    difference = genesis_difference(found, genesis)
+    if difference is not None:
+        raise ChainContentError(
+            path, 0, f"the genesis record differs from the swarm's configured genesis: {difference}"
+        )
+    for index, cert in enumerate(certificates, start=1):
+        if cert.value.swarm_id != genesis.swarm_id:
+            raise ChainContentError(
+                path, index, f"a certificate of swarm {cert.value.swarm_id!r} in the chain of {genesis.swarm_id!r}"
+            )
+    try:
+        summaries = verify_chain(certificates, genesis.members, verifier=verifier)
+    except CertificateError as exc:
+        raise ChainContentError(path, exc.epoch, f"does not verify from genesis: {exc}") from exc
+    return OpenedChain(chain, found, tuple(certificates), tuple(summaries))
