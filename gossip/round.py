@@ -122,6 +122,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
+import numpy as np
 import torch
 
 from gossip import aggregate
@@ -161,18 +162,23 @@ PACE_WEIGHT = 0.25
 
 
 def pair_coin(swarm_id: str, number: int, sender: PeerId, receiver: PeerId) -> float:
-    """A uniform number in [0, 1) that anyone can compute for (swarm, round, sender, receiver)."""
-    return next(pair_coins(swarm_id, number, sender, (receiver,)))
+    """A uniform number in [0, 1) that anyone can compute for (swarm, round, sender, receiver): the first 8 bytes
+    of sha256(swarm, round, sender, receiver), little-endian, over 2**64."""
+    digest = hashlib.sha256(f"{swarm_id}\x00{number}\x00{sender}\x00{receiver}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2.0**64
 
 
-def pair_coins(swarm_id: str, number: int, sender: PeerId, receivers: Iterable[PeerId]) -> Iterator[float]:
-    """`pair_coin` of `sender` with each of `receivers`, in their order: sha256 of (swarm, round, sender, receiver),
-    the common prefix hashed once."""
-    prefix = hashlib.sha256(f"{swarm_id}\x00{number}\x00{sender}\x00".encode())
+def pair_coins(swarm_id: str, number: int, sender: PeerId, receivers: Iterable[PeerId]) -> np.ndarray:
+    """`pair_coin` of `sender` with each of `receivers`, in their order, as float64:
+    the common prefix hashed once, the 8-byte words turned into floats in one numpy pass (uint64 to float64
+    rounds as Python's int to float does, so each coin equals `pair_coin`'s)."""
+    copy = hashlib.sha256(f"{swarm_id}\x00{number}\x00{sender}\x00".encode()).copy
+    digests = []
     for receiver in receivers:
-        digest = prefix.copy()
+        digest = copy()
         digest.update(receiver.encode())
-        yield int.from_bytes(digest.digest()[:8], "little") / 2.0**64
+        digests.append(digest.digest())
+    return np.frombuffer(b"".join(digests), dtype="<u8")[::4] / 2.0**64
 
 
 @dataclass(frozen=True)
@@ -506,10 +512,12 @@ class GossipRound:
         # NaN and Inf rank first in top-k: `pack_sparse` refuses them
         update = self._pack(number, False, indices, x, number)
         # the coin bound is the same for every candidate (each is live): one pass, no set built per candidate
-        candidates = [p for p in self._sorted() if p != self.local_peer]
+        candidates = self._sorted()
+        if self.local_peer in self._live:
+            candidates = tuple(p for p in candidates if p != self.local_peer)
         bound = ELIGIBLE_FACTOR * self.config.neighbours_per_round / max(1, len(candidates))
         coins = pair_coins(self.config.swarm_id, number, self.local_peer, candidates)
-        eligible = [p for p, coin in zip(candidates, coins, strict=True) if coin < bound]
+        eligible = [candidates[i] for i in np.flatnonzero(coins < bound).tolist()]
         rested = [p for p in eligible if self._backoff_until.get(p, 0) <= number]
         backed_off = [p for p in eligible if self._backoff_until.get(p, 0) > number]
         m = self.config.neighbours_per_round
@@ -538,7 +546,7 @@ class GossipRound:
 
     def _next_number(self) -> int:
         """The next round's number: see the round clock in the module docstring."""
-        clocks = sorted((self._clock_of[p] for p in self._live if p in self._clock_of), reverse=True)
+        clocks = sorted((clock for _, clock in self._live_clocks()), reverse=True)
         f = self._tolerated()
         return max(self._next_round, clocks[f]) if len(clocks) > f else self._next_round
 
@@ -548,12 +556,18 @@ class GossipRound:
         below = number - self.config.max_future_rounds
         pace_s = self.config.round_deadline_s if self._pace_s is None else self._pace_s
         far_behind = 0
-        for peer in self._live:  # a count: the order does not matter
-            clock = self._clock_of.get(peer)
-            if clock is not None and clock < below and now - self._heard_at[peer] < (below - clock) * pace_s:
+        for peer, clock in self._live_clocks():  # a count: the order does not matter
+            if clock < below and now - self._heard_at[peer] < (below - clock) * pace_s:
                 far_behind += 1
         near = 1 + len(self._live) - far_behind
         return far_behind > 0 and near < self._tolerated() + 1
+
+    def _live_clocks(self) -> Iterator[tuple[PeerId, int]]:
+        """(peer, largest clock sent) of each live peer heard from, in no particular order: a pass over the
+        smaller of the two sets (in a large swarm a peer has heard from few of its live peers)."""
+        if len(self._clock_of) <= len(self._live):
+            return ((p, clock) for p, clock in self._clock_of.items() if p in self._live)
+        return ((p, self._clock_of[p]) for p in self._live if p in self._clock_of)
 
     def _sorted(self) -> tuple[PeerId, ...]:
         """The live peers in sorted order, sorted once per change of the set (not once per round)."""

@@ -16,6 +16,7 @@ from gossip.round import (
     RoundCompleted,
     StartRound,
     pair_coin,
+    pair_coins,
 )
 from swarmgrad.core.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from swarmgrad.core.machine import (
@@ -179,6 +180,14 @@ def test_two_peers_exchange_and_move_toward_each_other_before_the_deadline() -> 
     moved_a = done_a.params.ne(0).nonzero().flatten()
     assert moved_a.numel() == a.k  # moved exactly on b's support, by step_size / 2 of the difference
     assert torch.allclose(done_a.params[moved_a], torch.full((a.k,), 0.5 * 0.5))
+
+
+def test_batched_pair_coins_equal_the_single_coin_and_are_uniform() -> None:
+    receivers = [f"peer-{i}" for i in range(2000)] + ["π-peer", ""]
+    coins = pair_coins("test", 7, "me", receivers)
+    assert coins.tolist() == [pair_coin("test", 7, "me", r) for r in receivers]  # bit for bit
+    assert 0 <= coins.min() and coins.max() < 1 and abs(float(coins.mean()) - 0.5) < 0.02
+    assert pair_coins("test", 7, "me", []).tolist() == []
 
 
 def test_requests_get_one_reply_on_their_coordinates_and_count_only_if_the_sender_was_eligible() -> None:
