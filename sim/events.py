@@ -5,7 +5,8 @@ the order they were scheduled, so a run depends only on its inputs. `Simulator` 
 same `gossip.round.GossipRound` and other machines the real peer runs) on that loop: it steps a peer's machine
 with an event and carries out the actions it returns --
 
-* `Send`: its size is the real wire encoding (`size_bytes`, e.g. `Schema.encode`), its arrival times come from the
+* `Send`: its size is the real wire encoding (`size_bytes`, e.g. `Schema.encode`; messages are immutable, so one
+  sent to several peers in a row, the same object, is measured once), its arrival times come from the
   network model (none if lost or blocked, two if duplicated); an arrival is stepped as `Received` into the
   receiver's machine if it is still there. A send that cannot arrive by its deadline (or that goes to a peer with
   no machine) comes back as `SendFailed` at the deadline.
@@ -121,6 +122,7 @@ class Simulator:
         self.network = network
         self.host = host
         self._size_bytes = size_bytes
+        self._last_sized: tuple[object, int] | None = None  # the message last measured and its size
         self._machines: dict[PeerId, Machine] = {}
         self._timers: dict[tuple[PeerId, Hashable], int] = {}
         self._timer_seq = itertools.count()
@@ -194,7 +196,12 @@ class Simulator:
         self._send(sender, action)
 
     def _send(self, sender: PeerId, action: Send) -> None:
-        size = self._size_bytes(action.msg)
+        last = self._last_sized
+        if last is not None and last[0] is action.msg:
+            size = last[1]
+        else:
+            size = self._size_bytes(action.msg)
+            self._last_sized = (action.msg, size)
         self.counters["messages_sent"] += 1
         self.bytes_sent[sender] += size
         deadline = action.deadline

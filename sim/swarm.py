@@ -144,6 +144,7 @@ class SwarmRun:
             for name in names
         }
         self.honest = [p for p in names if p not in byzantine]
+        self._sorted_names = sorted(self.peers)  # sorted once: a bring-up or take-down walks it (not n log n each)
         self.rows: list[RoundMetrics] = []
         self.consensus: SwarmConsensus | None = None
         if scenario.consensus.epoch_rounds:
@@ -171,7 +172,7 @@ class SwarmRun:
 
     def run(self) -> list[RoundMetrics]:
         absent = set(self.scenario.swarm.absent)
-        for name in sorted(self.peers):
+        for name in self._sorted_names:
             if name not in absent:
                 self._bring_up(name)
         for partition in self.scenario.partitions:
@@ -195,7 +196,7 @@ class SwarmRun:
             machine = ReplayingMachine(machine, peer.behaviour.replays_rounds_back)
         self.sim.add(name, machine)
         peer.live, peer.in_round = True, False
-        for other in sorted(self.peers):
+        for other in self._sorted_names:
             if other != name and self.peers[other].live:
                 self.sim.step(name, PeerUp(other))
                 self.sim.step(other, PeerUp(name))
@@ -214,7 +215,7 @@ class SwarmRun:
             self.consensus.peer_down(name)
 
         def tell() -> None:
-            for other in sorted(self.peers):
+            for other in self._sorted_names:
                 if other != name and self.peers[other].live:
                     self.sim.step(other, PeerDown(name))
 

@@ -107,6 +107,25 @@ def test_send_arrives_after_latency_and_counts_bytes() -> None:
     assert sim.bytes_sent["p"] == 5
 
 
+def test_one_message_sent_to_several_peers_is_measured_once_and_counted_for_each() -> None:
+    loop = EventLoop()
+    measured: list[object] = []
+
+    def size_bytes(msg: object) -> int:
+        measured.append(msg)
+        return len(str(msg))
+
+    hello, other = "hello", "other!"
+    sends = [Send("q", hello, 1.0), Send("r", hello, 1.0), Send("q", other, 1.0), Send("r", hello, 1.0)]
+    sim = Simulator(loop, FixedNetwork(0.25), size_bytes=size_bytes)
+    sim.add("p", Scripted(sends))
+    sim.add("q", Recorder())
+    sim.add("r", Recorder())
+    sim.step("p", TimerFired("go"))
+    assert measured == [hello, other, hello]  # a repeat in a row is not measured again
+    assert sim.bytes_sent["p"] == 5 + 5 + 6 + 5 and sim.counters["messages_sent"] == 4
+
+
 def test_late_or_unreachable_send_fails_at_its_deadline() -> None:
     loop = EventLoop()
     sender = Scripted([Send("q", "slow", deadline=0.1), Send("gone", "x", deadline=0.2)])
