@@ -432,6 +432,11 @@ class GossipRound:
         return dict(self._counters)
 
     def step(self, now: float, event: Event) -> list[Action]:
+        # Peer events first: a swarm of n peers starts with n - 1 of them per machine, far more than its messages.
+        if isinstance(event, PeerUp):
+            self._live.add(event.peer)
+            self._sorted_live = None
+            return []
         if isinstance(event, StartRound):
             return self._start(now, event.params, event.not_before)
         if isinstance(event, Received):
@@ -441,10 +446,6 @@ class GossipRound:
         if isinstance(event, TimerFired):
             if self._round is not None and event.key == self._timer_key(self._round.number):
                 return self._complete(timed_out=True)
-            return []
-        if isinstance(event, PeerUp):
-            self._live.add(event.peer)
-            self._sorted_live = None
             return []
         if isinstance(event, PeerDown):
             self._live.discard(event.peer)

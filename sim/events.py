@@ -168,7 +168,8 @@ class Simulator:
             if self.on_rejected is not None:
                 self.on_rejected(peer, event.peer, exc)
             return
-        self._carry_out(peer, machine, actions)
+        if actions:
+            self._carry_out(peer, machine, actions)
 
     def _carry_out(self, peer: PeerId, machine: Machine, actions: list[Action]) -> None:
         for action in actions:
