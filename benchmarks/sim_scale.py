@@ -1,8 +1,12 @@
 """Simulator scale: simulated gossip rounds per wall-clock minute with the cheap model (noisy quadratic), on one
-core, for each swarm size. One JSON line per size: peers, rounds, wall_s, rounds_per_min, messages_per_s (simulated
-messages per wall-clock second), events, peak_rss_mib (of the whole process so far).
+core, for each swarm size. One JSON line per size, each size run in a fresh process (so its peak memory is its
+own): peers, rounds, wall_s (the whole run), startup_s (of it, bringing the peers up: n^2 peer-up events),
+rounds_per_min (over the whole run) and steady_rounds_per_min (after the start-up), messages_per_s (simulated
+messages per wall-clock second), events, peak_rss_mib, and goal_rounds_per_min where the project set one.
 
-    python benchmarks/sim_scale.py [--peers 100 1000] [--rounds 20] [--dim 1000]
+    python benchmarks/sim_scale.py [--peers 100 1000 10000] [--rounds 20 20 3] [--dim 1000]
+
+`--rounds` gives one count for every size, or one per size.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,43 +22,67 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # before this folder, whose gossip.py would shadow the gossip package
 
-import torch  # noqa: E402
+GOAL_ROUNDS_PER_MIN = {1000: 300}
 
-from sim.scenario import scenario_from_dict  # noqa: E402
-from sim.swarm import SwarmRun  # noqa: E402
+
+def run_one(peers: int, rounds: int, dim: int) -> dict[str, object]:
+    import torch
+
+    from sim.scenario import scenario_from_dict
+    from sim.swarm import RoundMetrics, SwarmRun
+
+    torch.set_num_threads(1)
+    scenario = scenario_from_dict(
+        {
+            "swarm": {"peers": peers, "rounds": rounds},
+            "model": {"dim": dim},
+            "gossip": {"density": 0.01},
+            "network": {"latency_s": 0.05, "uplink_bytes_per_s": 1.25e6},
+        }
+    )
+    row_times: list[float] = []
+
+    def on_row(_: RoundMetrics) -> None:
+        row_times.append(time.perf_counter())
+
+    run = SwarmRun(scenario, seed=0, on_row=on_row)
+    started = time.perf_counter()
+    rows = run.run()
+    wall_s = time.perf_counter() - started
+    done = len(rows) - 1
+    steady_s = row_times[-1] - row_times[0]
+    line: dict[str, object] = {
+        "peers": peers,
+        "rounds": done,
+        "wall_s": round(wall_s, 2),
+        "startup_s": round(row_times[0] - started, 2),
+        "rounds_per_min": round(60 * done / wall_s, 1),
+        "steady_rounds_per_min": round(60 * done / steady_s, 1) if steady_s > 0 else None,
+        "messages_per_s": round(run.sim.counters["messages_sent"] / wall_s),
+        "events": run.loop.events_run,
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+    if peers in GOAL_ROUNDS_PER_MIN:
+        line["goal_rounds_per_min"] = GOAL_ROUNDS_PER_MIN[peers]
+    return line
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peers", type=int, nargs="+", default=[100, 1000])
-    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--rounds", type=int, nargs="+", default=[20])
     parser.add_argument("--dim", type=int, default=1000)
+    parser.add_argument("--one", action="store_true", help="run the single size given, in this process")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    for peers in args.peers:
-        scenario = scenario_from_dict(
-            {
-                "swarm": {"peers": peers, "rounds": args.rounds},
-                "model": {"dim": args.dim},
-                "gossip": {"density": 0.01},
-                "network": {"latency_s": 0.05, "uplink_bytes_per_s": 1.25e6},
-            }
-        )
-        run = SwarmRun(scenario, seed=0)
-        started = time.perf_counter()
-        rows = run.run()
-        wall_s = time.perf_counter() - started
-        rounds = len(rows) - 1
-        line = {
-            "peers": peers,
-            "rounds": rounds,
-            "wall_s": round(wall_s, 2),
-            "rounds_per_min": round(60 * rounds / wall_s, 1),
-            "messages_per_s": round(run.sim.counters["messages_sent"] / wall_s),
-            "events": run.loop.events_run,
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        }
-        print(json.dumps(line), flush=True)
+    if len(args.rounds) not in (1, len(args.peers)):
+        parser.error("--rounds takes one count, or one per size in --peers")
+    rounds = args.rounds * len(args.peers) if len(args.rounds) == 1 else args.rounds
+    if args.one:
+        print(json.dumps(run_one(args.peers[0], rounds[0], args.dim)), flush=True)
+        return
+    for peers, count in zip(args.peers, rounds, strict=True):
+        command = [sys.executable, __file__, "--one", "--peers", str(peers), "--rounds", str(count)]
+        subprocess.run([*command, "--dim", str(args.dim)], check=True)
 
 
 if __name__ == "__main__":
