@@ -86,10 +86,12 @@ def members_hash(members: tuple[bytes, ...]) -> bytes:
 
 
 def quorum(num_members: int) -> int:
-    """Votes a decision needs among `num_members` voters: 2f + 1 with f = (n - 1) // 3 the tolerated faults.
+    """Votes a decision needs among `num_members` voters: n - f with f = (n - 1) // 3 the tolerated faults (2f + 1
+    when n = 3f + 1).
 
-    Any two quorums of that size share at least f + 1 members, so at least one honest member."""
-    return 2 * ((num_members - 1) // 3) + 1
+    Any two quorums of that size share at least n - 2f >= f + 1 members, so at least one honest member. (2f + 1
+    alone is not enough when n is not 3f + 1: with n = 3 it would be 1, and two single votes need not meet.)"""
+    return num_members - max_faulty(num_members)
 
 
 def max_faulty(num_members: int) -> int:

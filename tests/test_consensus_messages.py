@@ -33,7 +33,7 @@ from tests.consensus_helpers import SWARM, Members, certificate, chain, value
 
 
 def test_quorum_is_two_f_plus_one() -> None:
-    assert [quorum(n) for n in (1, 3, 4, 6, 7, 10, 31)] == [1, 1, 3, 3, 5, 7, 21]
+    assert [quorum(n) for n in (1, 2, 3, 4, 5, 6, 7, 10, 31)] == [1, 2, 3, 3, 4, 5, 5, 7, 21]
 
 
 def test_every_message_round_trips_through_the_codec() -> None:
