@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 
+import pytest
 import trio
 import trio.testing
 
@@ -16,6 +17,7 @@ from swarmgrad.core.machine import (
     Action,
     Command,
     Compute,
+    Effect,
     Computed,
     Event,
     Notify,
@@ -164,3 +166,75 @@ async def test_compute_runs_in_a_worker_thread_while_the_machine_goes_on() -> No
         assert first[2] != threading.get_ident() and second[2] != threading.get_ident()
         assert driver.statistics()["computed"] == 2
         n.cancel_scope.cancel()
+
+
+@dataclasses.dataclass(frozen=True)
+class Save(Effect):
+    n: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Ping2(Effect):
+    n: int
+
+
+class Saver:
+    """On `Arm`, persists, sends, persists again and asks for a non-durable effect: the shape of `Persist` + votes."""
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+
+    def step(self, now: float, event: Event) -> list[Action]:
+        if isinstance(event, Arm):
+            return [Save(1), Send(self.peer, Hello(3)), Save(2), Ping2(3)]
+        return []
+
+
+async def test_durable_effects_run_inline_in_order_before_the_sends_after_them(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    order: list[object] = []
+    net = SimNetwork(seed=1)
+
+    def durable(effect: Effect) -> bool:
+        if not isinstance(effect, Save):
+            return False
+        order.append((effect.n, trio.lowlevel.current_task() is driver_task[0], driver.statistics().get("sent", 0)))
+        return True
+
+    async def other(effect: Effect) -> None:
+        order.append(("effect", effect))
+        return None
+
+    driver_task: list[object] = []
+    async with net.run(), net.open_transport("a") as ta, net.open_transport("b") as tb, trio.open_nursery() as n:
+        inbox = tb.listen(PROTOCOL)
+        driver = Driver(Saver("b"), ta, PROTOCOL, SCHEMA, run_effect=other, run_durable=durable)
+        await n.start(driver.run)
+        driver_task.append(next(t for t in n.child_tasks if "run" in t.name))
+        driver.submit(Arm("go", 0.0))
+        delivery = await inbox.receive()
+        assert SCHEMA.decode(delivery.payload) == Hello(3)
+        await trio.sleep(1.0)
+        # both saves ran synchronously in the machine's own step, before the message left; Ping2 went to run_effect
+        assert [entry[0] for entry in order] == [1, 2, "effect"]
+        assert order[0][2] == 0 and order[1][2] == 0
+        assert driver.statistics()["durable_effects"] == 2
+        n.cancel_scope.cancel()
+
+
+async def test_a_failing_durable_write_stops_the_sends_after_it(autojump_clock: trio.testing.MockClock) -> None:
+    net = SimNetwork(seed=1)
+
+    def durable(effect: Effect) -> bool:
+        raise OSError("disk full")
+
+    async with net.run(), net.open_transport("a") as ta, net.open_transport("b") as tb:
+        inbox = tb.listen(PROTOCOL)
+        driver = Driver(Saver("b"), ta, PROTOCOL, SCHEMA, run_durable=durable)
+        driver.submit(Arm("go", 0.0))
+        with pytest.RaisesGroup(pytest.RaisesExc(OSError, match="disk full"), flatten_subgroups=True):
+            await driver.run()
+        with trio.move_on_after(5):
+            got = await inbox.receive()
+            raise AssertionError(f"a message left after the failed write: {got}")

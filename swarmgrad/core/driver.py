@@ -8,6 +8,10 @@ queue per peer, so a slow or hung peer delays only its own messages and every se
 baseline that runs it on the event loop), and its `Computed` result is fed back like any other event, never dropped:
 the event loop stays responsive while a round's top-k or aggregation runs. An `Effect` (dial, disconnect, ping) goes
 to the `run_effect` the assembly supplies, in a task of its own; the event it returns is fed back the same way.
+*Durable* effects are the exception: an effect the assembly's `run_durable` hook accepts (it returns True) is
+carried out synchronously, inline, before the next action of the same list is executed. This is how a machine's
+`Persist(state)` reaches disk (written, fsynced) before the `Send`s that follow it are even queued (consensus's
+no-amnesia rule); the hook blocks the event loop for its duration, so it is for small writes only.
 A machine with no wire protocol (membership) is driven with no transport.
 
 Policy when a queue is full: the newest item is dropped and counted (`statistics()`), never blocking the network
@@ -56,6 +60,8 @@ log = logging.getLogger(__name__)
 PeerErrorHook = Callable[[PeerId, str], None]
 ComputeRunner = Callable[[Callable[[], object]], Awaitable[object]]
 EffectRunner = Callable[[Effect], Awaitable[Event | None]]
+DurableRunner = Callable[[Effect], bool]
+"""Carries out an effect synchronously and returns True, or returns False to leave it to the `EffectRunner`."""
 
 
 async def run_in_worker_thread(work: Callable[[], object]) -> object:
@@ -90,6 +96,7 @@ class Driver:
         run_compute: ComputeRunner = run_in_worker_thread,
         compute_queue_len: int = 16,
         run_effect: EffectRunner | None = None,
+        run_durable: DurableRunner | None = None,
     ) -> None:
         wire = (transport is not None, protocol is not None, schema is not None)
         if any(wire) and not all(wire):
@@ -106,6 +113,7 @@ class Driver:
             else transport.listen(protocol, max_message_bytes=max_message_bytes, queue_len=input_queue_len)
         )
         self._run_effect = run_effect
+        self._run_durable = run_durable
         self._input_send, self._input_recv = trio.open_memory_channel[Event](input_queue_len)
         self._notify_send, self.notifications = trio.open_memory_channel[object](notify_queue_len)
         self._send_queue_len = send_queue_len
@@ -244,6 +252,9 @@ class Driver:
                     f"more than {self._compute_queue_len} computations queued: the machine must wait for its results"
                 ) from None
         elif isinstance(action, Effect):
+            if self._run_durable is not None and self._run_durable(action):
+                self._counters["durable_effects"] += 1
+                return
             if self._run_effect is None:
                 raise LocalProtocolError(f"{type(action).__name__}: this driver was given no effect runner")
             assert self._nursery is not None, "actions run only inside run()"
