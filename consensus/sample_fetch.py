@@ -130,6 +130,10 @@ class SampleFetch:
     def in_flight(self) -> int:
         return len(self._fetches)
 
+    def asking(self, peer: PeerId, epoch: int, root: bytes) -> bool:
+        """Whether a sample of `root` (for `epoch`) is asked of `peer` and not answered yet."""
+        return (peer, epoch, root) in self._fetches
+
     def step(self, now: float, event: Event) -> list[Action]:
         if isinstance(event, FetchSample):
             return self._fetch(now, event)
