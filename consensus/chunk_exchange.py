@@ -10,8 +10,8 @@ answer nobody asked for); timers and `PeerDown` go to both (each ignores the oth
 from __future__ import annotations
 
 from consensus.body_fetch import BodyFetch, BodyFetchConfig, FetchBody
-from consensus.sample_fetch import SampleFetch, SampleFetchConfig
 from consensus.chunks import ChunkRefusal
+from consensus.sample_fetch import SampleFetch, SampleFetchConfig
 from swarmgrad.core.machine import Action, Event, PeerDown, Received, TimerFired
 
 

@@ -104,7 +104,9 @@ def test_the_exchange_routes_answers_to_the_machine_that_asked(tree: CheckpointT
     out = exchange.step(0.0, Received("p", serve(body_send.msg, tree)))
     assert _sends(out)[0].msg.indices == (1,)
     sample_answer = serve(sample_request, tree)
-    assert _notes(exchange.step(0.0, Received("p", sample_answer))) == [SampleFetched("p", sample_request, sample_answer)]
+    assert _notes(exchange.step(0.0, Received("p", sample_answer))) == [
+        SampleFetched("p", sample_request, sample_answer)
+    ]
     # and it serves what it holds
     exchange.step(0.0, HoldTree(1, tree))
     served = _sends(exchange.step(0.0, Received("q", sample_request)))

@@ -1,0 +1,355 @@
+"""`ConsensusService`: the trio side of epoch consensus in a peer. Glue only: the rules are `consensus.epochs`
+(`EpochChain`, which runs one `EpochAgreement` per epoch) and `consensus.chunk_exchange` (sample and body fetch).
+
+It runs two `Driver`s over the peer's `Transport`: the agreement on `consensus.messages.PROTOCOL` (messages at
+most `messages.MAX_MESSAGE_BYTES`) and the chunk exchange on `consensus.chunks.PROTOCOL` (at most
+`chunks.MAX_MESSAGE_BYTES`). What it does for the machines:
+
+- **Checkpoints.** `submit_checkpoint(epoch, round, state)` (from the training thread; it returns at once) builds
+  the `CheckpointTree` of the state in a worker thread, holds it for serving and hands the machine a `Checkpoint`.
+  Training never waits for consensus: the only cost on the training thread is one hop onto the event loop.
+- **No amnesia.** `Persist(state)` is written by the driver's `run_durable` hook, inline, before any send that
+  follows it in the same action list: encoded with `agreement.STATE_SCHEMA` to a temporary file, fsynced, renamed
+  over `voter-state`, the directory fsynced. A restarted service reads it back and the machine resumes that epoch
+  with the same votes.
+- **Checks.** `CheckProposal`: the sample indices from the voter's seed, a `FetchSample` from the proposer, then
+  `check_sample` against this peer's own tree of the same epoch (worker thread), answered as `ProposalChecked`.
+- **Decisions.** `Certified`: the certificate is appended to the chain file (fsynced), the certified body is kept
+  (this peer's own bytes when it proposed the value, else fetched once with `FetchBody`, the proposer first, then
+  the other members), and `on_certified` is called with a `CertifiedEpoch` (what the peer logs and reports).
+
+Files, in `directory` (the peer's `<data_dir>/consensus/`):
+
+    chain                                 the chain file (`consensus.provenance`: genesis record, then certificates)
+    voter-state                           the persisted `VoterState` of the epoch being agreed
+    bodies/epoch-<E:06d>-<root:16>.params the certified checkpoint of epoch E: its canonical bytes
+                                          (`consensus.merkle.canonical_bytes`), whose Merkle root the certificate names
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import trio
+
+from consensus import chunks, messages
+from consensus.agreement import (
+    STATE_SCHEMA,
+    AgreementConfig,
+    CheckProposal,
+    EquivocationFound,
+    Persist,
+    ProposalChecked,
+    VoterState,
+    proposer_of,
+)
+from consensus.body_fetch import BodyFailed, BodyFetchConfig, BodyFetched, BodyPeerFailed, FetchBody
+from consensus.chain import ChainLog
+from consensus.chunk_exchange import ChunkExchange
+from consensus.chunks import ChunkRequest, check_sample, sample_indices
+from consensus.epochs import Certified, Checkpoint, EpochChain
+from consensus.membership import MembershipPolicy
+from consensus.merkle import CheckpointTree
+from consensus.messages import Certificate
+from consensus.provenance import ChainContentError, ChainGenesis, append_certificate, create_chain, read_chain
+from consensus.sample_fetch import FetchSample, HoldTree, SampleFailed, SampleFetchConfig, SampleFetched
+from consensus.signing import Signer
+from swarmgrad.core.driver import Driver, PeerErrorHook
+from swarmgrad.core.errors import DecodeError, LocalProtocolError
+from swarmgrad.core.machine import Effect, Event, PeerDown, PeerId, PeerUp
+from swarmgrad.core.transport import Transport
+
+if TYPE_CHECKING:  # libp2p installs trio-typing, whose stale `trio-stubs` hide trio's own `TaskStatus` from mypy
+    from trio_typing import TaskStatus
+
+log = logging.getLogger(__name__)
+
+CHAIN_FILE = "chain"
+STATE_FILE = "voter-state"
+BODY_DIR = "bodies"
+_SPEC_DOMAIN = b"swarmgrad/model-spec/v1\x00"
+
+
+@dataclass(frozen=True)
+class ConsensusSettings:
+    """What the service needs besides its transport and keys (the peer fills it from `[consensus]`)."""
+
+    agreement: AgreementConfig
+    tolerance: float = chunks.DEFAULT_TOLERANCE
+    sample_chunks: int = chunks.DEFAULT_SAMPLE_COUNT
+    sample_timeout_s: float = 2.0
+    body_timeout_s: float = 5.0
+    policy: MembershipPolicy = field(default_factory=MembershipPolicy)
+
+
+@dataclass(frozen=True)
+class CertifiedEpoch:
+    """One certified epoch as the user sees it."""
+
+    epoch: int
+    round: int
+    root: bytes
+    proposer: PeerId
+    signers: int
+    members: int
+    commit_latency_s: float | None
+    """From this peer's checkpoint of the epoch to the certificate (None: it had no checkpoint of its own)."""
+    chain_path: Path
+
+
+def model_spec_hash(tree: CheckpointTree) -> bytes:
+    """What `EpochValue.model_spec_hash` names: the canonical header (every tensor's name, dtype and shape)."""
+    return hashlib.sha256(_SPEC_DOMAIN + tree.layout.header).digest()
+
+
+def body_path(directory: Path, epoch: int, root: bytes) -> Path:
+    return directory / BODY_DIR / f"epoch-{epoch:06d}-{root.hex()[:16]}.params"
+
+
+def write_atomically(path: Path, data: bytes | memoryview) -> None:
+    """`data` at `path`, or the old file: a temporary file, fsynced, renamed over it, the directory fsynced."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class ConsensusService:
+    """A peer's epoch consensus; see the module docstring."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        signer: Signer,
+        genesis: ChainGenesis,
+        directory: Path,
+        settings: ConsensusSettings,
+        peer_of_key: Callable[[bytes], PeerId],
+        *,
+        on_certified: Callable[[CertifiedEpoch], None] | None = None,
+        on_peer_error: PeerErrorHook | None = None,
+    ) -> None:
+        self.settings = settings
+        self.transport = transport
+        self.genesis = genesis
+        self.directory = directory
+        self.peer_of_key = peer_of_key
+        self.on_certified = on_certified
+        (directory / BODY_DIR).mkdir(parents=True, exist_ok=True)
+        self.chain_path = directory / CHAIN_FILE
+        certificates = self._open_chain()
+        self.state_path = directory / STATE_FILE
+        self.machine = EpochChain(
+            settings.agreement,
+            signer,
+            genesis,
+            certificates,
+            peer_of_key,
+            policy=settings.policy,
+            state=self._load_state(),
+        )
+        self.driver = Driver(
+            self.machine,
+            transport,
+            messages.PROTOCOL,
+            messages.SCHEMA,
+            max_message_bytes=messages.MAX_MESSAGE_BYTES,
+            on_peer_error=on_peer_error,
+            run_effect=self._run_effect,
+            run_durable=self._run_durable,
+        )
+        swarm = genesis.swarm_id
+        self.exchange = ChunkExchange(
+            SampleFetchConfig(swarm, timeout_s=settings.sample_timeout_s),
+            BodyFetchConfig(swarm, timeout_s=settings.body_timeout_s),
+        )
+        self.chunk_driver = Driver(
+            self.exchange,
+            transport,
+            chunks.PROTOCOL,
+            chunks.SCHEMA,
+            max_message_bytes=chunks.MAX_MESSAGE_BYTES,
+            on_peer_error=on_peer_error,
+        )
+        self._trees: dict[int, CheckpointTree] = {}
+        self._started_at: dict[int, float] = {}
+        self._samples: dict[tuple[PeerId, int, bytes], tuple[trio.Event, list[object]]] = {}
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._nursery: trio.Nursery | None = None
+        self.certified: list[CertifiedEpoch] = []
+
+    # ---- files --------------------------------------------------------------------------------------------------
+
+    def _open_chain(self) -> list[Certificate]:
+        if not self.chain_path.exists():
+            self._log = create_chain(self.chain_path, self.genesis)
+            return []
+        genesis, certificates = read_chain(self.chain_path, repair=True)
+        if genesis != self.genesis:
+            raise ChainContentError(self.chain_path, 0, "the genesis record is not this swarm's (swarm id or founders)")
+        self._log = ChainLog(self.chain_path)
+        return certificates
+
+    def _load_state(self) -> VoterState | None:
+        try:
+            data = self.state_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            state = STATE_SCHEMA.decode(data)
+        except DecodeError as exc:
+            raise LocalProtocolError(f"{self.state_path}: the persisted voter state does not decode: {exc}") from exc
+        if not isinstance(state, VoterState) or state.swarm_id != self.genesis.swarm_id:
+            raise LocalProtocolError(f"{self.state_path}: not a voter state of swarm {self.genesis.swarm_id!r}")
+        return state
+
+    def _run_durable(self, effect: Effect) -> bool:
+        if not isinstance(effect, Persist):
+            return False
+        write_atomically(self.state_path, STATE_SCHEMA.encode(effect.state))
+        return True
+
+    # ---- trio ---------------------------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self.driver.run)
+            await nursery.start(self.chunk_driver.run)
+            nursery.start_soon(self._follow_agreement)
+            nursery.start_soon(self._follow_chunks)
+            task_status.started()
+
+    def peer_up(self, peer: PeerId) -> None:
+        self.driver.submit(PeerUp(peer))
+
+    def peer_down(self, peer: PeerId) -> None:
+        self.driver.submit(PeerDown(peer))
+        self.chunk_driver.submit(PeerDown(peer))
+
+    def submit_checkpoint(self, epoch: int, round_: int, state: dict[str, torch.Tensor]) -> None:
+        """From the training thread: this peer's parameters at the boundary of `epoch`. Returns at once."""
+        if self._token is None or self._nursery is None:
+            raise LocalProtocolError("ConsensusService.run() must be started before submit_checkpoint()")
+        nursery = self._nursery
+        trio.from_thread.run_sync(nursery.start_soon, self._prepare, epoch, round_, state, trio_token=self._token)
+
+    async def _prepare(self, epoch: int, round_: int, state: dict[str, torch.Tensor]) -> None:
+        tree = await trio.to_thread.run_sync(CheckpointTree.from_state, state)
+        self._trees[epoch] = tree
+        self._started_at[epoch] = trio.current_time()
+        self.chunk_driver.submit(HoldTree(epoch, tree))
+        self.driver.submit(Checkpoint(epoch, round_, tree.root, model_spec_hash(tree)))
+
+    async def _run_effect(self, effect: Effect) -> Event | None:
+        if not isinstance(effect, CheckProposal):
+            raise LocalProtocolError(f"the consensus service carries out no {type(effect).__name__}")
+        proposal = effect.proposal
+        value = proposal.value
+        own = self._trees.get(value.epoch)
+        if own is None:
+            return ProposalChecked(value.epoch, value.hash(), False, "no checkpoint of this epoch here")
+        indices = sample_indices(effect.seed, own.chunk_count, self.settings.sample_chunks)
+        peer = self.peer_of_key(proposal.proposer)
+        key = (peer, value.epoch, value.checkpoint_root)
+        done, answer = trio.Event(), list[object]()
+        self._samples[key] = (done, answer)
+        self.chunk_driver.submit(FetchSample(peer, ChunkRequest(value.swarm_id, value.epoch, key[2], indices)))
+        try:
+            await done.wait()
+        finally:
+            del self._samples[key]
+        outcome = answer[0]
+        if isinstance(outcome, SampleFailed):
+            reason: str | None = f"no sample from the proposer: {outcome.reason}"
+        else:
+            assert isinstance(outcome, SampleFetched), "only fetch outcomes are collected"
+            reason = await trio.to_thread.run_sync(
+                check_sample, key[2], own.chunk_count, indices, outcome.answer, own, self.settings.tolerance
+            )
+        if reason is not None:
+            log.info("epoch %d: refused the proposal of %s: %s", value.epoch, peer, reason)
+        return ProposalChecked(value.epoch, value.hash(), reason is None, reason or "")
+
+    async def _follow_agreement(self) -> None:
+        async for note in self.driver.notifications:
+            if isinstance(note, Certified):
+                await self._on_certified(note)
+            elif isinstance(note, EquivocationFound):
+                log.warning("member %s equivocated", note.evidence.offender.hex()[:16])
+
+    async def _on_certified(self, note: Certified) -> None:
+        cert = note.certificate
+        value = cert.value
+        append_certificate(self._log, cert)
+        proposer = self.peer_of_key(proposer_of(note.members, value.parent_certificate_hash, cert.consensus_round))
+        started = self._started_at.pop(value.epoch, None)
+        latency = None if started is None else trio.current_time() - started
+        record = CertifiedEpoch(
+            value.epoch,
+            value.round,
+            value.checkpoint_root,
+            proposer,
+            len(cert.precommits),
+            len(note.members),
+            latency,
+            self.chain_path,
+        )
+        self.certified.append(record)
+        own = self._trees.get(value.epoch)
+        path = body_path(self.directory, value.epoch, value.checkpoint_root)
+        if own is not None and own.root == value.checkpoint_root:
+            await trio.to_thread.run_sync(write_atomically, path, own.data)
+        elif own is not None:
+            me = self.transport.local_peer
+            others = sorted(self.peer_of_key(key) for key in note.members)
+            peers = (proposer, *[p for p in others if p not in (proposer, me)])
+            self.chunk_driver.submit(FetchBody(value.epoch, value.checkpoint_root, own.chunk_count, peers))
+        for epoch in [e for e in self._trees if e < value.epoch]:
+            del self._trees[epoch]
+        if self.on_certified is not None:
+            self.on_certified(record)
+
+    async def _follow_chunks(self) -> None:
+        async for note in self.chunk_driver.notifications:
+            if isinstance(note, SampleFetched | SampleFailed):
+                waiting = self._samples.get((note.peer, note.request.epoch, note.request.root))
+                if waiting is not None:
+                    waiting[1].append(note)
+                    waiting[0].set()
+            elif isinstance(note, BodyFetched):
+                await self._keep_body(note)
+            elif isinstance(note, BodyPeerFailed):
+                log.info("epoch %d: body of %s from %s: %s", note.epoch, note.root.hex()[:16], note.peer, note.reason)
+            elif isinstance(note, BodyFailed):
+                log.warning("epoch %d: no peer gave the certified body %s", note.epoch, note.root.hex()[:16])
+
+    async def _keep_body(self, note: BodyFetched) -> None:
+        data = b"".join(note.chunks)
+        path = body_path(self.directory, note.epoch, note.root)
+        await trio.to_thread.run_sync(write_atomically, path, data)
+        own = self._trees.get(note.epoch) or next(iter(self._trees.values()), None)
+        if own is not None and len(data) == own.total_size_bytes:
+            tree = await trio.to_thread.run_sync(CheckpointTree, memoryview(data), own.layout)
+            if tree.root == note.root:  # the chunks were proven one by one; serve the body to others too
+                self.chunk_driver.submit(HoldTree(note.epoch, tree))
+        log.info("epoch %d: kept the certified body %s (%d bytes)", note.epoch, note.root.hex()[:16], len(data))

@@ -1,0 +1,96 @@
+"""The consensus service over a simulated network: 4 peers certify epochs from their own parameters, keep the
+chain and the certified body, refuse a poisoned proposal, and a restarted peer resumes its persisted votes."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+import trio
+
+from consensus.agreement import STATE_SCHEMA, AgreementConfig
+from consensus.membership import genesis_members
+from consensus.merkle import CheckpointTree
+from consensus.provenance import ChainGenesis, read_chain, verify_file
+from consensus.service import CertifiedEpoch, ConsensusService, ConsensusSettings, body_path
+from consensus.signing import Signer
+from sim.transport import SimNetwork
+
+SWARM = "svc"
+SIGNERS = [Signer.from_seed(bytes([i]) * 32) for i in range(4)]
+NAMES = {s.public_key: f"p{i}" for i, s in enumerate(SIGNERS)}
+GENESIS = ChainGenesis(SWARM, genesis_members(NAMES))
+SETTINGS = ConsensusSettings(AgreementConfig(propose_timeout_s=2.0, vote_timeout_s=1.0))
+
+
+def _state(epoch: int, peer: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    base = torch.randn(40_000, generator=torch.Generator().manual_seed(epoch))
+    noise = 0.01 * torch.randn(40_000, generator=torch.Generator().manual_seed(100 * epoch + peer))
+    return {"w": scale * (base + noise), "b": torch.zeros(3)}
+
+
+async def _swarm(tmp: Path, epochs: int, poisoned: int | None = None) -> dict[str, list[CertifiedEpoch]]:
+    seen: dict[str, list[CertifiedEpoch]] = {f"p{i}": [] for i in range(4)}
+    net = SimNetwork(seed=3)
+    async with net.run(), contextlib.AsyncExitStack() as stack:
+        transports = [await stack.enter_async_context(net.open_transport(f"p{i}")) for i in range(4)]
+        services = [
+            ConsensusService(
+                t, SIGNERS[i], GENESIS, tmp / f"p{i}", SETTINGS, NAMES.__getitem__, on_certified=seen[f"p{i}"].append
+            )
+            for i, t in enumerate(transports)
+        ]
+        async with trio.open_nursery() as nursery:
+            for service in services:
+                await nursery.start(service.run)
+                for other in NAMES.values():
+                    if other != service.transport.local_peer:
+                        service.peer_up(other)
+            for epoch in range(1, epochs + 1):
+                for i, service in enumerate(services):
+                    scale = -1.0 if i == poisoned else 1.0
+                    await trio.to_thread.run_sync(service.submit_checkpoint, epoch, 10 * epoch, _state(epoch, i, scale))
+                with trio.fail_after(60):
+                    while min(len(v) for v in seen.values()) < epoch:
+                        await trio.sleep(0.05)
+            with trio.fail_after(60):  # the certified bodies arrive
+                while not all(body_path(tmp / name, r.epoch, r.root).exists() for name, rs in seen.items() for r in rs):
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+    return seen
+
+
+async def test_four_services_certify_the_same_chain_and_keep_each_body(tmp_path: Path) -> None:
+    seen = await _swarm(tmp_path, epochs=3)
+    chains = [[c.value for c in read_chain(tmp_path / f"p{i}" / "chain")[1]] for i in range(4)]
+    # the same certified values (each peer may hold a different 2f+1 subset of the precommits)
+    assert all(chain == chains[0] for chain in chains) and [v.epoch for v in chains[0]] == [1, 2, 3]
+    for i in range(4):
+        _, summaries = verify_file(tmp_path / f"p{i}" / "chain")
+        assert len(summaries) == 3
+    for record in seen["p0"]:
+        assert record.signers >= 3 and record.members == 4 and record.commit_latency_s is not None
+        body = body_path(tmp_path / "p1", record.epoch, record.root).read_bytes()
+        held = CheckpointTree.from_state(_state(record.epoch, 0))
+        assert CheckpointTree(memoryview(body), held.layout).root == record.root  # the body is the certified one
+    assert {r.round for r in seen["p2"]} == {10, 20, 30}
+
+
+async def test_a_poisoned_proposal_is_refused_and_another_commits(tmp_path: Path) -> None:
+    seen = await _swarm(tmp_path, epochs=3, poisoned=0)
+    poisoned_roots = {CheckpointTree.from_state(_state(e, 0, -1.0)).root for e in (1, 2, 3)}
+    for records in seen.values():
+        assert [r.epoch for r in records] == [1, 2, 3]
+        assert not {r.root for r in records} & poisoned_roots
+        assert all(r.proposer != "p0" for r in records)
+
+
+async def test_the_persisted_voter_state_survives_and_is_resumed(tmp_path: Path) -> None:
+    await _swarm(tmp_path, epochs=1)
+    state = STATE_SCHEMA.decode((tmp_path / "p1" / "voter-state").read_bytes())
+    assert state.epoch == 1 and state.precommit is not None  # written before its precommit left
+    net = SimNetwork(seed=1)
+    async with net.run(), net.open_transport("p1") as t:
+        restarted = ConsensusService(t, SIGNERS[1], GENESIS, tmp_path / "p1", SETTINGS, NAMES.__getitem__)
+        assert restarted.machine._state == state and len(restarted.machine.chain) == 1
