@@ -20,8 +20,10 @@ epoch's parent link is (the genesis anchor, then the value hash of the last cert
   against the chain (members, parent link, signatures) and accepted whether or not an agreement runs: that is how
   a peer that is not a member, or whose training is behind, learns the chain.
 - **Decisions.** On a decision the certificate joins the chain, `Certified(certificate)` is notified (the host
-  writes it to the chain file and fetches the body), the certificate is sent to every live peer that is not a
-  member of the epoch, and the next epoch starts if its checkpoint is already known.
+  writes it to the chain file and fetches the body), the certificate is sent to every live peer (non-members
+  learn the chain this way, and so does a member whose training skipped the epoch's boundary and that would
+  otherwise never hear of it; those that decided already drop it), and the next epoch starts if its checkpoint
+  is already known.
 
 Timers of the agreement are keyed `(epoch, key)`. All actions of an agreement pass through in order, so its
 `Persist` still comes before the sends it covers.
@@ -242,9 +244,9 @@ class EpochChain:
     def _certified(self, now: float, cert: Certificate, members: tuple[bytes, ...]) -> list[Action]:
         self.chain.append(cert)
         self._checkpoints = {e: c for e, c in self._checkpoints.items() if e > cert.epoch}
-        member_peers = {self.peer_of_key(key) for key in members}
+        me = self.peer_of_key(self.signer.public_key)
         actions: list[Action] = [Notify(Certified(cert, members))]
-        actions += [Send(peer, cert) for peer in sorted(self._live - member_peers)]
+        actions += [Send(peer, cert) for peer in sorted(self._live - {me})]
         return actions + self._maybe_start(now)
 
     def _run(self, now: float, event: Event) -> list[Action]:

@@ -16,7 +16,7 @@ import stat
 from pathlib import Path
 
 from google.protobuf.message import DecodeError as ProtobufDecodeError
-from libp2p.crypto.ed25519 import Ed25519PrivateKey
+from libp2p.crypto.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from libp2p.crypto.ed25519 import create_new_key_pair as create_new_ed25519_key_pair
 from libp2p.crypto.exceptions import CryptographyError
 from libp2p.crypto.keys import KeyPair
@@ -118,3 +118,28 @@ def _create(path: Path) -> None:
         raise IdentityError(path, f"cannot be created ({exc.strerror})") from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def public_key_of_peer_id(peer_id: str) -> bytes:
+    """The raw 32-byte Ed25519 public key a base58 peer id embeds (swarmgrad ids are identity multihashes of the
+    key). Raises `ValueError` for text that is not such a peer id."""
+    try:
+        key = ID.from_base58(peer_id).extract_public_key()
+    except (ValueError, ProtobufDecodeError) as exc:
+        raise ValueError(f"{peer_id[:60]!r} is not a peer id: {exc}") from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError(f"{peer_id[:60]!r} does not embed an Ed25519 public key")
+    return key.to_bytes()
+
+
+def peer_id_of_public_key(raw: bytes) -> str:
+    """The base58 peer id of a raw 32-byte Ed25519 public key (the inverse of `public_key_of_peer_id`)."""
+    return ID.from_pubkey(Ed25519PublicKey.from_bytes(raw)).to_base58()
+
+
+def signing_seed(key_pair: KeyPair) -> bytes:
+    """The 32-byte Ed25519 private seed of an identity, for the consensus signer (the same key signs votes)."""
+    private = key_pair.private_key
+    if not isinstance(private, Ed25519PrivateKey):
+        raise IdentityError(Path("?"), "swarmgrad identities are Ed25519")
+    return bytes(private.impl)

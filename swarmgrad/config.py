@@ -13,6 +13,8 @@ One frozen, validated dataclass per component (`PeerSection`, `NetworkConfig`, `
     [checkpoint]  keep, max_bytes, fetch_from_peers, fetch_timeout_s
     [gossip]      density, round_deadline_s, neighbours_per_round, step_size, aggregation, ...
     [metrics]     prometheus_port, prometheus_host, progress
+    [consensus]   enabled, founders, tolerance, sample_chunks, propose_timeout_s, vote_timeout_s,
+                  timeout_increase_s, sample_timeout_s, body_timeout_s, public, drop_after_missed
 
 An unknown table or key, a value of the wrong type, or a value out of range is a `ConfigError` whose field is the
 dotted path (`training.inner_steps`). CLI flags arrive as the same dotted paths (`load_config(path, overrides)`).
@@ -29,7 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from consensus.agreement import AgreementConfig
+from consensus.chunks import DEFAULT_SAMPLE_COUNT, DEFAULT_TOLERANCE, MAX_CHUNKS_PER_REQUEST
+from consensus.membership import MembershipPolicy
 from gossip.round import GossipConfig
+from p2p.identity import public_key_of_peer_id
 from swarmgrad.core.errors import ConfigError
 from swarmgrad.netconfig import (
     DEFAULT_DATA_DIR,
@@ -44,6 +50,7 @@ from training.tasks import resolve_task_name
 __all__ = [
     "LOG_LEVELS",
     "CheckpointConfig",
+    "ConsensusConfig",
     "GossipSettings",
     "MetricsConfig",
     "NetworkConfig",
@@ -135,6 +142,54 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class ConsensusConfig:
+    """Epoch consensus (docs/consensus.md). `founders`: the peer ids that vote in epoch 1; empty means the peers
+    named in `network.bootstrap`, or this peer alone when it has none (see docs/consensus.md, "Genesis in the
+    peer"). Every peer of a swarm must use the same founders, `tolerance` and `public`."""
+
+    enabled: bool = True
+    founders: tuple[str, ...] = ()
+    tolerance: float = DEFAULT_TOLERANCE
+    """Largest relative distance of a sampled chunk of a proposal from this peer's own parameters."""
+    sample_chunks: int = DEFAULT_SAMPLE_COUNT
+    propose_timeout_s: float = 1.0
+    vote_timeout_s: float = 0.5
+    timeout_increase_s: float = 0.5
+    sample_timeout_s: float = 2.0
+    body_timeout_s: float = 5.0
+    public: bool = False
+    """A public swarm admits at most max(1, n // 32) new voters an epoch (the admission bound)."""
+    drop_after_missed: int = 3
+
+    def __post_init__(self) -> None:
+        for index, founder in enumerate(self.founders):
+            try:
+                public_key_of_peer_id(founder)
+            except ValueError as exc:
+                raise ConfigError(f"consensus.founders[{index}]", founder, f"an Ed25519 peer id ({exc})") from exc
+        if not 0 <= self.tolerance < float("inf"):
+            raise ConfigError("consensus.tolerance", self.tolerance, "a finite number >= 0")
+        if not 1 <= self.sample_chunks <= MAX_CHUNKS_PER_REQUEST:
+            raise ConfigError("consensus.sample_chunks", self.sample_chunks, f"an integer 1-{MAX_CHUNKS_PER_REQUEST}")
+        for name in ("sample_timeout_s", "body_timeout_s"):
+            value = getattr(self, name)
+            if not 0 < value < float("inf"):
+                raise ConfigError(f"consensus.{name}", value, "a finite number of seconds > 0")
+        self.agreement_config()
+        self.policy()
+
+    def agreement_config(self) -> AgreementConfig:
+        return AgreementConfig(
+            propose_timeout_s=self.propose_timeout_s,
+            vote_timeout_s=self.vote_timeout_s,
+            timeout_increase_s=self.timeout_increase_s,
+        )
+
+    def policy(self) -> MembershipPolicy:
+        return MembershipPolicy(public=self.public, drop_after_missed=self.drop_after_missed)
+
+
+@dataclass(frozen=True)
 class PeerConfig:
     """The whole configuration of one peer: one validated section per component."""
 
@@ -144,6 +199,7 @@ class PeerConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     gossip: GossipSettings = field(default_factory=GossipSettings)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
 
     def training_settings(self) -> dict[str, object]:
         """What peers must agree on to average meaningfully: hashed into every checkpoint's `config_hash`."""

@@ -13,6 +13,8 @@ or protocol logic of its own.
 from __future__ import annotations
 
 import argparse
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -75,10 +77,13 @@ def start_swarm(
     """Start `count` peers at once: a bootstrap peer and `count - 1` that join through it. As in a real swarm, the
     bootstrap peer's address is settled before it starts (its identity is created here, its port reserved), and the
     others keep dialling it (up to `START_TIMEOUT_S`) until it listens: nobody waits for its start-up first.
-    Returns the processes and the bootstrap address. On failure, stops whatever it started."""
+    Every peer's identity is created here too, so that all `count` are listed as the consensus founders (the
+    voters of epoch 1). Returns the processes and the bootstrap address. On failure, stops whatever it started."""
     from p2p.identity import load_or_create_identity, peer_id_of
 
-    peer_id = peer_id_of(load_or_create_identity(workdir / "peer-0" / "identity.key"))
+    ids = [peer_id_of(load_or_create_identity(workdir / f"peer-{i}" / "identity.key")) for i in range(count)]
+    peer_id = ids[0]
+    extra = ["--founders", ",".join(ids), *extra]
     port = reserve_port()
     address = f"/ip4/127.0.0.1/tcp/{port}/p2p/{peer_id}"
     attempts = ["--set", f"network.bootstrap_attempts={int(START_TIMEOUT_S / BOOTSTRAP_RETRY_S)}"]
@@ -143,6 +148,13 @@ def show_progress(peers: Sequence[PeerProcess], timeout_s: float) -> dict[str, E
                     cells = "  ".join(f"{name} r{e['round']:4d} {e['value']:.3f}" for name, e in sorted(latest.items()))
                     peers_up = max(e["peers"] for e in latest.values())
                     print(f"  {cells}   (live peers seen: {peers_up})", flush=True)
+            elif event["event"] == "certified" and peer.name == peers[0].name:
+                print(
+                    f"  certified epoch {event['epoch']}: round {event['round']}, root {event['root'][:16]},"
+                    f" proposer ...{event['proposer'][-8:]}, signers {event['signers']}/{event['members']},"
+                    f" commit latency {event['commit_latency_ms']} ms",
+                    flush=True,
+                )
             elif event["event"] == "model_refused":
                 print(f"  {peer.name} refused a model from {event['peer']}: {event['reason']}", flush=True)
     return finished
@@ -201,8 +213,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                 peer.stop()
         samples = max(e["samples"] for e in finished.values())
         ok = report(finished, baseline_accuracy(samples), args.target)
+        chain = workdir / "peer-0" / "consensus" / "chain"
+        if args.keep is None:  # the work directory goes away: keep a copy of the chain to verify
+            kept = Path(tempfile.gettempdir()) / "swarmgrad-demo.chain"
+            shutil.copyfile(chain, kept)
+            chain = kept
+        ok = show_chain(chain) and ok
     print(f"demo took {time.monotonic() - started:.0f} s")
     return 0 if ok else 1
+
+
+def show_chain(chain: Path) -> bool:
+    """Print where the certified chain is and the command that verifies it; run that command. Whether it passed."""
+    command = [sys.executable, "-m", "swarmgrad.cli", "verify-chain", str(chain)]
+    print(f"\ncertified chain: {chain}\nverify it with:  swarmgrad verify-chain {chain}")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    last = (result.stdout.strip().splitlines() or result.stderr.strip().splitlines() or [""])[-1]
+    print(f"  -> exit {result.returncode}: {last}")
+    return result.returncode == 0
 
 
 if __name__ == "__main__":

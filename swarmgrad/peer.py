@@ -38,11 +38,22 @@ from typing import IO, Any
 
 import torch
 import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey as CryptoEd25519PrivateKey
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
+from consensus.membership import genesis_members
+from consensus.provenance import ChainGenesis
+from consensus.service import CertifiedEpoch, ConsensusService, ConsensusSettings
+from consensus.signing import Signer
 from gossip.messages import model_fingerprint
 from gossip.service import GossipService
-from p2p.identity import load_or_create_identity, peer_id_of
+from p2p.identity import (
+    load_or_create_identity,
+    peer_id_of,
+    peer_id_of_public_key,
+    public_key_of_peer_id,
+    signing_seed,
+)
 from p2p.libp2p_transport import LibP2PTransport
 from p2p.model_fetch import (
     MESSAGE_OVERHEAD_BYTES,
@@ -73,6 +84,7 @@ log = logging.getLogger(__name__)
 FetchOutcome = ModelAdopted | OfferRefused | FetchFailed
 
 CHECKPOINT_DIR = "checkpoints"
+CONSENSUS_DIR = "consensus"
 LOG_FILE = "peer.log"
 EXIT_OK = 0
 
@@ -92,6 +104,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--max-rounds", type=int, help="stop after this many rounds (training.max_rounds)")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics here (metrics.prometheus_port)")
     parser.add_argument("--progress", choices=["auto", "tty", "plain"], help="progress display (metrics.progress)")
+    parser.add_argument(
+        "--founders",
+        metavar="ID,ID,...",
+        help="peer ids that vote in epoch 1, comma-separated (consensus.founders; default: the bootstrap peers)",
+    )
+    parser.add_argument(
+        "--no-consensus", action="store_true", help="train without epoch consensus (consensus.enabled = false)"
+    )
     parser.set_defaults(run=run_peer)
 
 
@@ -104,8 +124,22 @@ def config_from_args(args: argparse.Namespace) -> PeerConfig:
         "metrics.prometheus_port": args.metrics_port,
         "metrics.progress": args.progress,
     }
+    if args.founders is not None:
+        flags["consensus.founders"] = [text.strip() for text in args.founders.split(",") if text.strip()]
+    if args.no_consensus:
+        flags["consensus.enabled"] = False
     overrides.update({key: value for key, value in flags.items() if value is not None})
     return load_config(args.config, overrides)
+
+
+def genesis_founders(config: PeerConfig, own_peer_id: str) -> tuple[str, ...]:
+    """The genesis rule: `consensus.founders` when given; else the peers named by `network.bootstrap` (their
+    `/p2p/` ids); else this peer alone. Consistent across a swarm only when every peer is given the same founders
+    or bootstraps from the same peers (the first peer, with no bootstrap, then names itself: the same set)."""
+    if config.consensus.founders:
+        return config.consensus.founders
+    named = sorted({addr.rsplit("/p2p/", 1)[1] for addr in config.network.bootstrap if "/p2p/" in addr})
+    return tuple(named) or (own_peer_id,)
 
 
 def run_peer(args: argparse.Namespace) -> int:
@@ -225,6 +259,14 @@ class Metrics:
         self.eval_value = Gauge("swarmgrad_eval_value", "Headline held-out metric", ["metric"], registry=self.registry)
         self.peers = Gauge("swarmgrad_peers", "Live peers in the swarm", registry=self.registry)
         self.bytes_sent = Gauge("swarmgrad_gossip_bytes_sent", "Bytes sent by gossip", registry=self.registry)
+        self.certified_epoch = Gauge(
+            "swarmgrad_certified_epoch", "Last epoch certified by the swarm's consensus", registry=self.registry
+        )
+        self.commit_latency = Gauge(
+            "swarmgrad_commit_latency_seconds",
+            "From this peer's epoch checkpoint to the epoch's certificate, last certified epoch",
+            registry=self.registry,
+        )
         try:
             self.server, self.thread = start_http_server(port, addr=host, registry=self.registry)
         except OSError as exc:
@@ -238,6 +280,11 @@ class Metrics:
             self.eval_value.labels(report.evaluation.metric).set(report.evaluation.value)
         self.peers.set(peers)
         self.bytes_sent.set(float(report.averager.get("bytes_sent", 0)))
+
+    def certified(self, record: CertifiedEpoch) -> None:
+        self.certified_epoch.set(record.epoch)
+        if record.commit_latency_s is not None:
+            self.commit_latency.set(record.commit_latency_s)
 
     def close(self) -> None:
         self.server.shutdown()
@@ -255,7 +302,9 @@ class Peer:
         self.task = task
         self.events = events
         key_path = data_dir / IDENTITY_FILE
-        self.peer_id = peer_id_of(load_or_create_identity(key_path))
+        self.key_pair = load_or_create_identity(key_path)
+        self.peer_id = peer_id_of(self.key_pair)
+        self.data_dir = data_dir
         self.node_config = config.network.node_config(key_path, seed=peer_seed(self.peer_id))
         self.store = CheckpointStore(
             data_dir / CHECKPOINT_DIR, keep=config.checkpoint.keep, max_bytes=config.checkpoint.max_bytes
@@ -277,6 +326,8 @@ class Peer:
         self._snapshot_lock = threading.Lock()
         self._snapshot: tuple[int, dict[str, torch.Tensor]] | None = None
         self.remote_errors = 0
+        self.consensus: ConsensusService | None = None
+        self.epoch_hand_off_s: list[float] = []
 
     # ---- trio side ----------------------------------------------------------------------------------------------
 
@@ -316,6 +367,9 @@ class Peer:
         outcomes_send, outcomes = trio.open_memory_channel[FetchOutcome](4)
         await nursery.start(gossip.run)
         await nursery.start(fetch.run)
+        if self.config.consensus.enabled:
+            self.consensus = self._consensus_service(transport, node)
+            await nursery.start(self.consensus.run)
         nursery.start_soon(self._follow_membership, node, gossip, fetch)
         nursery.start_soon(self._answer_fetch, fetch, outcomes_send)
         nursery.start_soon(self._stop_on_signal)
@@ -330,7 +384,7 @@ class Peer:
             store=self.store,
             config_hash=self.config_hash,
             on_round=lambda report: self._on_round(report, loop),
-            on_epoch=self._on_epoch,
+            on_epoch=lambda reached: self._on_epoch(reached, loop),
         )
         resumed = await trio.to_thread.run_sync(loop.resume)
         await self._wait_for_peers(node)
@@ -365,6 +419,57 @@ class Peer:
         )
         return EXIT_OK
 
+    def _consensus_service(self, transport: LibP2PTransport, node: SwarmNode) -> ConsensusService:
+        settings = self.config.consensus
+        founders = genesis_founders(self.config, self.peer_id)
+        genesis = ChainGenesis(
+            self.config.network.swarm_id, genesis_members(public_key_of_peer_id(f) for f in founders)
+        )
+        log.info("consensus: %d founders (%s)", len(founders), ", ".join(f[-8:] for f in founders))
+        return ConsensusService(
+            transport,
+            Signer(CryptoEd25519PrivateKey.from_private_bytes(signing_seed(self.key_pair))),
+            genesis,
+            self.data_dir / CONSENSUS_DIR,
+            ConsensusSettings(
+                settings.agreement_config(),
+                tolerance=settings.tolerance,
+                sample_chunks=settings.sample_chunks,
+                sample_timeout_s=settings.sample_timeout_s,
+                body_timeout_s=settings.body_timeout_s,
+                policy=settings.policy(),
+            ),
+            peer_id_of_public_key,
+            on_certified=self._on_certified,
+            on_peer_error=self._peer_error(node),
+        )
+
+    def _on_certified(self, record: CertifiedEpoch) -> None:
+        latency_ms = None if record.commit_latency_s is None else round(record.commit_latency_s * 1000, 1)
+        log.info(
+            "certified epoch %d: round %d, root %s, proposer %s, signers %d/%d, commit latency %s ms",
+            record.epoch,
+            record.round,
+            record.root.hex()[:16],
+            record.proposer,
+            record.signers,
+            record.members,
+            latency_ms,
+        )
+        self.events.emit(
+            "certified",
+            epoch=record.epoch,
+            round=record.round,
+            root=record.root.hex(),
+            proposer=record.proposer,
+            signers=record.signers,
+            members=record.members,
+            commit_latency_ms=latency_ms,
+            chain=str(record.chain_path),
+        )
+        if self.metrics is not None:
+            self.metrics.certified(record)
+
     def _peer_error(self, node: SwarmNode) -> Callable[[str, str], None]:
         def report(peer: str, reason: str) -> None:
             self.remote_errors += 1
@@ -376,13 +481,19 @@ class Peer:
         events = node.subscribe()
         for peer in node.live_peers():
             gossip.peer_up(peer)
+            if self.consensus is not None:
+                self.consensus.peer_up(peer)
         self.view.peers = len(node.live_peers())
         async for event in events:
             if isinstance(event, PeerUp):
                 gossip.peer_up(event.peer)
+                if self.consensus is not None:
+                    self.consensus.peer_up(event.peer)
                 log.info("peer up: %s", event.peer)
             elif isinstance(event, PeerDown):
                 gossip.peer_down(event.peer)
+                if self.consensus is not None:
+                    self.consensus.peer_down(event.peer)
                 fetch.submit(event)
                 log.info("peer down: %s", event.peer)
             self.view.peers = len(node.live_peers())
@@ -486,10 +597,23 @@ class Peer:
                 bytes_sent=int(report.averager.get("bytes_sent", 0)),
             )
 
-    def _on_epoch(self, reached: EpochReached) -> None:
-        # The seam for epoch consensus: "epoch E reached, here is my checkpoint hash". Logged and emitted for now.
+    def _on_epoch(self, reached: EpochReached, loop: TrainingLoop) -> None:
+        # runs in the training thread at each epoch boundary: hand the checkpoint to consensus and go on training
+        # (the hand-off is one hop onto the event loop; the tree is built there in a worker thread)
         log.info("epoch %d at round %d: model %s", reached.epoch, reached.round, reached.model_hash)
-        self.events.emit("epoch", epoch=reached.epoch, round=reached.round, model_hash=reached.model_hash)
+        hand_off_s = 0.0
+        if self.consensus is not None:
+            started = time.perf_counter()
+            self.consensus.submit_checkpoint(reached.epoch, reached.round, loop.state())
+            hand_off_s = time.perf_counter() - started
+            self.epoch_hand_off_s.append(hand_off_s)
+        self.events.emit(
+            "epoch",
+            epoch=reached.epoch,
+            round=reached.round,
+            model_hash=reached.model_hash,
+            consensus_hand_off_ms=round(hand_off_s * 1000, 3),
+        )
 
 
 def _live_progress(mode: str) -> bool:
