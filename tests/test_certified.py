@@ -1,0 +1,103 @@
+"""Certified checkpoints in real peers: 4 `swarmgrad peer` processes train digits and agree on every epoch's
+checkpoint, on one host (127.0.0.1) and across 4 network-namespace hosts.
+
+Each run: epochs of 16 rounds, 80 rounds, so 4 epochs are certified while training goes on (the fifth boundary is
+the last round; a peer may exit before it commits). Every peer's chain must hold the same certified values for
+epochs 1-4, `swarmgrad verify-chain` must exit 0 on each, each certified body must be kept beside the chain, and
+every peer must reach the demo's accuracy target.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from consensus.provenance import read_chain
+from consensus.service import body_path
+from p2p.identity import load_or_create_identity, peer_id_of
+from swarmgrad.demo import DEFAULT_TARGET, PeerProcess, peer_args, start_swarm
+from swarmgrad.procs import Event
+from testing.netns import bridged_hosts, unavailable_reason
+
+pytestmark = pytest.mark.slow
+
+ROUNDS = 80
+EPOCH = ["--set", "training.epoch_rounds=16"]
+CERTIFIED = 4
+FINISH_S = 300.0
+
+
+def _finish(peers: list[PeerProcess]) -> dict[str, list[Event]]:
+    """Each peer's events up to its `finished` event (read in turn; every peer runs meanwhile), then its exit
+    status, which must be 0."""
+    events = {}
+    for peer in peers:
+        peer.read_until("finished", FINISH_S)
+    for peer in peers:
+        assert peer.wait(60.0) == 0, peer.tail()
+        events[peer.name] = peer.snapshot()
+    return events
+
+
+def _check(data_dirs: dict[str, Path], events: dict[str, list[Event]]) -> None:
+    values = {}
+    for name, data_dir in data_dirs.items():
+        finished = next(e for e in events[name] if e["event"] == "finished")
+        assert finished["value"] >= DEFAULT_TARGET, (name, finished)
+        chain = data_dir / "consensus" / "chain"
+        _, certificates = read_chain(chain)
+        assert [c.epoch for c in certificates][:CERTIFIED] == [1, 2, 3, 4], name
+        values[name] = [c.value for c in certificates[:CERTIFIED]]
+        for cert in certificates[:CERTIFIED]:
+            assert body_path(data_dir / "consensus", cert.epoch, cert.value.checkpoint_root).stat().st_size > 0
+        verify = subprocess.run(
+            [sys.executable, "-m", "swarmgrad.cli", "verify-chain", str(chain)], capture_output=True, text=True
+        )
+        assert verify.returncode == 0, verify.stderr
+        certified = [e for e in events[name] if e["event"] == "certified"]
+        assert [e["epoch"] for e in certified][:CERTIFIED] == [1, 2, 3, 4]
+        assert all(e["members"] == 4 and e["signers"] >= 3 for e in certified)
+    first = next(iter(values.values()))
+    assert all(v == first for v in values.values()), "peers certified different checkpoints"
+
+
+def test_four_local_peers_certify_every_epoch_with_the_same_chain(tmp_path: Path) -> None:
+    extra = [*EPOCH, "--set", "network.min_peers=3"]
+    peers, _ = start_swarm(tmp_path, 4, swarm_id="cert", rounds=ROUNDS, extra=extra)
+    try:
+        events = _finish(peers)
+    finally:
+        for peer in peers:
+            peer.stop()
+    _check({p.name: tmp_path / p.name for p in peers}, events)
+
+
+def test_four_hosts_certify_every_epoch_across_hosts(tmp_path: Path) -> None:
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    names = ["a", "b", "c", "d"]
+    ids = [peer_id_of(load_or_create_identity(tmp_path / n / "identity.key")) for n in names]
+    with bridged_hosts(4) as hosts:
+        boot = f"/ip4/{hosts[0].ip}/tcp/7400/p2p/{ids[0]}"
+        peers: list[PeerProcess] = []
+        try:
+            for index, (name, host) in enumerate(zip(names, hosts, strict=True)):
+                args = peer_args(
+                    tmp_path / name,
+                    swarm_id="certhosts",
+                    rounds=ROUNDS,
+                    bootstrap=None if index == 0 else boot,
+                    listen="/ip4/0.0.0.0/tcp/7400",
+                    extra=[*EPOCH, "--founders", ",".join(ids), "--set", "network.min_peers=3"],
+                )
+                args += ["--set", "network.bootstrap_attempts=120", "--set", "network.bootstrap_retry_s=0.5"]
+                peers.append(PeerProcess(name, args, tmp_path / f"{name}.log", host.wrap([])))
+            events = _finish(peers)
+        finally:
+            for peer in peers:
+                peer.stop()
+    _check({n: tmp_path / n for n in names}, events)
