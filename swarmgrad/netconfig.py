@@ -39,7 +39,7 @@ from swarmgrad.core.swarm_id import validate_swarm_id
 
 DEFAULT_DATA_DIR = Path.home() / ".swarmgrad"
 IDENTITY_FILE = "identity.key"
-CONFIG_TABLES = ("peer", "network", "training", "checkpoint", "gossip", "metrics")
+CONFIG_TABLES = ("peer", "network", "training", "checkpoint", "gossip", "metrics", "consensus")
 """The tables of a config file (`swarmgrad.config.PeerConfig`'s sections); `swarmgrad node` reads `[network]` and
 `peer.data_dir` and leaves the others, which only a training peer uses, to `swarmgrad peer`."""
 

@@ -124,6 +124,13 @@ def test_set_flags_parse_as_toml_values(text: str, expected: tuple[str, object])
         ({"metrics.prometheus_port": 70000}, "metrics.prometheus_port"),
         ({"metrics.progress": "fancy"}, "metrics.progress"),
         ({"training": 3}, "training"),
+        ({"consensus.founders": ["not-a-peer-id"]}, "consensus.founders[0]"),
+        ({"consensus.tolerance": -0.1}, "consensus.tolerance"),
+        ({"consensus.sample_chunks": 65}, "consensus.sample_chunks"),
+        ({"consensus.vote_timeout_s": 0}, "consensus.vote_timeout_s"),
+        ({"consensus.body_timeout_s": float("inf")}, "consensus.body_timeout_s"),
+        ({"consensus.drop_after_missed": 0}, "consensus.drop_after_missed"),
+        ({"consensus.enabled": "yes"}, "consensus.enabled"),
     ],
 )
 def test_bad_values_name_the_field(overrides: dict[str, object], field: str) -> None:
@@ -199,3 +206,21 @@ def test_a_node_reads_the_peers_file_without_the_training_tables(tmp_path: Path)
         load_member_config(None, {"netwrok.swarm_id": "s"})
     assert info.value.field == "netwrok"
     assert CONFIG_TABLES == tuple(field.name for field in dataclasses.fields(PeerConfig))
+
+
+A_ID = "12D3KooWDQFfwnYSqKBiDn5XaJ4wNE6MuA58KgWdZf1EMC8mfof7"
+B_ID = "12D3KooWDQpjb1U7WzdmGwUUxyGfE8gmyxeRYssSncYd6tm5WEqi"
+
+
+def test_the_genesis_rule_names_the_founders_or_the_bootstrap_peers_or_itself() -> None:
+    from swarmgrad.peer import genesis_founders
+
+    explicit = load_config(
+        None, {"consensus.founders": [B_ID, A_ID], "network.bootstrap": [f"/ip4/1.2.3.4/tcp/1/p2p/{A_ID}"]}
+    )
+    assert genesis_founders(explicit, "me") == (B_ID, A_ID)
+    bootstrapped = load_config(
+        None, {"network.bootstrap": [f"/ip4/1.2.3.4/tcp/1/p2p/{B_ID}", f"/ip4/1.2.3.5/tcp/1/p2p/{A_ID}"]}
+    )
+    assert genesis_founders(bootstrapped, "me") == tuple(sorted((A_ID, B_ID)))
+    assert genesis_founders(load_config(None), A_ID) == (A_ID,)

@@ -69,3 +69,19 @@ def test_a_directory_in_place_of_the_key_is_refused(tmp_path: Path) -> None:
     with pytest.raises(IdentityError) as info:
         load_or_create_identity(path)
     assert str(path) in str(info.value)
+
+
+def test_a_peer_id_gives_back_its_public_key_and_the_signing_seed_signs_as_it(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey as Crypto
+
+    from consensus.signing import Signer
+    from p2p.identity import peer_id_of_public_key, public_key_of_peer_id, signing_seed
+
+    key_pair = load_or_create_identity(tmp_path / "identity.key")
+    peer_id = peer_id_of(key_pair)
+    raw = public_key_of_peer_id(peer_id)
+    assert len(raw) == 32 and peer_id_of_public_key(raw) == peer_id
+    assert Signer(Crypto.from_private_bytes(signing_seed(key_pair))).public_key == raw  # votes sign as the peer id
+    for bad in ("xyz", "0OIl", "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"):
+        with pytest.raises(ValueError):
+            public_key_of_peer_id(bad)

@@ -6,8 +6,8 @@ simulated or in-process averager in tests), so the same loop runs everywhere. No
 whoever runs it reads clocks, and asks it to stop by setting the `threading.Event` it was given.
 
 The seam for epoch consensus: every `epoch_rounds` rounds the loop saves a checkpoint and calls `on_epoch` with an
-`EpochReached` (epoch, round, canonical model hash, checkpoint path). Today the peer only logs it; the consensus
-layer will take it from there.
+`EpochReached` (epoch, round, canonical model hash, checkpoint path). The peer hands its parameters to epoch
+consensus there (`consensus.service`), without waiting for the epoch to be decided.
 """
 
 from __future__ import annotations
