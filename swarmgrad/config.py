@@ -160,6 +160,9 @@ class ConsensusConfig:
     public: bool = False
     """A public swarm admits at most max(1, n // 32) new voters an epoch (the admission bound)."""
     drop_after_missed: int = 3
+    test_poison_proposals: bool = False
+    """TEST ONLY, hostile: hand consensus the sign-flipped parameters at each boundary (training is unchanged),
+    so that this peer proposes a poisoned checkpoint. tests/test_certified.py shows honest voters refuse it."""
 
     def __post_init__(self) -> None:
         for index, founder in enumerate(self.founders):

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from swarmgrad.procs import EXITED, ChildFailed, ChildProcess, Event, reserve_port
@@ -72,13 +72,20 @@ def peer_args(
 
 
 def start_swarm(
-    workdir: Path, count: int, *, swarm_id: str, rounds: int, extra: Sequence[str] = ()
+    workdir: Path,
+    count: int,
+    *,
+    swarm_id: str,
+    rounds: int,
+    extra: Sequence[str] = (),
+    extra_of: Mapping[int, Sequence[str]] | None = None,
 ) -> tuple[list[PeerProcess], str]:
     """Start `count` peers at once: a bootstrap peer and `count - 1` that join through it. As in a real swarm, the
     bootstrap peer's address is settled before it starts (its identity is created here, its port reserved), and the
     others keep dialling it (up to `START_TIMEOUT_S`) until it listens: nobody waits for its start-up first.
-    Every peer's identity is created here too, so that all `count` are listed as the consensus founders (the
-    voters of epoch 1). Returns the processes and the bootstrap address. On failure, stops whatever it started."""
+    `extra_of[i]` adds flags to peer i only. Every peer's identity is created here too, so that all `count` are
+    listed as the consensus founders (the voters of epoch 1). Returns the processes and the bootstrap address. On
+    failure, stops whatever it started."""
     from p2p.identity import load_or_create_identity, peer_id_of
 
     ids = [peer_id_of(load_or_create_identity(workdir / f"peer-{i}" / "identity.key")) for i in range(count)]
@@ -91,11 +98,13 @@ def start_swarm(
     peers: list[PeerProcess] = []
     try:
         args = peer_args(workdir / "peer-0", swarm_id=swarm_id, rounds=rounds, listen=address.split("/p2p/")[0])
-        peers.append(PeerProcess("peer-0", [*args, *extra], workdir / "peer-0.log"))
+        own = extra_of or {}
+        peers.append(PeerProcess("peer-0", [*args, *extra, *own.get(0, ())], workdir / "peer-0.log"))
         for index in range(1, count):
             name = f"peer-{index}"
             args = peer_args(workdir / name, swarm_id=swarm_id, rounds=rounds, bootstrap=address)
-            peers.append(PeerProcess(name, [*args, *attempts, *extra], workdir / f"{name}.log"))
+            args = [*args, *attempts, *extra, *own.get(index, ())]
+            peers.append(PeerProcess(name, args, workdir / f"{name}.log"))
     except BaseException:
         for peer in peers:
             peer.stop()

@@ -604,7 +604,10 @@ class Peer:
         hand_off_s = 0.0
         if self.consensus is not None:
             started = time.perf_counter()
-            self.consensus.submit_checkpoint(reached.epoch, reached.round, loop.state())
+            state = loop.state()
+            if self.config.consensus.test_poison_proposals:
+                state = {name: -tensor for name, tensor in state.items()}
+            self.consensus.submit_checkpoint(reached.epoch, reached.round, state)
             hand_off_s = time.perf_counter() - started
             self.epoch_hand_off_s.append(hand_off_s)
         self.events.emit(
