@@ -1,10 +1,11 @@
 """Certified checkpoints in real peers: 4 `swarmgrad peer` processes train digits and agree on every epoch's
 checkpoint, on one host (127.0.0.1) and across 4 network-namespace hosts.
 
-Each run: epochs of 16 rounds, 80 rounds, so 4 epochs are certified while training goes on (the fifth boundary is
-the last round; a peer may exit before it commits). Every peer's chain must hold the same certified values for
-epochs 1-4, `swarmgrad verify-chain` must exit 0 on each, each certified body must be kept beside the chain, and
-every peer must reach the demo's accuracy target.
+Each run: epochs of 16 rounds, 160 rounds. Epochs 1-4 must be certified while training goes on; an epoch of 16
+rounds lasts about 0.5 s here, less than a consensus round with a timeout, so the runs train on well past the
+fourth boundary (a peer that finishes may exit before the epochs after it commit). Every peer's chain must hold
+the same certified values for epochs 1-4, `swarmgrad verify-chain` must exit 0 on each, each certified body must be
+kept beside the chain, and every peer must reach the demo's accuracy target.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from testing.netns import bridged_hosts, unavailable_reason
 
 pytestmark = pytest.mark.slow
 
-ROUNDS = 80
+ROUNDS = 160
 EPOCH = ["--set", "training.epoch_rounds=16"]
 CERTIFIED = 4
 FINISH_S = 300.0
@@ -77,7 +78,9 @@ def test_four_local_peers_certify_every_epoch_with_the_same_chain(tmp_path: Path
     finally:
         for peer in peers:
             peer.stop()
-    _check({p.name: tmp_path / p.name for p in peers}, events)
+    # members may fall to 3: a member whose precommit is in none of 3 certificates in a row is dropped, even an
+    # honest one that is merely always the slowest (docs/consensus.md, "Consensus in the peer")
+    _check({p.name: tmp_path / p.name for p in peers}, events, members=frozenset({3, 4}))
 
 
 def test_a_poisoning_proposer_is_refused_and_the_others_checkpoints_commit(tmp_path: Path) -> None:
@@ -89,9 +92,7 @@ def test_a_poisoning_proposer_is_refused_and_the_others_checkpoints_commit(tmp_p
     first = proposer_of(members, genesis_parent_hash("poison", members), 0)
     bad = keys.index(first)
     hostile = {bad: ["--set", "consensus.test_poison_proposals=true"]}
-    # epochs of 16 rounds last about 0.5 s here, less than the timeouts of the refused round: train 160 rounds so
-    # that epochs 1-4 are certified before the peers finish
-    peers, _ = start_swarm(tmp_path, 4, swarm_id="poison", rounds=2 * ROUNDS, extra=extra, extra_of=hostile)
+    peers, _ = start_swarm(tmp_path, 4, swarm_id="poison", rounds=ROUNDS, extra=extra, extra_of=hostile)
     try:
         events = _finish(peers)
     finally:
@@ -139,4 +140,4 @@ def test_four_hosts_certify_every_epoch_across_hosts(tmp_path: Path) -> None:
         finally:
             for peer in peers:
                 peer.stop()
-    _check({n: tmp_path / n for n in names}, events)
+    _check({n: tmp_path / n for n in names}, events, members=frozenset({3, 4}))
