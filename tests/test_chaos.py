@@ -77,10 +77,11 @@ def latest(peer: PeerProcess, kind: str) -> Event:
     return events[-1]
 
 
-def joiner(tmp_path: Path, name: str, data_dir: str, bootstrap: str) -> PeerProcess:
+def joiner(tmp_path: Path, name: str, data_dir: str, bootstrap: str, founders: list[str]) -> PeerProcess:
     """A peer that joins the swarm through `bootstrap`, on the data directory `data_dir` (a killed peer's: it
-    restarts)."""
-    args = peer_args(tmp_path / data_dir, swarm_id=SWARM, rounds=0, bootstrap=bootstrap, extra=[*JOIN, *SETTINGS])
+    restarts), with the swarm's founders (its chain's genesis must be the swarm's)."""
+    extra = [*JOIN, *SETTINGS, "--founders", ",".join(founders)]
+    args = peer_args(tmp_path / data_dir, swarm_id=SWARM, rounds=0, bootstrap=bootstrap, extra=extra)
     return PeerProcess(name, args, tmp_path / f"{name}.log")
 
 
@@ -103,9 +104,10 @@ def test_a_frozen_a_killed_and_a_late_peer_end_on_one_round_one_epoch_and_the_ta
         frozen_at = time.monotonic()
         victim.proc.kill()
         assert victim.wait(30.0) == -signal.SIGKILL
-        restarted = joiner(tmp_path, "peer-3b", "peer-3", address)
+        founders = [peer.seen("listening")[0]["peer_id"] for peer in peers]
+        restarted = joiner(tmp_path, "peer-3b", "peer-3", address, founders)
         peers.append(restarted)
-        late = joiner(tmp_path, "peer-4", "peer-4", address)
+        late = joiner(tmp_path, "peer-4", "peer-4", address, founders)
         peers.append(late)
         survivors = peers[:2]
         marks = {peer.name: latest(peer, "round")["round"] for peer in survivors}
