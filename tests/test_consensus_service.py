@@ -4,12 +4,15 @@ chain and the certified body, refuse a poisoned proposal, and a restarted peer r
 from __future__ import annotations
 
 import contextlib
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import trio
 
 from consensus.agreement import STATE_SCHEMA, AgreementConfig
+from consensus.body_fetch import BodyFetched
 from consensus.membership import genesis_members
 from consensus.merkle import CheckpointTree
 from consensus.provenance import ChainGenesis, read_chain, verify_file
@@ -30,17 +33,40 @@ def _state(epoch: int, peer: int, scale: float = 1.0) -> dict[str, torch.Tensor]
     return {"w": scale * (base + noise), "b": torch.zeros(3)}
 
 
+def _tell_kept_bodies(service: ConsensusService, news: trio.MemorySendChannel[str]) -> None:
+    """Send to `news` each time `service` has written a fetched certified body (its own bodies are written before
+    `on_certified` is called)."""
+    keep = service._keep_body
+
+    async def keep_and_tell(note: BodyFetched) -> None:
+        await keep(note)
+        news.send_nowait("body")
+
+    setattr(service, "_keep_body", keep_and_tell)  # noqa: B010 (a test hook on one instance, not a method type)
+
+
 async def _swarm(tmp: Path, epochs: int, poisoned: int | None = None) -> dict[str, list[CertifiedEpoch]]:
     seen: dict[str, list[CertifiedEpoch]] = {f"p{i}": [] for i in range(4)}
+    news_in, news = trio.open_memory_channel[str](math.inf)
+
+    def certified(name: str) -> Callable[[CertifiedEpoch], None]:
+        def record(epoch: CertifiedEpoch) -> None:
+            seen[name].append(epoch)
+            news_in.send_nowait("certified")
+
+        return record
+
     net = SimNetwork(seed=3)
     async with net.run(), contextlib.AsyncExitStack() as stack:
         transports = [await stack.enter_async_context(net.open_transport(f"p{i}")) for i in range(4)]
         services = [
             ConsensusService(
-                t, SIGNERS[i], GENESIS, tmp / f"p{i}", SETTINGS, NAMES.__getitem__, on_certified=seen[f"p{i}"].append
+                t, SIGNERS[i], GENESIS, tmp / f"p{i}", SETTINGS, NAMES.__getitem__, on_certified=certified(f"p{i}")
             )
             for i, t in enumerate(transports)
         ]
+        for service in services:
+            _tell_kept_bodies(service, news_in)
         async with trio.open_nursery() as nursery:
             for service in services:
                 await nursery.start(service.run)
@@ -51,12 +77,12 @@ async def _swarm(tmp: Path, epochs: int, poisoned: int | None = None) -> dict[st
                 for i, service in enumerate(services):
                     scale = -1.0 if i == poisoned else 1.0
                     await trio.to_thread.run_sync(service.submit_checkpoint, epoch, 10 * epoch, _state(epoch, i, scale))
-                with trio.fail_after(60):
+                with trio.fail_after(60):  # a ceiling only a hang reaches: each certificate or body sends news
                     while min(len(v) for v in seen.values()) < epoch:
-                        await trio.sleep(0.05)
+                        await news.receive()
             with trio.fail_after(60):  # the certified bodies arrive
                 while not all(body_path(tmp / name, r.epoch, r.root).exists() for name, rs in seen.items() for r in rs):
-                    await trio.sleep(0.05)
+                    await news.receive()
             nursery.cancel_scope.cancel()
     return seen
 

@@ -202,8 +202,11 @@ async def test_durable_effects_run_inline_in_order_before_the_sends_after_them(
         order.append((effect.n, trio.lowlevel.current_task() is driver_task[0], driver.statistics().get("sent", 0)))
         return True
 
+    effect_ran = trio.Event()
+
     async def other(effect: Effect) -> None:
         order.append(("effect", effect))
+        effect_ran.set()
         return None
 
     driver_task: list[object] = []
@@ -215,7 +218,8 @@ async def test_durable_effects_run_inline_in_order_before_the_sends_after_them(
         driver.submit(Arm("go", 0.0))
         delivery = await inbox.receive()
         assert SCHEMA.decode(delivery.payload) == Hello(3)
-        await trio.sleep(1.0)
+        with trio.fail_after(5):
+            await effect_ran.wait()
         # both saves ran synchronously in the machine's own step, before the message left; Ping2 went to run_effect
         assert [entry[0] for entry in order] == [1, 2, "effect"]
         assert order[0][2] == 0 and order[1][2] == 0
