@@ -322,6 +322,15 @@ class EpochAgreement:
     def proposer(self, consensus_round: int) -> bytes:
         return self._order[consensus_round % len(self._order)]
 
+    def votes_for(self, value_hash: bytes) -> list[Vote]:
+        """The (validly signed) votes this machine holds for `value_hash`, by round, phase and voter."""
+        return [
+            vote
+            for r in sorted(self._rounds)
+            for _, vote in sorted(self._rounds[r].votes.items())
+            if vote.value_hash == value_hash
+        ]
+
     def step(self, now: float, event: Event) -> list[Action]:
         self._now = now
         self._out = []

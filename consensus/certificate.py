@@ -6,6 +6,10 @@ every signature is that member's precommit for the value's hash in the certifica
 set of E+1 is the certificate's `next_members` (bound to the value by `next_members_hash`), and E+1's parent link
 is E's value hash. So a chain verifies from the genesis member set (or from a trusted certificate named by its
 value hash) one link at a time; the first link that fails raises `CertificateError` naming its epoch.
+
+`verify_attendance` checks the attendance a value of epoch E carries (who took part in E-1) against E-1's members:
+every entry a member's valid signature of a vote for the parent value, and at least a quorum of them (the parent
+certificate alone holds that many, so an honest proposer always has them).
 """
 
 from __future__ import annotations
@@ -13,9 +17,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from consensus.errors import CertificateError, EvidenceError
+from consensus.errors import AttendanceError, CertificateError, EvidenceError
 from consensus.membership import genesis_parent_hash
-from consensus.messages import Certificate, EquivocationEvidence, check_members, quorum
+from consensus.messages import Certificate, EpochValue, EquivocationEvidence, check_members, quorum
 from consensus.signing import SignatureVerifier, precommit_bytes, vote_bytes
 
 
@@ -135,3 +139,26 @@ def verify_evidence(
         if not verifier.verify(vote.voter, vote_bytes(vote), vote.signature):
             raise EvidenceError(f"a vote of {offender.hex()[:16]} in the evidence is not validly signed")
     return offender
+
+
+def verify_attendance(
+    value: EpochValue, parent_members: Sequence[bytes], verifier: SignatureVerifier | None = None
+) -> frozenset[bytes]:
+    """Check that `value`'s attendance proves who took part in the parent epoch, whose members are
+    `parent_members` (ignored in epoch 1, whose attendance the message keeps empty); return the attendees. Raises
+    `AttendanceError` on a non-member, a forged or wrong signature, or fewer than a quorum of attendees."""
+    if value.epoch == 1:
+        return frozenset()
+    verifier = verifier or SignatureVerifier()
+    member_set = set(parent_members)
+    need = quorum(len(member_set))
+    if len(value.attendance) < need:
+        raise AttendanceError(
+            f"{len(value.attendance)} attendees of epoch {value.epoch - 1}, at least {need} (a quorum) expected"
+        )
+    for entry in value.attendance:
+        if entry.voter not in member_set:
+            raise AttendanceError(f"attendee {entry.voter.hex()[:16]} is not a member of epoch {value.epoch - 1}")
+        if not verifier.attendance(value, entry):
+            raise AttendanceError(f"forged or wrong attendance signature of member {entry.voter.hex()[:16]}")
+    return value.attendees

@@ -7,13 +7,24 @@ epoch's parent link is (the genesis anchor, then the value hash of the last cert
 
 - **Starting an epoch.** The host hands it `Checkpoint(epoch, round, root, model_spec_hash)` when its training
   reaches a boundary. The agreement of epoch E = len(chain) + 1 starts when the checkpoint of E is known and this
-  peer is a member of E; its candidate value names that checkpoint, the parent link and the next member set
-  (`consensus.membership.next_members`: members silent for `drop_after_missed` epochs or proven equivocators go; no
-  joiners yet). A checkpoint of an earlier epoch is ignored; one of a later epoch waits for its turn. A machine
-  built with a persisted `VoterState` of epoch E resumes it (same votes, never a conflicting one).
+  peer is a member of E; its candidate value names that checkpoint, the parent link, the attendance of E-1 and
+  the next member set (`consensus.membership.next_members`: members silent for `drop_after_missed` epochs or proven
+  equivocators go; no joiners yet). A checkpoint of an earlier epoch is ignored; one of a later epoch waits for
+  its turn. A machine built with a persisted `VoterState` of epoch E resumes it (same votes, never a conflicting
+  one).
+- **Attendance.** While epoch L is the last certified one, the machine collects one signed vote for L's value
+  from each member of L it can: the precommits of its certificate, the votes its agreement held, and the votes and
+  certificates of L that arrive late (after the decision, which the first 2f+1 precommits made). The value it
+  proposes for L+1 carries them (`EpochValue.attendance`), so a member that voted, however slowly, is not counted
+  as silent. When the next epoch's checkpoint is already known at the decision (epochs shorter than a decision),
+  its agreement starts once every member of L attended, or `vote_timeout_s` after the decision, whichever comes
+  first, so that the late votes make it into the value.
 - **Checks.** `CheckProposal` of the agreement goes to the host (the sampled-chunk check) unless the proposal is
-  plainly invalid here: another model spec, or a next member set other than the one this peer computes. Those are
-  answered `ProposalChecked(ok=False)` at once.
+  plainly invalid here: another model spec; an attendance that does not verify (a non-member, a forged signature,
+  fewer than a quorum: `verify_attendance`); a next member set other than the one this peer computes from the
+  chain's attendances and the proposal's; or one that drops a member as silent although this peer holds a vote of
+  it in those epochs (its own certificates' signers, the votes it collected). Those are answered
+  `ProposalChecked(ok=False)` at once.
 - **Messages.** Messages of the current epoch go to its agreement; those of a later epoch are buffered (at most
   `MAX_BUFFERED`) until it starts; a vote or proposal of an already decided epoch is answered with its
   certificate (at most once per `rebroadcast_s` per peer and epoch). A certificate for the next epoch is verified
@@ -31,6 +42,7 @@ Timers of the agreement are keyed `(epoch, key)`. All actions of an agreement pa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,10 +57,19 @@ from consensus.agreement import (
     StartEpoch,
     VoterState,
 )
-from consensus.certificate import verify_certificate
-from consensus.errors import CertificateError
+from consensus.certificate import verify_attendance, verify_certificate
+from consensus.errors import AttendanceError, CertificateError
 from consensus.membership import MembershipPolicy, missed_epochs, next_members
-from consensus.messages import Certificate, EpochValue, EquivocationEvidence, Proposal, Vote, members_hash
+from consensus.messages import (
+    PRECOMMIT,
+    Attendance,
+    Certificate,
+    EpochValue,
+    EquivocationEvidence,
+    Proposal,
+    Vote,
+    members_hash,
+)
 from consensus.provenance import ChainGenesis
 from consensus.signing import SignatureVerifier, Signer
 from swarmgrad.core.errors import LocalProtocolError, RemoteProtocolError
@@ -67,6 +88,7 @@ from swarmgrad.core.machine import (
     TimerFired,
 )
 
+_ATTENDANCE_TIMER = "attendance"
 MAX_BUFFERED = 1024
 """Messages of later epochs held until their epoch starts; more are dropped (they are re-sent)."""
 
@@ -128,6 +150,11 @@ class EpochChain:
         self._equivocators: set[bytes] = set()
         self.agreement: EpochAgreement | None = None
         self.dropped = 0
+        self._attendance: dict[bytes, Attendance] = {}  # who took part in the last certified epoch
+        self._certified_at = -math.inf  # when the last epoch was certified here (before a restart: long ago)
+        if self.chain:
+            for vote in self._certificate_votes(self.chain[-1]):
+                self._attend(vote)
 
     # ---- what the chain says ------------------------------------------------------------------------------------
 
@@ -141,11 +168,32 @@ class EpochChain:
     def parent_of_next(self) -> bytes:
         return self.chain[-1].value.hash() if self.chain else self.genesis.parent_hash
 
-    def expected_next_members(self) -> tuple[bytes, ...]:
+    def members_of(self, epoch: int) -> tuple[bytes, ...]:
+        """Who votes in `epoch`, from 1 to the next epoch."""
+        return self.genesis.members if epoch == 1 else self.chain[epoch - 2].next_members
+
+    def attendance(self) -> tuple[Attendance, ...]:
+        """Who this peer can prove took part in the last certified epoch (empty before the first), by key: what its
+        value of the next epoch carries."""
+        return tuple(self._attendance[key] for key in sorted(self._attendance))
+
+    def expected_next_members(self, attendance: tuple[Attendance, ...]) -> tuple[bytes, ...]:
+        """The member set after the next epoch, for a next value that carries `attendance`."""
         members = self.members_of_next()
         k = self.policy.drop_after_missed
-        missed = missed_epochs(members, [cert.signers for cert in self.chain[-k:]])
+        # epoch j's attendance is in epoch j+1's value: the chain's values hold it for all but the last epoch
+        present = [cert.value.attendees for cert in self.chain[max(1, len(self.chain) - k + 1) :]]
+        if self.chain:
+            present.append(frozenset(entry.voter for entry in attendance))
+        missed = missed_epochs(members, present)
         return next_members(self.policy, members, self.parent_of_next(), missed, (), sorted(self._equivocators))
+
+    def _seen_in_window(self) -> set[bytes]:
+        """Members of whom this peer holds a vote in the epochs the silence rule looks at."""
+        seen = set(self._attendance)
+        for cert in self.chain[-self.policy.drop_after_missed :]:
+            seen.update(cert.signers)
+        return seen
 
     # ---- the machine --------------------------------------------------------------------------------------------
 
@@ -158,6 +206,8 @@ class EpochChain:
             return self._received(now, event.peer, event.msg)
         if isinstance(event, TimerFired):
             key = event.key
+            if key == (_ATTENDANCE_TIMER, self.next_epoch):
+                return self._maybe_start(now)
             if isinstance(key, tuple) and len(key) == 2 and self.agreement is not None:
                 epoch, inner = key
                 if epoch == self.agreement.epoch:
@@ -181,7 +231,12 @@ class EpochChain:
         members = self.members_of_next()
         if checkpoint is None or self.signer.public_key not in members:
             return []
-        following = self.expected_next_members()
+        if self.chain and len(self._attendance) < len(self.members_of(len(self.chain))):
+            wait_until = self._certified_at + self.config.vote_timeout_s
+            if now < wait_until:  # late votes of the last epoch are still on their way
+                return [SetTimer((_ATTENDANCE_TIMER, epoch), wait_until)]
+        attendance = self.attendance()
+        following = self.expected_next_members(attendance)
         value = EpochValue(
             self.swarm_id,
             epoch,
@@ -190,6 +245,7 @@ class EpochChain:
             checkpoint.model_spec_hash,
             members_hash(following),
             self.parent_of_next(),
+            attendance,
         )
         state = self._state if self._state is not None and self._state.epoch == epoch else None
         self.agreement = EpochAgreement(
@@ -212,13 +268,18 @@ class EpochChain:
         if epoch is None:
             raise RemoteProtocolError(peer, f"{type(msg).__name__} is not a consensus message")
         if 1 <= epoch <= len(self.chain):
+            started: list[Action] = []
+            if epoch == len(self.chain):
+                self._late(peer, msg)
+                if len(self._attendance) == len(self.members_of(epoch)):
+                    started = self._maybe_start(now)
             if isinstance(msg, Certificate):
-                return []
+                return started
             last = self._answered.get((peer, epoch))
             if last is not None and now < last + self.config.rebroadcast_s:
-                return []
+                return started
             self._answered[(peer, epoch)] = now
-            return [Send(peer, self.chain[epoch - 1])]
+            return [Send(peer, self.chain[epoch - 1]), *started]
         if epoch == self.next_epoch:
             if self.agreement is not None and self.agreement.epoch == epoch:
                 return self._run(now, Received(peer, msg))
@@ -241,8 +302,50 @@ class EpochChain:
             raise RemoteProtocolError(peer, f"bad certificate: {exc}") from exc
         return self._certified(now, cert, members)
 
+    def _certificate_votes(self, cert: Certificate) -> list[Vote]:
+        value_hash = cert.value.hash()
+        return [
+            Vote(self.swarm_id, cert.epoch, cert.consensus_round, PRECOMMIT, value_hash, s.member, s.signature)
+            for s in cert.precommits
+        ]
+
+    def _attend(self, vote: Vote) -> None:
+        """Note a verified vote for the last certified value (the first one of each member is kept)."""
+        if vote.voter not in self._attendance:
+            self._attendance[vote.voter] = Attendance(vote.voter, vote.consensus_round, vote.phase, vote.signature)
+
+    def _late(self, peer: PeerId, msg: object) -> None:
+        """A vote or certificate of the last certified epoch: note the members it proves took part."""
+        last = self.chain[-1]
+        value_hash = last.value.hash()
+        if isinstance(msg, Vote):
+            votes = [msg]
+        elif isinstance(msg, Certificate) and msg.value.hash() == value_hash:
+            votes = self._certificate_votes(msg)
+        else:
+            return
+        members = set(self.members_of(last.epoch))
+        for vote in votes:
+            if (
+                vote.swarm_id != self.swarm_id
+                or vote.value_hash != value_hash
+                or vote.voter in self._attendance
+                or vote.voter not in members
+            ):
+                continue
+            if not self.verifier.vote(vote):
+                raise RemoteProtocolError(peer, f"bad signature on a vote of {vote.voter.hex()[:16]}")
+            self._attend(vote)
+
     def _certified(self, now: float, cert: Certificate, members: tuple[bytes, ...]) -> list[Action]:
         self.chain.append(cert)
+        self._certified_at = now
+        self._attendance = {}
+        if self.agreement is not None and self.agreement.epoch == cert.epoch:
+            for vote in self.agreement.votes_for(cert.value.hash()):
+                self._attend(vote)
+        for vote in self._certificate_votes(cert):
+            self._attend(vote)
         self._checkpoints = {e: c for e, c in self._checkpoints.items() if e > cert.epoch}
         me = self.peer_of_key(self.signer.public_key)
         actions: list[Action] = [Notify(Certified(cert, members))]
@@ -290,8 +393,23 @@ class EpochChain:
         reason = None
         if own is not None and value.model_spec_hash != own.model_spec_hash:
             reason = "another model spec"
-        elif proposal.next_members != self.expected_next_members():
-            reason = "a next member set other than the one this peer computes"
+        else:
+            reason = self._membership_problem(proposal)
         if reason is None:
             return None
         return ProposalChecked(value.epoch, value.hash(), False, reason)
+
+    def _membership_problem(self, proposal: Proposal) -> str | None:
+        """Why `proposal`'s attendance or next member set is wrong here, or None."""
+        value = proposal.value
+        try:
+            verify_attendance(value, self.members_of(value.epoch - 1) if value.epoch > 1 else (), self.verifier)
+        except AttendanceError as exc:
+            return f"attendance: {exc}"
+        if proposal.next_members != self.expected_next_members(value.attendance):
+            return "a next member set other than the one this peer computes"
+        dropped = set(self.members_of_next()) - set(proposal.next_members) - self._equivocators
+        wrongly = sorted(dropped & self._seen_in_window())
+        if wrongly:
+            return f"it drops member {wrongly[0].hex()[:16]} as silent, whose vote this peer holds"
+        return None

@@ -2,7 +2,8 @@
 
 Bad network input (a malformed, unsigned, out-of-epoch or wrongly signed message) is a `RemoteProtocolError` from
 `swarmgrad.core.errors`: the driver drops the message and reports the peer. The errors here are for things checked
-offline: a certificate or a chain of them that does not hold, and equivocation evidence that proves nothing.
+offline: a certificate or a chain of them that does not hold, and equivocation evidence or an attendance that
+proves nothing.
 """
 
 from __future__ import annotations
@@ -21,3 +22,7 @@ class CertificateError(SwarmgradError):
 
 class EvidenceError(SwarmgradError):
     """Equivocation evidence that does not prove a member signed two conflicting votes."""
+
+
+class AttendanceError(SwarmgradError):
+    """A value's attendance (`EpochValue.attendance`) that does not prove who took part in the parent epoch."""

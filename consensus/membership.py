@@ -10,7 +10,11 @@ Next member set. Each certificate of epoch E carries the member set of E+1 (`nex
 proposer computes it with `next_members` from what it saw in E, and the voters' validity check recomputes it:
 
 * a member stays unless it is proven to have equivocated (`EquivocationEvidence`) or it missed the last
-  `drop_after_missed` epochs (signed none of their certificates): a dead key must not keep counting towards n;
+  `drop_after_missed` epochs: a dead key must not keep counting towards n. A member *took part* in epoch E-1 when
+  E's value attests it (`EpochValue.attendance`: a signed vote of the member for E-1's certified value), and missed
+  it otherwise. Presence is read from the decided values alone, not from a certificate's signers: a certificate
+  holds only the first 2f+1 precommits its maker gathered, so the slowest honest member would sign none of them
+  and be dropped although it voted every time, and two honest peers may hold different signer sets of one epoch;
 * a *joiner* is a live key holder that asked to join and presented the certificate chain it verified up to E (the
   host checks that before it lists the key); equivocators never join;
 * private swarm: every such joiner is admitted (the swarm key already limits who can connect);
@@ -81,9 +85,9 @@ def next_members(
     joiners: Iterable[bytes],
     equivocators: Iterable[bytes],
 ) -> tuple[bytes, ...]:
-    """The member set of the next epoch (sorted). `missed_epochs[key]`: consecutive epochs up to now whose
-    certificate the member did not sign; `joiners`: live key holders that asked to join with a verified chain.
-    Never empty and never above `MAX_MEMBERS`: if every member would go, the current set stays."""
+    """The member set of the next epoch (sorted). `missed_epochs[key]`: consecutive epochs up to now in which the
+    member took no attested part (`missed_epochs`); `joiners`: live key holders that asked to join with a verified
+    chain. Never empty and never above `MAX_MEMBERS`: if every member would go, the current set stays."""
     banned = set(equivocators)
     stay = [m for m in current if m not in banned and missed_epochs.get(m, 0) < policy.drop_after_missed]
     if not stay:
@@ -101,12 +105,12 @@ def next_members(
     return members
 
 
-def missed_epochs(members: tuple[bytes, ...], signer_sets: Iterable[Iterable[bytes]]) -> dict[bytes, int]:
-    """For each member, how many of the most recent certificates (`signer_sets`, oldest first) it did not sign in
-    a row."""
+def missed_epochs(members: tuple[bytes, ...], present_sets: Iterable[Iterable[bytes]]) -> dict[bytes, int]:
+    """For each member, how many of the most recent epochs (`present_sets`: who took part in each, oldest first) it
+    missed in a row."""
     missed = {m: 0 for m in members}
-    for signers in signer_sets:
-        signed = set(signers)
+    for present in present_sets:
+        took_part = set(present)
         for m in members:
-            missed[m] = 0 if m in signed else missed[m] + 1
+            missed[m] = 0 if m in took_part else missed[m] + 1
     return missed

@@ -8,8 +8,14 @@ decides who voted: a relayed vote is as good as a direct one.
 
 `parent_certificate_hash` is the *value hash* of the parent epoch's certified value (`EpochValue.hash`), not a hash
 of the certificate's bytes: two nodes may hold different 2f+1 subsets of the same precommits, and both must link
-the next epoch to the same parent. Every field is bounded here (`__post_init__`), so a decoded message is at most a
-few hundred bytes plus its member list (`MAX_MEMBERS`) and its justification (at most `MAX_MEMBERS` votes).
+the next epoch to the same parent. A value of epoch E > 1 also carries the *attendance* of epoch E-1: one signed
+vote for the parent value (a prevote or precommit of any round) from each member of E-1 the proposer can prove
+took part, which is what the silence rule counts (`consensus.membership`). Every field is bounded here
+(`__post_init__`), so a decoded message is at most a few hundred bytes plus its member list (`MAX_MEMBERS`), its
+attendance (at most `MAX_MEMBERS` entries of about 110 bytes) and its justification (at most `MAX_MEMBERS` votes).
+
+Protocol 2.0.0 added the attendance to `EpochValue`; 1.0.0 peers cannot negotiate it, and chain files and voter
+states written by 1.0.0 peers do not decode.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from dataclasses import dataclass
 from swarmgrad.core.codec import Schema
 from swarmgrad.core.swarm_id import MAX_SWARM_ID_CHARS, SWARM_ID_RULE, is_valid_swarm_id
 
-PROTOCOL = "/swarmgrad/consensus/1.0.0"
+PROTOCOL = "/swarmgrad/consensus/2.0.0"
 KEY_BYTES = 32
 """A member's raw Ed25519 public key."""
 SIGNATURE_BYTES = 64
@@ -100,8 +106,29 @@ def max_faulty(num_members: int) -> int:
 
 
 @dataclass(frozen=True)
+class Attendance:
+    """`voter`'s signed vote for the parent epoch's certified value, carried by the next epoch's value: the vote of
+    phase `phase` in `consensus_round` of epoch E-1 for the value hash E's `parent_certificate_hash` names (so the
+    swarm id, epoch and value hash are not repeated; `consensus.signing.attendance_bytes` rebuilds what was
+    signed)."""
+
+    voter: bytes
+    consensus_round: int
+    phase: int
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        _check_key("voter", self.voter)
+        _check_round("consensus_round", self.consensus_round)
+        if self.phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES} (prevote, precommit), got {self.phase}")
+        _check_signature(self.signature)
+
+
+@dataclass(frozen=True)
 class EpochValue:
-    """What an epoch decides. `round` is the training round of the checkpoint boundary (not a consensus round)."""
+    """What an epoch decides. `round` is the training round of the checkpoint boundary (not a consensus round).
+    `attendance`: who took part in the parent epoch (see the module docstring), sorted by voter, empty in epoch 1."""
 
     swarm_id: str
     epoch: int
@@ -110,6 +137,7 @@ class EpochValue:
     model_spec_hash: bytes
     next_members_hash: bytes
     parent_certificate_hash: bytes
+    attendance: tuple[Attendance, ...] = ()
 
     def __post_init__(self) -> None:
         _check_swarm(self.swarm_id)
@@ -120,6 +148,17 @@ class EpochValue:
         _check_hash("model_spec_hash", self.model_spec_hash)
         _check_hash("next_members_hash", self.next_members_hash)
         _check_hash("parent_certificate_hash", self.parent_certificate_hash)
+        if self.epoch == 1 and self.attendance:
+            raise ValueError("epoch 1 has no parent epoch, so no attendance")
+        if len(self.attendance) > MAX_MEMBERS:
+            raise ValueError(f"an attendance has at most {MAX_MEMBERS} entries, got {len(self.attendance)}")
+        if any(a.voter >= b.voter for a, b in itertools.pairwise(self.attendance)):
+            raise ValueError("attendance must name distinct voters, in increasing key order")
+
+    @property
+    def attendees(self) -> frozenset[bytes]:
+        """The members this value proves took part in the parent epoch."""
+        return frozenset(a.voter for a in self.attendance)
 
     def hash(self) -> bytes:
         """The value hash that votes name and that the next epoch links to (computed once per object)."""

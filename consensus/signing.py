@@ -25,7 +25,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from consensus.messages import PRECOMMIT, Proposal, Vote
+from consensus.messages import PRECOMMIT, Attendance, EpochValue, Proposal, Vote
 from swarmgrad.core.errors import ConfigError
 
 DOMAIN = b"swarmgrad/consensus/v1\x00"
@@ -55,6 +55,13 @@ def vote_bytes(vote: Vote) -> bytes:
 
 def precommit_bytes(swarm_id: str, epoch: int, consensus_round: int, value_hash: bytes) -> bytes:
     return signing_bytes(PRECOMMIT, swarm_id, epoch, consensus_round, value_hash)
+
+
+def attendance_bytes(value: EpochValue, entry: Attendance) -> bytes:
+    """What `entry.voter` signed: its vote in epoch `value.epoch - 1` for the parent value `value` names."""
+    return signing_bytes(
+        entry.phase, value.swarm_id, value.epoch - 1, entry.consensus_round, value.parent_certificate_hash
+    )
 
 
 def proposal_bytes(proposal: Proposal) -> bytes:
@@ -141,6 +148,9 @@ class SignatureVerifier:
 
     def vote(self, vote: Vote) -> bool:
         return self.verify(vote.voter, vote_bytes(vote), vote.signature)
+
+    def attendance(self, value: EpochValue, entry: Attendance) -> bool:
+        return self.verify(entry.voter, attendance_bytes(value, entry), entry.signature)
 
     def proposal(self, proposal: Proposal) -> bool:
         return self.verify(proposal.proposer, proposal_bytes(proposal), proposal.signature)

@@ -1,0 +1,252 @@
+"""The silence rule counts attendance, not certificate signatures: 4 `EpochChain` machines on a small virtual-time
+network keep an honest member that is always the slowest (it signs none of the others' certificates), still drop
+a member that is really silent, and refuse a proposal whose attendance is forged or that drops a member the voter
+saw voting."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import heapq
+import itertools
+
+import pytest
+
+from consensus.agreement import AgreementConfig, CheckProposal, ProposalChecked, proposer_of
+from consensus.certificate import verify_attendance
+from consensus.epochs import Certified, Checkpoint, EpochChain
+from consensus.errors import AttendanceError
+from consensus.membership import MembershipPolicy
+from consensus.messages import (
+    MAX_MEMBERS,
+    MAX_MESSAGE_BYTES,
+    NIL,
+    PREVOTE,
+    SCHEMA,
+    Attendance,
+    Certificate,
+    EpochValue,
+    Proposal,
+    Signed,
+    Vote,
+    members_hash,
+)
+from consensus.provenance import ChainGenesis
+from consensus.signing import Signer, proposal_bytes
+from swarmgrad.core.errors import RemoteProtocolError
+from swarmgrad.core.machine import (
+    Action,
+    CancelTimer,
+    Event,
+    Notify,
+    PeerUp,
+    Received,
+    Send,
+    SetTimer,
+    TimerFired,
+)
+from tests.consensus_helpers import SPEC, SWARM, Members, certificate
+
+EPOCH_S = 10.0
+"""Virtual seconds between two epoch boundaries: late votes of an epoch arrive long before the next one starts."""
+
+
+class Network:
+    """Four chains in virtual time: each message takes `delay_s[sender]`; proposals are checked at once."""
+
+    def __init__(self, members: Members, delay_s: dict[str, float], policy: MembershipPolicy) -> None:
+        self.members = members
+        self.genesis = ChainGenesis(SWARM, members.keys)
+        self.names = [members.name(key) for key in members.keys]
+        self.delay_s = delay_s
+        self.chains = {
+            members.name(s.public_key): EpochChain(AgreementConfig(), s, self.genesis, [], members.name, policy=policy)
+            for s in members.signers
+        }
+        self.queue: list[tuple[float, int, str, Event]] = []
+        self.seq = itertools.count()
+        self.timers: dict[tuple[str, object], float] = {}
+        self.certified: dict[str, list[Certified]] = {name: [] for name in self.names}
+        self.tamper: dict[str, object] = {}
+
+    def at(self, when: float, node: str, event: Event) -> None:
+        heapq.heappush(self.queue, (when, next(self.seq), node, event))
+
+    def run(self, epochs: int, epoch_s: float = EPOCH_S) -> None:
+        for name in self.names:
+            for other in self.names:
+                if other != name:
+                    self.at(0.0, name, PeerUp(other))
+            for epoch in range(1, epochs + 1):
+                root = hashlib.sha256(f"root/{epoch}".encode()).digest()  # the same checkpoint everywhere
+                self.at(epoch * epoch_s, name, Checkpoint(epoch, 10 * epoch, root, SPEC))
+        while self.queue:
+            now, _, node, event = heapq.heappop(self.queue)
+            if now > (epochs + 1) * EPOCH_S:  # a ceiling; every test here ends long before
+                break
+            if isinstance(event, TimerFired) and self.timers.get((node, event.key)) != now:
+                continue  # cancelled or replaced
+            self.carry_out(now, node, self.chains[node].step(now, event))
+
+    def carry_out(self, now: float, node: str, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                if self.delay_s[node] >= 0:
+                    self.at(now + self.delay_s[node], action.peer, Received(node, action.msg))
+            elif isinstance(action, SetTimer):
+                self.timers[(node, action.key)] = action.deadline
+                self.at(action.deadline, node, TimerFired(action.key))
+            elif isinstance(action, CancelTimer):
+                self.timers.pop((node, action.key), None)
+            elif isinstance(action, CheckProposal):
+                value = action.proposal.value
+                self.at(now, node, ProposalChecked(value.epoch, value.hash(), True))
+            elif isinstance(action, Notify) and isinstance(action.event, Certified):
+                self.certified[node].append(action.event)
+
+    def member_counts(self, node: str) -> list[int]:
+        return [len(c.members) for c in self.certified[node]]
+
+
+@pytest.mark.parametrize("epoch_s", [EPOCH_S, 0.0], ids=["spaced epochs", "back-to-back epochs"])
+def test_the_slowest_honest_member_signs_no_certificate_of_the_others_and_stays(epoch_s: float) -> None:
+    # back to back: every checkpoint is known from the start, so each epoch starts at the last one's decision,
+    # before the slow member's votes have arrived; it then waits up to vote_timeout_s for them
+    members = Members.make(4)
+    slow = members.name(members.keys[3])
+    delay_s = {members.name(key): 0.01 for key in members.keys} | {slow: 0.3}
+    net = Network(members, delay_s, MembershipPolicy(drop_after_missed=3))
+    net.run(epochs=6, epoch_s=epoch_s)
+    slow_key = members.keys[3]
+    for name in net.names:
+        assert [c.certificate.epoch for c in net.certified[name]] == [1, 2, 3, 4, 5, 6], name
+        assert net.member_counts(name) == [4] * 6, name
+        assert all(len(c.certificate.next_members) == 4 for c in net.certified[name])
+        if name != slow:  # the old rule's premise: the slow member is in none of these peers' certificates
+            assert all(slow_key not in c.certificate.signers for c in net.certified[name]), name
+    # what kept it: every value from epoch 2 on attests it took part in the epoch before
+    for cert in (c.certificate for c in net.certified[net.names[0]][1:]):
+        assert slow_key in cert.value.attendees
+        assert verify_attendance(cert.value, members.keys) == cert.value.attendees
+
+
+def test_a_silent_member_is_still_dropped_after_drop_after_missed_epochs() -> None:
+    members = Members.make(4)
+    silent = members.name(members.keys[2])
+    delay_s = {members.name(key): 0.01 for key in members.keys} | {silent: -1.0}  # it never sends anything
+    net = Network(members, delay_s, MembershipPolicy(drop_after_missed=3))
+    net.run(epochs=5)
+    for name in net.names:
+        if name == silent:
+            continue
+        # epochs 1-3 missed: the value of epoch 4 attests that, and names the 3 others as epoch 5's voters
+        assert net.member_counts(name) == [4, 4, 4, 4, 3], name
+        assert members.keys[2] not in net.certified[name][3].certificate.next_members
+
+
+# ---- a voter's check of a proposal's attendance -------------------------------------------------------------------
+
+
+def _voter_of_epoch_2(policy: MembershipPolicy) -> tuple[Members, EpochChain, Signer, Certificate]:
+    """A member's chain holding epoch 1 (signed by the first three, in key order), with epoch 2's agreement
+    started, and the signer of the proposer of epoch 2's round 0 (another member)."""
+    members = Members.make(4)
+    genesis = ChainGenesis(SWARM, members.keys)
+    cert = certificate(1, genesis.parent_hash, members, signers=members.signers[:3])
+    proposer = proposer_of(members.keys, cert.value.hash(), 0)
+    voter = next(s for s in members.signers if s.public_key != proposer)
+    chain = EpochChain(AgreementConfig(), voter, genesis, [cert], members.name, policy=policy)
+    chain.step(20.0, Checkpoint(2, 20, hashlib.sha256(b"mine").digest(), SPEC))
+    return members, chain, members.by_key(proposer), cert
+
+
+def _proposal(
+    proposer: Signer, cert: Certificate, attendance: tuple[Attendance, ...], nxt: tuple[bytes, ...]
+) -> Proposal:
+    root = hashlib.sha256(b"theirs").digest()
+    value = EpochValue(SWARM, 2, 20, root, SPEC, members_hash(nxt), cert.value.hash(), attendance)
+    unsigned = Proposal(value, nxt, 0, -1, proposer.public_key, bytes(64), ())
+    return dataclasses.replace(unsigned, signature=proposer.sign(proposal_bytes(unsigned)))
+
+
+def _attend(signer: Signer, cert: Certificate) -> Attendance:
+    vote = signer.vote(SWARM, 1, cert.consensus_round, PREVOTE, cert.value.hash())
+    return Attendance(vote.voter, vote.consensus_round, vote.phase, vote.signature)
+
+
+def _prevote_of(chain: EpochChain, members: Members, proposal: Proposal) -> tuple[bytes, list[Action]]:
+    actions = chain.step(20.5, Received(members.name(proposal.proposer), proposal))
+    votes = [a.msg for a in actions if isinstance(a, Send) and isinstance(a.msg, Vote) and a.msg.phase == PREVOTE]
+    assert votes, actions
+    return votes[0].value_hash, actions
+
+
+def test_an_honest_attendance_goes_to_the_sampled_check() -> None:
+    members, chain, proposer, cert = _voter_of_epoch_2(MembershipPolicy())
+    attendance = tuple(sorted((_attend(s, cert) for s in members.signers), key=lambda a: a.voter))
+    actions = chain.step(
+        20.5, Received(members.name(proposer.public_key), _proposal(proposer, cert, attendance, members.keys))
+    )
+    assert any(isinstance(a, CheckProposal) for a in actions)  # nothing plainly wrong: the host samples it
+
+
+def _forged(members: Members, cert: Certificate, case: str) -> tuple[tuple[Attendance, ...], tuple[bytes, ...]]:
+    honest = sorted((_attend(s, cert) for s in members.signers), key=lambda a: a.voter)
+    if case == "forged signature":  # the silent-looking member "attends" with a signature it never made
+        honest[3] = dataclasses.replace(honest[3], signature=bytes(64))
+    elif case == "another epoch's vote":
+        vote = members.signers[3].vote(SWARM, 1, 0, PREVOTE, hashlib.sha256(b"other value").digest())
+        honest[3] = Attendance(vote.voter, 0, PREVOTE, vote.signature)
+    elif case == "non-member":
+        stranger = Signer.from_seed(b"stranger")
+        vote = stranger.vote(SWARM, 1, 0, PREVOTE, cert.value.hash())
+        honest = sorted([*honest[:3], Attendance(vote.voter, 0, PREVOTE, vote.signature)], key=lambda a: a.voter)
+    elif case == "below quorum":
+        honest = honest[:2]
+    return tuple(honest), members.keys
+
+
+@pytest.mark.parametrize("case", ["forged signature", "another epoch's vote", "non-member", "below quorum"])
+def test_a_forged_attendance_is_refused_before_any_sampling(case: str) -> None:
+    members, chain, proposer, cert = _voter_of_epoch_2(MembershipPolicy())
+    attendance, nxt = _forged(members, cert, case)
+    proposal = _proposal(proposer, cert, attendance, nxt)
+    prevote, actions = _prevote_of(chain, members, proposal)
+    assert prevote == NIL and not any(isinstance(a, CheckProposal) for a in actions)
+    with pytest.raises(AttendanceError):
+        verify_attendance(proposal.value, members.keys)
+
+
+def test_a_proposal_that_drops_a_member_this_voter_saw_voting_is_refused() -> None:
+    # with k = 1, a proposer that leaves a member out of the attendance drops it at once; this voter's certificate
+    # of epoch 1 holds that member's precommit, so it refuses, though the member set follows from the attendance
+    members, chain, proposer, cert = _voter_of_epoch_2(MembershipPolicy(drop_after_missed=1))
+    victim = next(k for k in cert.signers if k not in (proposer.public_key, chain.signer.public_key))
+    kept = tuple(k for k in members.keys if k != victim)
+    attendance = tuple(sorted((_attend(members.by_key(k), cert) for k in kept), key=lambda a: a.voter))
+    prevote, _ = _prevote_of(chain, members, _proposal(proposer, cert, attendance, kept))
+    assert prevote == NIL
+
+
+def test_a_late_vote_is_attended_and_a_forged_late_vote_is_a_remote_error() -> None:
+    members, chain, _, cert = _voter_of_epoch_2(MembershipPolicy())
+    late = members.signers[3]
+    assert late.public_key not in {a.voter for a in chain.attendance()}
+    forged = dataclasses.replace(late.vote(SWARM, 1, 0, PREVOTE, cert.value.hash()), signature=bytes(64))
+    with pytest.raises(RemoteProtocolError, match="bad signature"):
+        chain.step(21.0, Received("p3", forged))
+    chain.step(21.0, Received("p3", late.vote(SWARM, 1, 0, PREVOTE, cert.value.hash())))
+    assert late.public_key in {a.voter for a in chain.attendance()}
+
+
+def test_the_largest_value_and_proposal_fit_the_message_bound() -> None:
+    keys = tuple(sorted(hashlib.sha256(bytes([i % 256, i // 256])).digest() for i in range(MAX_MEMBERS)))
+    attendance = tuple(Attendance(k, 2**31 - 1, PREVOTE, bytes(64)) for k in keys)
+    swarm = "s" * 63
+    value = EpochValue(swarm, 2**62, 2**62, bytes(32), bytes(32), members_hash(keys), bytes(32), attendance)
+    votes = tuple(Vote(swarm, 2**62, 2**31 - 2, PREVOTE, value.hash(), k, bytes(64)) for k in keys)
+    proposal = Proposal(value, keys, 2**31 - 1, 2**31 - 2, keys[0], bytes(64), votes)
+    cert = Certificate(value, keys, 2**31 - 1, tuple(Signed(k, bytes(64)) for k in keys))
+    for msg in (proposal, cert):
+        assert len(SCHEMA.encode(msg)) < MAX_MESSAGE_BYTES
+    assert SCHEMA.decode(SCHEMA.encode(value)) == value
