@@ -33,7 +33,7 @@ from consensus.messages import (
 )
 from consensus.provenance import ChainGenesis
 from consensus.signing import Signer, proposal_bytes
-from swarmgrad.core.errors import RemoteProtocolError
+from swarmgrad.core.errors import DecodeError, RemoteProtocolError
 from swarmgrad.core.machine import (
     Action,
     CancelTimer,
@@ -250,3 +250,26 @@ def test_the_largest_value_and_proposal_fit_the_message_bound() -> None:
     for msg in (proposal, cert):
         assert len(SCHEMA.encode(msg)) < MAX_MESSAGE_BYTES
     assert SCHEMA.decode(SCHEMA.encode(value)) == value
+
+
+@pytest.mark.parametrize("case", ["epoch 1", "unsorted", "duplicate voter", "bad phase", "short signature"])
+def test_a_malformed_attendance_is_a_decode_error(case: str) -> None:
+    members = Members.make(4)
+    good = tuple(Attendance(k, 0, PREVOTE, bytes(64)) for k in members.keys)
+    value = EpochValue(SWARM, 2, 20, bytes(32), SPEC, members_hash(members.keys), bytes(32), good)
+    bad: object = {
+        "epoch 1": good,
+        "unsorted": tuple(reversed(good)),
+        "duplicate voter": (good[0], good[0]),
+        "bad phase": (dataclasses.replace(good[0], phase=1), good[1]),
+        "short signature": (good[0],),
+    }[case]
+    if case == "epoch 1":
+        object.__setattr__(value, "epoch", 1)
+    elif case == "bad phase":
+        object.__setattr__(bad[0], "phase", 7)  # type: ignore[index]
+    elif case == "short signature":
+        object.__setattr__(bad[0], "signature", bytes(63))  # type: ignore[index]
+    object.__setattr__(value, "attendance", bad)  # bypass the constructor's checks to make the bytes
+    with pytest.raises(DecodeError):
+        SCHEMA.decode(SCHEMA.encode(value))
