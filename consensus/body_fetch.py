@@ -90,6 +90,8 @@ class BodyPeerFailed:
     root: bytes
     peer: PeerId
     reason: str
+    misbehaved: bool = False
+    """True when the peer sent something wrong (a bad proof, a reply to other indices), not merely nothing."""
 
 
 @dataclass(frozen=True)
@@ -182,12 +184,12 @@ class BodyFetch:
         deadline = now + self.config.timeout_s
         return [Send(body.peers[0], body.request, deadline=deadline), SetTimer(_timer(key), deadline)]
 
-    def _next_peer(self, now: float, key: _Key, reason: str) -> list[Action]:
+    def _next_peer(self, now: float, key: _Key, reason: str, misbehaved: bool = False) -> list[Action]:
         body = self._bodies[key]
         peer = body.peers.pop(0)
         body.reasons.append((peer, reason))
         body.request = None
-        return [Notify(BodyPeerFailed(key[0], key[1], peer, reason)), *self._request(now, key)]
+        return [Notify(BodyPeerFailed(key[0], key[1], peer, reason, misbehaved)), *self._request(now, key)]
 
     def _timer(self, now: float, timer: object) -> list[Action]:
         if not (isinstance(timer, tuple) and len(timer) == 2 and timer[0] == "body-fetch"):
@@ -210,10 +212,12 @@ class BodyFetch:
             name = Refusal(msg.code).name.lower().replace("_", " ")
             return actions + self._next_peer(now, key, f"refused: {name}: {msg.detail}")
         if tuple(c.index for c in msg.chunks) != request.indices:
-            return actions + self._next_peer(now, key, "the reply does not answer the requested indices")
+            return actions + self._next_peer(now, key, "the reply does not answer the requested indices", True)
         for proven in msg.chunks:
             if not verify_proof(body.root, proven.index, body.chunk_count, proven.chunk, proven.proof):
-                return actions + self._next_peer(now, key, f"chunk {proven.index}: proof does not lead to the root")
+                return actions + self._next_peer(
+                    now, key, f"chunk {proven.index}: proof does not lead to the root", True
+                )
         for proven in msg.chunks:
             body.chunks[proven.index] = proven.chunk
         return actions + self._request(now, key)

@@ -45,6 +45,7 @@ from enum import IntEnum
 
 import torch
 
+from consensus.chain_offer import ChainOffer, ChainQuery
 from consensus.merkle import (
     CHUNK_SIZE_BYTES,
     HASH_BYTES,
@@ -57,7 +58,8 @@ from swarmgrad.core.codec import Schema
 from swarmgrad.core.errors import DecodeError, LocalProtocolError, RemoteProtocolError
 from swarmgrad.core.swarm_id import MAX_SWARM_ID_CHARS, SWARM_ID_RULE, is_valid_swarm_id
 
-PROTOCOL = "/swarmgrad/consensus-chunks/1.0.0"
+PROTOCOL = "/swarmgrad/consensus-chunks/1.1.0"
+"""1.1: the chain offer messages (`consensus.chain_offer`) joined the chunk messages."""
 MAX_CHUNKS_PER_REQUEST = 64
 """A request names at most this many chunks: a reply is then at most ~4 MiB."""
 DEFAULT_SAMPLE_COUNT = 8
@@ -192,7 +194,7 @@ class ChunkRefusal:
             raise ValueError(f"detail holds at most {MAX_DETAIL_CHARS} characters, got {len(self.detail)}")
 
 
-SCHEMA = Schema("consensus-chunks", {1: ChunkRequest, 2: ChunkReply, 3: ChunkRefusal})
+SCHEMA = Schema("consensus-chunks", {1: ChunkRequest, 2: ChunkReply, 3: ChunkRefusal, 4: ChainQuery, 5: ChainOffer})
 
 ChunkAnswer = ChunkReply | ChunkRefusal
 

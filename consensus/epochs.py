@@ -30,6 +30,9 @@ epoch's parent link is (the genesis anchor, then the value hash of the last cert
   certificate (at most once per `rebroadcast_s` per peer and epoch). A certificate for the next epoch is verified
   against the chain (members, parent link, signatures) and accepted whether or not an agreement runs: that is how
   a peer that is not a member, or whose training is behind, learns the chain.
+- **Adopting.** `AdoptChain(certificates)` (a joiner that starts from a neighbour's certified checkpoint, whose
+  chain the host verified) appends the certificates beyond this chain, notifies `ChainAdopted` with them and
+  replays the buffered messages; the next epoch is then the one after the adopted checkpoint's.
 - **Decisions.** On a decision the certificate joins the chain, `Certified(certificate)` is notified (the host
   writes it to the chain file and fetches the body), the certificate is sent to every live peer (non-members
   learn the chain this way, and so does a member whose training skipped the epoch's boundary and that would
@@ -101,6 +104,21 @@ class Checkpoint(Command):
     round: int
     root: bytes
     model_spec_hash: bytes
+
+
+@dataclass(frozen=True)
+class AdoptChain(Command):
+    """Certificates of epochs 1..E the host verified (`consensus.certified_offer`: from genesis or a trusted hash) for
+    a joiner that starts from epoch E's certified checkpoint; those beyond this chain continue it."""
+
+    certificates: tuple[Certificate, ...]
+
+
+@dataclass(frozen=True)
+class ChainAdopted:
+    """`certificates` joined the chain by `AdoptChain` (the host appends them to its chain file)."""
+
+    certificates: tuple[Certificate, ...]
 
 
 @dataclass(frozen=True)
@@ -204,6 +222,8 @@ class EpochChain:
             return self._maybe_start(now)
         if isinstance(event, Received):
             return self._received(now, event.peer, event.msg)
+        if isinstance(event, AdoptChain):
+            return self._adopt(now, event.certificates)
         if isinstance(event, TimerFired):
             key = event.key
             if key == (_ATTENDANCE_TIMER, self.next_epoch):
@@ -336,6 +356,34 @@ class EpochChain:
             if not self.verifier.vote(vote):
                 raise RemoteProtocolError(peer, f"bad signature on a vote of {vote.voter.hex()[:16]}")
             self._attend(vote)
+
+    def _adopt(self, now: float, certificates: tuple[Certificate, ...]) -> list[Action]:
+        new: list[Certificate] = []
+        for cert in certificates:
+            if cert.epoch <= len(self.chain):
+                if self.chain[cert.epoch - 1].value.hash() != cert.value.hash():
+                    raise LocalProtocolError(f"adopted epoch {cert.epoch} differs from the chain's")
+                continue
+            if cert.epoch != self.next_epoch or cert.value.parent_certificate_hash != self.parent_of_next():
+                raise LocalProtocolError(f"adopted epoch {cert.epoch} does not continue the chain")
+            self.chain.append(cert)
+            new.append(cert)
+        if not new:
+            return []
+        self._attendance = {}  # who took part in the adopted chain's last epoch, as far as its certificate shows
+        for vote in self._certificate_votes(new[-1]):
+            self._attend(vote)
+        self._checkpoints = {e: c for e, c in self._checkpoints.items() if e > new[-1].epoch}
+        if self.agreement is not None and self.agreement.epoch <= new[-1].epoch:
+            self.agreement = None
+        actions: list[Action] = [Notify(ChainAdopted(tuple(new)))]
+        held, self._buffered = self._buffered, []
+        for peer, msg in held:
+            try:
+                actions.extend(self._received(now, peer, msg))
+            except RemoteProtocolError:
+                self.dropped += 1  # a buffered certificate that does not verify on the adopted chain
+        return actions + self._maybe_start(now)
 
     def _certified(self, now: float, cert: Certificate, members: tuple[bytes, ...]) -> list[Action]:
         self.chain.append(cert)

@@ -31,7 +31,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,13 +52,24 @@ from consensus.agreement import (
     proposer_of,
 )
 from consensus.body_fetch import BodyFailed, BodyFetchConfig, BodyFetched, BodyPeerFailed, FetchBody
+from consensus.canonical import spec_layout
+from consensus.certified_join import (
+    CertifiedJoinConfig,
+    HoldChain,
+    JoinCertified,
+    Joined,
+    JoinFailed,
+    JoinOfferRefused,
+    NothingCertified,
+)
+from consensus.certified_offer import TaskOfferChecks
 from consensus.chain import ChainLog
 from consensus.chunk_exchange import ChunkExchange
 from consensus.chunks import ChunkRequest, check_sample, sample_indices
-from consensus.epochs import Certified, Checkpoint, EpochChain
+from consensus.epochs import AdoptChain, Certified, ChainAdopted, Checkpoint, EpochChain
 from consensus.membership import MembershipPolicy
-from consensus.merkle import CheckpointTree
-from consensus.messages import Certificate
+from consensus.merkle import CheckpointTree, chunk_count_of
+from consensus.messages import Certificate, Signed
 from consensus.provenance import ChainContentError, ChainGenesis, append_certificate, create_chain, read_chain
 from consensus.sample_fetch import FetchSample, HoldTree, SampleFailed, SampleFetchConfig, SampleFetched
 from consensus.signing import Signer
@@ -65,6 +77,7 @@ from swarmgrad.core.driver import Driver, PeerErrorHook
 from swarmgrad.core.errors import DecodeError, LocalProtocolError
 from swarmgrad.core.machine import Effect, Event, PeerDown, PeerId, PeerUp
 from swarmgrad.core.transport import Transport
+from training.tasks.base import TensorSpec
 
 if TYPE_CHECKING:  # libp2p installs trio-typing, whose stale `trio-stubs` hide trio's own `TaskStatus` from mypy
     from trio_typing import TaskStatus
@@ -86,7 +99,10 @@ class ConsensusSettings:
     sample_chunks: int = chunks.DEFAULT_SAMPLE_COUNT
     sample_timeout_s: float = 2.0
     body_timeout_s: float = 5.0
+    join_timeout_s: float = 5.0
     policy: MembershipPolicy = field(default_factory=MembershipPolicy)
+    test_forge_offers: str = ""
+    """TEST ONLY, hostile: "certificate" or "body" serves joiners a forged offer (see `_offer`)."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +162,7 @@ class ConsensusService:
         *,
         on_certified: Callable[[CertifiedEpoch], None] | None = None,
         on_peer_error: PeerErrorHook | None = None,
+        spec: Mapping[str, TensorSpec] | None = None,
     ) -> None:
         self.settings = settings
         self.transport = transport
@@ -153,6 +170,8 @@ class ConsensusService:
         self.directory = directory
         self.peer_of_key = peer_of_key
         self.on_certified = on_certified
+        self.on_peer_error = on_peer_error
+        self.spec = spec
         (directory / BODY_DIR).mkdir(parents=True, exist_ok=True)
         self.chain_path = directory / CHAIN_FILE
         certificates = self._open_chain()
@@ -180,6 +199,7 @@ class ConsensusService:
         self.exchange = ChunkExchange(
             SampleFetchConfig(swarm, timeout_s=settings.sample_timeout_s),
             BodyFetchConfig(swarm, timeout_s=settings.body_timeout_s),
+            CertifiedJoinConfig(swarm, timeout_s=settings.join_timeout_s),
         )
         self.chunk_driver = Driver(
             self.exchange,
@@ -195,6 +215,9 @@ class ConsensusService:
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
         self.certified: list[CertifiedEpoch] = []
+        self._join_outcome: tuple[trio.Event, list[Joined | NothingCertified | JoinFailed]] | None = None
+        self.offered_epoch = 0
+        """The epoch of the certified checkpoint this peer serves joiners (0: none)."""
 
     # ---- files --------------------------------------------------------------------------------------------------
 
@@ -237,6 +260,9 @@ class ConsensusService:
             await nursery.start(self.chunk_driver.run)
             nursery.start_soon(self._follow_agreement)
             nursery.start_soon(self._follow_chunks)
+            self.chunk_driver.submit(HoldChain(self.genesis, ()))
+            if self.spec is not None:
+                nursery.start_soon(self._offer_kept_body, self.spec)
             task_status.started()
 
     def peer_up(self, peer: PeerId) -> None:
@@ -294,6 +320,9 @@ class ConsensusService:
         async for note in self.driver.notifications:
             if isinstance(note, Certified):
                 await self._on_certified(note)
+            elif isinstance(note, ChainAdopted):
+                for cert in note.certificates:
+                    append_certificate(self._log, cert)
             elif isinstance(note, EquivocationFound):
                 log.warning("member %s equivocated", note.evidence.offender.hex()[:16])
 
@@ -319,6 +348,7 @@ class ConsensusService:
         path = body_path(self.directory, value.epoch, value.checkpoint_root)
         if own is not None and own.root == value.checkpoint_root:
             await trio.to_thread.run_sync(write_atomically, path, own.data)
+            await self._offer(value.epoch, own)
         elif own is not None:
             me = self.transport.local_peer
             others = sorted(self.peer_of_key(key) for key in note.members)
@@ -342,6 +372,12 @@ class ConsensusService:
                 log.info("epoch %d: body of %s from %s: %s", note.epoch, note.root.hex()[:16], note.peer, note.reason)
             elif isinstance(note, BodyFailed):
                 log.warning("epoch %d: no peer gave the certified body %s", note.epoch, note.root.hex()[:16])
+            elif isinstance(note, JoinOfferRefused):
+                self._join_refused(note)
+            elif isinstance(note, Joined | NothingCertified | JoinFailed):
+                if self._join_outcome is not None:
+                    self._join_outcome[1].append(note)
+                    self._join_outcome[0].set()
 
     async def _keep_body(self, note: BodyFetched) -> None:
         data = b"".join(note.chunks)
@@ -352,4 +388,101 @@ class ConsensusService:
             tree = await trio.to_thread.run_sync(CheckpointTree, memoryview(data), own.layout)
             if tree.root == note.root:  # the chunks were proven one by one; serve the body to others too
                 self.chunk_driver.submit(HoldTree(note.epoch, tree))
+                await self._offer(note.epoch, tree)
         log.info("epoch %d: kept the certified body %s (%d bytes)", note.epoch, note.root.hex()[:16], len(data))
+
+    # ---- joining from certified state, and serving joiners ------------------------------------------------------
+
+    async def join_certified(
+        self,
+        peers: Sequence[PeerId],
+        spec: Mapping[str, TensorSpec],
+        *,
+        max_body_bytes: int,
+        trusted_hash: bytes | None = None,
+    ) -> Joined | NothingCertified | JoinFailed:
+        """Start from the newest certified checkpoint one of `peers` offers (`consensus.certified_join`): each
+        refusal is logged (one line naming the peer and the reason); a `Joined` checkpoint is adopted here (its
+        certificates join the chain, its body is kept and served on) before it is returned."""
+        if self._join_outcome is not None:
+            raise LocalProtocolError("a certified join is already running")
+        checks = TaskOfferChecks(self.genesis, spec, max_body_bytes, trusted_hash)
+        chunk_count = chunk_count_of(spec_layout(spec).total_size_bytes)
+        done, outcome = trio.Event(), list[Joined | NothingCertified | JoinFailed]()
+        self._join_outcome = (done, outcome)
+        try:
+            self.chunk_driver.submit(JoinCertified(tuple(peers), chunk_count, tuple(self.machine.chain), checks))
+            await done.wait()
+        finally:
+            self._join_outcome = None
+        result = outcome[0]
+        if isinstance(result, Joined):
+            await self._adopt(result)
+        return result
+
+    def _join_refused(self, note: JoinOfferRefused) -> None:
+        if note.misbehaved:
+            log.warning("refused the certified offer of %s: %s", note.peer, note.reason)
+            if self.on_peer_error is not None:
+                self.on_peer_error(note.peer, f"bad certified offer: {note.reason}")
+        else:
+            log.info("no certified offer from %s: %s", note.peer, note.reason)
+
+    async def _adopt(self, joined: Joined) -> None:
+        checkpoint = joined.checkpoint
+        epoch, root = checkpoint.certificate.epoch, checkpoint.certificate.value.checkpoint_root
+        await trio.to_thread.run_sync(write_atomically, body_path(self.directory, epoch, root), checkpoint.tree.data)
+        self.driver.submit(AdoptChain(joined.certificates))
+        self.chunk_driver.submit(HoldTree(epoch, checkpoint.tree))
+        await self._offer(epoch, checkpoint.tree, joined.certificates)
+
+    async def _offer(self, epoch: int, tree: CheckpointTree, certificates: Sequence[Certificate] | None = None) -> None:
+        """Offer joiners the certified checkpoint of `epoch`, whose body `tree` this peer keeps (and serves), with
+        the chain up to it. Under `test_forge_offers` the offer is forged: "certificate" alters a signature of the
+        newest certificate; "body" serves the chunks of another body (one byte changed) under the certified root."""
+        chain = tuple((self.machine.chain if certificates is None else certificates)[:epoch])
+        if epoch <= self.offered_epoch or len(chain) != epoch:
+            return
+        forge = self.settings.test_forge_offers
+        if forge == "certificate":
+            last = chain[-1]
+            first = last.precommits[0]
+            altered = Signed(first.member, bytes([first.signature[0] ^ 1]) + first.signature[1:])
+            chain = (
+                *chain[:-1],
+                Certificate(last.value, last.next_members, last.consensus_round, (altered, *last.precommits[1:])),
+            )
+        elif forge == "body":
+            data = bytearray(tree.data)
+            data[-1] ^= 1
+            forged = await trio.to_thread.run_sync(CheckpointTree, memoryview(data), tree.layout)
+            forged.root = tree.root  # the certified name on other bytes: every proof leads elsewhere
+            self.chunk_driver.submit(HoldTree(epoch, forged))
+        self.offered_epoch = epoch
+        self.chunk_driver.submit(HoldChain(self.genesis, chain))
+
+    async def _offer_kept_body(self, spec: Mapping[str, TensorSpec]) -> None:
+        """At start: offer the newest kept certified body (after a restart this peer serves it again)."""
+        chain = list(self.machine.chain)
+        layout = spec_layout(spec)
+        kept = []
+        for path in (self.directory / BODY_DIR).glob("epoch-*.params"):
+            match = _BODY_NAME.fullmatch(path.name)
+            if match is None:
+                continue
+            epoch = int(match.group(1))
+            if 1 <= epoch <= len(chain) and chain[epoch - 1].value.checkpoint_root.hex()[:16] == match.group(2):
+                kept.append((epoch, path))
+        for epoch, path in sorted(kept, reverse=True):
+            data = await trio.to_thread.run_sync(path.read_bytes)
+            if len(data) == layout.total_size_bytes:
+                tree = await trio.to_thread.run_sync(CheckpointTree, memoryview(data), layout)
+                if tree.root == chain[epoch - 1].value.checkpoint_root:
+                    self.chunk_driver.submit(HoldTree(epoch, tree))
+                    await self._offer(epoch, tree)
+                    log.info("serving the kept certified body of epoch %d to joiners", epoch)
+                    return
+            log.warning("%s is not the certified body of epoch %d: not served", path, epoch)
+
+
+_BODY_NAME = re.compile(r"epoch-(\d{6,})-([0-9a-f]{16})\.params")

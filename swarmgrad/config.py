@@ -160,9 +160,19 @@ class ConsensusConfig:
     public: bool = False
     """A public swarm admits at most max(1, n // 32) new voters an epoch (the admission bound)."""
     drop_after_missed: int = 3
+    join_timeout_s: float = 5.0
+    """How long a joiner waits for one neighbour's answer to one page of its chain (docs/consensus.md, "Joining from
+    certified state")."""
+    trust_epoch: str = ""
+    """A certificate's value hash (64 hex digits) a joiner trusts: offered chains are verified from it instead of from
+    genesis (`--trust-epoch`)."""
     test_poison_proposals: bool = False
     """TEST ONLY, hostile: hand consensus the sign-flipped parameters at each boundary (training is unchanged),
     so that this peer proposes a poisoned checkpoint. tests/test_certified.py shows honest voters refuse it."""
+    test_forge_offers: str = ""
+    """TEST ONLY, hostile: serve joiners a forged offer, "certificate" (the newest certificate with a signature
+    altered) or "body" (chunks of another body under the certified root). tests/test_certified_join.py shows a joiner
+    refuses it and asks the next neighbour."""
 
     def __post_init__(self) -> None:
         for index, founder in enumerate(self.founders):
@@ -174,7 +184,11 @@ class ConsensusConfig:
             raise ConfigError("consensus.tolerance", self.tolerance, "a finite number >= 0")
         if not 1 <= self.sample_chunks <= MAX_CHUNKS_PER_REQUEST:
             raise ConfigError("consensus.sample_chunks", self.sample_chunks, f"an integer 1-{MAX_CHUNKS_PER_REQUEST}")
-        for name in ("sample_timeout_s", "body_timeout_s"):
+        if self.trust_epoch and not (len(self.trust_epoch) == 64 and _is_hex(self.trust_epoch)):
+            raise ConfigError("consensus.trust_epoch", self.trust_epoch, "a certificate hash of 64 hex digits")
+        if self.test_forge_offers not in ("", "certificate", "body"):
+            raise ConfigError("consensus.test_forge_offers", self.test_forge_offers, '"", "certificate" or "body"')
+        for name in ("sample_timeout_s", "body_timeout_s", "join_timeout_s"):
             value = getattr(self, name)
             if not 0 < value < float("inf"):
                 raise ConfigError(f"consensus.{name}", value, "a finite number of seconds > 0")
@@ -190,6 +204,14 @@ class ConsensusConfig:
 
     def policy(self) -> MembershipPolicy:
         return MembershipPolicy(public=self.public, drop_after_missed=self.drop_after_missed)
+
+    @property
+    def trusted_hash(self) -> bytes | None:
+        return bytes.fromhex(self.trust_epoch) if self.trust_epoch else None
+
+
+def _is_hex(text: str) -> bool:
+    return all(char in "0123456789abcdefABCDEF" for char in text)
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,10 @@ handling, the optional Prometheus endpoint) and the training thread that runs `t
 no protocol logic and no training math.
 
 Life of a peer: load the config and the task; resume from its own newest checkpoint, if any; join the swarm; with no
-checkpoint of its own, fetch the current model from a neighbour (validated against the task, never unpickled; a bad
-offer is refused with a log line and the next neighbour is asked); train until `max_rounds` or a signal. SIGINT or
+checkpoint of its own, start from a neighbour's newest certified checkpoint when consensus is on (its chain verified
+from genesis or `--trust-epoch`, its body against the certified root), or, while the swarm has certified nothing,
+fetch the current model from a neighbour (validated against the task, never unpickled); a bad offer is refused with
+a log line and the next neighbour is asked; train until `max_rounds` or a signal. SIGINT or
 SIGTERM lets the current round finish, saves a checkpoint and leaves the swarm.
 
 Exit status: 0 finished or stopped cleanly (checkpoint saved); 1 a runtime failure (bootstrap unreachable, port in
@@ -41,6 +43,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey as CryptoEd25519PrivateKey
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
+from consensus.certified_join import Joined, NothingCertified
 from consensus.membership import genesis_members
 from consensus.provenance import ChainGenesis
 from consensus.service import CertifiedEpoch, ConsensusService, ConsensusSettings
@@ -110,6 +113,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="peer ids that vote in epoch 1, comma-separated (consensus.founders; default: the bootstrap peers)",
     )
     parser.add_argument(
+        "--trust-epoch",
+        metavar="HASH",
+        help="verify a joiner's chain from this certificate's value hash, not genesis (consensus.trust_epoch)",
+    )
+    parser.add_argument(
         "--no-consensus", action="store_true", help="train without epoch consensus (consensus.enabled = false)"
     )
     parser.set_defaults(run=run_peer)
@@ -126,6 +134,8 @@ def config_from_args(args: argparse.Namespace) -> PeerConfig:
     }
     if args.founders is not None:
         flags["consensus.founders"] = [text.strip() for text in args.founders.split(",") if text.strip()]
+    if args.trust_epoch is not None:
+        flags["consensus.trust_epoch"] = args.trust_epoch
     if args.no_consensus:
         flags["consensus.enabled"] = False
     overrides.update({key: value for key, value in flags.items() if value is not None})
@@ -391,7 +401,8 @@ class Peer:
         if resumed is not None:
             self.events.emit("model", source="checkpoint", round=resumed.round, model_hash=resumed.model_hash)
         elif self.config.checkpoint.fetch_from_peers and self.node_config.discovery.bootstrap_addrs:
-            await self._fetch_model(node, fetch, outcomes, loop)
+            if self.consensus is None or not await self._join_certified(node, self.consensus, loop):
+                await self._fetch_model(node, fetch, outcomes, loop)
         else:
             log.info("no checkpoint and no neighbour to fetch from: starting from the initial %s model", self.task.name)
             self.events.emit("model", source="initial", round=0)
@@ -437,11 +448,14 @@ class Peer:
                 sample_chunks=settings.sample_chunks,
                 sample_timeout_s=settings.sample_timeout_s,
                 body_timeout_s=settings.body_timeout_s,
+                join_timeout_s=settings.join_timeout_s,
                 policy=settings.policy(),
+                test_forge_offers=settings.test_forge_offers,
             ),
             peer_id_of_public_key,
             on_certified=self._on_certified,
             on_peer_error=self._peer_error(node),
+            spec=self.spec,
         )
 
     def _on_certified(self, record: CertifiedEpoch) -> None:
@@ -543,6 +557,50 @@ class Peer:
                 log.info("adopted the model of round %d from %s", outcome.round, outcome.peer)
                 self.events.emit("model", source="peer", peer=outcome.peer, round=outcome.round)
                 return
+
+    async def _join_certified(self, node: SwarmNode, consensus: ConsensusService, loop: TrainingLoop) -> bool:
+        """Start from the newest certified checkpoint a neighbour offers, its chain verified (docs/consensus.md,
+        "Joining from certified state"). False when no neighbour has a certified epoch yet: the caller fetches the
+        plain current model instead. With offers that all fail, training starts from the initial model."""
+        with trio.move_on_after(self.config.checkpoint.fetch_timeout_s):
+            await node.wait_for_peers(1)
+        trusted = self.config.consensus.trusted_hash
+        outcome = await consensus.join_certified(
+            node.live_peers(), self.spec, max_body_bytes=self.config.checkpoint.max_bytes, trusted_hash=trusted
+        )
+        if isinstance(outcome, NothingCertified):
+            log.info("no neighbour has a certified epoch yet: fetching the current model instead")
+            return False
+        if not isinstance(outcome, Joined):
+            reasons = "; ".join(f"{peer}: {why}" for peer, why in outcome.reasons) or "no live neighbour"
+            log.warning(
+                "no neighbour gave a certified checkpoint that checks out (%s); starting from the initial model",
+                reasons,
+            )
+            self.events.emit("model", source="initial", round=0)
+            return True
+        cert = outcome.checkpoint.certificate
+        value = cert.value
+        await trio.to_thread.run_sync(loop.load_state, outcome.checkpoint.state, value.round)
+        origin = "genesis" if trusted is None else f"trusted hash {trusted.hex()[:16]}"
+        log.info(
+            "adopted certified epoch %d (round %d, root %s) from %s, chain verified from %s",
+            cert.epoch,
+            value.round,
+            value.checkpoint_root.hex()[:16],
+            outcome.peer,
+            origin,
+        )
+        self.events.emit(
+            "model",
+            source="certified",
+            peer=outcome.peer,
+            epoch=cert.epoch,
+            round=value.round,
+            root=value.checkpoint_root.hex(),
+            verified_from="genesis" if trusted is None else "trusted",
+        )
+        return True
 
     async def _wait_for_peers(self, node: SwarmNode) -> None:
         wanted = self.config.network.min_peers

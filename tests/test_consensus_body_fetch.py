@@ -67,7 +67,7 @@ def test_a_bad_proof_moves_on_to_the_next_peer_keeping_verified_chunks(tree: Che
     forged = dataclasses.replace(honest_reply.chunks[0], chunk=b"\x00" * len(honest_reply.chunks[0].chunk))
     bad = dataclasses.replace(honest_reply, chunks=(forged, *honest_reply.chunks[1:]))
     third = machine.step(0.0, Received("liar", bad))
-    assert _notes(third)[0] == BodyPeerFailed(1, tree.root, "liar", "chunk 3: proof does not lead to the root")
+    assert _notes(third)[0] == BodyPeerFailed(1, tree.root, "liar", "chunk 3: proof does not lead to the root", True)
     moved = _sends(third)[0]
     assert moved.peer == "honest" and moved.msg.indices == (3, 4, 5)  # chunks 0-2 kept
     notes = _serve_all(machine, tree, third[1:])
