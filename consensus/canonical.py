@@ -71,7 +71,12 @@ def spec_layout(spec: Mapping[str, TensorSpec]) -> ParameterLayout:
 
 def model_spec_hash(spec: Mapping[str, TensorSpec]) -> bytes:
     """The 32-byte hash of the model's names, dtypes and shapes that an `EpochValue` names."""
-    return hashlib.sha256(_SPEC_DOMAIN + spec_layout(spec).header).digest()
+    return layout_spec_hash(spec_layout(spec))
+
+
+def layout_spec_hash(layout: ParameterLayout) -> bytes:
+    """`model_spec_hash` of the spec whose canonical layout is `layout` (from a state's tree, say)."""
+    return hashlib.sha256(_SPEC_DOMAIN + layout.header).digest()
 
 
 def decode_canonical(

@@ -28,7 +28,6 @@ Files, in `directory` (the peer's `<data_dir>/consensus/`):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -52,7 +51,7 @@ from consensus.agreement import (
     proposer_of,
 )
 from consensus.body_fetch import BodyFailed, BodyFetchConfig, BodyFetched, BodyPeerFailed, FetchBody
-from consensus.canonical import spec_layout
+from consensus.canonical import layout_spec_hash, spec_layout
 from consensus.certified_join import (
     CertifiedJoinConfig,
     HoldChain,
@@ -87,7 +86,6 @@ log = logging.getLogger(__name__)
 CHAIN_FILE = "chain"
 STATE_FILE = "voter-state"
 BODY_DIR = "bodies"
-_SPEC_DOMAIN = b"swarmgrad/model-spec/v1\x00"
 
 
 @dataclass(frozen=True)
@@ -121,8 +119,9 @@ class CertifiedEpoch:
 
 
 def model_spec_hash(tree: CheckpointTree) -> bytes:
-    """What `EpochValue.model_spec_hash` names: the canonical header (every tensor's name, dtype and shape)."""
-    return hashlib.sha256(_SPEC_DOMAIN + tree.layout.header).digest()
+    """What `EpochValue.model_spec_hash` names: the canonical header (every tensor's name, dtype and shape), hashed
+    as `consensus.canonical.model_spec_hash` hashes a task's spec, so that a joiner's check of the spec agrees."""
+    return layout_spec_hash(tree.layout)
 
 
 def body_path(directory: Path, epoch: int, root: bytes) -> Path:
@@ -260,9 +259,10 @@ class ConsensusService:
             await nursery.start(self.chunk_driver.run)
             nursery.start_soon(self._follow_agreement)
             nursery.start_soon(self._follow_chunks)
-            self.chunk_driver.submit(HoldChain(self.genesis, ()))
             if self.spec is not None:
-                nursery.start_soon(self._offer_kept_body, self.spec)
+                await self._offer_kept_body(self.spec)
+            if not self.offered_epoch:
+                self.chunk_driver.submit(HoldChain(self.genesis, ()))
             task_status.started()
 
     def peer_up(self, peer: PeerId) -> None:

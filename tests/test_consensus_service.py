@@ -13,12 +13,14 @@ import trio
 
 from consensus.agreement import STATE_SCHEMA, AgreementConfig
 from consensus.body_fetch import BodyFetched
+from consensus.certified_join import Joined
 from consensus.membership import genesis_members
 from consensus.merkle import CheckpointTree
 from consensus.provenance import ChainGenesis, read_chain, verify_file
 from consensus.service import CertifiedEpoch, ConsensusService, ConsensusSettings, body_path
 from consensus.signing import Signer
 from sim.transport import SimNetwork
+from training.tasks.base import TensorSpec
 
 SWARM = "svc"
 SIGNERS = [Signer.from_seed(bytes([i]) * 32) for i in range(4)]
@@ -45,7 +47,9 @@ def _tell_kept_bodies(service: ConsensusService, news: trio.MemorySendChannel[st
     setattr(service, "_keep_body", keep_and_tell)  # noqa: B010 (a test hook on one instance, not a method type)
 
 
-async def _swarm(tmp: Path, epochs: int, poisoned: int | None = None) -> dict[str, list[CertifiedEpoch]]:
+async def _swarm(
+    tmp: Path, epochs: int, poisoned: int | None = None, spec: dict[str, TensorSpec] | None = None
+) -> dict[str, list[CertifiedEpoch]]:
     seen: dict[str, list[CertifiedEpoch]] = {f"p{i}": [] for i in range(4)}
     news_in, news = trio.open_memory_channel[str](math.inf)
 
@@ -61,7 +65,14 @@ async def _swarm(tmp: Path, epochs: int, poisoned: int | None = None) -> dict[st
         transports = [await stack.enter_async_context(net.open_transport(f"p{i}")) for i in range(4)]
         services = [
             ConsensusService(
-                t, SIGNERS[i], GENESIS, tmp / f"p{i}", SETTINGS, NAMES.__getitem__, on_certified=certified(f"p{i}")
+                t,
+                SIGNERS[i],
+                GENESIS,
+                tmp / f"p{i}",
+                SETTINGS,
+                NAMES.__getitem__,
+                on_certified=certified(f"p{i}"),
+                spec=spec,
             )
             for i, t in enumerate(transports)
         ]
@@ -120,3 +131,32 @@ async def test_the_persisted_voter_state_survives_and_is_resumed(tmp_path: Path)
     async with net.run(), net.open_transport("p1") as t:
         restarted = ConsensusService(t, SIGNERS[1], GENESIS, tmp_path / "p1", SETTINGS, NAMES.__getitem__)
         assert restarted.machine._state == state and len(restarted.machine.chain) == 1
+
+
+async def test_a_joiner_starts_from_a_restarted_peers_kept_body_and_follows_the_chain(tmp_path: Path) -> None:
+    spec = {"b": TensorSpec((3,), "float32"), "w": TensorSpec((40_000,), "float32")}
+    seen = await _swarm(tmp_path, epochs=2, spec=spec)
+    newest = seen["p1"][-1]
+    net = SimNetwork(seed=2)
+    joiner_key = Signer.from_seed(b"j" * 32)
+    names = {**NAMES, joiner_key.public_key: "j"}
+    async with net.run(), net.open_transport("p1") as t1, net.open_transport("j") as tj:
+        # p1 restarts: it serves the newest body it kept, read back from its directory; p0 is gone
+        server = ConsensusService(t1, SIGNERS[1], GENESIS, tmp_path / "p1", SETTINGS, names.__getitem__, spec=spec)
+        joiner = ConsensusService(tj, joiner_key, GENESIS, tmp_path / "j", SETTINGS, names.__getitem__, spec=spec)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            await nursery.start(joiner.run)
+            assert server.offered_epoch == 2
+            with trio.fail_after(30):
+                joined = await joiner.join_certified(["p0", "p1"], spec, max_body_bytes=1 << 20)
+            assert isinstance(joined, Joined) and joined.peer == "p1"
+            assert joined.checkpoint.certificate.value.checkpoint_root == newest.root
+            with trio.fail_after(30):  # the adopted chain reaches the joiner's machine and its chain file
+                while len(read_chain(tmp_path / "j" / "chain")[1]) < 2:
+                    await trio.sleep(0.05)
+            assert joiner.machine.next_epoch == 3 and joiner.offered_epoch == 2
+            nursery.cancel_scope.cancel()
+    _, summaries = verify_file(tmp_path / "j" / "chain")
+    assert [s.epoch for s in summaries] == [1, 2]
+    assert body_path(tmp_path / "j", 2, newest.root).exists()
