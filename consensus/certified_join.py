@@ -21,9 +21,11 @@ merely nothing) and the next neighbour is asked. The join ends with one of `Join
 checkpoint)`, `NothingCertified(peers)` (nobody offered a certified checkpoint and at least one neighbour answered
 that it has none: the swarm has certified nothing yet) or `JoinFailed(reasons)` (one (peer, reason) per neighbour).
 
-**Serving.** `HoldChain(genesis, certificates)` sets what this peer offers: its genesis and its chain up to the
-newest certified checkpoint whose body it keeps (and serves through `HoldTree`). A `ChainQuery` is answered at once
-with `consensus.chain_offer.offer_page`; before any `HoldChain`, queries are not answered.
+**Serving.** `HoldChain(genesis, certificates, tree)` sets what this peer offers: its genesis, its chain up to the
+newest certified checkpoint whose body it keeps, and that body's tree. A `ChainQuery` is answered at once with
+`consensus.chain_offer.offer_page`, a `ChunkRequest` for that body with `consensus.chunks.serve` (held here, not
+among the sample fetch's trees, so that newer checkpoints never evict it while it is offered); before any
+`HoldChain`, queries are not answered.
 
 Timers are keyed `("certified-join", n)`, computations `("certified-join", n, phase)`, n counting the neighbours
 asked. No clock, no randomness, no logging above DEBUG.
@@ -38,6 +40,8 @@ from typing import Protocol
 from consensus.body_fetch import BodyFailed, BodyFetch, BodyFetchConfig, BodyFetched, BodyPeerFailed, FetchBody
 from consensus.certified_offer import CertifiedCheckpoint
 from consensus.chain_offer import OFFER_VERSION, ChainOffer, ChainOfferError, ChainQuery, check_offer, offer_page
+from consensus.chunks import ChunkRequest, serve
+from consensus.merkle import CheckpointTree
 from consensus.messages import Certificate
 from consensus.provenance import ChainGenesis
 from swarmgrad.core.errors import LocalProtocolError
@@ -98,12 +102,14 @@ class JoinCertified(Command):
     checks: OfferChecks
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class HoldChain(Command):
-    """Offer `certificates` (epochs 1..E, E the newest certified checkpoint whose body this peer serves)."""
+    """Offer `certificates` (epochs 1..E) and serve `tree`, the body of epoch E's certified checkpoint (None: this
+    peer offers nothing; then `certificates` is empty)."""
 
     genesis: ChainGenesis
     certificates: tuple[Certificate, ...]
+    tree: CheckpointTree | None
 
 
 @dataclass(frozen=True)
@@ -171,8 +177,16 @@ class CertifiedJoin:
         return self._join is not None
 
     def expects(self, peer: PeerId, msg: object) -> bool:
-        """Whether `msg` is this machine's: a chain message, or an answer to its body fetch."""
-        return isinstance(msg, ChainQuery | ChainOffer) or self.body.expects(peer, msg)
+        """Whether `msg` is this machine's: a chain message, a request for chunks of the body it offers, or an
+        answer to its body fetch."""
+        return isinstance(msg, ChainQuery | ChainOffer) or self._serves(msg) or self.body.expects(peer, msg)
+
+    def _serves(self, msg: object) -> bool:
+        held = self._held
+        if not isinstance(msg, ChunkRequest) or held is None or held.tree is None or not held.certificates:
+            return False
+        last = held.certificates[-1]
+        return (msg.swarm_id, msg.epoch, msg.root) == (self.config.swarm_id, last.epoch, last.value.checkpoint_root)
 
     def step(self, now: float, event: Event) -> list[Action]:
         if isinstance(event, JoinCertified):
@@ -187,6 +201,9 @@ class CertifiedJoin:
                 return self._serve(event.peer, event.msg)
             if isinstance(event.msg, ChainOffer):
                 return self._offered(now, event.peer, event.msg)
+            if self._serves(event.msg):
+                assert self._held is not None and isinstance(event.msg, ChunkRequest), "checked by _serves"
+                return [Send(event.peer, serve(event.msg, self._held.tree))]
             return self._body(now, event)
         if isinstance(event, Computed):
             return self._computed(now, event)

@@ -3,7 +3,8 @@
 
 Voters' samples, certified-body downloads and joins from certified state share `consensus.chunks.PROTOCOL` (one
 driver per protocol), so this machine routes: `FetchSample`/`HoldTree` and every `ChunkRequest` (serving) go to the
-sample fetch, `FetchBody` to the body fetch, `JoinCertified`/`HoldChain`, chain messages and `Computed` to the join;
+sample fetch (except those for the body the join offers), `FetchBody` to the body fetch, `JoinCertified`/`HoldChain`,
+chain messages and `Computed` to the join;
 a chunk answer goes to the join when its own body fetch `expects` it, else to the body fetch when that `expects` it
 (a reply with the very indices it asked for; a refusal only when no sample of that root is asked of that peer), else
 to the sample fetch (which blames an answer nobody asked for); timers and `PeerDown` go to all three (each ignores

@@ -262,7 +262,7 @@ class ConsensusService:
             if self.spec is not None:
                 await self._offer_kept_body(self.spec)
             if not self.offered_epoch:
-                self.chunk_driver.submit(HoldChain(self.genesis, ()))
+                self.chunk_driver.submit(HoldChain(self.genesis, (), None))
             task_status.started()
 
     def peer_up(self, peer: PeerId) -> None:
@@ -433,7 +433,6 @@ class ConsensusService:
         epoch, root = checkpoint.certificate.epoch, checkpoint.certificate.value.checkpoint_root
         await trio.to_thread.run_sync(write_atomically, body_path(self.directory, epoch, root), checkpoint.tree.data)
         self.driver.submit(AdoptChain(joined.certificates))
-        self.chunk_driver.submit(HoldTree(epoch, checkpoint.tree))
         await self._offer(epoch, checkpoint.tree, joined.certificates)
 
     async def _offer(self, epoch: int, tree: CheckpointTree, certificates: Sequence[Certificate] | None = None) -> None:
@@ -455,11 +454,12 @@ class ConsensusService:
         elif forge == "body":
             data = bytearray(tree.data)
             data[-1] ^= 1
-            forged = await trio.to_thread.run_sync(CheckpointTree, memoryview(data), tree.layout)
-            forged.root = tree.root  # the certified name on other bytes: every proof leads elsewhere
-            self.chunk_driver.submit(HoldTree(epoch, forged))
+            tree = await trio.to_thread.run_sync(CheckpointTree, memoryview(data), tree.layout)
+            tree.root = chain[
+                -1
+            ].value.checkpoint_root  # the certified name on other bytes: every proof leads elsewhere
         self.offered_epoch = epoch
-        self.chunk_driver.submit(HoldChain(self.genesis, chain))
+        self.chunk_driver.submit(HoldChain(self.genesis, chain, tree))
 
     async def _offer_kept_body(self, spec: Mapping[str, TensorSpec]) -> None:
         """At start: offer the newest kept certified body (after a restart this peer serves it again)."""
@@ -478,7 +478,6 @@ class ConsensusService:
             if len(data) == layout.total_size_bytes:
                 tree = await trio.to_thread.run_sync(CheckpointTree, memoryview(data), layout)
                 if tree.root == chain[epoch - 1].value.checkpoint_root:
-                    self.chunk_driver.submit(HoldTree(epoch, tree))
                     await self._offer(epoch, tree)
                     log.info("serving the kept certified body of epoch %d to joiners", epoch)
                     return

@@ -33,7 +33,7 @@ from consensus.membership import genesis_parent_hash
 from consensus.merkle import CheckpointTree, chunk_count_of
 from consensus.messages import PRECOMMIT, Certificate, EpochValue, Signed, members_hash
 from consensus.provenance import ChainGenesis
-from consensus.sample_fetch import HoldTree, SampleFetchConfig
+from consensus.sample_fetch import SampleFetchConfig
 from swarmgrad.core.errors import DecodeError, LocalProtocolError
 from swarmgrad.core.machine import (
     Action,
@@ -75,9 +75,7 @@ CHAIN = _chain(3)
 
 def _server(chain: tuple[Certificate, ...] = CHAIN, tree: CheckpointTree | None = TREE) -> ChunkExchange:
     server = ChunkExchange(SampleFetchConfig(SWARM), BodyFetchConfig(SWARM))
-    server.step(0.0, HoldChain(GENESIS, chain))
-    if tree is not None and chain:
-        server.step(0.0, HoldTree(chain[-1].epoch, tree))
+    server.step(0.0, HoldChain(GENESIS, chain, tree if chain else None))
     return server
 
 
