@@ -7,8 +7,9 @@ chunks `consensus.chunks`); `consensus.chunk_exchange` routes its messages to it
 
 1. *Chain.* `ChainQuery(from_epoch=1)`, then the next page until the offer's newest epoch is reached; each page
    has `timeout_s` to come. A neighbour that has nothing certified (newest epoch 0) is passed over, so is one that
-   stays silent or goes down. An offer that does not answer the query, that changes its genesis between pages, or
-   whose chain differs from `own` (the certificates this peer already holds) is refused.
+   stays silent, goes down or cannot be sent the query (`SendFailed`). An offer that does not answer the query,
+   that changes its genesis between pages, or whose chain differs from `own` (the certificates this peer already
+   holds) is refused.
 2. *Verify.* `checks.chain(peer, genesis, certificates)` as a `Compute` (signatures: worker-thread work): None, or
    the reason it is refused (a forged signature, a chain that does not lead from genesis or the trusted hash, ...).
 3. *Body.* The certified checkpoint's `chunk_count` chunks from the same neighbour, by an embedded `BodyFetch`
@@ -18,8 +19,9 @@ chunks `consensus.chunks`); `consensus.chunk_exchange` routes its messages to it
 
 A refusal notifies `JoinOfferRefused(peer, reason, misbehaved)` (`misbehaved`: it sent something wrong, not
 merely nothing) and the next neighbour is asked. The join ends with one of `Joined(peer, genesis, certificates,
-checkpoint)`, `NothingCertified(peers)` (nobody offered a certified checkpoint and at least one neighbour answered
-that it has none: the swarm has certified nothing yet) or `JoinFailed(reasons)` (one (peer, reason) per neighbour).
+checkpoint)`, `NothingCertified(peers)` (no neighbour offered a certified checkpoint: they answered that they have
+none, stayed silent or do not speak the protocol; the host may fall back to an uncertified start) or
+`JoinFailed(reasons)` (some neighbour offered one, and none checked out; one (peer, reason) per neighbour).
 
 **Serving.** `HoldChain(genesis, certificates, tree)` sets what this peer offers: its genesis, its chain up to the
 newest certified checkpoint whose body it keeps, and that body's tree. A `ChainQuery` is answered at once with
@@ -57,6 +59,7 @@ from swarmgrad.core.machine import (
     PeerId,
     Received,
     Send,
+    SendFailed,
     SetTimer,
     TimerFired,
 )
@@ -133,7 +136,7 @@ class Joined:
 
 @dataclass(frozen=True)
 class NothingCertified:
-    """No neighbour offered a certified checkpoint, and those that answered have none."""
+    """No neighbour offered a certified checkpoint (those that answered have none)."""
 
     peers: tuple[PeerId, ...]
 
@@ -151,7 +154,6 @@ class _Join:
     queue: list[PeerId]
     reasons: list[tuple[PeerId, str]] = field(default_factory=list)
     offered: bool = False
-    answered_none: bool = False
     serial: int = 0
     peer: PeerId = ""
     phase: str = "chain"
@@ -212,11 +214,12 @@ class CertifiedJoin:
             if join is not None and event.key == (_NAME, join.serial) and join.phase == "chain":
                 return self._refuse(now, f"no answer to its chain query in {self.config.timeout_s} s", False)
             return self._body(now, event)
-        if isinstance(event, PeerDown):
+        if isinstance(event, PeerDown | SendFailed):
             join = self._join
             if join is not None and join.peer == event.peer and join.phase == "chain":
-                return [CancelTimer((_NAME, join.serial)), *self._refuse(now, "peer disconnected", False)]
-            return self._body(now, event)
+                why = "peer disconnected" if isinstance(event, PeerDown) else f"query not sent: {event.reason}"
+                return [CancelTimer((_NAME, join.serial)), *self._refuse(now, why, False)]
+            return self._body(now, event) if isinstance(event, PeerDown) else []
         return []
 
     # ---- serving ------------------------------------------------------------------------------------------------
@@ -243,7 +246,7 @@ class CertifiedJoin:
         assert join is not None, "called only while joining"
         if not join.queue:
             self._join = None
-            if not join.offered and join.answered_none:
+            if not join.offered:
                 return [Notify(NothingCertified(tuple(peer for peer, _ in join.reasons)))]
             return [Notify(JoinFailed(tuple(join.reasons)))]
         join.serial += 1
@@ -278,7 +281,6 @@ class CertifiedJoin:
         if offer.newest_epoch == 0:
             if not first_page:
                 return actions + self._refuse(now, "offered nothing after a first page", True)
-            join.answered_none = True
             return actions + self._refuse(now, "has no certified checkpoint yet", False)
         join.offered = True
         if first_page:

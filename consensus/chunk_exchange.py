@@ -8,7 +8,7 @@ chain messages and `Computed` to the join;
 a chunk answer goes to the join when its own body fetch `expects` it, else to the body fetch when that `expects` it
 (a reply with the very indices it asked for; a refusal only when no sample of that root is asked of that peer), else
 to the sample fetch (which blames an answer nobody asked for); timers and `PeerDown` go to all three (each ignores
-the others' timer keys). No I/O.
+the others' timer keys), `SendFailed` to the sample fetch and the join. No I/O.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from consensus.body_fetch import BodyFetch, BodyFetchConfig, FetchBody
 from consensus.certified_join import CertifiedJoin, CertifiedJoinConfig, HoldChain, JoinCertified
 from consensus.chunks import ChunkRefusal
 from consensus.sample_fetch import SampleFetch, SampleFetchConfig
-from swarmgrad.core.machine import Action, Computed, Event, PeerDown, Received, TimerFired
+from swarmgrad.core.machine import Action, Computed, Event, PeerDown, Received, SendFailed, TimerFired
 
 
 class ChunkExchange:
@@ -45,4 +45,6 @@ class ChunkExchange:
                 return self.body.step(now, event)
         if isinstance(event, TimerFired | PeerDown):
             return [*self.sample.step(now, event), *self.body.step(now, event), *self.join.step(now, event)]
+        if isinstance(event, SendFailed):
+            return [*self.sample.step(now, event), *self.join.step(now, event)]
         return self.sample.step(now, event)

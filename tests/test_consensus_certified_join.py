@@ -44,6 +44,7 @@ from swarmgrad.core.machine import (
     PeerDown,
     Received,
     Send,
+    SendFailed,
     SetTimer,
     TimerFired,
 )
@@ -176,8 +177,14 @@ def test_a_silent_or_departed_neighbour_is_passed_over() -> None:
 
 def test_nothing_certified_only_when_no_neighbour_offers_an_epoch() -> None:
     assert Net({"a": _server(()), "b": _server(())}).join(("a", "b", "c")) == NothingCertified(("a", "b", "c"))
-    failed = Net({}).join(("a", "b"))
-    assert isinstance(failed, JoinFailed) and [peer for peer, _ in failed.reasons] == ["a", "b"]
+    assert Net({}).join(("a", "b")) == NothingCertified(("a", "b"))  # silent ones offer nothing either
+    joiner = CertifiedJoin(CertifiedJoinConfig(SWARM), BodyFetchConfig(SWARM))
+    joiner.step(0.0, JoinCertified(("a",), CHUNKS, (), Net({}).checks))
+    out = joiner.step(0.0, SendFailed("a", "protocol not supported"))  # a peer that does not speak it: at once
+    assert [a.event for a in out if isinstance(a, Notify)] == [
+        JoinOfferRefused("a", "query not sent: protocol not supported", False),
+        NothingCertified(("a",)),
+    ]
     # a neighbour with a (forged) certified epoch means the swarm has one: no fallback to the uncertified model
     refused = Net({"a": _server(()), "b": _server(_forged_chain())}).join(("a", "b"))
     assert isinstance(refused, JoinFailed) and refused.reasons[1][0] == "b"

@@ -50,6 +50,18 @@ def test_bad_flags_name_the_field(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         config_from_args(parse("--set", "gossip.nope=1"))  # type: ignore[arg-type]
     assert info.value.field == "gossip.nope"
+    with pytest.raises(ConfigError) as info:
+        config_from_args(parse("--trust-epoch", "ab12"))  # type: ignore[arg-type]
+    assert info.value.field == "consensus.trust_epoch"
+    with pytest.raises(ConfigError) as info:
+        config_from_args(parse("--set", "consensus.test_forge_offers=everything"))  # type: ignore[arg-type]
+    assert info.value.field == "consensus.test_forge_offers"
+
+
+def test_a_trusted_certificate_hash_is_taken_from_the_flag() -> None:
+    config = config_from_args(parse("--trust-epoch", "0f" * 32))  # type: ignore[arg-type]
+    assert config.consensus.trusted_hash == bytes([15]) * 32
+    assert config_from_args(parse()).consensus.trusted_hash is None  # type: ignore[arg-type]
 
 
 def test_data_dir_is_created_or_refused(tmp_path: Path) -> None:
