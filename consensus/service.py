@@ -455,9 +455,8 @@ class ConsensusService:
             data = bytearray(tree.data)
             data[-1] ^= 1
             tree = await trio.to_thread.run_sync(CheckpointTree, memoryview(data), tree.layout)
-            tree.root = chain[
-                -1
-            ].value.checkpoint_root  # the certified name on other bytes: every proof leads elsewhere
+            # the certified name on other bytes: every proof leads elsewhere
+            tree.root = chain[-1].value.checkpoint_root
         self.offered_epoch = epoch
         self.chunk_driver.submit(HoldChain(self.genesis, chain, tree))
 

@@ -401,6 +401,8 @@ class Peer:
         if resumed is not None:
             self.events.emit("model", source="checkpoint", round=resumed.round, model_hash=resumed.model_hash)
         elif self.config.checkpoint.fetch_from_peers and self.node_config.discovery.bootstrap_addrs:
+            with trio.move_on_after(self.config.checkpoint.fetch_timeout_s):
+                await node.wait_for_peers(1)
             if self.consensus is None or not await self._join_certified(node, self.consensus, loop):
                 await self._fetch_model(node, fetch, outcomes, loop)
         else:
@@ -536,8 +538,6 @@ class Peer:
         """Ask neighbours for the current model (the `ModelFetch` machine's policy: one at a time, each offer checked
         by `_check_offer`, the first valid one adopted). Training starts from the task's initial model when none is
         given in `fetch_timeout_s` per neighbour."""
-        with trio.move_on_after(self.config.checkpoint.fetch_timeout_s):
-            await node.wait_for_peers(1)
         fetch.submit(FetchModel(tuple(node.live_peers())))
         async for outcome in outcomes:
             if isinstance(outcome, OfferRefused):
@@ -562,8 +562,6 @@ class Peer:
         """Start from the newest certified checkpoint a neighbour offers, its chain verified (docs/consensus.md,
         "Joining from certified state"). False when no neighbour has a certified epoch yet: the caller fetches the
         plain current model instead. With offers that all fail, training starts from the initial model."""
-        with trio.move_on_after(self.config.checkpoint.fetch_timeout_s):
-            await node.wait_for_peers(1)
         trusted = self.config.consensus.trusted_hash
         outcome = await consensus.join_certified(
             node.live_peers(), self.spec, max_body_bytes=self.config.checkpoint.max_bytes, trusted_hash=trusted
