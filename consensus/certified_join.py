@@ -12,10 +12,12 @@ chunks `consensus.chunks`); `consensus.chunk_exchange` routes its messages to it
    holds) is refused.
 2. *Verify.* `checks.chain(peer, genesis, certificates)` as a `Compute` (signatures: worker-thread work): None, or
    the reason it is refused (a forged signature, a chain that does not lead from genesis or the trusted hash, ...).
-3. *Body.* The certified checkpoint's `chunk_count` chunks from the same neighbour, by an embedded `BodyFetch`
-   (every chunk's proof checked against the certified root; a bad proof refuses the neighbour).
-4. *Check.* `checks.body(peer, genesis, certificates, body)` as a `Compute`: the `CertifiedCheckpoint`, or the
-   reason it is refused (a body that does not decode for the task or is not the certified root's).
+3. *Body.* The `chunk_count` chunks of the certified checkpoint whose body the offer serves (its `body_epoch`,
+   which may lag the chain's last epoch) from the same neighbour, by an embedded `BodyFetch` (every chunk's proof
+   checked against the certified root; a bad proof refuses the neighbour).
+4. *Check.* `checks.body(peer, genesis, certificates up to the body's epoch, body)` as a `Compute`: the
+   `CertifiedCheckpoint`, or the reason it is refused (a body that does not decode for the task or is not the
+   certified root's).
 
 A refusal notifies `JoinOfferRefused(peer, reason, misbehaved)` (`misbehaved`: it sent something wrong, not
 merely nothing) and the next neighbour is asked. The join ends with one of `Joined(peer, genesis, certificates,
@@ -23,8 +25,9 @@ checkpoint)`, `NothingCertified(peers)` (no neighbour offered a certified checkp
 none, stayed silent or do not speak the protocol; the host may fall back to an uncertified start) or
 `JoinFailed(reasons)` (some neighbour offered one, and none checked out; one (peer, reason) per neighbour).
 
-**Serving.** `HoldChain(genesis, certificates, tree)` sets what this peer offers: its genesis, its chain up to the
-newest certified checkpoint whose body it keeps, and that body's tree. A `ChainQuery` is answered at once with
+**Serving.** `HoldChain(genesis, certificates, body_epoch, tree)` sets what this peer offers: its genesis, its
+chain, and the tree of the newest certified checkpoint whose body it keeps (the host sends it again as either
+grows). A `ChainQuery` is answered at once with
 `consensus.chain_offer.offer_page`, a `ChunkRequest` for that body with `consensus.chunks.serve` (held here, not
 among the sample fetch's trees, so that newer checkpoints never evict it while it is offered); before any
 `HoldChain`, queries are not answered.
@@ -107,12 +110,13 @@ class JoinCertified(Command):
 
 @dataclass(frozen=True, eq=False)
 class HoldChain(Command):
-    """Offer `certificates` (epochs 1..E) and serve `tree`, the body of epoch E's certified checkpoint (None: this
-    peer offers nothing; then `certificates` is empty)."""
+    """Offer `certificates` (epochs 1..N, this peer's chain) and serve `tree`, the body of epoch `body_epoch`'s
+    certified checkpoint (`body_epoch` 0 and `tree` None: this peer offers nothing)."""
 
     genesis: ChainGenesis
     certificates: tuple[Certificate, ...]
-    tree: CheckpointTree | None
+    body_epoch: int = 0
+    tree: CheckpointTree | None = None
 
 
 @dataclass(frozen=True)
@@ -126,7 +130,8 @@ class JoinOfferRefused:
 
 @dataclass(frozen=True, eq=False)
 class Joined:
-    """`peer`'s certified checkpoint checked out: its chain (verified) and the checkpoint of its last epoch."""
+    """`peer`'s certified checkpoint checked out: its whole chain (verified) and the checkpoint of the offered
+    body's epoch (`checkpoint.certificate`, at or before the chain's last epoch)."""
 
     peer: PeerId
     genesis: ChainGenesis
@@ -160,6 +165,7 @@ class _Join:
     query: ChainQuery | None = None
     genesis_members: tuple[bytes, ...] = ()
     newest: int = 0
+    body_epoch: int = 0
     certificates: list[Certificate] = field(default_factory=list)
 
 
@@ -185,10 +191,9 @@ class CertifiedJoin:
 
     def _serves(self, msg: object) -> bool:
         held = self._held
-        if not isinstance(msg, ChunkRequest) or held is None or held.tree is None or not held.certificates:
+        if not isinstance(msg, ChunkRequest) or held is None or held.tree is None:
             return False
-        last = held.certificates[-1]
-        return (msg.swarm_id, msg.epoch, msg.root) == (self.config.swarm_id, last.epoch, last.value.checkpoint_root)
+        return (msg.swarm_id, msg.epoch, msg.root) == (self.config.swarm_id, held.body_epoch, held.tree.root)
 
     def step(self, now: float, event: Event) -> list[Action]:
         if isinstance(event, JoinCertified):
@@ -196,6 +201,10 @@ class CertifiedJoin:
         if isinstance(event, HoldChain):
             if event.genesis.swarm_id != self.config.swarm_id:
                 raise LocalProtocolError(f"a chain of swarm {event.genesis.swarm_id!r}")
+            if (event.tree is None) != (event.body_epoch == 0) or event.body_epoch > len(event.certificates):
+                raise LocalProtocolError(
+                    f"a body of epoch {event.body_epoch} beside a chain of {len(event.certificates)}"
+                )
             self._held = event
             return []
         if isinstance(event, Received):
@@ -228,7 +237,9 @@ class CertifiedJoin:
         held = self._held
         if held is None or query.swarm_id != self.config.swarm_id:
             return []
-        offer = offer_page(self.config.swarm_id, held.genesis.members, held.certificates, query.from_epoch)
+        offer = offer_page(
+            self.config.swarm_id, held.genesis.members, held.certificates, held.body_epoch, query.from_epoch
+        )
         return [Send(peer, offer)]
 
     # ---- asking -------------------------------------------------------------------------------------------------
@@ -252,7 +263,7 @@ class CertifiedJoin:
         join.serial += 1
         join.peer = join.queue.pop(0)
         join.phase = "chain"
-        join.genesis_members, join.newest, join.certificates = (), 0, []
+        join.genesis_members, join.newest, join.body_epoch, join.certificates = (), 0, 0, []
         return self._ask(now, 1)
 
     def _ask(self, now: float, from_epoch: int) -> list[Action]:
@@ -287,7 +298,7 @@ class CertifiedJoin:
             join.genesis_members = offer.genesis_members
         elif offer.genesis_members != join.genesis_members:
             return actions + self._refuse(now, "changed its genesis members between pages", True)
-        join.newest = offer.newest_epoch
+        join.newest, join.body_epoch = offer.newest_epoch, offer.body_epoch
         join.certificates.extend(offer.certificates)
         if len(join.certificates) < join.newest:
             return actions + self._ask(now, len(join.certificates) + 1)
@@ -315,8 +326,8 @@ class CertifiedJoin:
             if event.result is not None:
                 return self._refuse(now, str(event.result), True)
             join.phase = "body"
-            last = certificates[-1]
-            fetch = FetchBody(last.epoch, last.value.checkpoint_root, join.command.chunk_count, (join.peer,))
+            body = certificates[join.body_epoch - 1]
+            fetch = FetchBody(body.epoch, body.value.checkpoint_root, join.command.chunk_count, (join.peer,))
             return self._body(now, fetch)
         if key[2] == "body" and join.phase == "check":
             result = event.result
@@ -346,7 +357,8 @@ class CertifiedJoin:
             elif isinstance(note, BodyFetched):
                 join.phase = "check"
                 genesis = ChainGenesis(self.config.swarm_id, join.genesis_members)
-                work = partial(join.command.checks.body, join.peer, genesis, tuple(join.certificates), _joined(note))
+                certificates = tuple(join.certificates[: join.body_epoch])
+                work = partial(join.command.checks.body, join.peer, genesis, certificates, _joined(note))
                 out.append(Compute((_NAME, join.serial, "body"), work))
         return out
 

@@ -3,13 +3,16 @@
 They travel on the chunk protocol (`consensus.chunks.PROTOCOL`, schema `consensus.chunks.SCHEMA`, tags 4 and 5),
 beside the chunk requests that then fetch the checkpoint's body:
 
-- `ChainQuery(version, swarm_id, from_epoch)`: "your chain of certificates, from epoch `from_epoch` on, up to your
+- `ChainQuery(version, swarm_id, from_epoch)`: "your chain of certificates, from epoch `from_epoch` on, and the
   newest certified checkpoint whose body you keep".
-- `ChainOffer(version, swarm_id, genesis_members, newest_epoch, certificates)`: the server's genesis member set,
-  the epoch of the checkpoint it offers (0: it has no certified checkpoint to offer) and one page of its chain,
-  consecutive certificates from the asked epoch on, at most `MAX_CERTIFICATES_PER_OFFER` of them and at most
-  `MAX_OFFER_PAGE_BYTES` of encoded certificates (so any page fits the chunk protocol's message limit). A chain
-  longer than one page is read page by page, `from_epoch` moving on.
+- `ChainOffer(version, swarm_id, genesis_members, newest_epoch, body_epoch, certificates)`: the server's genesis
+  member set, the last epoch of its chain, the epoch of the certified checkpoint whose body it serves (both 0: it
+  has nothing to offer; else 1 <= `body_epoch` <= `newest_epoch`, the body may lag the chain while it is fetched)
+  and one page of its chain, consecutive certificates from the asked epoch on, at most
+  `MAX_CERTIFICATES_PER_OFFER` of them and at most `MAX_OFFER_PAGE_BYTES` of encoded certificates (so any page
+  fits the chunk protocol's message limit). A chain longer than one page is read page by page, `from_epoch` moving
+  on. The whole chain is offered, not only the part up to the body, so that a joiner's chain ends where the
+  members' does and the next certificate they send it follows on.
 
 `version` is `OFFER_VERSION` (1); a message of another version does not decode (`DecodeError`, so the driver
 reports the peer). `offer_page` builds the page a server answers; `check_offer` is the asker's check that an offer
@@ -60,12 +63,14 @@ class ChainQuery:
 
 @dataclass(frozen=True)
 class ChainOffer:
-    """One page of the server's chain up to its offered checkpoint `newest_epoch` (see the module docstring)."""
+    """One page of the server's chain of `newest_epoch` epochs, whose epoch `body_epoch` it serves the body of (see
+    the module docstring)."""
 
     version: int
     swarm_id: str
     genesis_members: tuple[bytes, ...]
     newest_epoch: int
+    body_epoch: int
     certificates: tuple[Certificate, ...]
 
     def __post_init__(self) -> None:
@@ -73,6 +78,8 @@ class ChainOffer:
         check_members(self.genesis_members)
         if not 0 <= self.newest_epoch < 2**63:
             raise ValueError(f"newest_epoch must be in [0, 2**63), got {self.newest_epoch}")
+        if not (1 <= self.body_epoch <= self.newest_epoch or self.body_epoch == self.newest_epoch == 0):
+            raise ValueError(f"body_epoch must be in [1, newest_epoch] (or both 0), got {self.body_epoch}")
         if len(self.certificates) > MAX_CERTIFICATES_PER_OFFER:
             raise ValueError(f"at most {MAX_CERTIFICATES_PER_OFFER} certificates a page, got {len(self.certificates)}")
         epochs = [cert.epoch for cert in self.certificates]
@@ -85,10 +92,12 @@ class ChainOffer:
 
 
 def offer_page(
-    swarm_id: str, genesis_members: tuple[bytes, ...], chain: Sequence[Certificate], from_epoch: int
+    swarm_id: str, genesis_members: tuple[bytes, ...], chain: Sequence[Certificate], body_epoch: int, from_epoch: int
 ) -> ChainOffer:
-    """The server's answer to `ChainQuery(from_epoch)` when `chain` (epochs 1..E, E its offered checkpoint's
-    epoch, possibly empty) is what it offers."""
+    """The server's answer to `ChainQuery(from_epoch)` when it holds `chain` (epochs 1..N) and the body of epoch
+    `body_epoch` (0: none; it then offers nothing)."""
+    if not body_epoch:
+        return ChainOffer(OFFER_VERSION, swarm_id, genesis_members, 0, 0, ())
     page: list[Certificate] = []
     size = 0
     for cert in chain[from_epoch - 1 : from_epoch - 1 + MAX_CERTIFICATES_PER_OFFER]:
@@ -96,7 +105,7 @@ def offer_page(
         if size > MAX_OFFER_PAGE_BYTES and page:
             break
         page.append(cert)
-    return ChainOffer(OFFER_VERSION, swarm_id, genesis_members, len(chain), tuple(page))
+    return ChainOffer(OFFER_VERSION, swarm_id, genesis_members, len(chain), body_epoch, tuple(page))
 
 
 class ChainOfferError(RemoteProtocolError):

@@ -17,6 +17,11 @@ most `messages.MAX_MESSAGE_BYTES`) and the chunk exchange on `consensus.chunks.P
 - **Decisions.** `Certified`: the certificate is appended to the chain file (fsynced), the certified body is kept
   (this peer's own bytes when it proposed the value, else fetched once with `FetchBody`, the proposer first, then
   the other members), and `on_certified` is called with a `CertifiedEpoch` (what the peer logs and reports).
+- **Joiners.** The newest certified checkpoint whose body this peer keeps (its own, fetched, adopted, or after a
+  restart read back from `bodies/`) is offered with the chain up to it (`HoldChain`, `consensus.certified_join`).
+  `join_certified(peers, spec, ...)` runs a join for a peer with no checkpoint: refusals are logged one line each
+  (naming the peer and the reason), and a checkpoint that checks out is adopted (`AdoptChain`; its certificates
+  are appended to the chain file on `ChainAdopted`, its body kept and offered on).
 
 Files, in `directory` (the peer's `<data_dir>/consensus/`):
 
@@ -215,6 +220,7 @@ class ConsensusService:
         self._nursery: trio.Nursery | None = None
         self.certified: list[CertifiedEpoch] = []
         self._join_outcome: tuple[trio.Event, list[Joined | NothingCertified | JoinFailed]] | None = None
+        self._offered_body: tuple[int, CheckpointTree] | None = None
         self.offered_epoch = 0
         """The epoch of the certified checkpoint this peer serves joiners (0: none)."""
 
@@ -262,7 +268,7 @@ class ConsensusService:
             if self.spec is not None:
                 await self._offer_kept_body(self.spec)
             if not self.offered_epoch:
-                self.chunk_driver.submit(HoldChain(self.genesis, (), None))
+                self._hold_chain()
             task_status.started()
 
     def peer_up(self, peer: PeerId) -> None:
@@ -320,9 +326,11 @@ class ConsensusService:
         async for note in self.driver.notifications:
             if isinstance(note, Certified):
                 await self._on_certified(note)
+                self._hold_chain()  # joiners are offered the chain up to its newest certificate
             elif isinstance(note, ChainAdopted):
                 for cert in note.certificates:
                     append_certificate(self._log, cert)
+                self._hold_chain()
             elif isinstance(note, EquivocationFound):
                 log.warning("member %s equivocated", note.evidence.offender.hex()[:16])
 
@@ -435,30 +443,38 @@ class ConsensusService:
         self.driver.submit(AdoptChain(joined.certificates))
         await self._offer(epoch, checkpoint.tree, joined.certificates)
 
-    async def _offer(self, epoch: int, tree: CheckpointTree, certificates: Sequence[Certificate] | None = None) -> None:
-        """Offer joiners the certified checkpoint of `epoch`, whose body `tree` this peer keeps (and serves), with
-        the chain up to it. Under `test_forge_offers` the offer is forged: "certificate" alters a signature of the
-        newest certificate; "body" serves the chunks of another body (one byte changed) under the certified root."""
-        chain = tuple((self.machine.chain if certificates is None else certificates)[:epoch])
-        if epoch <= self.offered_epoch or len(chain) != epoch:
+    async def _offer(self, epoch: int, tree: CheckpointTree, chain: Sequence[Certificate] | None = None) -> None:
+        """Offer joiners the certified checkpoint of `epoch` (unless a later one is offered), whose body `tree` this
+        peer keeps, beside its chain. Under `test_forge_offers` = "body" the chunks served are those of another body
+        (one byte changed) under the certified root."""
+        if self._offered_body is not None and epoch <= self._offered_body[0]:
             return
-        forge = self.settings.test_forge_offers
-        if forge == "certificate":
-            last = chain[-1]
-            first = last.precommits[0]
-            altered = Signed(first.member, bytes([first.signature[0] ^ 1]) + first.signature[1:])
-            chain = (
-                *chain[:-1],
-                Certificate(last.value, last.next_members, last.consensus_round, (altered, *last.precommits[1:])),
-            )
-        elif forge == "body":
+        if self.settings.test_forge_offers == "body":
             data = bytearray(tree.data)
             data[-1] ^= 1
-            tree = await trio.to_thread.run_sync(CheckpointTree, memoryview(data), tree.layout)
-            # the certified name on other bytes: every proof leads elsewhere
-            tree.root = chain[-1].value.checkpoint_root
+            forged = await trio.to_thread.run_sync(CheckpointTree, memoryview(data), tree.layout)
+            forged.root = tree.root  # the certified name on other bytes: every proof leads elsewhere
+            tree = forged
+        self._offered_body = (epoch, tree)
         self.offered_epoch = epoch
-        self.chunk_driver.submit(HoldChain(self.genesis, chain, tree))
+        self._hold_chain(chain)
+
+    def _hold_chain(self, chain: Sequence[Certificate] | None = None) -> None:
+        """Hand the join machine this peer's chain (`chain`, else the machine's) and the offered body. Under
+        `test_forge_offers` = "certificate" one signature of the body's certificate is altered."""
+        certificates = tuple(self.machine.chain if chain is None else chain)
+        body = self._offered_body
+        if body is None or body[0] > len(certificates):
+            self.chunk_driver.submit(HoldChain(self.genesis, ()))
+            return
+        epoch, tree = body
+        if self.settings.test_forge_offers == "certificate":
+            cert = certificates[epoch - 1]
+            first = cert.precommits[0]
+            altered = Signed(first.member, bytes([first.signature[0] ^ 1]) + first.signature[1:])
+            forged = Certificate(cert.value, cert.next_members, cert.consensus_round, (altered, *cert.precommits[1:]))
+            certificates = (*certificates[: epoch - 1], forged, *certificates[epoch:])
+        self.chunk_driver.submit(HoldChain(self.genesis, certificates, epoch, tree))
 
     async def _offer_kept_body(self, spec: Mapping[str, TensorSpec]) -> None:
         """At start: offer the newest kept certified body (after a restart this peer serves it again)."""

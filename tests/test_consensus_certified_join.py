@@ -74,9 +74,14 @@ def _chain(epochs: int, root: bytes = TREE.root) -> tuple[Certificate, ...]:
 CHAIN = _chain(3)
 
 
-def _server(chain: tuple[Certificate, ...] = CHAIN, tree: CheckpointTree | None = TREE) -> ChunkExchange:
+def _server(
+    chain: tuple[Certificate, ...] = CHAIN, tree: CheckpointTree | None = TREE, body_epoch: int | None = None
+) -> ChunkExchange:
     server = ChunkExchange(SampleFetchConfig(SWARM), BodyFetchConfig(SWARM))
-    server.step(0.0, HoldChain(GENESIS, chain, tree if chain else None))
+    if chain and tree is not None:
+        server.step(0.0, HoldChain(GENESIS, chain, len(chain) if body_epoch is None else body_epoch, tree))
+    else:
+        server.step(0.0, HoldChain(GENESIS, chain))
     return server
 
 
@@ -191,10 +196,18 @@ def test_nothing_certified_only_when_no_neighbour_offers_an_epoch() -> None:
 
 
 def test_a_body_the_server_does_not_hold_is_refused_without_blame() -> None:
-    net = Net({"a": _server(tree=None), "b": _server()})
+    elsewhere = CheckpointTree.from_state({name: tensor + 1 for name, tensor in STATE.items()})
+    net = Net({"a": _server(tree=elsewhere), "b": _server()})
     joined = net.join(("a", "b"))
     assert isinstance(joined, Joined) and joined.peer == "b"
     assert net.refusals() == [("a", "body: refused: unknown root: no checkpoint with that root", False)]
+
+
+def test_the_whole_chain_is_adopted_when_the_body_lags_it() -> None:
+    chain = _chain(5)
+    joined = Net({"a": _server(chain, body_epoch=3)}).join(("a",))
+    assert isinstance(joined, Joined) and joined.certificates == chain
+    assert joined.checkpoint.certificate == chain[2] and [s.epoch for s in joined.checkpoint.summaries] == [1, 2, 3]
 
 
 def test_a_long_chain_is_read_page_by_page(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -214,11 +227,11 @@ def test_a_chain_that_differs_from_ours_or_a_page_out_of_place_is_refused() -> N
     assert net.refusals()[0] == ("a", "its epoch 1 differs from our chain's", True)
     joiner = CertifiedJoin(CertifiedJoinConfig(SWARM), BodyFetchConfig(SWARM))
     joiner.step(0.0, JoinCertified(("a",), CHUNKS, (), Net({}).checks))
-    out = joiner.step(0.0, Received("a", ChainOffer(OFFER_VERSION, SWARM, MEMBERS.keys, 3, CHAIN[1:])))
+    out = joiner.step(0.0, Received("a", ChainOffer(OFFER_VERSION, SWARM, MEMBERS.keys, 3, 3, CHAIN[1:])))
     assert next(n.event for n in out if isinstance(n, Notify)) == JoinOfferRefused(
         "a", "page starts at epoch 2, not the asked 1", True
     )
-    assert joiner.step(0.0, Received("z", offer_page(SWARM, MEMBERS.keys, CHAIN, 1))) == []  # nobody asked z
+    assert joiner.step(0.0, Received("z", offer_page(SWARM, MEMBERS.keys, CHAIN, 3, 1))) == []  # nobody asked z
     joiner.step(0.0, JoinCertified(("a",), CHUNKS, (), Net({}).checks))
     with pytest.raises(LocalProtocolError, match="already running"):
         joiner.step(0.0, JoinCertified(("a",), CHUNKS, (), Net({}).checks))
@@ -232,17 +245,20 @@ def test_a_trusted_hash_skips_the_epochs_before_it() -> None:
 
 
 def test_offer_messages_are_bounded_and_versioned() -> None:
-    offer = offer_page(SWARM, MEMBERS.keys, CHAIN, 2)
-    assert offer.newest_epoch == 3 and [c.epoch for c in offer.certificates] == [2, 3]
+    offer = offer_page(SWARM, MEMBERS.keys, CHAIN, 2, 2)
+    assert (offer.newest_epoch, offer.body_epoch) == (3, 2) and [c.epoch for c in offer.certificates] == [2, 3]
     assert SCHEMA.decode(SCHEMA.encode(offer)) == offer
-    assert offer_page(SWARM, MEMBERS.keys, (), 1) == ChainOffer(OFFER_VERSION, SWARM, MEMBERS.keys, 0, ())
+    nothing = ChainOffer(OFFER_VERSION, SWARM, MEMBERS.keys, 0, 0, ())
+    assert offer_page(SWARM, MEMBERS.keys, (), 0, 1) == offer_page(SWARM, MEMBERS.keys, CHAIN, 0, 1) == nothing
+    with pytest.raises(ValueError, match="body_epoch"):
+        ChainOffer(OFFER_VERSION, SWARM, MEMBERS.keys, 3, 4, CHAIN)
     future = SCHEMA.encode(ChainQuery(OFFER_VERSION, SWARM, 1)).replace(b"\x01", b"\x02", 1)
     with pytest.raises(DecodeError):
         SCHEMA.decode(future)
     with pytest.raises(ValueError, match="consecutive"):
-        ChainOffer(OFFER_VERSION, SWARM, MEMBERS.keys, 3, (CHAIN[0], CHAIN[2]))
+        ChainOffer(OFFER_VERSION, SWARM, MEMBERS.keys, 3, 3, (CHAIN[0], CHAIN[2]))
     with pytest.raises(ValueError, match="beyond the offered epoch"):
-        ChainOffer(OFFER_VERSION, SWARM, MEMBERS.keys, 2, CHAIN)
+        ChainOffer(OFFER_VERSION, SWARM, MEMBERS.keys, 2, 2, CHAIN)
 
 
 def test_the_epoch_chain_adopts_a_verified_chain_and_follows_on() -> None:
