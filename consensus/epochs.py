@@ -31,8 +31,9 @@ epoch's parent link is (the genesis anchor, then the value hash of the last cert
   against the chain (members, parent link, signatures) and accepted whether or not an agreement runs: that is how
   a peer that is not a member, or whose training is behind, learns the chain.
 - **Adopting.** `AdoptChain(certificates)` (a joiner that starts from a neighbour's certified checkpoint, whose
-  chain the host verified) appends the certificates beyond this chain, notifies `ChainAdopted` with them and
-  replays the buffered messages; the next epoch is then the one after the adopted checkpoint's.
+  chain the host verified) appends the certificates beyond this chain and notifies `ChainAdopted` with them; the
+  next epoch is then the one after the adopted chain's last. Buffered certificates that continue the chain (after an
+  adoption, or after a certificate that arrived late) are accepted at once, in epoch order.
 - **Decisions.** On a decision the certificate joins the chain, `Certified(certificate)` is notified (the host
   writes it to the chain file and fetches the body), the certificate is sent to every live peer (non-members
   learn the chain this way, and so does a member whose training skipped the epoch's boundary and that would
@@ -135,6 +136,10 @@ def _epoch_of(msg: object) -> int | None:
     if isinstance(msg, Proposal | Certificate):
         return msg.value.epoch
     return None
+
+
+def _is_certificate_of(msg: object, epoch: int) -> bool:
+    return isinstance(msg, Certificate) and msg.value.epoch == epoch
 
 
 class EpochChain:
@@ -304,7 +309,7 @@ class EpochChain:
             if self.agreement is not None and self.agreement.epoch == epoch:
                 return self._run(now, Received(peer, msg))
             if isinstance(msg, Certificate):
-                return self._accept_certificate(now, peer, msg)
+                return self._accept_certificate(now, peer, msg) + self._replay_certificates(now)
         if epoch >= self.next_epoch:
             if len(self._buffered) < MAX_BUFFERED:
                 self._buffered.append((peer, msg))
@@ -376,14 +381,23 @@ class EpochChain:
         self._checkpoints = {e: c for e, c in self._checkpoints.items() if e > new[-1].epoch}
         if self.agreement is not None and self.agreement.epoch <= new[-1].epoch:
             self.agreement = None
-        actions: list[Action] = [Notify(ChainAdopted(tuple(new)))]
-        held, self._buffered = self._buffered, []
-        for peer, msg in held:
+        return [Notify(ChainAdopted(tuple(new))), *self._replay_certificates(now), *self._maybe_start(now)]
+
+    def _replay_certificates(self, now: float) -> list[Action]:
+        """Accept the buffered certificates that now continue the chain, in epoch order (with no agreement running,
+        nothing else would replay them: a non-member that got epoch E+2's certificate before E+1's)."""
+        actions: list[Action] = []
+        while self.agreement is None or self.agreement.epoch != self.next_epoch:
+            ready = [i for i, (_, m) in enumerate(self._buffered) if _is_certificate_of(m, self.next_epoch)]
+            if not ready:
+                break
+            peer, cert = self._buffered.pop(ready[0])
+            assert isinstance(cert, Certificate), "selected by _is_certificate_of"
             try:
-                actions.extend(self._received(now, peer, msg))
+                actions += self._accept_certificate(now, peer, cert)
             except RemoteProtocolError:
-                self.dropped += 1  # a buffered certificate that does not verify on the adopted chain
-        return actions + self._maybe_start(now)
+                self.dropped += 1  # a buffered certificate that does not verify on this chain
+        return actions
 
     def _certified(self, now: float, cert: Certificate, members: tuple[bytes, ...]) -> list[Action]:
         self.chain.append(cert)

@@ -269,7 +269,12 @@ def test_the_epoch_chain_adopts_a_verified_chain_and_follows_on() -> None:
     assert machine.next_epoch == 3 and machine.step(0.0, AdoptChain(CHAIN[:2])) == []
     out = machine.step(0.0, Received("p", CHAIN[2]))  # the next certificate arrives as to any non-member
     assert machine.next_epoch == 4 and any(isinstance(a, Notify) for a in out)
+    later = _chain(6)
+    assert machine.step(0.0, Received("p", later[5])) == [] and machine.next_epoch == 4  # held for its turn
+    machine.step(0.0, AdoptChain(later[:4]))  # epochs 5 and 6 are missing still: 6 waits in the buffer
+    out = machine.step(0.0, Received("q", later[4]))  # 5 arrives late: 5, then the buffered 6
+    assert [n.event.certificate.epoch for n in out if isinstance(n, Notify)] == [5, 6] and machine.next_epoch == 7
     with pytest.raises(LocalProtocolError, match="differs"):
         machine.step(0.0, AdoptChain(_chain(1, root=bytes(32))))
     with pytest.raises(LocalProtocolError, match="does not continue"):
-        machine.step(0.0, AdoptChain(_chain(5)[4:]))
+        machine.step(0.0, AdoptChain(_chain(8)[7:]))
