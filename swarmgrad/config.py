@@ -170,7 +170,7 @@ class ConsensusConfig:
     """TEST ONLY, hostile: hand consensus the sign-flipped parameters at each boundary (training is unchanged),
     so that this peer proposes a poisoned checkpoint. tests/test_certified.py shows honest voters refuse it."""
     test_forge_offers: str = ""
-    """TEST ONLY, hostile: serve joiners a forged offer, "certificate" (the newest certificate with a signature
+    """TEST ONLY, hostile: serve joiners a forged offer, "certificate" (the served body's certificate with a signature
     altered) or "body" (chunks of another body under the certified root). tests/test_certified_join.py shows a joiner
     refuses it and asks the next neighbour."""
 
