@@ -140,14 +140,24 @@ async def test_a_joiner_starts_from_a_restarted_peers_kept_body_and_follows_the_
     net = SimNetwork(seed=2)
     joiner_key = Signer.from_seed(b"j" * 32)
     names = {**NAMES, joiner_key.public_key: "j"}
-    async with net.run(), net.open_transport("p1") as t1, net.open_transport("j") as tj:
+    damaged = body_path(tmp_path / "p2", 2, seen["p2"][-1].root)
+    damaged.write_bytes(damaged.read_bytes()[:-1] + b"\x01")
+    async with (
+        net.run(),
+        net.open_transport("p1") as t1,
+        net.open_transport("p2") as t2,
+        net.open_transport("j") as tj,
+    ):
         # p1 restarts: it serves the newest body it kept, read back from its directory; p0 is gone
         server = ConsensusService(t1, SIGNERS[1], GENESIS, tmp_path / "p1", SETTINGS, names.__getitem__, spec=spec)
+        # p2's newest body was damaged on disk: it offers the one before
+        other = ConsensusService(t2, SIGNERS[2], GENESIS, tmp_path / "p2", SETTINGS, names.__getitem__, spec=spec)
         joiner = ConsensusService(tj, joiner_key, GENESIS, tmp_path / "j", SETTINGS, names.__getitem__, spec=spec)
         async with trio.open_nursery() as nursery:
             await nursery.start(server.run)
+            await nursery.start(other.run)
             await nursery.start(joiner.run)
-            assert server.offered_epoch == 2
+            assert server.offered_epoch == 2 and other.offered_epoch == 1
             with trio.fail_after(30):
                 joined = await joiner.join_certified(["p0", "p1"], spec, max_body_bytes=1 << 20)
             assert isinstance(joined, Joined) and joined.peer == "p1"
