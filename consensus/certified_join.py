@@ -180,10 +180,6 @@ class CertifiedJoin:
         self._join: _Join | None = None
         self._held: HoldChain | None = None
 
-    @property
-    def joining(self) -> bool:
-        return self._join is not None
-
     def expects(self, peer: PeerId, msg: object) -> bool:
         """Whether `msg` is this machine's: a chain message, a request for chunks of the body it offers, or an
         answer to its body fetch."""
