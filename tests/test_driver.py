@@ -82,6 +82,23 @@ async def test_timers_fire_at_their_virtual_time_and_messages_flow(autojump_cloc
         n.cancel_scope.cancel()
 
 
+async def test_the_driver_counts_the_payload_bytes_it_sends_and_reads(autojump_clock: trio.testing.MockClock) -> None:
+    net = SimNetwork(seed=1)
+    async with net.run(), net.open_transport("a") as ta, net.open_transport("b") as tb, trio.open_nursery() as n:
+        da, db = Driver(Toy("b"), ta, PROTOCOL, SCHEMA), Driver(Toy("a"), tb, PROTOCOL, SCHEMA)
+        await n.start(da.run)
+        await n.start(db.run)
+        da.submit(Arm("go", 1.0))
+        while await da.notifications.receive() != ("got", 3, trio.current_time()):
+            pass
+        sizes = {n: len(SCHEMA.encode(Hello(n))) for n in range(4)}
+        assert da.statistics()["bytes_sent"] == sizes[0] + sizes[2]  # a sends Hello 0 and 2, b sends 1 and 3
+        assert db.statistics()["bytes_sent"] == sizes[1] + sizes[3]
+        assert da.statistics()["bytes_received"] == db.statistics()["bytes_sent"]
+        assert db.statistics()["bytes_received"] == da.statistics()["bytes_sent"]
+        n.cancel_scope.cancel()
+
+
 async def test_rearming_a_timer_replaces_it(autojump_clock: trio.testing.MockClock) -> None:
     net = SimNetwork(seed=1)
     async with net.run(), net.open_transport("a") as ta, net.open_transport("b"), trio.open_nursery() as n:

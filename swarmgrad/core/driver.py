@@ -142,7 +142,9 @@ class Driver:
         return True
 
     def statistics(self) -> dict[str, int]:
-        """Counters: events stepped, messages sent, drops per queue, remote errors, send failures."""
+        """Counters: events stepped, messages sent and their payload bytes (`bytes_sent`; `bytes_received` for the
+        messages read from the transport under this driver's protocol), drops per queue, remote errors, send
+        failures."""
         return dict(self._counters)
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -162,6 +164,7 @@ class Driver:
     async def _read_network(self) -> None:
         assert self._inbox is not None and self.schema is not None, "started only with a wire protocol"
         async for delivery in self._inbox:
+            self._counters["bytes_received"] += len(delivery.payload)
             try:
                 msg = self.schema.decode(delivery.payload)
             except DecodeError as exc:
@@ -208,6 +211,7 @@ class Driver:
                 reason = "deadline passed before the message was sent"
             if reason is None:
                 self._counters["sent"] += 1
+                self._counters["bytes_sent"] += len(payload)
             else:
                 self._counters["send_failed"] += 1
                 self.submit(SendFailed(peer, reason))
