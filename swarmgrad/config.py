@@ -166,6 +166,9 @@ class ConsensusConfig:
     trust_epoch: str = ""
     """A certificate's value hash (64 hex digits) a joiner trusts: offered chains are verified from it instead of from
     genesis (`--trust-epoch`)."""
+    pending_epoch_wait_s: float = 10.0
+    """At `training.max_rounds`, how long the peer stays (consensus running, training done) for the epoch it
+    checkpointed last to be certified before it leaves; 0: leave at once. Not waited on SIGINT/SIGTERM."""
     test_poison_proposals: bool = False
     """TEST ONLY, hostile: hand consensus the sign-flipped parameters at each boundary (training is unchanged),
     so that this peer proposes a poisoned checkpoint. tests/test_certified.py shows honest voters refuse it."""
@@ -192,6 +195,10 @@ class ConsensusConfig:
             value = getattr(self, name)
             if not 0 < value < float("inf"):
                 raise ConfigError(f"consensus.{name}", value, "a finite number of seconds > 0")
+        if not 0 <= self.pending_epoch_wait_s < float("inf"):
+            raise ConfigError(
+                "consensus.pending_epoch_wait_s", self.pending_epoch_wait_s, "a finite number of seconds >= 0"
+            )
         self.agreement_config()
         self.policy()
 

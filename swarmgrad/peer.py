@@ -338,6 +338,10 @@ class Peer:
         self.remote_errors = 0
         self.consensus: ConsensusService | None = None
         self.epoch_hand_off_s: list[float] = []
+        self.epochs_reached = 0
+        self.last_epoch_submitted = 0
+        self._certified_now: trio.Event | None = None
+        self._last_epoch_wait: trio.CancelScope | None = None
 
     # ---- trio side ----------------------------------------------------------------------------------------------
 
@@ -412,8 +416,11 @@ class Peer:
 
         last = await trio.to_thread.run_sync(loop.run, self.stop)
         final = await trio.to_thread.run_sync(self.task.evaluate, loop.model)
+        if not self.stop.is_set():
+            await self._await_last_epoch()
         stats = gossip.statistics()
         sent_messages = int(stats.get("driver_sent", 0))
+        drivers = () if self.consensus is None else (self.consensus.driver, self.consensus.chunk_driver)
         self.events.emit(
             "finished",
             round=loop.round,
@@ -422,6 +429,9 @@ class Peer:
             value=final.value,
             loss=final.loss,
             bytes_sent=int(stats.get("bytes_sent", 0)),
+            gossip_bytes_sent=int(stats.get("driver_bytes_sent", 0)),
+            consensus_bytes_sent=sum(driver.statistics().get("bytes_sent", 0) for driver in drivers),
+            epochs=self.epochs_reached,
             gossip_messages_sent=sent_messages,
             dense_bytes_equivalent=sent_messages * self.numel * 4,
             remote_errors=self.remote_errors,
@@ -431,6 +441,22 @@ class Peer:
             "finished at round %d: %s %.4f (%s)", loop.round, final.metric, final.value, "stopped" if last else "idle"
         )
         return EXIT_OK
+
+    async def _await_last_epoch(self) -> None:
+        """Training is done: keep consensus running until the epoch checkpointed last is certified, for at most
+        `consensus.pending_epoch_wait_s` (the others still vote on it; leaving at once, the last epoch of a swarm
+        that stops together never commits)."""
+        epoch, consensus = self.last_epoch_submitted, self.consensus
+        if consensus is None or not epoch:
+            return
+        wait_s = self.config.consensus.pending_epoch_wait_s
+        with trio.move_on_after(wait_s) as self._last_epoch_wait:
+            while not consensus.certified or consensus.certified[-1].epoch < epoch:
+                self._certified_now = trio.Event()
+                await self._certified_now.wait()
+            return
+        if not self.stop.is_set():
+            log.warning("epoch %d not certified %.1f s after the last round: leaving", epoch, wait_s)
 
     def _consensus_service(self, transport: LibP2PTransport, node: SwarmNode) -> ConsensusService:
         settings = self.config.consensus
@@ -485,6 +511,8 @@ class Peer:
         )
         if self.metrics is not None:
             self.metrics.certified(record)
+        if self._certified_now is not None:
+            self._certified_now.set()
 
     def _peer_error(self, node: SwarmNode) -> Callable[[str, str], None]:
         def report(peer: str, reason: str) -> None:
@@ -625,6 +653,8 @@ class Peer:
             async for signum in signals:
                 log.warning("%s: finishing the current round, saving, leaving", signal.Signals(signum).name)
                 self.stop.set()
+                if self._last_epoch_wait is not None:
+                    self._last_epoch_wait.cancel()
                 return
 
     # ---- training thread side -----------------------------------------------------------------------------------
@@ -666,6 +696,8 @@ class Peer:
             self.consensus.submit_checkpoint(reached.epoch, reached.round, state)
             hand_off_s = time.perf_counter() - started
             self.epoch_hand_off_s.append(hand_off_s)
+            self.last_epoch_submitted = reached.epoch
+        self.epochs_reached += 1
         self.events.emit(
             "epoch",
             epoch=reached.epoch,

@@ -83,6 +83,25 @@ def test_four_local_peers_certify_every_epoch_with_the_same_chain(tmp_path: Path
     _check({p.name: tmp_path / p.name for p in peers}, events)
 
 
+def test_the_epoch_of_the_last_round_is_certified_before_the_peers_leave(tmp_path: Path) -> None:
+    # 48 rounds, epochs of 16: epoch 3 ends at `max_rounds`; each peer stays (consensus.pending_epoch_wait_s) until
+    # it is certified, where leaving at once left it uncertified everywhere
+    extra = [*EPOCH, "--set", "network.min_peers=3"]
+    peers, _ = start_swarm(tmp_path, 4, swarm_id="last", rounds=48, extra=extra)
+    try:
+        events = _finish(peers)
+    finally:
+        for peer in peers:
+            peer.stop()
+    for name, peer_events in events.items():
+        _, certificates = read_chain(tmp_path / name / "consensus" / "chain")
+        assert [c.epoch for c in certificates] == [1, 2, 3], name
+        finished = next(e for e in peer_events if e["event"] == "finished")
+        assert finished["epochs"] == 3, finished
+        assert 0 < finished["consensus_bytes_sent"] < finished["bytes_sent"], finished
+        assert 0 < finished["gossip_bytes_sent"] <= finished["bytes_sent"] - finished["consensus_bytes_sent"], finished
+
+
 def test_a_poisoning_proposer_is_refused_and_the_others_checkpoints_commit(tmp_path: Path) -> None:
     extra = [*EPOCH, "--set", "network.min_peers=3"]
     # the hostile peer is the one that proposes first in epoch 1 (the order follows from the genesis alone)

@@ -130,6 +130,8 @@ def test_set_flags_parse_as_toml_values(text: str, expected: tuple[str, object])
         ({"consensus.vote_timeout_s": 0}, "consensus.vote_timeout_s"),
         ({"consensus.body_timeout_s": float("inf")}, "consensus.body_timeout_s"),
         ({"consensus.drop_after_missed": 0}, "consensus.drop_after_missed"),
+        ({"consensus.pending_epoch_wait_s": -1}, "consensus.pending_epoch_wait_s"),
+        ({"consensus.pending_epoch_wait_s": float("nan")}, "consensus.pending_epoch_wait_s"),
         ({"consensus.enabled": "yes"}, "consensus.enabled"),
     ],
 )
