@@ -20,8 +20,9 @@ from swarmgrad.core.codec import Schema
 from swarmgrad.core.swarm_id import MAX_SWARM_ID_CHARS, SWARM_ID_RULE, is_valid_swarm_id
 from training.topk import SparsePayload
 
-PROTOCOL = "/swarmgrad/gossip/2.0.0"
-"""2.0.0 added `clock`; a 1.0.0 peer cannot negotiate this protocol, so the two never mix."""
+PROTOCOL = "/swarmgrad/gossip/3.0.0"
+"""2.0.0 added `clock`; 3.0.0 changed the pair coin that decides who may pick whom (`gossip.round.pair_coin`).
+A peer of another version cannot negotiate this protocol, so the versions never mix."""
 FINGERPRINT_BYTES = 16
 
 
@@ -38,7 +39,7 @@ class SparseUpdate:
 
     def __post_init__(self) -> None:
         if not is_valid_swarm_id(self.swarm_id):
-            raise ValueError(f"swarm_id must be {SWARM_ID_RULE}, got {self.swarm_id[:MAX_SWARM_ID_CHARS + 1]!r}")
+            raise ValueError(f"swarm_id must be {SWARM_ID_RULE}, got {self.swarm_id[: MAX_SWARM_ID_CHARS + 1]!r}")
         if self.round < 0:
             raise ValueError(f"round must be >= 0, got {self.round}")
         if self.clock < 0:

@@ -8,9 +8,10 @@ Each peer i holds a flat fp32 parameter vector `x_i`. The training loop calls fo
 averaging done by gossip as in NoLoCo, arXiv 2506.10911). One round r at peer i:
 
 1. **Pick neighbours.** `neighbours_per_round` (m) peers drawn uniformly, without replacement (`rng.sample` on
-   the sorted list), from the peers that are *eligible* this round: those whose pair coin
-   `sha256(swarm, round, sender, receiver)` is below `2 m / live peers` (about 2m of them). A fresh random graph
-   each round, which mixes like an expander -- and one that a receiver can check: it aggregates an unsolicited
+   the sorted list), from the peers that are *eligible* this round: those whose pair coin (`pair_coin`: the
+   receiver's fixed sha256 key mixed with the sender's sha256 word of the round) is below `2 m / live peers`
+   (about 2m of them). A fresh random graph each round, which mixes like an expander -- and one that a receiver can
+   check: it aggregates an unsolicited
    request only if the sender was eligible to pick it (with a little slack, `ACCEPT_FACTOR`), so a Byzantine peer
    cannot push its values into every honest peer every round: it reaches about 2.5m of them, an honest one m.
 2. **Choose what to say: error-compensated top-k.** As in CHOCO-SGD (Koloskova, Stich, Jaggi, arXiv 1902.00340 and
@@ -114,11 +115,12 @@ a round that must not hold.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import random
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -147,7 +149,7 @@ from swarmgrad.core.machine import (
 )
 from swarmgrad.core.swarm_id import validate_swarm_id
 from training.topk import pack_sparse, unpack_sparse
-from training.topk.payload import VALUE_FORMATS
+from training.topk.payload import VALUE_FORMATS, decoded_values
 
 AGGREGATIONS = ("mean", "trimmed_mean", "clipped")
 RADIUS_GROWTH = 2.0
@@ -161,24 +163,74 @@ PACE_WEIGHT = 0.25
 """A peer's pace (seconds per round it runs) is a moving average: each new start-to-start interval weighs this much."""
 
 
+_COIN_DOMAIN = "swarmgrad/gossip-coin/v2"
+_MIX_1, _MIX_2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # the splitmix64 finalizer's multipliers
+_MASK_64 = (1 << 64) - 1
+_MAX_KEYS = 1 << 20
+_SHIFTS = (np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11))
+
+
+def _word(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{_COIN_DOMAIN}\x00{text}".encode()).digest()[:8], "little")
+
+
+@functools.lru_cache(maxsize=64)
+def _key_table(swarm_id: str) -> dict[PeerId, int]:
+    """The keys computed so far in one swarm, shared (a pure function's memo: a simulated swarm's thousands of
+    machines look up the same keys)."""
+    return {}
+
+
+def peer_key(swarm_id: str, peer: PeerId) -> int:
+    """A peer's fixed 64-bit coin key in a swarm: the first 8 bytes of sha256(domain, swarm, peer), little-endian."""
+    table = _key_table(swarm_id)
+    key = table.get(peer)
+    if key is None:
+        if len(table) >= _MAX_KEYS:  # bounded whatever number of peer ids a swarm shows: start over
+            table.clear()
+        key = table[peer] = _word(f"{swarm_id}\x00key\x00{peer}")
+    return key
+
+
+def peer_keys(swarm_id: str, peers: Sequence[PeerId]) -> np.ndarray:
+    """`peer_key` of each of `peers`, as uint64."""
+    table = _key_table(swarm_id)
+    if all(p in table for p in peers):
+        return np.fromiter(map(table.__getitem__, peers), dtype=np.uint64, count=len(peers))
+    return np.fromiter((peer_key(swarm_id, p) for p in peers), dtype=np.uint64, count=len(peers))
+
+
+def sender_word(swarm_id: str, number: int, sender: PeerId) -> int:
+    """The sender's 64-bit word of round `number`: the first 8 bytes of sha256(domain, swarm, round, sender)."""
+    return _word(f"{swarm_id}\x00round\x00{number}\x00{sender}")
+
+
+def coins_of_keys(word: int, keys: np.ndarray) -> np.ndarray:
+    """The pair coins of one sender's round `word` with receivers of `keys` (uint64), as float64 in [0, 1): each
+    key xor the word through the splitmix64 finalizer, the top 53 bits over 2**53 (exact in float64)."""
+    z = keys ^ np.uint64(word)  # arrays (never numpy scalars): uint64 products wrap without a warning
+    z = (z ^ (z >> _SHIFTS[0])) * np.uint64(_MIX_1)
+    z = (z ^ (z >> _SHIFTS[1])) * np.uint64(_MIX_2)
+    z ^= z >> _SHIFTS[2]
+    return (z >> _SHIFTS[3]).astype(np.float64) * 2.0**-53
+
+
+def pair_coins(swarm_id: str, number: int, sender: PeerId, receivers: Sequence[PeerId]) -> np.ndarray:
+    """`pair_coin` of `sender` with each of `receivers`, in their order, as float64."""
+    return coins_of_keys(sender_word(swarm_id, number, sender), peer_keys(swarm_id, receivers))
+
+
 def pair_coin(swarm_id: str, number: int, sender: PeerId, receiver: PeerId) -> float:
-    """A uniform number in [0, 1) that anyone can compute for (swarm, round, sender, receiver): the first 8 bytes
-    of sha256(swarm, round, sender, receiver), little-endian, over 2**64."""
-    digest = hashlib.sha256(f"{swarm_id}\x00{number}\x00{sender}\x00{receiver}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") / 2.0**64
-
-
-def pair_coins(swarm_id: str, number: int, sender: PeerId, receivers: Iterable[PeerId]) -> np.ndarray:
-    """`pair_coin` of `sender` with each of `receivers`, in their order, as float64:
-    the common prefix hashed once, the 8-byte words turned into floats in one numpy pass (uint64 to float64
-    rounds as Python's int to float does, so each coin equals `pair_coin`'s)."""
-    copy = hashlib.sha256(f"{swarm_id}\x00{number}\x00{sender}\x00".encode()).copy
-    digests = []
-    for receiver in receivers:
-        digest = copy()
-        digest.update(receiver.encode())
-        digests.append(digest.digest())
-    return np.frombuffer(b"".join(digests), dtype="<u8")[::4] / 2.0**64
+    """A uniform number in [0, 1) that anyone can compute for (swarm, round, sender, receiver): the receiver's
+    fixed key (`peer_key`) mixed with the sender's word of the round (`sender_word`, a fresh sha256 per sender
+    and round) by `coins_of_keys`. A sender computes the coins of all its n live peers with one hash and a few
+    vector operations (their keys are cached), where a sha256 per pair cost n hashes a round. Computed here with
+    Python integers: the same bits as `coins_of_keys`, without its per-call numpy overhead."""
+    z = peer_key(swarm_id, receiver) ^ sender_word(swarm_id, number, sender)
+    z = ((z ^ (z >> 30)) * _MIX_1) & _MASK_64
+    z = ((z ^ (z >> 27)) * _MIX_2) & _MASK_64
+    z ^= z >> 31
+    return (z >> 11) * 2.0**-53
 
 
 @dataclass(frozen=True)
@@ -256,6 +308,14 @@ class StartRound(Command):
     not_before: int = 0
 
 
+@dataclass(frozen=True)
+class PeersUp(Command):
+    """A `PeerUp` for each of `peers` at once (this peer itself, if listed, is skipped): a simulated swarm's start
+    tells each of its n machines of the n - 1 others, n^2 events one by one."""
+
+    peers: tuple[PeerId, ...]
+
+
 @dataclass(frozen=True, eq=False)
 class RoundCompleted:
     """A round ended: `params` is the new vector to load (`StartRound`'s tensor, mixed in place). `missing` are
@@ -320,18 +380,20 @@ def _mix(
         return _Mixed(0, [])
     supports = [indices for indices, _ in received]
     if all(torch.equal(support, supports[0]) for support in supports[1:]):
-        # The usual case: every neighbour answered on this peer's own coordinates.
-        union, position = supports[0], torch.arange(supports[0].numel()).repeat(len(received))
+        # The usual case: every neighbour answered on this peer's own coordinates: one dense block.
+        union = supports[0]
+        diffs = torch.stack([values for _, values in received]) - x[union]
+        mask = torch.ones(len(received), union.numel(), dtype=torch.bool)
     else:
         union, position = torch.unique(torch.cat(supports), return_inverse=True)
-    diffs = torch.zeros(len(received), union.numel())
-    mask = torch.zeros(len(received), union.numel(), dtype=torch.bool)
-    start = 0
-    for row, (indices, values) in enumerate(received):
-        where = position[start : start + indices.numel()]
-        start += indices.numel()
-        diffs[row, where] = values - x[indices]
-        mask[row, where] = True
+        diffs = torch.zeros(len(received), union.numel())
+        mask = torch.zeros(len(received), union.numel(), dtype=torch.bool)
+        start = 0
+        for row, (indices, values) in enumerate(received):
+            where = position[start : start + indices.numel()]
+            start += indices.numel()
+            diffs[row, where] = values - x[indices]
+            mask[row, where] = True
     weights = aggregate.coordinate_weights(mask)
     clipped = 0
     recorded: list[float] = []
@@ -392,6 +454,8 @@ class GossipRound:
         self._compressor = compressor
         self._live: set[PeerId] = set()
         self._sorted_live: tuple[PeerId, ...] | None = None  # `_live` in sorted order, rebuilt after it changes
+        # the live peers but this one, sorted, and their coin keys: rebuilt after `_live` changes
+        self._candidates: tuple[tuple[PeerId, ...], np.ndarray] | None = None
         self._public: torch.Tensor | None = None
         self._told = torch.empty(0, dtype=torch.bool)  # which coordinates the public copy holds a told value of
         self._difference = torch.empty(0)  # scratch for x - public, allocated with the public copy
@@ -435,7 +499,12 @@ class GossipRound:
         # Peer events first: a swarm of n peers starts with n - 1 of them per machine, far more than its messages.
         if isinstance(event, PeerUp):
             self._live.add(event.peer)
-            self._sorted_live = None
+            self._sorted_live = self._candidates = None
+            return []
+        if isinstance(event, PeersUp):
+            self._live.update(event.peers)
+            self._live.discard(self.local_peer)
+            self._sorted_live = self._candidates = None
             return []
         if isinstance(event, StartRound):
             return self._start(now, event.params, event.not_before)
@@ -449,7 +518,7 @@ class GossipRound:
             return []
         if isinstance(event, PeerDown):
             self._live.discard(event.peer)
-            self._sorted_live = None
+            self._sorted_live = self._candidates = None
             return self._forget_expected(event.peer)
         if isinstance(event, SendFailed):
             self._counters["send_failed"] += 1
@@ -512,12 +581,10 @@ class GossipRound:
     def _begin(self, now: float, number: int, x: torch.Tensor, indices: torch.Tensor) -> list[Action]:
         # NaN and Inf rank first in top-k: `pack_sparse` refuses them
         update = self._pack(number, False, indices, x, number)
-        # the coin bound is the same for every candidate (each is live): one pass, no set built per candidate
-        candidates = self._sorted()
-        if self.local_peer in self._live:
-            candidates = tuple(p for p in candidates if p != self.local_peer)
+        # the coin bound is the same for every candidate (each is live): one vector pass, no set built per candidate
+        candidates, keys = self._candidate_keys()
         bound = ELIGIBLE_FACTOR * self.config.neighbours_per_round / max(1, len(candidates))
-        coins = pair_coins(self.config.swarm_id, number, self.local_peer, candidates)
+        coins = coins_of_keys(sender_word(self.config.swarm_id, number, self.local_peer), keys)
         eligible = [candidates[i] for i in np.flatnonzero(coins < bound).tolist()]
         rested = [p for p in eligible if self._backoff_until.get(p, 0) <= number]
         backed_off = [p for p in eligible if self._backoff_until.get(p, 0) > number]
@@ -575,6 +642,16 @@ class GossipRound:
         if self._sorted_live is None:
             self._sorted_live = tuple(sorted(self._live))
         return self._sorted_live
+
+    def _candidate_keys(self) -> tuple[tuple[PeerId, ...], np.ndarray]:
+        """The live peers other than this one, sorted, and their coin keys (`peer_key`), once per change of the set."""
+        if self._candidates is None:
+            # the sorted tuple itself unless this peer is listed: no second copy (10,000 simulated peers hold 10^8)
+            peers = self._sorted()
+            if self.local_peer in self._live:
+                peers = tuple(p for p in peers if p != self.local_peer)
+            self._candidates = (peers, peer_keys(self.config.swarm_id, peers))
+        return self._candidates
 
     def _accept(
         self, current: _Round, peer: PeerId, msg: SparseUpdate, indices: torch.Tensor, values: torch.Tensor
@@ -695,12 +772,12 @@ class GossipRound:
         return [Send(peer, reply, now + self.config.round_deadline_s)]
 
     def _pack(self, number: int, reply: bool, indices: torch.Tensor, x: torch.Tensor, clock: int) -> SparseUpdate:
-        """An update with `x`'s values at `indices`; the public copy records what was told (as rounded)."""
+        """An update with `x`'s values at `indices` (ascending, as the compressor gives them and `unpack_sparse`
+        checks them: the payload keeps their order); the public copy records what was told (as rounded)."""
         payload = pack_sparse(indices, x[indices], self.numel, value_format=self.config.value_format)
         if self._public is not None and x is not self._public:  # told values are already as rounded: no write
-            sent_indices, sent_values = unpack_sparse(payload, self.numel)
-            self._public[sent_indices] = sent_values
-            self._told[sent_indices] = True
+            self._public[indices] = torch.from_numpy(decoded_values(payload))
+            self._told[indices] = True
         return SparseUpdate(self.config.swarm_id, number, self.fingerprint, reply, payload, clock)
 
     def _eligible(self, number: int, sender: PeerId, receiver: PeerId, factor: float) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from gossip.round import (
     ELIGIBLE_FACTOR,
     GossipConfig,
     GossipRound,
+    PeersUp,
     RoundCompleted,
     StartRound,
     pair_coin,
@@ -188,6 +190,29 @@ def test_batched_pair_coins_equal_the_single_coin_and_are_uniform() -> None:
     assert coins.tolist() == [pair_coin("test", 7, "me", r) for r in receivers]  # bit for bit
     assert 0 <= coins.min() and coins.max() < 1 and abs(float(coins.mean()) - 0.5) < 0.02
     assert pair_coins("test", 7, "me", []).tolist() == []
+
+
+def test_pair_coins_are_independent_of_the_pair_order_and_fresh_each_round() -> None:
+    peers = [f"peer-{i}" for i in range(400)]
+    forward = pair_coins("test", 3, "me", peers)
+    backward = [pair_coin("test", 3, p, "me") for p in peers]
+    later = pair_coins("test", 4, "me", peers)
+    other_swarm = pair_coins("other", 3, "me", peers)
+    for coins in (backward, later, other_swarm):  # correlation ~ N(0, 1/400) for independent coins
+        assert abs(float(np.corrcoef(forward, coins)[0, 1])) < 0.2
+    bound = ELIGIBLE_FACTOR * 3 / len(peers)
+    assert 2 <= int((forward < bound).sum()) <= 12  # about 2m = 6 eligible
+
+
+def test_peers_up_at_once_is_a_peer_up_for_each_other_peer() -> None:
+    peers = [f"p{i}" for i in range(30)]
+    one_by_one, at_once = machine(peers), machine([])
+    assert settle(at_once, 0.0, PeersUp((*peers[:12], "me", *peers[12:]))) == []
+    assert at_once.live_peers == one_by_one.live_peers == sorted(peers)
+    x = torch.randn(NUMEL)
+    chosen = [(s.peer, s.deadline) for s in sends(settle(at_once, 0.0, StartRound(x.clone())))]
+    assert len(chosen) == 2  # neighbours_per_round
+    assert chosen == [(s.peer, s.deadline) for s in sends(settle(one_by_one, 0.0, StartRound(x.clone())))]
 
 
 def test_requests_get_one_reply_on_their_coordinates_and_count_only_if_the_sender_was_eligible() -> None:

@@ -226,6 +226,12 @@ def unpack_sparse(payload: SparsePayload, numel: int, max_k: int | None = None) 
     return torch.from_numpy(idx), torch.from_numpy(values)
 
 
+def decoded_values(payload: SparsePayload) -> np.ndarray:
+    """The values as a receiver decodes them (float32, in the payload's ascending index order), without the
+    receiver's checks: for the sender of a payload `pack_sparse` just made, to record what it told."""
+    return _unpack_values(payload)
+
+
 def _unpack_values(payload: SparsePayload) -> np.ndarray:
     fmt = payload.value_format
     if fmt in ("fp32", "fp16"):
