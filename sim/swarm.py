@@ -26,10 +26,11 @@ from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass
 from functools import partial
 
+import msgpack
 import torch
 
-from gossip.messages import SCHEMA, model_fingerprint
-from gossip.round import GossipRound, RoundCompleted, StartRound
+from gossip.messages import SCHEMA, SparseUpdate, model_fingerprint
+from gossip.round import GossipRound, PeersUp, RoundCompleted, StartRound
 from sim.consensus import SwarmConsensus
 from sim.events import EventLoop, Simulator
 from sim.network import NetworkModel, links_between
@@ -103,6 +104,36 @@ class _HonestView:
         return self._computed()[1]
 
 
+class GossipWireSizes:
+    """`len(SCHEMA.encode(msg))` without encoding every message. A `SparseUpdate` encodes to a size that depends
+    only on its swarm id, fingerprint and reply flag, the encoded lengths of its round and clock, and its payload's
+    numel, k and formats (these fix the length of each array), so each such key is encoded once; other messages are
+    encoded."""
+
+    def __init__(self) -> None:
+        self._sizes: dict[tuple[object, ...], int] = {}
+
+    def __call__(self, msg: object) -> int:
+        if type(msg) is not SparseUpdate:
+            return len(SCHEMA.encode(msg))
+        payload = msg.payload
+        key = (
+            msg.swarm_id,
+            msg.fingerprint,
+            msg.reply,
+            len(msgpack.packb(msg.round)),
+            len(msgpack.packb(msg.clock)),
+            payload.numel,
+            payload.k,
+            payload.index_format,
+            payload.value_format,
+        )
+        size = self._sizes.get(key)
+        if size is None:
+            size = self._sizes[key] = len(SCHEMA.encode(msg))
+        return size
+
+
 class SwarmRun:
     """Build with a scenario and seed, then `run()`; `rows` holds the per-round metrics, and `on_row` (if given) is
     told each row as it is recorded (a progress bar; it must not touch the run)."""
@@ -130,7 +161,7 @@ class SwarmRun:
         regions = scenario.network.regions
         region_of = {p: regions[i % len(regions)] for i, p in enumerate(names)} if regions else {}
         self.network = NetworkModel(scenario.network, random.Random(derived_seed(seed, "network")), region_of)
-        self.sim = Simulator(self.loop, self.network, lambda msg: len(SCHEMA.encode(msg)), host=self)
+        self.sim = Simulator(self.loop, self.network, GossipWireSizes(), host=self)
         speeds = compute_speeds(names, scenario.compute.speed_spread, random.Random(derived_seed(seed, "speed")))
         byzantine = set(scenario.byzantine.peers)
         behaviour_cls = BEHAVIOURS[scenario.byzantine.behaviour]
@@ -172,9 +203,7 @@ class SwarmRun:
 
     def run(self) -> list[RoundMetrics]:
         absent = set(self.scenario.swarm.absent)
-        for name in self._sorted_names:
-            if name not in absent:
-                self._bring_up(name)
+        self._bring_up_together([name for name in self._sorted_names if name not in absent])
         for partition in self.scenario.partitions:
             self._schedule_partition(partition)
         for event in self.scenario.churn:
@@ -185,24 +214,39 @@ class SwarmRun:
         )
         return self.rows
 
+    def _bring_up_together(self, names: list[PeerId]) -> None:
+        """The start: `_bring_up` of each of `names` in turn, with the same outcome, but each machine told of all
+        the others in one `PeersUp` (n events, not n^2 `PeerUp`s; they produce no actions, so nothing else moves)."""
+        for name in names:
+            self._add_machine(name)
+        everyone = PeersUp(tuple(names))
+        for name in names:
+            self.sim.step(name, everyone)
+        for name in names:
+            self._start_peer(name)
+
     def _bring_up(self, name: PeerId) -> None:
-        peer = self.peers[name]
-        self._machines_built += 1
-        rng = random.Random(derived_seed(self.seed, f"machine/{name}/{self._machines_built}"))
-        machine: Machine = GossipRound(
-            self.gossip_config, name, self.dim, self.fingerprint, rng, self.selector
-        )
-        if peer.behaviour is not None and peer.behaviour.replays_rounds_back:
-            machine = ReplayingMachine(machine, peer.behaviour.replays_rounds_back)
-        self.sim.add(name, machine)
-        peer.live, peer.in_round = True, False
+        self._add_machine(name)
         for other in self._sorted_names:
             if other != name and self.peers[other].live:
                 self.sim.step(name, PeerUp(other))
                 self.sim.step(other, PeerUp(name))
+        self._start_peer(name)
+
+    def _add_machine(self, name: PeerId) -> None:
+        peer = self.peers[name]
+        self._machines_built += 1
+        rng = random.Random(derived_seed(self.seed, f"machine/{name}/{self._machines_built}"))
+        machine: Machine = GossipRound(self.gossip_config, name, self.dim, self.fingerprint, rng, self.selector)
+        if peer.behaviour is not None and peer.behaviour.replays_rounds_back:
+            machine = ReplayingMachine(machine, peer.behaviour.replays_rounds_back)
+        self.sim.add(name, machine)
+        peer.live, peer.in_round = True, False
+
+    def _start_peer(self, name: PeerId) -> None:
         if self.consensus is not None:
             self.consensus.peer_up(name)
-        self._train_then_start(peer)
+        self._train_then_start(self.peers[name])
 
     def _take_down(self, name: PeerId, others_learn_at_s: float) -> None:
         peer = self.peers[name]

@@ -9,13 +9,17 @@ import importlib.util
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
+from gossip.messages import SCHEMA, SparseUpdate
 from sim.scenario import load_scenario, scenario_from_dict
-from sim.swarm import SwarmRun
+from sim.swarm import GossipWireSizes, SwarmRun
 from swarmgrad.core.errors import ConfigError
+from training.topk import pack_sparse
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "sim" / "scenarios"
 SMALL = """
@@ -127,6 +131,37 @@ def small_run(seed: int, **overrides: dict[str, object]) -> list[tuple[object, .
 def test_different_seeds_differ_and_same_seed_repeats() -> None:
     assert small_run(1) == small_run(1)
     assert small_run(1) != small_run(2)
+
+
+class _OneByOne(SwarmRun):
+    """The start as it was: each peer brought up alone, n^2 single `PeerUp`s."""
+
+    def _bring_up_together(self, names: list[str]) -> None:
+        for name in names:
+            self._bring_up(name)
+
+
+def test_bringing_the_peers_up_together_changes_nothing() -> None:
+    data = tomllib.loads(SMALL)
+    data["byzantine"] = {"peers": ["p5"], "behaviour": "replay"}
+    data["swarm"]["absent"] = ["p2"]
+    data["churn"] = [{"at_s": 0.2, "peer": "p2", "kind": "join"}]
+    together, one_by_one = SwarmRun(scenario_from_dict(data), 3), _OneByOne(scenario_from_dict(data), 3)
+    assert [r.as_row() for r in together.run()] == [r.as_row() for r in one_by_one.run()]
+    assert together.sim.counters == one_by_one.sim.counters and together.sim.counters["messages_sent"] > 0
+
+
+def test_gossip_wire_sizes_are_the_encoded_sizes() -> None:
+    sizes = GossipWireSizes()
+    for numel, value_format in [(200, "fp16"), (70_000, "fp16"), (1000, "int8"), (1000, "bf16"), (300, "fp32")]:
+        for k in (0, 1, 17, 300):
+            k = min(k, numel)
+            indices = torch.randperm(numel)[:k].sort().values
+            payload = pack_sparse(indices, torch.randn(k), numel, value_format=value_format)
+            for number, clock, reply in [(0, 0, False), (127, 128, True), (300, 70_000, True), (2**33, 2**33, False)]:
+                msg = SparseUpdate("test", number, bytes(16), reply, payload, clock)
+                assert sizes(msg) == len(SCHEMA.encode(msg)), (numel, value_format, k, number, clock)
+                assert sizes(msg) == len(SCHEMA.encode(msg))  # and again, from the cache
 
 
 def test_a_run_through_faults_converges() -> None:
