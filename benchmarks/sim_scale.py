@@ -1,12 +1,16 @@
 """Simulator scale: simulated gossip rounds per wall-clock minute with the cheap model (noisy quadratic), on one
 core, for each swarm size. One JSON line per size, each size run in a fresh process (so its peak memory is its
-own): peers, rounds, wall_s (the whole run), startup_s (of it, bringing the peers up: n^2 peer-up events),
-rounds_per_min (over the whole run) and steady_rounds_per_min (after the start-up), messages_per_s (simulated
+own): peers, rounds, wall_s (the whole run), startup_s (of it, bringing the peers up: each machine told of the
+n - 1 others in one `PeersUp`), rounds_per_min (over the whole run) and steady_rounds_per_min (after the
+start-up), cpu_s (the process's CPU time over the run) and rounds_per_cpu_min (what the wall-clock figure would be
+on an idle core: on a shared machine the wall clock also counts other jobs' time), messages_per_s (simulated
 messages per wall-clock second), events, peak_rss_mib, and goal_rounds_per_min where the project set one.
 
-    python benchmarks/sim_scale.py [--peers 100 1000 10000] [--rounds 20 20 3] [--dim 1000]
+    python benchmarks/sim_scale.py [--peers 100 1000 10000] [--rounds 20 20 3] [--dim 1000] [--baseline DIR]
 
-`--rounds` gives one count for every size, or one per size.
+`--rounds` gives one count for every size, or one per size. `--baseline DIR` runs each size first with the
+simulator of another checkout (e.g. `git worktree add DIR main`), in the same run, and puts its figures under
+`baseline` with the ratios `speedup` (rounds per wall-clock minute) and `cpu_speedup` (rounds per CPU minute).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # before this folder, whose gossip.py would shadow the gossip package
@@ -46,9 +51,10 @@ def run_one(peers: int, rounds: int, dim: int) -> dict[str, object]:
         row_times.append(time.perf_counter())
 
     run = SwarmRun(scenario, seed=0, on_row=on_row)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     rows = run.run()
     wall_s = time.perf_counter() - started
+    cpu_s = time.process_time() - cpu_started
     done = len(rows) - 1
     steady_s = row_times[-1] - row_times[0]
     line: dict[str, object] = {
@@ -58,6 +64,8 @@ def run_one(peers: int, rounds: int, dim: int) -> dict[str, object]:
         "startup_s": round(row_times[0] - started, 2),
         "rounds_per_min": round(60 * done / wall_s, 1),
         "steady_rounds_per_min": round(60 * done / steady_s, 1) if steady_s > 0 else None,
+        "cpu_s": round(cpu_s, 2),
+        "rounds_per_cpu_min": round(60 * done / cpu_s, 1),
         "messages_per_s": round(run.sim.counters["messages_sent"] / wall_s),
         "events": run.loop.events_run,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
@@ -73,6 +81,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, nargs="+", default=[20])
     parser.add_argument("--dim", type=int, default=1000)
     parser.add_argument("--one", action="store_true", help="run the single size given, in this process")
+    parser.add_argument("--baseline", type=Path, help="a checkout whose simulator runs each size first, for comparison")
     args = parser.parse_args()
     if len(args.rounds) not in (1, len(args.peers)):
         parser.error("--rounds takes one count, or one per size in --peers")
@@ -81,8 +90,25 @@ def main() -> None:
         print(json.dumps(run_one(args.peers[0], rounds[0], args.dim)), flush=True)
         return
     for peers, count in zip(args.peers, rounds, strict=True):
-        command = [sys.executable, __file__, "--one", "--peers", str(peers), "--rounds", str(count)]
-        subprocess.run([*command, "--dim", str(args.dim)], check=True)
+        sizes = ["--one", "--peers", str(peers), "--rounds", str(count), "--dim", str(args.dim)]
+        baseline = None
+        if args.baseline is not None:
+            baseline = child([sys.executable, str(args.baseline / "benchmarks" / "sim_scale.py"), *sizes])
+        line = child([sys.executable, __file__, *sizes])
+        if baseline is not None:
+            line["baseline"] = {key: value for key, value in baseline.items() if key != "goal_rounds_per_min"}
+            line["speedup"] = round(float(line["rounds_per_min"]) / float(baseline["rounds_per_min"]), 2)
+            if "rounds_per_cpu_min" in baseline:
+                cpu = float(line["rounds_per_cpu_min"]) / float(baseline["rounds_per_cpu_min"])
+                line["cpu_speedup"] = round(cpu, 2)
+        print(json.dumps(line), flush=True)
+
+
+def child(command: list[str]) -> dict[str, Any]:
+    """The JSON line a `--one` run prints."""
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
 
 
 if __name__ == "__main__":
