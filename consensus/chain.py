@@ -21,7 +21,8 @@ the file writes and `fsync`s the header, then `fsync`s the directory so that the
 
 **Damage.** `load` reads the whole file and checks every record. A crash during an append can leave only a
 *prefix* of the last record (its length, checksum or body cut short): such a truncated tail is cut back to the end
-of the last whole record, with one warning in the log, and the records before it are returned. A file shorter than
+of the last whole record, with a warning in the log, and the records before it are returned; the cut bytes are
+first written to `<name>.tail-<offset>` beside the file, so that nothing is lost. A file shorter than
 its header that holds a prefix of it (an empty file included: a crash while the file was created) gets its header
 rewritten, with a warning, and holds no records. Anything else is damage that a crash cannot cause: a bad file
 header, a length whose CRC does not match or that is 0 or above the limit, or a body checksum that does not match
@@ -77,6 +78,13 @@ def _checksum(body: bytes) -> bytes:
     return hashlib.sha256(body).digest()[:CHECKSUM_BYTES]
 
 
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+
+
 def encode_record(body: bytes) -> bytes:
     """One record as it lies in the file."""
     if not 1 <= len(body) <= MAX_RECORD_BYTES:
@@ -113,12 +121,17 @@ class ChainLog:
             cut = len(data) - end
             raise ChainError(self.path, end, f"a truncated last record ({cut} bytes after the last whole one)")
         if end < len(data):
+            # the cut bytes are kept beside the file (a person may want them): only then is the file cut back
+            aside = self.path.with_name(f"{self.path.name}.tail-{end}")
+            if repair:
+                _write_synced(aside, data[end:])
             log.warning(
-                "chain file %s: a truncated last record (%d bytes at byte %d); keeping the %d whole records",
+                "chain file %s: a truncated last record (%d bytes at byte %d); keeping the %d whole records%s",
                 self.path,
                 len(data) - end,
                 end,
                 len(records),
+                f", the cut bytes in {aside}" if repair else "",
             )
             if repair:
                 with open(self.path, "r+b") as file:

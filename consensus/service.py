@@ -22,6 +22,14 @@ most `messages.MAX_MESSAGE_BYTES`) and the chunk exchange on `consensus.chunks.P
   `join_certified(peers, spec, ...)` runs a join for a peer with no checkpoint: refusals are logged one line each
   (naming the peer and the reason), and a checkpoint that checks out is adopted (`AdoptChain`; its certificates
   are appended to the chain file on `ChainAdopted`, its body kept and offered on).
+- **Divergence repair.** Once a fetched certified body is kept and this peer has its own tree of that epoch,
+  `consensus.repair.repair_decision` compares them, every chunk, in a worker; when this peer lies farther than the
+  tolerance, `on_diverged` gets a `Divergence` with the certified bytes (the peer adopts them at its next round).
+  A peer whose own checkpoint was certified has nothing to repair. `repair_at_start(state)` runs the same rule on
+  a restarted peer's resumed state against the newest certified body on disk.
+- **Opening the chain.** `consensus.provenance.open_chain` at construction: a truncated tail is cut back with a
+  warning (the cut bytes kept beside the file); any other damage, a genesis other than the configured one, a
+  certificate of another swarm or one that does not verify raises, naming the file, and the file is left as it is.
 
 Files, in `directory` (the peer's `<data_dir>/consensus/`):
 
@@ -33,10 +41,11 @@ Files, in `directory` (the peer's `<data_dir>/consensus/`):
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -74,7 +83,12 @@ from consensus.epochs import AdoptChain, Certified, ChainAdopted, Checkpoint, Ep
 from consensus.membership import MembershipPolicy
 from consensus.merkle import CheckpointTree, chunk_count_of
 from consensus.messages import Certificate, Signed
-from consensus.provenance import ChainContentError, ChainGenesis, append_certificate, create_chain, read_chain
+from consensus.provenance import (
+    ChainGenesis,
+    append_certificate,
+    open_chain,
+)
+from consensus.repair import RepairDecision, repair_decision
 from consensus.sample_fetch import FetchSample, HoldTree, SampleFailed, SampleFetchConfig, SampleFetched
 from consensus.signing import Signer
 from swarmgrad.core.driver import Driver, PeerErrorHook
@@ -123,6 +137,22 @@ class CertifiedEpoch:
     chain_path: Path
 
 
+@dataclass(frozen=True)
+class Divergence:
+    """This peer's own parameters at the boundary of `epoch` lie farther than the tolerance from the certified
+    checkpoint of that epoch (`decision` says how far, and where): the peer adopts the certified checkpoint, whose
+    canonical bytes are `body` (their Merkle root is the certificate's `root`). `at_start`: found when the peer
+    restarted (its resumed checkpoint against the newest certified body on disk), else at run time."""
+
+    epoch: int
+    round: int
+    root: bytes
+    body: bytes
+    decision: RepairDecision
+    tolerance: float
+    at_start: bool
+
+
 def model_spec_hash(tree: CheckpointTree) -> bytes:
     """What `EpochValue.model_spec_hash` names: the canonical header (every tensor's name, dtype and shape), hashed
     as `consensus.canonical.model_spec_hash` hashes a task's spec, so that a joiner's check of the spec agrees."""
@@ -165,6 +195,7 @@ class ConsensusService:
         peer_of_key: Callable[[bytes], PeerId],
         *,
         on_certified: Callable[[CertifiedEpoch], None] | None = None,
+        on_diverged: Callable[[Divergence], Awaitable[None]] | None = None,
         on_peer_error: PeerErrorHook | None = None,
         spec: Mapping[str, TensorSpec] | None = None,
     ) -> None:
@@ -176,6 +207,7 @@ class ConsensusService:
         self.on_certified = on_certified
         self.on_peer_error = on_peer_error
         self.spec = spec
+        self.on_diverged = on_diverged
         (directory / BODY_DIR).mkdir(parents=True, exist_ok=True)
         self.chain_path = directory / CHAIN_FILE
         certificates = self._open_chain()
@@ -227,14 +259,11 @@ class ConsensusService:
     # ---- files --------------------------------------------------------------------------------------------------
 
     def _open_chain(self) -> list[Certificate]:
-        if not self.chain_path.exists():
-            self._log = create_chain(self.chain_path, self.genesis)
-            return []
-        genesis, certificates = read_chain(self.chain_path, repair=True)
-        if genesis != self.genesis:
-            raise ChainContentError(self.chain_path, 0, "the genesis record is not this swarm's (swarm id or founders)")
-        self._log = ChainLog(self.chain_path)
-        return certificates
+        """`consensus.provenance.open_chain`: a truncated tail is cut back (the cut bytes kept aside) with a warning;
+        damage, another genesis, a certificate of another swarm or one that does not verify raise, naming the file."""
+        opened = open_chain(self.chain_path, self.genesis)
+        self._log: ChainLog = opened.log
+        return list(opened.certificates)
 
     def _load_state(self) -> VoterState | None:
         try:
@@ -392,12 +421,21 @@ class ConsensusService:
         path = body_path(self.directory, note.epoch, note.root)
         await trio.to_thread.run_sync(write_atomically, path, data)
         own = self._trees.get(note.epoch) or next(iter(self._trees.values()), None)
+        tree = None
         if own is not None and len(data) == own.total_size_bytes:
             tree = await trio.to_thread.run_sync(CheckpointTree, memoryview(data), own.layout)
             if tree.root == note.root:  # the chunks were proven one by one; serve the body to others too
                 self.chunk_driver.submit(HoldTree(note.epoch, tree))
                 await self._offer(note.epoch, tree)
         log.info("epoch %d: kept the certified body %s (%d bytes)", note.epoch, note.root.hex()[:16], len(data))
+        mine = self._trees.get(note.epoch)
+        record = next((r for r in reversed(self.certified) if r.epoch == note.epoch), None)
+        if mine is not None and tree is not None and tree.root == note.root and record is not None:
+            assert self._nursery is not None, "notes arrive only while run() runs"
+            # in its own task: the chunk notes (sample answers included) keep flowing while it compares every chunk
+            self._nursery.start_soon(
+                functools.partial(self._repair_if_diverged, note.epoch, record.round, mine, tree, at_start=False)
+            )
 
     # ---- joining from certified state, and serving joiners ------------------------------------------------------
 
@@ -497,6 +535,46 @@ class ConsensusService:
                     log.info("serving the kept certified body of epoch %d to joiners", epoch)
                     return
             log.warning("%s is not the certified body of epoch %d: not served", path, epoch)
+
+    # ---- divergence repair --------------------------------------------------------------------------------------
+
+    async def repair_at_start(self, state: dict[str, torch.Tensor]) -> None:
+        """After a restart, before training: this peer's resumed `state` against the body of the newest certified
+        epoch in its chain, when that body is on disk (and still hashes to the certified root), by the same rule as at
+        run time; `on_diverged` when it adopts."""
+        if not self.machine.chain:
+            return
+        value = self.machine.chain[-1].value
+        path = body_path(self.directory, value.epoch, value.checkpoint_root)
+        try:
+            data = await trio.to_thread.run_sync(path.read_bytes)
+        except FileNotFoundError:
+            log.info("epoch %d: the certified body is not on disk: no divergence check at start", value.epoch)
+            return
+        own = await trio.to_thread.run_sync(CheckpointTree.from_state, state)
+        if len(data) != own.total_size_bytes:
+            size = own.total_size_bytes
+            log.warning("%s: %d bytes, not this model's %d: the certified body is not used", path, len(data), size)
+            return
+        certified = await trio.to_thread.run_sync(CheckpointTree, memoryview(data), own.layout)
+        if certified.root != value.checkpoint_root:
+            log.warning("%s: does not hash to epoch %d's certified root (damaged on disk): not used", path, value.epoch)
+            return
+        await self._repair_if_diverged(value.epoch, value.round, own, certified, at_start=True)
+
+    async def _repair_if_diverged(
+        self, epoch: int, round_: int, own: CheckpointTree, certified: CheckpointTree, *, at_start: bool
+    ) -> None:
+        """`consensus.repair.repair_decision` of this peer's `own` tree at the boundary of `epoch` against the
+        `certified` one, in a worker; when it adopts, `on_diverged` (the peer hands the state to its training)."""
+        if self.on_diverged is None:
+            return
+        tolerance = self.settings.tolerance
+        decision = await trio.to_thread.run_sync(repair_decision, own, certified, tolerance)
+        log.debug("epoch %d: divergence check: %s", epoch, decision.reason)
+        if decision.adopt:
+            body = bytes(certified.data)
+            await self.on_diverged(Divergence(epoch, round_, certified.root, body, decision, tolerance, at_start))
 
 
 _BODY_NAME = re.compile(r"epoch-(\d{6,})-([0-9a-f]{16})\.params")

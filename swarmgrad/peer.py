@@ -18,13 +18,19 @@ use, swarm key or identity file unusable, ...); 2 a configuration or usage error
 multiaddr, unwritable data directory). Errors are one line on stderr naming the problem (`swarmgrad.cli.main`).
 
 With `--json`, one JSON object per line on stdout (`listening`, `model`, `round` at each evaluation, `epoch`,
-`finished`), for scripts and tests; the progress display goes to stderr.
+`certified`, `repaired`, `finished`), for scripts and tests; the progress display goes to stderr.
+
+Divergence repair: when an epoch is certified and this peer's own parameters at that boundary lie farther than the
+tolerance from the certified checkpoint (or, after a restart, its resumed checkpoint from the newest certified
+body on disk), the training thread adopts the certified checkpoint at its next round, with one log line and a
+`repaired` event; a peer within the tolerance keeps its own state (docs/consensus.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import json
 import logging
 import math
@@ -43,10 +49,11 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey as CryptoEd25519PrivateKey
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
+from consensus.canonical import CanonicalBytesError, decode_canonical
 from consensus.certified_join import Joined, NothingCertified
 from consensus.membership import genesis_members
 from consensus.provenance import ChainGenesis
-from consensus.service import CertifiedEpoch, ConsensusService, ConsensusSettings
+from consensus.service import CertifiedEpoch, ConsensusService, ConsensusSettings, Divergence
 from consensus.signing import Signer
 from gossip.messages import model_fingerprint
 from gossip.service import GossipService
@@ -337,6 +344,7 @@ class Peer:
         self._snapshot: tuple[int, dict[str, torch.Tensor]] | None = None
         self.remote_errors = 0
         self.consensus: ConsensusService | None = None
+        self.loop: TrainingLoop | None = None
         self.epoch_hand_off_s: list[float] = []
         self.epochs_reached = 0
         self.last_epoch_submitted = 0
@@ -400,7 +408,10 @@ class Peer:
             on_round=lambda report: self._on_round(report, loop),
             on_epoch=lambda reached: self._on_epoch(reached, loop),
         )
+        self.loop = loop
         resumed = await trio.to_thread.run_sync(loop.resume)
+        if resumed is not None and self.consensus is not None:
+            await self.consensus.repair_at_start(loop.state())  # a restart far from the chain repairs (docs/peer.md)
         await self._wait_for_peers(node)
         if resumed is not None:
             self.events.emit("model", source="checkpoint", round=resumed.round, model_hash=resumed.model_hash)
@@ -482,6 +493,7 @@ class Peer:
             ),
             peer_id_of_public_key,
             on_certified=self._on_certified,
+            on_diverged=self._on_diverged,
             on_peer_error=self._peer_error(node),
             spec=self.spec,
         )
@@ -513,6 +525,37 @@ class Peer:
             self.metrics.certified(record)
         if self._certified_now is not None:
             self._certified_now.set()
+
+    async def _on_diverged(self, divergence: Divergence) -> None:
+        """Divergence repair (docs/consensus.md): this peer's own parameters at a certified boundary lie farther than
+        the tolerance from the certified checkpoint, so the training thread adopts it at its next round."""
+        decode = functools.partial(decode_canonical, max_bytes=self.config.checkpoint.max_bytes)
+        epoch, decision = divergence.epoch, divergence.decision
+        try:
+            state = await trio.to_thread.run_sync(decode, divergence.body, self.spec)
+        except CanonicalBytesError as exc:
+            log.warning("epoch %d: the certified checkpoint does not decode here (%s): not adopted", epoch, exc)
+            return
+        if self.loop is None:
+            raise LocalProtocolError("a divergence before the training loop exists")
+        log.warning(
+            "epoch %d: own parameters are %.3g from the certified checkpoint (> tolerance %.3g): adopting it",
+            epoch,
+            decision.distance,
+            divergence.tolerance,
+        )
+        self.loop.adopt(state, divergence.round)
+        self.events.emit(
+            "repaired",
+            epoch=epoch,
+            round=divergence.round,
+            root=divergence.root.hex(),
+            distance=decision.distance if math.isfinite(decision.distance) else None,
+            chunk=decision.chunk,
+            reason=decision.reason,
+            tolerance=divergence.tolerance,
+            at_start=divergence.at_start,
+        )
 
     def _peer_error(self, node: SwarmNode) -> Callable[[str, str], None]:
         def report(peer: str, reason: str) -> None:

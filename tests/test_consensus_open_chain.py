@@ -1,4 +1,4 @@
-"""A peer opening its own chain at start: a truncated tail is cut back with one warning; a flipped byte, another
+"""A peer opening its own chain at start: a truncated tail is cut back with one warning (the cut bytes kept aside); a flipped byte, another
 genesis, a certificate of another swarm or one that does not verify is an error naming the file, and nothing is
 deleted."""
 
@@ -65,6 +65,9 @@ def test_a_truncated_tail_is_cut_back_with_one_warning(tmp_path: Path, caplog: p
     assert len(warnings) == 1 and "truncated last record" in warnings[0].getMessage()
     assert list(opened.certificates) == chain(MEMBERS, 2)
     assert path.read_bytes() == whole[: len(whole) - last]  # cut back to the last whole record, not further
+    aside = path.with_name(f"{path.name}.tail-{len(whole) - last}")  # the cut bytes are kept: nothing is lost
+    assert aside.read_bytes() == whole[len(whole) - last : len(whole) - last // 2]
+    assert str(aside) in warnings[0].getMessage()
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         open_chain(path, GENESIS)

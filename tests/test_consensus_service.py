@@ -4,10 +4,12 @@ chain and the certified body, refuse a poisoned proposal, and a restarted peer r
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
 import torch
 import trio
 
@@ -17,7 +19,7 @@ from consensus.certified_join import Joined
 from consensus.membership import genesis_members
 from consensus.merkle import CheckpointTree
 from consensus.provenance import ChainGenesis, read_chain, verify_file
-from consensus.service import CertifiedEpoch, ConsensusService, ConsensusSettings, body_path
+from consensus.service import CertifiedEpoch, ConsensusService, ConsensusSettings, Divergence, body_path
 from consensus.signing import Signer
 from sim.transport import SimNetwork
 from training.tasks.base import TensorSpec
@@ -47,10 +49,25 @@ def _tell_kept_bodies(service: ConsensusService, news: trio.MemorySendChannel[st
     setattr(service, "_keep_body", keep_and_tell)  # noqa: B010 (a test hook on one instance, not a method type)
 
 
+def _collect(into: list[Divergence], news: trio.MemorySendChannel[str]) -> Callable[[Divergence], Awaitable[None]]:
+    async def collect(divergence: Divergence) -> None:
+        into.append(divergence)
+        news.send_nowait("diverged")
+
+    return collect
+
+
 async def _swarm(
-    tmp: Path, epochs: int, poisoned: int | None = None, spec: dict[str, TensorSpec] | None = None
+    tmp: Path,
+    epochs: int,
+    poisoned: int | None = None,
+    spec: dict[str, TensorSpec] | None = None,
+    diverged: dict[str, list[Divergence]] | None = None,
 ) -> dict[str, list[CertifiedEpoch]]:
+    """4 services certify `epochs` epochs (peer `poisoned` hands its parameters sign-flipped); with `diverged`, each
+    peer's divergences are collected there, and the poisoned peer's of the last epoch is awaited."""
     seen: dict[str, list[CertifiedEpoch]] = {f"p{i}": [] for i in range(4)}
+    found: dict[str, list[Divergence]] = diverged if diverged is not None else {}
     news_in, news = trio.open_memory_channel[str](math.inf)
 
     def certified(name: str) -> Callable[[CertifiedEpoch], None]:
@@ -73,6 +90,7 @@ async def _swarm(
                 NAMES.__getitem__,
                 on_certified=certified(f"p{i}"),
                 spec=spec,
+                on_diverged=None if diverged is None else _collect(found.setdefault(f"p{i}", []), news_in),
             )
             for i, t in enumerate(transports)
         ]
@@ -93,6 +111,13 @@ async def _swarm(
                         await news.receive()
             with trio.fail_after(60):  # the certified bodies arrive
                 while not all(body_path(tmp / name, r.epoch, r.root).exists() for name, rs in seen.items() for r in rs):
+                    await news.receive()
+            with trio.fail_after(60):  # the poisoned peer's repair of the last epoch (no later epoch drops its tree)
+                while (
+                    poisoned is not None
+                    and diverged is not None
+                    and epochs not in [d.epoch for d in found[f"p{poisoned}"]]
+                ):
                     await news.receive()
             nursery.cancel_scope.cancel()
     return seen
@@ -115,12 +140,52 @@ async def test_four_services_certify_the_same_chain_and_keep_each_body(tmp_path:
 
 
 async def test_a_poisoned_proposal_is_refused_and_another_commits(tmp_path: Path) -> None:
-    seen = await _swarm(tmp_path, epochs=3, poisoned=0)
+    diverged: dict[str, list[Divergence]] = {}
+    seen = await _swarm(tmp_path, epochs=3, poisoned=0, diverged=diverged)
     poisoned_roots = {CheckpointTree.from_state(_state(e, 0, -1.0)).root for e in (1, 2, 3)}
     for records in seen.values():
         assert [r.epoch for r in records] == [1, 2, 3]
         assert not {r.root for r in records} & poisoned_roots
         assert all(r.proposer != "p0" for r in records)
+    # divergence repair: the sign-flipped peer lies 2.0 from each certified checkpoint and is handed it (an epoch
+    # certified before its body arrived has no own tree left to compare: at least the last one); the others, within
+    # the honest spread, keep their own state
+    assert all(not diverged[f"p{i}"] for i in (1, 2, 3)), diverged
+    repairs = diverged["p0"]
+    assert repairs and len({d.epoch for d in repairs}) == len(repairs) and repairs[-1].epoch == 3
+    certified = {r.epoch: r for r in seen["p0"]}
+    for divergence in repairs:
+        record = certified[divergence.epoch]
+        assert (divergence.root, divergence.round) == (record.root, record.round) and not divergence.at_start
+        assert divergence.decision.adopt and divergence.decision.distance > SETTINGS.tolerance
+        assert body_path(tmp_path / "p0", divergence.epoch, divergence.root).read_bytes() == divergence.body
+
+
+async def test_a_restarted_peer_far_from_the_newest_certified_body_repairs_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen = await _swarm(tmp_path, epochs=2)
+    newest = seen["p1"][-1]
+    net = SimNetwork(seed=1)
+    async with net.run(), net.open_transport("p1") as t:
+        found: list[Divergence] = []
+        restarted = ConsensusService(
+            t, SIGNERS[1], GENESIS, tmp_path / "p1", SETTINGS, NAMES.__getitem__, on_diverged=_collect(found)
+        )
+        await restarted.repair_at_start(_state(2, 1))  # resumed where it left: within the spread, kept
+        assert found == []
+        await restarted.repair_at_start(_state(2, 1, scale=-1.0))  # an old, far state: repaired
+        (divergence,) = found
+        assert divergence.at_start and (divergence.epoch, divergence.root) == (2, newest.root)
+        assert divergence.body == body_path(tmp_path / "p1", 2, newest.root).read_bytes()
+        # a certified body damaged on disk is never handed over: a warning names the file
+        path = body_path(tmp_path / "p1", 2, newest.root)
+        damaged = bytearray(path.read_bytes())
+        damaged[-5] ^= 0xFF
+        path.write_bytes(bytes(damaged))
+        with caplog.at_level(logging.WARNING):
+            await restarted.repair_at_start(_state(2, 1, scale=-1.0))
+        assert len(found) == 1 and f"{path}: does not hash to epoch 2's certified root" in caplog.text
 
 
 async def test_the_persisted_voter_state_survives_and_is_resumed(tmp_path: Path) -> None:

@@ -233,3 +233,45 @@ def test_broken_averager_output_is_a_local_bug(digits: Task, tmp_path: Path, bro
     with pytest.raises(LocalProtocolError, match=message):
         loop.run_round()
     assert loop.round == 0 and canonical_model_hash(loop.model.state_dict()) != before  # the local step ran
+
+
+class HandOver:
+    """A swarm of one whose round 3 hands `state` over from another thread while the training thread waits in
+    it (the peer's event loop adopting a certified checkpoint mid-round); records each round's input vector."""
+
+    def __init__(self, loop_of: Callable[[], TrainingLoop], state: dict[str, torch.Tensor]) -> None:
+        self.loop_of = loop_of
+        self.state = state
+        self.seen: list[torch.Tensor] = []
+        self.asked: list[int] = []
+
+    def average(self, params: torch.Tensor, not_before: int) -> Averaged:
+        self.seen.append(params.clone())
+        self.asked.append(not_before)
+        if len(self.seen) == 3:
+            other = threading.Thread(target=self.loop_of().adopt, args=(self.state, 100))
+            other.start()
+            other.join()
+        return Averaged(params.clone(), not_before)
+
+    def statistics(self) -> dict[str, float | int]:
+        return {}
+
+
+def test_a_handed_over_state_is_loaded_by_the_training_thread_at_the_next_round(digits: Task, tmp_path: Path) -> None:
+    probe = digits.build_model()
+    target = {name: torch.full_like(tensor, 5.0) for name, tensor in probe.state_dict().items()}
+    loops: list[TrainingLoop] = []
+    swarm = HandOver(lambda: loops[0], target)
+    loops.append(make_loop(digits, swarm, tmp_path, LoopConfig(epoch_rounds=1000)))
+    loop = loops[0]
+    for _ in range(3):
+        loop.run_round()
+    # handed over during round 3: round 3 ended on its own averaged vector, untouched by the other thread
+    assert loop.round == 3 and float(swarm.seen[2].abs().max()) < 5.0
+    loop.run_round()
+    # round 4 started from the handed-over state (one local step away from all 5s) at the handed-over round
+    assert swarm.asked == [0, 1, 2, 100] and loop.round == 101
+    assert float((swarm.seen[3] - 5.0).abs().mean()) < 0.1 < float((swarm.seen[2] - 5.0).abs().mean())
+    loop.run_round()
+    assert swarm.asked[-1] == 101  # applied once

@@ -7,7 +7,9 @@ whoever runs it reads clocks, and asks it to stop by setting the `threading.Even
 
 The seam for epoch consensus: every `epoch_rounds` rounds the loop saves a checkpoint and calls `on_epoch` with an
 `EpochReached` (epoch, round, canonical model hash, checkpoint path). The peer hands its parameters to epoch
-consensus there (`consensus.service`), without waiting for the epoch to be decided.
+consensus there (`consensus.service`), without waiting for the epoch to be decided. The way back is `adopt(state,
+round)`, callable from any thread: the state (a certified checkpoint this peer diverged from) is loaded by the
+training thread itself at the start of its next round, so no other thread ever writes the model.
 """
 
 from __future__ import annotations
@@ -138,6 +140,8 @@ class TrainingLoop:
         self.round = 0
         self.samples = 0
         self.last_evaluation: Evaluation | None = None
+        self._adopt_lock = threading.Lock()
+        self._adoption: tuple[dict[str, torch.Tensor], int] | None = None
 
     # ---- state --------------------------------------------------------------------------------------------------
 
@@ -164,6 +168,23 @@ class TrainingLoop:
         self.model.load_state_dict(dict(state))
         self.optimizer = self.task.optimizer.build(list(self.model.parameters()))
         self.round = round_
+
+    def adopt(self, state: Mapping[str, torch.Tensor], round_: int) -> None:
+        """From any thread: load the validated `state` (of round `round_`) at the next round boundary, before the
+        next round's local steps; the training thread is the only one that touches the model. A later call before
+        then replaces an earlier one. The round becomes the larger of the loop's and `round_`."""
+        with self._adopt_lock:
+            self._adoption = (dict(state), round_)
+
+    def _apply_adoption(self) -> bool:
+        with self._adopt_lock:
+            pending, self._adoption = self._adoption, None
+        if pending is None:
+            return False
+        state, round_ = pending
+        self.load_state(state, max(self.round, round_))
+        log.info("adopted the handed-over model state at round %d", self.round)
+        return True
 
     def state(self) -> dict[str, torch.Tensor]:
         """A copy of the model state, safe to hand to another thread."""
@@ -195,7 +216,9 @@ class TrainingLoop:
         return report
 
     def run_round(self) -> RoundReport:
-        """One round: local steps, one averaging round, then evaluation and checkpoint when due."""
+        """One round: a handed-over state (`adopt`) loaded first, then local steps, one averaging round, then
+        evaluation and checkpoint when due."""
+        self._apply_adoption()
         # 1. local steps on this peer's shard
         losses = []
         for _ in range(self.config.inner_steps):
