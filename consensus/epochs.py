@@ -29,7 +29,11 @@ epoch's parent link is (the genesis anchor, then the value hash of the last cert
   `MAX_BUFFERED`) until it starts; a vote or proposal of an already decided epoch is answered with its
   certificate (at most once per `rebroadcast_s` per peer and epoch). A certificate for the next epoch is verified
   against the chain (members, parent link, signatures) and accepted whether or not an agreement runs: that is how
-  a peer that is not a member, or whose training is behind, learns the chain.
+  a peer that is not a member, or whose training is behind, learns the chain. A peer whose *chain* is behind (it
+  hears a message of an epoch past its next one, e.g. after a restart) asks that sender for the next epoch's
+  certificate (`CertificateRequest`, at most once per `rebroadcast_s` per peer and epoch), and after accepting it
+  asks for the following one while later messages wait; a request for a decided epoch is answered with its
+  certificate like a late vote. Buffered messages of epochs that become decided are dropped.
 - **Adopting.** `AdoptChain(certificates)` (a joiner that starts from a neighbour's certified checkpoint, whose
   chain the host verified) appends the certificates beyond this chain and notifies `ChainAdopted` with them; the
   next epoch is then the one after the adopted chain's last. Buffered certificates that continue the chain (after an
@@ -68,6 +72,7 @@ from consensus.messages import (
     PRECOMMIT,
     Attendance,
     Certificate,
+    CertificateRequest,
     EpochValue,
     EquivocationEvidence,
     Proposal,
@@ -131,7 +136,7 @@ class Certified:
 
 
 def _epoch_of(msg: object) -> int | None:
-    if isinstance(msg, Vote):
+    if isinstance(msg, Vote | CertificateRequest):
         return msg.epoch
     if isinstance(msg, Proposal | Certificate):
         return msg.value.epoch
@@ -169,6 +174,7 @@ class EpochChain:
         self._checkpoints: dict[int, Checkpoint] = {}
         self._buffered: list[tuple[PeerId, object]] = []
         self._answered: dict[tuple[PeerId, int], float] = {}
+        self._asked: dict[tuple[PeerId, int], float] = {}
         self._live: set[PeerId] = set()
         self._equivocators: set[bytes] = set()
         self.agreement: EpochAgreement | None = None
@@ -292,6 +298,11 @@ class EpochChain:
         epoch = _epoch_of(msg)
         if epoch is None:
             raise RemoteProtocolError(peer, f"{type(msg).__name__} is not a consensus message")
+        if isinstance(msg, CertificateRequest):
+            if msg.swarm_id != self.swarm_id:
+                raise RemoteProtocolError(peer, f"certificate request of swarm {msg.swarm_id!r}")
+            if epoch > len(self.chain):
+                return []  # not decided here (yet): nothing to send, nothing to buffer
         if 1 <= epoch <= len(self.chain):
             started: list[Action] = []
             if epoch == len(self.chain):
@@ -315,7 +326,19 @@ class EpochChain:
                 self._buffered.append((peer, msg))
             else:
                 self.dropped += 1
+        if epoch > self.next_epoch:  # the sender is past an epoch this chain lacks: ask it for the certificate
+            return self._ask(now, peer)
         return []
+
+    def _ask(self, now: float, peer: PeerId) -> list[Action]:
+        """A `CertificateRequest` for the next epoch to `peer`, at most once per `rebroadcast_s` per peer and epoch."""
+        key = (peer, self.next_epoch)
+        last = self._asked.get(key)
+        if last is not None and now < last + self.config.rebroadcast_s:
+            return []
+        self._asked = {k: t for k, t in self._asked.items() if k[1] >= self.next_epoch}
+        self._asked[key] = now
+        return [Send(peer, CertificateRequest(self.swarm_id, self.next_epoch))]
 
     def _accept_certificate(self, now: float, peer: PeerId, cert: Certificate) -> list[Action]:
         if cert.value.swarm_id != self.swarm_id:
@@ -325,7 +348,10 @@ class EpochChain:
             verify_certificate(cert, members, self.parent_of_next(), self.verifier, epoch=self.next_epoch)
         except CertificateError as exc:
             raise RemoteProtocolError(peer, f"bad certificate: {exc}") from exc
-        return self._certified(now, cert, members)
+        actions = self._certified(now, cert, members)
+        if any((_epoch_of(msg) or 0) > self.next_epoch for _, msg in self._buffered):
+            actions += self._ask(now, peer)  # still behind: the next one, from the peer that had this one
+        return actions
 
     def _certificate_votes(self, cert: Certificate) -> list[Vote]:
         value_hash = cert.value.hash()
@@ -409,6 +435,7 @@ class EpochChain:
         for vote in self._certificate_votes(cert):
             self._attend(vote)
         self._checkpoints = {e: c for e, c in self._checkpoints.items() if e > cert.epoch}
+        self._buffered = [(peer, msg) for peer, msg in self._buffered if (_epoch_of(msg) or 0) > cert.epoch]
         me = self.peer_of_key(self.signer.public_key)
         actions: list[Action] = [Notify(Certified(cert, members))]
         actions += [Send(peer, cert) for peer in sorted(self._live - {me})]

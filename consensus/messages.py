@@ -290,9 +290,22 @@ class EquivocationEvidence:
         return self.first.voter
 
 
+@dataclass(frozen=True)
+class CertificateRequest:
+    """"Send me your certificate of `epoch`": what a peer whose chain is behind (it hears messages of later epochs,
+    e.g. after a restart) asks the sender, one epoch at a time. Unsigned: the answer is verified against the chain."""
+
+    swarm_id: str
+    epoch: int
+
+    def __post_init__(self) -> None:
+        _check_swarm(self.swarm_id)
+        _check_epoch(self.epoch)
+
+
 SCHEMA = Schema(
     "consensus",
-    {1: EpochValue, 2: Vote, 3: Proposal, 4: Certificate, 5: EquivocationEvidence},
+    {1: EpochValue, 2: Vote, 3: Proposal, 4: Certificate, 5: EquivocationEvidence, 6: CertificateRequest},
 )
 MAX_MESSAGE_BYTES = 2 * MAX_MEMBERS * 256 + 4096
 """An upper bound on an encoded message (a proposal with a full justification, a certificate with every member)."""
