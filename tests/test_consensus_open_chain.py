@@ -1,6 +1,6 @@
-"""A peer opening its own chain at start: a truncated tail is cut back with one warning (the cut bytes kept aside); a flipped byte, another
-genesis, a certificate of another swarm or one that does not verify is an error naming the file, and nothing is
-deleted."""
+"""A peer opening its own chain at start: a truncated tail is cut back with one warning (the cut bytes kept aside);
+a flipped byte, another genesis, a certificate of another swarm or one that does not verify is an error naming the
+file, and nothing is deleted."""
 
 from __future__ import annotations
 
