@@ -292,8 +292,9 @@ class EquivocationEvidence:
 
 @dataclass(frozen=True)
 class CertificateRequest:
-    """"Send me your certificate of `epoch`": what a peer whose chain is behind (it hears messages of later epochs,
-    e.g. after a restart) asks the sender, one epoch at a time. Unsigned: the answer is verified against the chain."""
+    """A request for the receiver's certificate of `epoch`: what a peer whose chain is behind (it hears messages of
+    later epochs, e.g. after a restart) asks the sender, one epoch at a time. Unsigned: the answer is verified
+    against the chain like any certificate."""
 
     swarm_id: str
     epoch: int
