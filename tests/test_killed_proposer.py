@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -61,8 +60,16 @@ def _chain(data_dir: Path) -> list[Certificate]:
     return decode_chain(path, ChainLog(path).load(repair=False))[1]
 
 
-def _certified(epoch: int) -> Callable[[Event], bool]:
-    return lambda event: event["epoch"] == epoch
+def _certified(peer: PeerProcess, epoch: int) -> Event:
+    """`peer`'s `certified` event of `epoch`, whenever it came (read or not: waiting for a round event may have
+    read past it)."""
+
+    def found(events: list[Event]) -> Event | None:
+        return next((e for e in events if e["event"] == "certified" and e["epoch"] == epoch), None)
+
+    event = found(peer.wait_for(lambda events: found(events) is not None, STEP_S, f"epoch {epoch} certified"))
+    assert event is not None
+    return event
 
 
 def test_a_proposer_killed_as_its_epoch_starts_is_replaced_then_restarts_and_votes_again(tmp_path: Path) -> None:
@@ -73,12 +80,12 @@ def test_a_proposer_killed_as_its_epoch_starts_is_replaced_then_restarts_and_vot
             peer.read_until("round", START_S, lambda e: e["peers"] >= 3)
         ids = [peer.snapshot()[0]["peer_id"] for peer in peers]
         first = peers[0]
-        first.read_until("certified", STEP_S, _certified(1))
+        _certified(first, 1)
         (cert1,) = _chain(tmp_path / first.name)[:1]
         victim_key = proposer_of(cert1.next_members, cert1.value.hash(), 0)
         index = [public_key_of_peer_id(i) for i in ids].index(victim_key)
         victim, survivors = peers[index], [p for i, p in enumerate(peers) if i != index]
-        victim.read_until("certified", STEP_S, _certified(1))  # its own chain holds epoch 1 too (ms later)
+        _certified(victim, 1)  # its own chain holds epoch 1 too (ms later)
         victim.proc.kill()  # at once: its training is about an epoch from epoch 2's boundary
         assert victim.wait(30.0) == -signal.SIGKILL
         assert not [e for e in victim.snapshot() if e["event"] == "epoch" and e["epoch"] >= 2], "killed too late"
@@ -86,7 +93,7 @@ def test_a_proposer_killed_as_its_epoch_starts_is_replaced_then_restarts_and_vot
         assert [c.epoch for c in kept][:1] == [1]
 
         # 1. epoch 2 commits without it: a later round, another proposer, within the bound
-        commits = [peer.read_until("certified", STEP_S, _certified(2)) for peer in survivors]
+        commits = [_certified(peer, 2) for peer in survivors]
         cert2 = _chain(tmp_path / survivors[0].name)[1]
         assert cert2.epoch == 2 and cert2.consensus_round >= 1, cert2.consensus_round
         assert len({e["proposer"] for e in commits}) == 1, commits
