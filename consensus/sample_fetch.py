@@ -11,7 +11,11 @@ sampling and the voter's check are `consensus.chunks`; this machine only moves t
   from that peer at once; a `SendFailed` changes nothing (the timer resends). An answer nobody asked for is an
   `UnsolicitedChunkReply`; a late duplicate of an answer already taken (a retry crossed it) is dropped without
   blame.
-- **Serving.** `HoldTree(epoch, tree)` keeps a tree to serve (at most `max_held_trees`, the oldest epoch evicted);
+- **Serving.** `HoldTree(epoch, tree)` keeps a tree to serve. `ReleaseBelow(epoch)` (the host's newest certified
+  epoch) marks the trees of older epochs as no longer needed: of those, at most `max_held_trees` are kept (the
+  oldest evicted first); a tree of the newest certified epoch or of one not decided yet is never evicted, since a
+  voter may still sample it or a member fetch its body (training that runs epochs ahead of consensus must not
+  starve the epoch under agreement of its proposer's tree; the host bounds that backlog, not this machine);
   a `ChunkRequest` is answered at once with `consensus.chunks.serve` (a refusal for another swarm or an unknown
   root). Serving 8 chunks costs a fraction of a millisecond, so it is not a `Compute`.
 
@@ -59,7 +63,8 @@ class SampleFetchConfig:
     attempts: int = 3
     """Sends of one request in all (the first and the retries)."""
     max_held_trees: int = 4
-    """Trees kept for serving; a proposer needs one per epoch it proposed in, and an epoch is decided in one."""
+    """Trees of released (older than the newest certified) epochs kept for serving; undecided epochs' trees and the
+    newest certified one's are kept beside them."""
 
     def __post_init__(self) -> None:
         validate_swarm_id(self.swarm_id)
@@ -88,6 +93,13 @@ class HoldTree(Command):
 
     epoch: int
     tree: CheckpointTree
+
+
+@dataclass(frozen=True)
+class ReleaseBelow(Command):
+    """Trees of epochs below `epoch` (the newest certified one) may be evicted."""
+
+    epoch: int
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,7 @@ class SampleFetch:
         self._fetches: dict[_Key, _Fetch] = {}
         self._answered: deque[_Key] = deque(maxlen=ANSWERED_MEMORY)
         self._held: dict[tuple[int, bytes], CheckpointTree] = {}
+        self._release_below = 0
 
     @property
     def in_flight(self) -> int:
@@ -138,7 +151,12 @@ class SampleFetch:
         if isinstance(event, FetchSample):
             return self._fetch(now, event)
         if isinstance(event, HoldTree):
-            self._hold(event)
+            self._held[(event.epoch, event.tree.root)] = event.tree
+            self._evict()
+            return []
+        if isinstance(event, ReleaseBelow):
+            self._release_below = max(self._release_below, event.epoch)
+            self._evict()
             return []
         if isinstance(event, TimerFired):
             return self._timer(now, event.key)
@@ -184,10 +202,10 @@ class SampleFetch:
             actions += [CancelTimer(_timer(key)), Notify(SampleFailed(peer, fetch.request, "peer disconnected"))]
         return actions
 
-    def _hold(self, command: HoldTree) -> None:
-        self._held[(command.epoch, command.tree.root)] = command.tree
-        while len(self._held) > self.config.max_held_trees:
-            del self._held[min(self._held)]
+    def _evict(self) -> None:
+        released = sorted(key for key in self._held if key[0] < self._release_below)
+        for key in released[: max(0, len(released) - self.config.max_held_trees)]:
+            del self._held[key]
 
     def _received(self, peer: PeerId, msg: object) -> list[Action]:
         if isinstance(msg, ChunkRequest):

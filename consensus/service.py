@@ -89,7 +89,14 @@ from consensus.provenance import (
     open_chain,
 )
 from consensus.repair import RepairDecision, repair_decision
-from consensus.sample_fetch import FetchSample, HoldTree, SampleFailed, SampleFetchConfig, SampleFetched
+from consensus.sample_fetch import (
+    FetchSample,
+    HoldTree,
+    ReleaseBelow,
+    SampleFailed,
+    SampleFetchConfig,
+    SampleFetched,
+)
 from consensus.signing import Signer
 from swarmgrad.core.driver import Driver, PeerErrorHook
 from swarmgrad.core.errors import DecodeError, LocalProtocolError
@@ -359,6 +366,7 @@ class ConsensusService:
             elif isinstance(note, ChainAdopted):
                 for cert in note.certificates:
                     append_certificate(self._log, cert)
+                self.chunk_driver.submit(ReleaseBelow(note.certificates[-1].epoch))
                 self._hold_chain()
             elif isinstance(note, EquivocationFound):
                 log.warning("member %s equivocated", note.evidence.offender.hex()[:16])
@@ -367,6 +375,7 @@ class ConsensusService:
         cert = note.certificate
         value = cert.value
         append_certificate(self._log, cert)
+        self.chunk_driver.submit(ReleaseBelow(value.epoch))  # older trees are no longer sampled
         proposer = self.peer_of_key(proposer_of(note.members, value.parent_certificate_hash, cert.consensus_round))
         started = self._started_at.pop(value.epoch, None)
         latency = None if started is None else trio.current_time() - started

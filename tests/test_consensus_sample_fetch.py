@@ -22,7 +22,15 @@ from consensus.chunks import (
     serve,
 )
 from consensus.merkle import CheckpointTree
-from consensus.sample_fetch import FetchSample, HoldTree, SampleFailed, SampleFetch, SampleFetchConfig, SampleFetched
+from consensus.sample_fetch import (
+    FetchSample,
+    HoldTree,
+    ReleaseBelow,
+    SampleFailed,
+    SampleFetch,
+    SampleFetchConfig,
+    SampleFetched,
+)
 from sim.transport import SimNetwork
 from swarmgrad.core.driver import Driver
 from swarmgrad.core.errors import ConfigError, LocalProtocolError, RemoteProtocolError
@@ -95,7 +103,7 @@ def test_peer_down_fails_only_that_peers_fetches(proposal: CheckpointTree) -> No
 
 
 def test_serving_held_trees_and_refusing_the_rest(proposal: CheckpointTree) -> None:
-    server = SampleFetch(SampleFetchConfig(SWARM, max_held_trees=2))
+    server = SampleFetch(SampleFetchConfig(SWARM, max_held_trees=1))
     request = _request(proposal)
     [send] = server.step(0.0, Received("voter", request))
     assert isinstance(send, Send) and isinstance(send.msg, ChunkRefusal) and send.msg.code == Refusal.UNKNOWN_ROOT
@@ -105,9 +113,14 @@ def test_serving_held_trees_and_refusing_the_rest(proposal: CheckpointTree) -> N
     [send] = server.step(0.0, Received("voter", other_swarm))
     assert isinstance(send, Send) and isinstance(send.msg, ChunkRefusal) and send.msg.swarm_id == "other"
     server.step(0.0, HoldTree(3, _tree(2)))
-    server.step(0.0, HoldTree(4, _tree(3)))  # the oldest epoch (2) is evicted
+    server.step(0.0, HoldTree(4, _tree(3)))  # 3 held: none is released yet, none is evicted
+    assert server.step(0.0, Received("voter", request)) == [Send("voter", serve(request, proposal))]
+    server.step(0.0, ReleaseBelow(4))  # epochs 2 and 3 released: 1 kept of them, the oldest (2) goes
     [send] = server.step(0.0, Received("voter", request))
     assert isinstance(send, Send) and isinstance(send.msg, ChunkRefusal)
+    for epoch in range(5, 9):  # undecided epochs are held however many training runs ahead
+        server.step(0.0, HoldTree(epoch, _tree(epoch)))
+    assert len(server._held) == 6  # epoch 3 (released, kept), 4 (newest certified) and 5-8
     with pytest.raises(RemoteProtocolError, match="unexpected message"):
         server.step(0.0, Received("voter", "hello"))
 
