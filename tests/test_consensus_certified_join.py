@@ -31,7 +31,7 @@ from consensus.chunks import SCHEMA
 from consensus.epochs import AdoptChain, ChainAdopted, EpochChain
 from consensus.membership import genesis_parent_hash
 from consensus.merkle import CheckpointTree, chunk_count_of
-from consensus.messages import PRECOMMIT, Certificate, EpochValue, Signed, members_hash
+from consensus.messages import PRECOMMIT, Certificate, CertificateRequest, EpochValue, Signed, members_hash
 from consensus.provenance import ChainGenesis
 from consensus.sample_fetch import SampleFetchConfig
 from swarmgrad.core.errors import DecodeError, LocalProtocolError
@@ -270,7 +270,9 @@ def test_the_epoch_chain_adopts_a_verified_chain_and_follows_on() -> None:
     out = machine.step(0.0, Received("p", CHAIN[2]))  # the next certificate arrives as to any non-member
     assert machine.next_epoch == 4 and any(isinstance(a, Notify) for a in out)
     later = _chain(6)
-    assert machine.step(0.0, Received("p", later[5])) == [] and machine.next_epoch == 4  # held for its turn
+    # held for its turn, and the sender, past an epoch this chain lacks, is asked for it (the catch-up)
+    assert machine.step(0.0, Received("p", later[5])) == [Send("p", CertificateRequest(SWARM, 4))]
+    assert machine.next_epoch == 4
     machine.step(0.0, AdoptChain(later[:4]))  # epochs 5 and 6 are missing still: 6 waits in the buffer
     out = machine.step(0.0, Received("q", later[4]))  # 5 arrives late: 5, then the buffered 6
     assert [n.event.certificate.epoch for n in out if isinstance(n, Notify)] == [5, 6] and machine.next_epoch == 7

@@ -49,10 +49,13 @@ def _tell_kept_bodies(service: ConsensusService, news: trio.MemorySendChannel[st
     setattr(service, "_keep_body", keep_and_tell)  # noqa: B010 (a test hook on one instance, not a method type)
 
 
-def _collect(into: list[Divergence], news: trio.MemorySendChannel[str]) -> Callable[[Divergence], Awaitable[None]]:
+def _collect(
+    into: list[Divergence], news: trio.MemorySendChannel[str] | None = None
+) -> Callable[[Divergence], Awaitable[None]]:
     async def collect(divergence: Divergence) -> None:
         into.append(divergence)
-        news.send_nowait("diverged")
+        if news is not None:
+            news.send_nowait("diverged")
 
     return collect
 
