@@ -364,12 +364,15 @@ class ConsensusService:
                 await self._on_certified(note)
                 self._hold_chain()  # joiners are offered the chain up to its newest certificate
             elif isinstance(note, ChainAdopted):
-                for cert in note.certificates:
-                    append_certificate(self._log, cert)
-                self.chunk_driver.submit(ReleaseBelow(note.certificates[-1].epoch))
-                self._hold_chain()
+                self._chain_adopted(note)
             elif isinstance(note, EquivocationFound):
                 log.warning("member %s equivocated", note.evidence.offender.hex()[:16])
+
+    def _chain_adopted(self, note: ChainAdopted) -> None:
+        for cert in note.certificates:
+            append_certificate(self._log, cert)
+        self.chunk_driver.submit(ReleaseBelow(note.certificates[-1].epoch))
+        self._hold_chain()
 
     async def _on_certified(self, note: Certified) -> None:
         cert = note.certificate

@@ -16,6 +16,7 @@ import trio
 from consensus.agreement import STATE_SCHEMA, AgreementConfig
 from consensus.body_fetch import BodyFetched
 from consensus.certified_join import Joined
+from consensus.epochs import ChainAdopted
 from consensus.membership import genesis_members
 from consensus.merkle import CheckpointTree
 from consensus.provenance import ChainGenesis, read_chain, verify_file
@@ -226,13 +227,21 @@ async def test_a_joiner_starts_from_a_restarted_peers_kept_body_and_follows_the_
             await nursery.start(other.run)
             await nursery.start(joiner.run)
             assert server.offered_epoch == 2 and other.offered_epoch == 1
+            adopted = trio.Event()
+            write_adopted = joiner._chain_adopted
+
+            def write_and_tell(note: ChainAdopted) -> None:
+                write_adopted(note)
+                adopted.set()
+
+            setattr(joiner, "_chain_adopted", write_and_tell)  # noqa: B010 (a test hook on one instance)
             with trio.fail_after(30):
                 joined = await joiner.join_certified(["p0", "p1"], spec, max_body_bytes=1 << 20)
             assert isinstance(joined, Joined) and joined.peer == "p1"
             assert joined.checkpoint.certificate.value.checkpoint_root == newest.root
             with trio.fail_after(30):  # the adopted chain reaches the joiner's machine and its chain file
-                while len(read_chain(tmp_path / "j" / "chain")[1]) < 2:
-                    await trio.sleep(0.05)
+                await adopted.wait()
+            assert len(read_chain(tmp_path / "j" / "chain")[1]) == 2
             assert joiner.machine.next_epoch == 3 and joiner.offered_epoch == 2
             nursery.cancel_scope.cancel()
     _, summaries = verify_file(tmp_path / "j" / "chain")
