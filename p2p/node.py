@@ -59,6 +59,7 @@ from p2p.membership import (
     PingSucceeded,
     Start,
 )
+from p2p.reachability import REACHABILITY_SETTINGS, Reachability, ReachabilityChanged, ReachabilitySetting
 from p2p.swarm import PeerBan, ScoringConfig, ScoringPolicy
 from swarmgrad.core.driver import Driver
 from swarmgrad.core.errors import ConfigError, LocalProtocolError
@@ -69,7 +70,7 @@ if TYPE_CHECKING:  # libp2p installs trio-typing, whose stale `trio-stubs` hide 
 
 log = logging.getLogger(__name__)
 
-NodeEvent = PeerUp | PeerDown | PeerDiscovered | PeerForgotten
+NodeEvent = PeerUp | PeerDown | PeerDiscovered | PeerForgotten | ReachabilityChanged
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,12 @@ class NodeConfig:
     seed: int = 0
     """Seeds the membership machine's `random.Random` (re-dial jitter)."""
     event_queue_len: int = 1024
+    reachability: ReachabilitySetting = "auto"
+    """Forced verdict ("public" / "private") or "auto" (`p2p.reachability`)."""
 
     def __post_init__(self) -> None:
+        if self.reachability not in REACHABILITY_SETTINGS:
+            raise ConfigError("reachability", self.reachability, " | ".join(REACHABILITY_SETTINGS))
         if not (isinstance(self.ping_timeout_s, (int, float)) and math.isfinite(self.ping_timeout_s)):
             raise ConfigError("ping_timeout_s", self.ping_timeout_s, "a finite number of seconds > 0")
         if self.ping_timeout_s <= 0:
@@ -142,6 +147,7 @@ class SwarmNode:
         self._changed = trio.Event()  # set, and replaced, at each change of the live set
         self._nursery: trio.Nursery | None = None
         self._counters: Counter[str] = Counter()
+        self._reachability: Reachability | None = None
 
     # ---- public -------------------------------------------------------------------------------------------------
 
@@ -154,9 +160,15 @@ class SwarmNode:
         """Members of the swarm connected and answering pings right now, sorted."""
         return self.membership.live_peers()
 
+    @property
+    def reachability(self) -> Reachability | None:
+        """The current verdict (`p2p.reachability`), None while there is none."""
+        return self._reachability
+
     def subscribe(self, queue_len: int = 256) -> trio.MemoryReceiveChannel[NodeEvent]:
-        """A new channel of `PeerUp`, `PeerDown`, `PeerDiscovered` and `PeerForgotten` from now on. A subscriber
-        that falls `queue_len` events behind loses the newest ones (counted as `dropped_events`)."""
+        """A new channel of `PeerUp`, `PeerDown`, `PeerDiscovered`, `PeerForgotten` and `ReachabilityChanged` from
+        now on (a subscriber that joins later reads the current verdict from `reachability`). A subscriber that
+        falls `queue_len` events behind loses the newest ones (counted as `dropped_events`)."""
         send, recv = trio.open_memory_channel[NodeEvent](queue_len)
         self._subscribers.append(send)
         return recv
@@ -191,7 +203,17 @@ class SwarmNode:
             nursery.start_soon(self._fan_out)
             await nursery.start(self.discovery.run)
             self._submit(Start())
+            if self.config.reachability != "auto":
+                self.set_reachability(self.config.reachability, "set by network.reachability")
             task_status.started()
+
+    def set_reachability(self, reachability: Reachability, reason: str) -> None:
+        """Record a new verdict: logged once and announced to subscribers; the same verdict again changes nothing."""
+        if reachability == self._reachability:
+            return
+        self._reachability = reachability
+        log.info("reachability: %s (%s)", reachability, reason)
+        self._publish(ReachabilityChanged(reachability, reason))
 
     # ---- inputs -------------------------------------------------------------------------------------------------
 
@@ -282,13 +304,16 @@ class SwarmNode:
                 raise LocalProtocolError(f"unknown notification from the membership machine: {event!r}")
             self._changed.set()
             self._changed = trio.Event()
-            for subscriber in list(self._subscribers):
-                try:
-                    subscriber.send_nowait(event)
-                except trio.WouldBlock:
-                    self._counters["dropped_events"] += 1
-                except trio.BrokenResourceError:
-                    self._subscribers.remove(subscriber)
+            self._publish(event)
+
+    def _publish(self, event: NodeEvent) -> None:
+        for subscriber in list(self._subscribers):
+            try:
+                subscriber.send_nowait(event)
+            except trio.WouldBlock:
+                self._counters["dropped_events"] += 1
+            except trio.BrokenResourceError:
+                self._subscribers.remove(subscriber)
 
     def _start(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
         assert self._nursery is not None, "tasks start only inside run()"

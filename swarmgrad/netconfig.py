@@ -32,6 +32,7 @@ from p2p.identity import load_or_create_identity, peer_id_of
 from p2p.limits import IpLimitsConfig
 from p2p.membership import MembershipConfig
 from p2p.node import NodeConfig
+from p2p.reachability import REACHABILITY_SETTINGS, ReachabilitySetting
 from p2p.swarm import load_swarm_key
 from swarmgrad.core.codec import field_hints
 from swarmgrad.core.errors import ConfigError
@@ -81,6 +82,9 @@ class NetworkConfig:
     max_inbound_connections_per_ip: int = IpLimitsConfig.max_inbound_connections_per_ip
     max_inbound_streams_per_ip: int = IpLimitsConfig.max_inbound_streams_per_ip
     ip_ban_duration_s: float = IpLimitsConfig.ip_ban_duration_s
+    reachability: ReachabilitySetting = "auto"
+    """Whether other peers can dial this host: "public", "private" (behind NAT or a firewall), or "auto" to leave
+    the verdict to the node (`p2p.reachability`)."""
 
     def ip_limits_config(self) -> IpLimitsConfig:
         """The per-IP limits as `p2p.limits.IpLimitsConfig` (validated)."""
@@ -111,6 +115,8 @@ class NetworkConfig:
             raise ConfigError("network.bootstrap_attempts", self.bootstrap_attempts, "an integer >= 1")
         if self.min_peers < 0:
             raise ConfigError("network.min_peers", self.min_peers, "an integer >= 0")
+        if self.reachability not in REACHABILITY_SETTINGS:
+            raise ConfigError("network.reachability", self.reachability, " | ".join(REACHABILITY_SETTINGS))
         for name in (
             "connect_timeout_s",
             "handshake_timeout_s",
@@ -151,6 +157,7 @@ class NetworkConfig:
             membership=MembershipConfig(max_peers=self.max_peers),
             ip_limits=self.ip_limits_config(),
             seed=seed,
+            reachability=self.reachability,
         )
 
 

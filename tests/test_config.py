@@ -120,6 +120,7 @@ def test_set_flags_parse_as_toml_values(text: str, expected: tuple[str, object])
         ({"network.handshake_timeout_s": float("inf")}, "network.handshake_timeout_s"),
         ({"network.connect_timeout_s": -1}, "network.connect_timeout_s"),
         ({"network.max_peers": 0}, "network.max_peers"),
+        ({"network.reachability": "dialable"}, "network.reachability"),
         ({"checkpoint.keep": 0}, "checkpoint.keep"),
         ({"metrics.prometheus_port": 70000}, "metrics.prometheus_port"),
         ({"metrics.progress": "fancy"}, "metrics.progress"),
@@ -186,11 +187,16 @@ def test_network_defaults_are_the_components_own() -> None:
 def test_the_network_config_reaches_the_host_and_discovery(tmp_path: Path) -> None:
     network = load_config(
         None,
-        {"network.handshake_timeout_s": 2.5, "network.connect_timeout_s": 30, "network.bootstrap_attempts": 7},
+        {
+            "network.handshake_timeout_s": 2.5,
+            "network.connect_timeout_s": 30,
+            "network.bootstrap_attempts": 7,
+            "network.reachability": "private",
+        },
     ).network
     node = network.node_config(tmp_path / "identity.key", seed=3)
     assert (node.host.handshake_timeout_s, node.host.connect_timeout_s) == (2.5, 30.0)
-    assert node.discovery.bootstrap_attempts == 7 and node.seed == 3
+    assert node.discovery.bootstrap_attempts == 7 and node.seed == 3 and node.reachability == "private"
 
 
 def test_a_node_reads_the_peers_file_without_the_training_tables(tmp_path: Path) -> None:

@@ -277,3 +277,15 @@ async def test_a_departed_peer_disappears_from_lookups_when_its_record_expires(t
                 assert await a.check_peer(boot.local_peer, "dht")
                 assert not await a.check_peer(b_id, "dht")
                 assert a.statistics()["records_rejected"] >= 1, a.statistics()  # found in the DHT, refused as expired
+
+
+async def test_a_forced_reachability_is_the_nodes_verdict_from_the_start(tmp_path: Path) -> None:
+    """`reachability="private"`: the node holds that verdict once joined; "auto" leaves it None (nothing here
+    establishes one)."""
+    config = dataclasses.replace(node_config(tmp_path, "a", "s"), reachability="private")
+    async with open_node(config) as a:
+        assert a.reachability == "private"
+    async with open_node(node_config(tmp_path, "b", "s")) as b:
+        assert b.reachability is None
+    with pytest.raises(ConfigError, match="reachability"):
+        dataclasses.replace(config, reachability="dialable")  # type: ignore[arg-type]
