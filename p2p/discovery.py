@@ -531,6 +531,12 @@ class Discovery:
             log.info("serving our member record failed: %s: %s", type(exc).__name__, exc)
             await stream.reset()
 
+    def forget(self, peer: str) -> None:
+        """Membership dropped `peer` (too many failed dials): the next lookup that finds it, or a connection from it,
+        verifies and reports it again, instead of waiting for the record reported before to expire. Without this, a
+        member restarted after it was forgotten stayed out of the live set for up to `record_ttl_s`."""
+        self._reported.pop(peer, None)
+
     def wake(self) -> None:
         """Look up now, and at the shortest interval again (a new connection may be a new member)."""
         self._driver.submit(Wake())

@@ -302,6 +302,8 @@ class SwarmNode:
         async for event in self.driver.notifications:
             if not isinstance(event, PeerUp | PeerDown | PeerDiscovered | PeerForgotten):
                 raise LocalProtocolError(f"unknown notification from the membership machine: {event!r}")
+            if isinstance(event, PeerForgotten):
+                self.discovery.forget(event.peer)
             self._changed.set()
             self._changed = trio.Event()
             self._publish(event)

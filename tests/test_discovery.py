@@ -33,7 +33,7 @@ from p2p.discovery import (
 )
 from p2p.host import HostConfig, listen_multiaddrs, running_host
 from p2p.identity import load_or_create_identity
-from p2p.membership import CandidateFound
+from p2p.membership import CandidateFound, MembershipConfig, PeerForgotten
 from p2p.node import NodeConfig, open_node
 from swarmgrad.core.errors import ConfigError, DecodeError
 
@@ -289,3 +289,27 @@ async def test_a_forced_reachability_is_the_nodes_verdict_from_the_start(tmp_pat
         assert b.reachability is None
     with pytest.raises(ConfigError, match="reachability"):
         dataclasses.replace(config, reachability="dialable")  # type: ignore[arg-type]
+
+
+async def test_a_member_restarted_after_it_was_forgotten_is_live_again_without_waiting_for_its_old_record(
+    tmp_path: Path,
+) -> None:
+    """B goes away; A's dials fail until A forgets B. B comes back (same identity) and connects: A counts it live at
+    once, not after B's earlier member record expires (`record_ttl_s`, 60 s: the wait seen before the fix)."""
+    quick = MembershipConfig(redial_base_s=0.05, redial_max_s=0.1, max_dial_failures=2)
+    a_config = dataclasses.replace(node_config(tmp_path, "a", "s"), membership=quick)
+    async with open_node(a_config) as a:
+        events = a.subscribe()
+        b_config = node_config(tmp_path, "b", "s", tuple(a.listen_multiaddrs))
+        with trio.fail_after(10):
+            async with open_node(b_config) as b:
+                b_id = b.peer_id
+                await a.wait_for_peers(1)
+            while not isinstance(event := await events.receive(), PeerForgotten) or event.peer != b_id:
+                pass
+        assert a.live_peers() == []
+        with trio.fail_after(10):  # well under the 60 s of record_ttl_s
+            async with open_node(b_config) as b:
+                assert b.peer_id == b_id
+                await a.wait_for_peers(1)
+                assert a.live_peers() == [b_id]
