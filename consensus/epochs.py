@@ -8,8 +8,9 @@ epoch's parent link is (the genesis anchor, then the value hash of the last cert
 - **Starting an epoch.** The host hands it `Checkpoint(epoch, round, root, model_spec_hash)` when its training
   reaches a boundary. The agreement of epoch E = len(chain) + 1 starts when the checkpoint of E is known and this
   peer is a member of E; its candidate value names that checkpoint, the parent link, the attendance of E-1 and
-  the next member set (`consensus.membership.next_members`: members silent for `drop_after_missed` epochs or proven
-  equivocators go; no joiners yet). A checkpoint of an earlier epoch is ignored; one of a later epoch waits for
+  the next member set (`consensus.membership.next_members`: members silent for `drop_after_missed` epochs go, and
+  the equivocators the value itself proves: it carries the evidence this peer holds against members of E; no
+  joiners yet). A checkpoint of an earlier epoch is ignored; one of a later epoch waits for
   its turn. A machine built with a persisted `VoterState` of epoch E resumes it (same votes, never a conflicting
   one).
 - **Attendance.** While epoch L is the last certified one, the machine collects one signed vote for L's value
@@ -21,9 +22,11 @@ epoch's parent link is (the genesis anchor, then the value hash of the last cert
   first, so that the late votes make it into the value.
 - **Checks.** `CheckProposal` of the agreement goes to the host (the sampled-chunk check) unless the proposal is
   plainly invalid here: another model spec; an attendance that does not verify (a non-member, a forged signature,
-  fewer than a quorum: `verify_attendance`); a next member set other than the one this peer computes from the
-  chain's attendances and the proposal's; or one that drops a member as silent although this peer holds a vote of
-  it in those epochs (its own certificates' signers, the votes it collected). Those are answered
+  fewer than a quorum: `verify_attendance`); evidence that does not prove a member of E equivocated
+  (`verify_evidence`); a next member set other than the one this peer computes from the chain's attendances and
+  the proposal's attendance and evidence (never from evidence only this peer holds: honest voters would disagree
+  on the set, and none would then gather a quorum); or one that drops a member as silent although this peer holds
+  a vote of it in those epochs (its own certificates' signers, the votes it collected). Those are answered
   `ProposalChecked(ok=False)` at once.
 - **Messages.** Messages of the current epoch go to its agreement; those of a later epoch are buffered (at most
   `MAX_BUFFERED`) until it starts; a vote or proposal of an already decided epoch is answered with its
@@ -65,10 +68,11 @@ from consensus.agreement import (
     StartEpoch,
     VoterState,
 )
-from consensus.certificate import verify_attendance, verify_certificate
-from consensus.errors import AttendanceError, CertificateError
+from consensus.certificate import verify_attendance, verify_certificate, verify_evidence
+from consensus.errors import AttendanceError, CertificateError, EvidenceError
 from consensus.membership import MembershipPolicy, missed_epochs, next_members
 from consensus.messages import (
+    MAX_EVIDENCE,
     PRECOMMIT,
     Attendance,
     Certificate,
@@ -176,7 +180,7 @@ class EpochChain:
         self._answered: dict[tuple[PeerId, int], float] = {}
         self._asked: dict[tuple[PeerId, int], float] = {}
         self._live: set[PeerId] = set()
-        self._equivocators: set[bytes] = set()
+        self._evidence: dict[bytes, EquivocationEvidence] = {}  # offender -> the first proof found here
         self.agreement: EpochAgreement | None = None
         self.dropped = 0
         self._attendance: dict[bytes, Attendance] = {}  # who took part in the last certified epoch
@@ -206,8 +210,17 @@ class EpochChain:
         value of the next epoch carries."""
         return tuple(self._attendance[key] for key in sorted(self._attendance))
 
-    def expected_next_members(self, attendance: tuple[Attendance, ...]) -> tuple[bytes, ...]:
-        """The member set after the next epoch, for a next value that carries `attendance`."""
+    def evidence(self) -> tuple[EquivocationEvidence, ...]:
+        """The proofs of equivocation this peer holds against members of the next epoch (at most `MAX_EVIDENCE`, by
+        offender): what its value of the next epoch carries."""
+        members = set(self.members_of_next())
+        held = [self._evidence[key] for key in sorted(self._evidence) if key in members]
+        return tuple(held[:MAX_EVIDENCE])
+
+    def expected_next_members(
+        self, attendance: tuple[Attendance, ...], evidence: tuple[EquivocationEvidence, ...]
+    ) -> tuple[bytes, ...]:
+        """The member set after the next epoch, for a next value that carries `attendance` and `evidence`."""
         members = self.members_of_next()
         k = self.policy.drop_after_missed
         # epoch j's attendance is in epoch j+1's value: the chain's values hold it for all but the last epoch
@@ -215,7 +228,8 @@ class EpochChain:
         if self.chain:
             present.append(frozenset(entry.voter for entry in attendance))
         missed = missed_epochs(members, present)
-        return next_members(self.policy, members, self.parent_of_next(), missed, (), sorted(self._equivocators))
+        offenders = sorted(proof.offender for proof in evidence)
+        return next_members(self.policy, members, self.parent_of_next(), missed, (), offenders)
 
     def _seen_in_window(self) -> set[bytes]:
         """Members of whom this peer holds a vote in the epochs the silence rule looks at."""
@@ -267,7 +281,8 @@ class EpochChain:
             if now < wait_until:  # late votes of the last epoch are still on their way
                 return [SetTimer((_ATTENDANCE_TIMER, epoch), wait_until)]
         attendance = self.attendance()
-        following = self.expected_next_members(attendance)
+        evidence = self.evidence()
+        following = self.expected_next_members(attendance, evidence)
         value = EpochValue(
             self.swarm_id,
             epoch,
@@ -277,6 +292,7 @@ class EpochChain:
             members_hash(following),
             self.parent_of_next(),
             attendance,
+            evidence,
         )
         state = self._state if self._state is not None and self._state.epoch == epoch else None
         self.agreement = EpochAgreement(
@@ -464,7 +480,7 @@ class EpochChain:
                 decided = action.event.certificate
             elif isinstance(action, Notify) and isinstance(action.event, EquivocationFound):
                 evidence: EquivocationEvidence = action.event.evidence
-                self._equivocators.add(evidence.offender)
+                self._evidence.setdefault(evidence.offender, evidence)
                 out.append(action)
             else:
                 out.append(action)
@@ -495,9 +511,14 @@ class EpochChain:
             verify_attendance(value, self.members_of(value.epoch - 1) if value.epoch > 1 else (), self.verifier)
         except AttendanceError as exc:
             return f"attendance: {exc}"
-        if proposal.next_members != self.expected_next_members(value.attendance):
+        for proof in value.evidence:
+            try:
+                verify_evidence(proof, self.members_of(value.epoch), self.verifier)
+            except EvidenceError as exc:
+                return f"evidence: {exc}"
+        if proposal.next_members != self.expected_next_members(value.attendance, value.evidence):
             return "a next member set other than the one this peer computes"
-        dropped = set(self.members_of_next()) - set(proposal.next_members) - self._equivocators
+        dropped = set(self.members_of_next()) - set(proposal.next_members) - value.offenders
         wrongly = sorted(dropped & self._seen_in_window())
         if wrongly:
             return f"it drops member {wrongly[0].hex()[:16]} as silent, whose vote this peer holds"

@@ -10,12 +10,16 @@ decides who voted: a relayed vote is as good as a direct one.
 of the certificate's bytes: two nodes may hold different 2f+1 subsets of the same precommits, and both must link
 the next epoch to the same parent. A value of epoch E > 1 also carries the *attendance* of epoch E-1: one signed
 vote for the parent value (a prevote or precommit of any round) from each member of E-1 the proposer can prove
-took part, which is what the silence rule counts (`consensus.membership`). Every field is bounded here
-(`__post_init__`), so a decoded message is at most a few hundred bytes plus its member list (`MAX_MEMBERS`), its
-attendance (at most `MAX_MEMBERS` entries of about 110 bytes) and its justification (at most `MAX_MEMBERS` votes).
+took part, which is what the silence rule counts (`consensus.membership`). A value also carries the *evidence*
+of equivocation its proposer holds against members of its epoch (at most `MAX_EVIDENCE`, one per offender): the
+next member set leaves out exactly the offenders the value proves, so every voter computes the same set from the
+value alone, whatever evidence it saw itself. Every field is bounded here (`__post_init__`), so a decoded message is
+at most a few hundred bytes plus its member list (`MAX_MEMBERS`), its attendance (at most `MAX_MEMBERS` entries of
+about 110 bytes), its evidence (at most `MAX_EVIDENCE` pairs of votes) and its justification (at most `MAX_MEMBERS`
+votes).
 
-Protocol 2.0.0 added the attendance to `EpochValue`; 1.0.0 peers cannot negotiate it, and chain files and voter
-states written by 1.0.0 peers do not decode.
+Protocol 2.0.0 added the attendance to `EpochValue`, 3.0.0 the evidence; peers of another major version cannot
+negotiate the protocol, and chain files and voter states they wrote do not decode.
 """
 
 from __future__ import annotations
@@ -27,13 +31,16 @@ from dataclasses import dataclass
 from swarmgrad.core.codec import Schema
 from swarmgrad.core.swarm_id import MAX_SWARM_ID_CHARS, SWARM_ID_RULE, is_valid_swarm_id
 
-PROTOCOL = "/swarmgrad/consensus/2.0.0"
+PROTOCOL = "/swarmgrad/consensus/3.0.0"
 KEY_BYTES = 32
 """A member's raw Ed25519 public key."""
 SIGNATURE_BYTES = 64
 HASH_BYTES = 32
 MAX_MEMBERS = 1024
 """The largest member set an epoch may have: bounds every decoded list (members, justifications, signatures)."""
+MAX_EVIDENCE = 32
+"""At most this many offenders' evidence in one value; more equivocators (beyond any f < n/3) go over several
+epochs."""
 MAX_EPOCH = 2**63 - 1
 MAX_ROUND = 2**31 - 1
 PREVOTE = 1
@@ -128,7 +135,8 @@ class Attendance:
 @dataclass(frozen=True)
 class EpochValue:
     """What an epoch decides. `round` is the training round of the checkpoint boundary (not a consensus round).
-    `attendance`: who took part in the parent epoch (see the module docstring), sorted by voter, empty in epoch 1."""
+    `attendance`: who took part in the parent epoch (see the module docstring), sorted by voter, empty in epoch 1.
+    `evidence`: proofs that members of this epoch equivocated, at most one per offender, sorted by offender."""
 
     swarm_id: str
     epoch: int
@@ -138,6 +146,7 @@ class EpochValue:
     next_members_hash: bytes
     parent_certificate_hash: bytes
     attendance: tuple[Attendance, ...] = ()
+    evidence: tuple[EquivocationEvidence, ...] = ()
 
     def __post_init__(self) -> None:
         _check_swarm(self.swarm_id)
@@ -154,11 +163,23 @@ class EpochValue:
             raise ValueError(f"an attendance has at most {MAX_MEMBERS} entries, got {len(self.attendance)}")
         if any(a.voter >= b.voter for a, b in itertools.pairwise(self.attendance)):
             raise ValueError("attendance must name distinct voters, in increasing key order")
+        if len(self.evidence) > MAX_EVIDENCE:
+            raise ValueError(f"a value carries at most {MAX_EVIDENCE} pieces of evidence, got {len(self.evidence)}")
+        if any(a.offender >= b.offender for a, b in itertools.pairwise(self.evidence)):
+            raise ValueError("evidence must name distinct offenders, in increasing key order")
+        for proof in self.evidence:
+            if proof.first.swarm_id != self.swarm_id or proof.first.epoch > self.epoch:
+                raise ValueError("evidence must be of this swarm and of this epoch or an earlier one")
 
     @property
     def attendees(self) -> frozenset[bytes]:
         """The members this value proves took part in the parent epoch."""
         return frozenset(a.voter for a in self.attendance)
+
+    @property
+    def offenders(self) -> frozenset[bytes]:
+        """The members this value proves equivocated."""
+        return frozenset(proof.offender for proof in self.evidence)
 
     def hash(self) -> bytes:
         """The value hash that votes name and that the next epoch links to (computed once per object)."""
@@ -308,5 +329,6 @@ SCHEMA = Schema(
     "consensus",
     {1: EpochValue, 2: Vote, 3: Proposal, 4: Certificate, 5: EquivocationEvidence, 6: CertificateRequest},
 )
-MAX_MESSAGE_BYTES = 2 * MAX_MEMBERS * 256 + 4096
-"""An upper bound on an encoded message (a proposal with a full justification, a certificate with every member)."""
+MAX_MESSAGE_BYTES = 2 * MAX_MEMBERS * 256 + 2 * MAX_EVIDENCE * 256 + 4096
+"""An upper bound on an encoded message (a proposal with a full justification and evidence, a certificate with every
+member)."""

@@ -1,7 +1,9 @@
 """The silence rule counts attendance, not certificate signatures: 4 `EpochChain` machines on a small virtual-time
 network keep an honest member that is always the slowest (it signs none of the others' certificates), still drop
 a member that is really silent, and refuse a proposal whose attendance is forged or that drops a member the voter
-saw voting."""
+saw voting. Equivocators go by the evidence the value carries, never by evidence only one voter holds: a voter that
+saw none accepts a value that proves one, a voter that holds some accepts a value that proves none, and forged
+evidence is refused."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from consensus.epochs import Certified, Checkpoint, EpochChain
 from consensus.errors import AttendanceError
 from consensus.membership import MembershipPolicy
 from consensus.messages import (
+    MAX_EVIDENCE,
     MAX_MEMBERS,
     MAX_MESSAGE_BYTES,
     NIL,
@@ -26,6 +29,7 @@ from consensus.messages import (
     Attendance,
     Certificate,
     EpochValue,
+    EquivocationEvidence,
     Proposal,
     Signed,
     Vote,
@@ -161,10 +165,14 @@ def _voter_of_epoch_2(policy: MembershipPolicy) -> tuple[Members, EpochChain, Si
 
 
 def _proposal(
-    proposer: Signer, cert: Certificate, attendance: tuple[Attendance, ...], nxt: tuple[bytes, ...]
+    proposer: Signer,
+    cert: Certificate,
+    attendance: tuple[Attendance, ...],
+    nxt: tuple[bytes, ...],
+    evidence: tuple[EquivocationEvidence, ...] = (),
 ) -> Proposal:
     root = hashlib.sha256(b"theirs").digest()
-    value = EpochValue(SWARM, 2, 20, root, SPEC, members_hash(nxt), cert.value.hash(), attendance)
+    value = EpochValue(SWARM, 2, 20, root, SPEC, members_hash(nxt), cert.value.hash(), attendance, evidence)
     unsigned = Proposal(value, nxt, 0, -1, proposer.public_key, bytes(64), ())
     return dataclasses.replace(unsigned, signature=proposer.sign(proposal_bytes(unsigned)))
 
@@ -228,6 +236,77 @@ def test_a_proposal_that_drops_a_member_this_voter_saw_voting_is_refused() -> No
     assert prevote == NIL
 
 
+def _equivocation(offender: Signer, epoch: int = 1) -> EquivocationEvidence:
+    first, second = (hashlib.sha256(label).digest() for label in (b"one value", b"another value"))
+    return EquivocationEvidence(
+        offender.vote(SWARM, epoch, 0, PREVOTE, first), offender.vote(SWARM, epoch, 0, PREVOTE, second)
+    )
+
+
+def _full_attendance(members: Members, cert: Certificate) -> tuple[Attendance, ...]:
+    return tuple(sorted((_attend(s, cert) for s in members.signers), key=lambda a: a.voter))
+
+
+def _bystander(members: Members, chain: EpochChain, proposer: Signer) -> Signer:
+    """A member that is neither the voter nor the proposer."""
+    return next(s for s in members.signers if s.public_key not in (chain.signer.public_key, proposer.public_key))
+
+
+def test_a_value_that_proves_an_equivocation_drops_the_offender_for_a_voter_that_saw_none() -> None:
+    members, chain, proposer, cert = _voter_of_epoch_2(MembershipPolicy())
+    offender = _bystander(members, chain, proposer)
+    kept = tuple(k for k in members.keys if k != offender.public_key)
+    proposal = _proposal(proposer, cert, _full_attendance(members, cert), kept, (_equivocation(offender),))
+    actions = chain.step(20.5, Received(members.name(proposer.public_key), proposal))
+    assert any(isinstance(a, CheckProposal) for a in actions), actions  # not refused: the host samples it
+    # the same drop without the proof is refused (the offender attended epoch 1: nothing else drops it)
+    _, chain, _, _ = _voter_of_epoch_2(MembershipPolicy())
+    prevote, actions = _prevote_of(chain, members, _proposal(proposer, cert, _full_attendance(members, cert), kept))
+    assert prevote == NIL and not any(isinstance(a, CheckProposal) for a in actions)
+
+
+@pytest.mark.parametrize("case", ["forged signature", "a non-member", "another swarm"])
+def test_evidence_that_proves_nothing_is_refused(case: str) -> None:
+    members, chain, proposer, cert = _voter_of_epoch_2(MembershipPolicy())
+    offender = _bystander(members, chain, proposer)
+    if case == "a non-member":
+        offender = Signer.from_seed(b"stranger")
+    proof = _equivocation(offender)
+    if case == "forged signature":
+        proof = dataclasses.replace(proof, second=dataclasses.replace(proof.second, signature=bytes(64)))
+    kept = tuple(k for k in members.keys if k != offender.public_key)
+    if case == "another swarm":
+        with pytest.raises(ValueError, match="of this swarm"):
+            other = EquivocationEvidence(
+                offender.vote("other", 1, 0, PREVOTE, bytes(32)), offender.vote("other", 1, 0, PREVOTE, bytes([1]) * 32)
+            )
+            _proposal(proposer, cert, _full_attendance(members, cert), kept, (other,))
+        return
+    prevote, actions = _prevote_of(
+        chain, members, _proposal(proposer, cert, _full_attendance(members, cert), kept, (proof,))
+    )
+    assert prevote == NIL and not any(isinstance(a, CheckProposal) for a in actions)
+
+
+def test_a_voter_holding_evidence_proposes_it_and_still_accepts_a_value_without_it() -> None:
+    members, chain, proposer, cert = _voter_of_epoch_2(MembershipPolicy())
+    offender = _bystander(members, chain, proposer)
+    proof = _equivocation(offender, epoch=2)  # two conflicting prevotes of epoch 2, round 0, as they arrive
+    chain.step(20.2, Received(members.name(offender.public_key), proof.first))
+    chain.step(20.3, Received(members.name(offender.public_key), proof.second))
+    assert [p.offender for p in chain.evidence()] == [offender.public_key]
+    # the next member set it would propose leaves the offender out, because its value carries the proof
+    assert offender.public_key not in chain.expected_next_members(chain.attendance(), chain.evidence())
+    # a proposal that proves nothing keeps the offender, and this voter computes the same set from it
+    actions = chain.step(
+        20.5,
+        Received(
+            members.name(proposer.public_key), _proposal(proposer, cert, _full_attendance(members, cert), members.keys)
+        ),
+    )
+    assert any(isinstance(a, CheckProposal) for a in actions), actions
+
+
 def test_a_late_vote_is_attended_and_a_forged_late_vote_is_a_remote_error() -> None:
     members, chain, _, cert = _voter_of_epoch_2(MembershipPolicy())
     late = members.signers[3]
@@ -243,7 +322,14 @@ def test_the_largest_value_and_proposal_fit_the_message_bound() -> None:
     keys = tuple(sorted(hashlib.sha256(bytes([i % 256, i // 256])).digest() for i in range(MAX_MEMBERS)))
     attendance = tuple(Attendance(k, 2**31 - 1, PREVOTE, bytes(64)) for k in keys)
     swarm = "s" * 63
-    value = EpochValue(swarm, 2**62, 2**62, bytes(32), bytes(32), members_hash(keys), bytes(32), attendance)
+    evidence = tuple(
+        EquivocationEvidence(
+            Vote(swarm, 2**62, 2**31 - 1, PREVOTE, bytes(32), k, bytes(64)),
+            Vote(swarm, 2**62, 2**31 - 1, PREVOTE, bytes([1]) * 32, k, bytes(64)),
+        )
+        for k in keys[:MAX_EVIDENCE]
+    )
+    value = EpochValue(swarm, 2**62, 2**62, bytes(32), bytes(32), members_hash(keys), bytes(32), attendance, evidence)
     votes = tuple(Vote(swarm, 2**62, 2**31 - 2, PREVOTE, value.hash(), k, bytes(64)) for k in keys)
     proposal = Proposal(value, keys, 2**31 - 1, 2**31 - 2, keys[0], bytes(64), votes)
     cert = Certificate(value, keys, 2**31 - 1, tuple(Signed(k, bytes(64)) for k in keys))
@@ -273,3 +359,17 @@ def test_a_malformed_attendance_is_a_decode_error(case: str) -> None:
     object.__setattr__(value, "attendance", bad)  # bypass the constructor's checks to make the bytes
     with pytest.raises(DecodeError):
         SCHEMA.decode(SCHEMA.encode(value))
+
+
+@pytest.mark.parametrize("case", ["too many", "unsorted", "duplicate offender", "a later epoch"])
+def test_malformed_evidence_in_a_value_is_refused(case: str) -> None:
+    members = Members.make(4)
+    proofs = sorted((_equivocation(s, epoch=2) for s in members.signers), key=lambda p: p.offender)
+    bad = {
+        "too many": tuple(proofs) * (MAX_EVIDENCE // 4 + 1),
+        "unsorted": tuple(reversed(proofs)),
+        "duplicate offender": (proofs[0], proofs[0]),
+        "a later epoch": (_equivocation(members.signers[0], epoch=3),),
+    }[case]
+    with pytest.raises(ValueError, match="evidence"):
+        EpochValue(SWARM, 2, 20, bytes(32), SPEC, members_hash(members.keys), bytes(32), (), bad)
