@@ -9,8 +9,11 @@ epoch's parent link is (the genesis anchor, then the value hash of the last cert
   reaches a boundary. The agreement of epoch E = len(chain) + 1 starts when the checkpoint of E is known and this
   peer is a member of E; its candidate value names that checkpoint, the parent link, the attendance of E-1 and
   the next member set (`consensus.membership.next_members`: members silent for `drop_after_missed` epochs go, and
-  the equivocators the value itself proves: it carries the evidence this peer holds against members of E; no
-  joiners yet). A checkpoint of an earlier epoch is ignored; one of a later epoch waits for
+  the equivocators the value itself proves: it carries the evidence this peer holds against members of E; in come
+  the joiners whose requests it carries).
+- **Joining.** A peer that is not a voter of the next epoch (and not banned) sends each live member of it one
+  `JoinRequest` per epoch; members hold verified requests of live joiners (at most `MAX_PENDING_JOINS`) and a
+  proposer puts them in its value (`joiners`). A checkpoint of an earlier epoch is ignored; one of a later epoch waits for
   its turn. A machine built with a persisted `VoterState` of epoch E resumes it (same votes, never a conflicting
   one).
 - **Attendance.** While epoch L is the last certified one, the machine collects one signed vote for L's value
@@ -72,13 +75,16 @@ from consensus.certificate import verify_attendance, verify_certificate, verify_
 from consensus.errors import AttendanceError, CertificateError, EvidenceError
 from consensus.membership import MembershipPolicy, missed_epochs, next_members
 from consensus.messages import (
+    JOIN_REQUEST_MAX_AGE_EPOCHS,
     MAX_EVIDENCE,
+    MAX_JOINERS,
     PRECOMMIT,
     Attendance,
     Certificate,
     CertificateRequest,
     EpochValue,
     EquivocationEvidence,
+    JoinRequest,
     Proposal,
     Vote,
     members_hash,
@@ -104,6 +110,8 @@ from swarmgrad.core.machine import (
 _ATTENDANCE_TIMER = "attendance"
 MAX_BUFFERED = 1024
 """Messages of later epochs held until their epoch starts; more are dropped (they are re-sent)."""
+MAX_PENDING_JOINS = 256
+"""Join requests held for the next value; requests of further joiners are dropped (they are re-sent each epoch)."""
 
 
 @dataclass(frozen=True)
@@ -140,7 +148,7 @@ class Certified:
 
 
 def _epoch_of(msg: object) -> int | None:
-    if isinstance(msg, Vote | CertificateRequest):
+    if isinstance(msg, Vote | CertificateRequest | JoinRequest):
         return msg.epoch
     if isinstance(msg, Proposal | Certificate):
         return msg.value.epoch
@@ -181,6 +189,8 @@ class EpochChain:
         self._asked: dict[tuple[PeerId, int], float] = {}
         self._live: set[PeerId] = set()
         self._evidence: dict[bytes, EquivocationEvidence] = {}  # offender -> the first proof found here
+        self._join_requests: dict[bytes, JoinRequest] = {}  # joiner -> its newest verified request
+        self._join_sent: dict[PeerId, int] = {}  # member's peer -> the epoch of the last request sent to it
         self.agreement: EpochAgreement | None = None
         self.dropped = 0
         self._attendance: dict[bytes, Attendance] = {}  # who took part in the last certified epoch
@@ -210,6 +220,30 @@ class EpochChain:
         value of the next epoch carries."""
         return tuple(self._attendance[key] for key in sorted(self._attendance))
 
+    def parent_of(self, epoch: int) -> bytes | None:
+        """The parent link of `epoch` on this chain (None beyond the next epoch)."""
+        if epoch == 1:
+            return self.genesis.parent_hash
+        return self.chain[epoch - 2].value.hash() if epoch - 2 < len(self.chain) else None
+
+    def banned(self) -> frozenset[bytes]:
+        """The keys the chain's values prove equivocated: they never vote again."""
+        return frozenset(key for cert in self.chain for key in cert.value.offenders)
+
+    def joiners(self) -> tuple[JoinRequest, ...]:
+        """The join requests this peer's value of the next epoch carries: of live non-members, not banned, made for
+        the next epoch or the one before on this chain (at most `MAX_JOINERS`, by joiner)."""
+        epoch = self.next_epoch
+        members = set(self.members_of_next()) | self.banned()
+        held = [
+            request
+            for key, request in sorted(self._join_requests.items())
+            if key not in members
+            and epoch - JOIN_REQUEST_MAX_AGE_EPOCHS <= request.epoch <= epoch
+            and self.peer_of_key(key) in self._live
+        ]
+        return tuple(held[:MAX_JOINERS])
+
     def evidence(self) -> tuple[EquivocationEvidence, ...]:
         """The proofs of equivocation this peer holds against members of the next epoch (at most `MAX_EVIDENCE`, by
         offender): what its value of the next epoch carries."""
@@ -218,18 +252,26 @@ class EpochChain:
         return tuple(held[:MAX_EVIDENCE])
 
     def expected_next_members(
-        self, attendance: tuple[Attendance, ...], evidence: tuple[EquivocationEvidence, ...]
+        self,
+        attendance: tuple[Attendance, ...],
+        evidence: tuple[EquivocationEvidence, ...],
+        joiners: tuple[JoinRequest, ...] = (),
     ) -> tuple[bytes, ...]:
-        """The member set after the next epoch, for a next value that carries `attendance` and `evidence`."""
+        """The member set after the next epoch, for a next value that carries `attendance`, `evidence` and
+        `joiners`."""
         members = self.members_of_next()
         k = self.policy.drop_after_missed
         # epoch j's attendance is in epoch j+1's value: the chain's values hold it for all but the last epoch
-        present = [cert.value.attendees for cert in self.chain[max(1, len(self.chain) - k + 1) :]]
+        window = [
+            (self.members_of(cert.epoch - 1), cert.value.attendees)
+            for cert in self.chain[max(1, len(self.chain) - k + 1) :]
+        ]
         if self.chain:
-            present.append(frozenset(entry.voter for entry in attendance))
-        missed = missed_epochs(members, present)
-        offenders = sorted(proof.offender for proof in evidence)
-        return next_members(self.policy, members, self.parent_of_next(), missed, (), offenders)
+            window.append((self.members_of(len(self.chain)), frozenset(entry.voter for entry in attendance)))
+        missed = missed_epochs(members, window)
+        banned = sorted(self.banned() | {proof.offender for proof in evidence})
+        keys = [request.joiner for request in joiners]
+        return next_members(self.policy, members, self.parent_of_next(), missed, keys, banned)
 
     def _seen_in_window(self) -> set[bytes]:
         """Members of whom this peer holds a vote in the epochs the silence rule looks at."""
@@ -264,7 +306,8 @@ class EpochChain:
             return []
         if isinstance(event, PeerUp):
             self._live.add(event.peer)
-        elif isinstance(event, PeerDown):
+            return self._ask_to_join()
+        if isinstance(event, PeerDown):
             self._live.discard(event.peer)
         return []
 
@@ -282,7 +325,8 @@ class EpochChain:
                 return [SetTimer((_ATTENDANCE_TIMER, epoch), wait_until)]
         attendance = self.attendance()
         evidence = self.evidence()
-        following = self.expected_next_members(attendance, evidence)
+        joiners = self.joiners()
+        following = self.expected_next_members(attendance, evidence, joiners)
         value = EpochValue(
             self.swarm_id,
             epoch,
@@ -293,6 +337,7 @@ class EpochChain:
             self.parent_of_next(),
             attendance,
             evidence,
+            joiners,
         )
         state = self._state if self._state is not None and self._state.epoch == epoch else None
         self.agreement = EpochAgreement(
@@ -314,6 +359,9 @@ class EpochChain:
         epoch = _epoch_of(msg)
         if epoch is None:
             raise RemoteProtocolError(peer, f"{type(msg).__name__} is not a consensus message")
+        if isinstance(msg, JoinRequest):
+            self._on_join_request(peer, msg)
+            return []
         if isinstance(msg, CertificateRequest):
             if msg.swarm_id != self.swarm_id:
                 raise RemoteProtocolError(peer, f"certificate request of swarm {msg.swarm_id!r}")
@@ -345,6 +393,44 @@ class EpochChain:
         if epoch > self.next_epoch:  # the sender is past an epoch this chain lacks: ask it for the certificate
             return self._ask(now, peer)
         return []
+
+    def _on_join_request(self, peer: PeerId, request: JoinRequest) -> None:
+        """Hold a joiner's request for the next value: only from the joiner itself, signed, on this chain, for the
+        next epoch or the one before; requests of members, of banned keys and of other epochs are ignored."""
+        if request.swarm_id != self.swarm_id:
+            raise RemoteProtocolError(peer, f"join request of swarm {request.swarm_id!r}")
+        if self.peer_of_key(request.joiner) != peer:
+            raise RemoteProtocolError(peer, "a join request for another peer's key")
+        if not self.verifier.join_request(request):
+            raise RemoteProtocolError(peer, "bad signature on a join request")
+        epoch = self.next_epoch
+        if not epoch - JOIN_REQUEST_MAX_AGE_EPOCHS <= request.epoch <= epoch:
+            return  # a joiner behind or ahead of this chain: it asks again at its next certificate
+        if request.parent != self.parent_of(request.epoch):
+            raise RemoteProtocolError(peer, f"a join request on another chain (epoch {request.epoch})")
+        if request.joiner in self.members_of_next() or request.joiner in self.banned():
+            return
+        held = self._join_requests.get(request.joiner)
+        if held is None and len(self._join_requests) >= MAX_PENDING_JOINS:
+            self.dropped += 1
+            return
+        if held is None or held.epoch < request.epoch:
+            self._join_requests[request.joiner] = request
+
+    def _ask_to_join(self) -> list[Action]:
+        """A non-member (not banned) asks each live member of the next epoch, once per epoch, to admit it."""
+        key = self.signer.public_key
+        members = self.members_of_next()
+        if key in members or key in self.banned():
+            return []
+        epoch = self.next_epoch
+        parent = self.parent_of_next()
+        actions: list[Action] = []
+        for peer in sorted({self.peer_of_key(m) for m in members} & self._live):
+            if self._join_sent.get(peer) != epoch:
+                self._join_sent[peer] = epoch
+                actions.append(Send(peer, self.signer.join_request(self.swarm_id, epoch, parent)))
+        return actions
 
     def _ask(self, now: float, peer: PeerId) -> list[Action]:
         """A `CertificateRequest` for the next epoch to `peer`, at most once per `rebroadcast_s` per peer and epoch."""
@@ -423,7 +509,9 @@ class EpochChain:
         self._checkpoints = {e: c for e, c in self._checkpoints.items() if e > new[-1].epoch}
         if self.agreement is not None and self.agreement.epoch <= new[-1].epoch:
             self.agreement = None
-        return [Notify(ChainAdopted(tuple(new))), *self._replay_certificates(now), *self._maybe_start(now)]
+        self._prune_join_requests()
+        adopted: list[Action] = [Notify(ChainAdopted(tuple(new))), *self._replay_certificates(now)]
+        return [*adopted, *self._ask_to_join(), *self._maybe_start(now)]
 
     def _replay_certificates(self, now: float) -> list[Action]:
         """Accept the buffered certificates that now continue the chain, in epoch order (with no agreement running,
@@ -452,10 +540,21 @@ class EpochChain:
             self._attend(vote)
         self._checkpoints = {e: c for e, c in self._checkpoints.items() if e > cert.epoch}
         self._buffered = [(peer, msg) for peer, msg in self._buffered if (_epoch_of(msg) or 0) > cert.epoch]
+        self._prune_join_requests()
         me = self.peer_of_key(self.signer.public_key)
         actions: list[Action] = [Notify(Certified(cert, members))]
         actions += [Send(peer, cert) for peer in sorted(self._live - {me})]
-        return actions + self._maybe_start(now)
+        return actions + self._ask_to_join() + self._maybe_start(now)
+
+    def _prune_join_requests(self) -> None:
+        """Drop the requests no value of the next epoch may carry any more (too old, or the joiner is a member)."""
+        oldest = self.next_epoch - JOIN_REQUEST_MAX_AGE_EPOCHS
+        members = set(self.members_of_next())
+        self._join_requests = {
+            key: request
+            for key, request in self._join_requests.items()
+            if request.epoch >= oldest and key not in members
+        }
 
     def _run(self, now: float, event: Event) -> list[Action]:
         agreement = self.agreement
@@ -516,7 +615,13 @@ class EpochChain:
                 verify_evidence(proof, self.members_of(value.epoch), self.verifier)
             except EvidenceError as exc:
                 return f"evidence: {exc}"
-        if proposal.next_members != self.expected_next_members(value.attendance, value.evidence):
+        members = set(self.members_of(value.epoch)) | self.banned()
+        for request in value.joiners:
+            if request.joiner in members:
+                return f"join request of member or banned key {request.joiner.hex()[:16]}"
+            if request.parent != self.parent_of(request.epoch) or not self.verifier.join_request(request):
+                return f"join request of {request.joiner.hex()[:16]}: not signed, or on another chain"
+        if proposal.next_members != self.expected_next_members(value.attendance, value.evidence, value.joiners):
             return "a next member set other than the one this peer computes"
         dropped = set(self.members_of_next()) - set(proposal.next_members) - value.offenders
         wrongly = sorted(dropped & self._seen_in_window())

@@ -9,14 +9,15 @@ Next member set. Each certificate of epoch E carries the member set of E+1 (`nex
 `next_members_hash`), so E+1 starts only once E is decided and every honest peer then knows the same voters. The
 proposer computes it with `next_members` from what it saw in E, and the voters' validity check recomputes it:
 
-* a member stays unless it is proven to have equivocated (`EquivocationEvidence`) or it missed the last
-  `drop_after_missed` epochs: a dead key must not keep counting towards n. A member *took part* in epoch E-1 when
+* a member stays unless the value proves it equivocated (`EpochValue.evidence`) or it missed the last
+  `drop_after_missed` epochs in which it was a voter: a dead key must not keep counting towards n. A member *took part* in epoch E-1 when
   E's value attests it (`EpochValue.attendance`: a signed vote of the member for E-1's certified value), and missed
   it otherwise. Presence is read from the decided values alone, not from a certificate's signers: a certificate
   holds only the first 2f+1 precommits its maker gathered, so the slowest honest member would sign none of them
   and be dropped although it voted every time, and two honest peers may hold different signer sets of one epoch;
-* a *joiner* is a live key holder that asked to join and presented the certificate chain it verified up to E (the
-  host checks that before it lists the key); equivocators never join;
+* a *joiner* is a live key holder that asked to join with a signed `JoinRequest` naming the chain it holds; the
+  value of E carries the requests its proposer admits (`EpochValue.joiners`), so voters compute the same set;
+  equivocators (the offenders any value of the chain proves) never join;
 * private swarm: every such joiner is admitted (the swarm key already limits who can connect);
 * public swarm: at most `max_new_voters(n)` joiners per epoch, the lowest keys first by `sha256(parent link, key)`
   (so a joiner cannot grind its way to the head of the queue without knowing the parent hash).
@@ -105,12 +106,16 @@ def next_members(
     return members
 
 
-def missed_epochs(members: tuple[bytes, ...], present_sets: Iterable[Iterable[bytes]]) -> dict[bytes, int]:
-    """For each member, how many of the most recent epochs (`present_sets`: who took part in each, oldest first) it
-    missed in a row."""
+def missed_epochs(
+    members: tuple[bytes, ...], epochs: Iterable[tuple[Iterable[bytes], Iterable[bytes]]]
+) -> dict[bytes, int]:
+    """For each member, how many of the most recent epochs it missed in a row. `epochs`: the (voters, attendees) of
+    each recent epoch, oldest first; an epoch in which a key was not a voter is not one it missed (a joiner is not
+    silent about the epochs before its admission)."""
     missed = {m: 0 for m in members}
-    for present in present_sets:
+    for voters, present in epochs:
+        voted = set(voters)
         took_part = set(present)
         for m in members:
-            missed[m] = 0 if m in took_part else missed[m] + 1
+            missed[m] = 0 if m in took_part or m not in voted else missed[m] + 1
     return missed

@@ -13,13 +13,14 @@ vote for the parent value (a prevote or precommit of any round) from each member
 took part, which is what the silence rule counts (`consensus.membership`). A value also carries the *evidence*
 of equivocation its proposer holds against members of its epoch (at most `MAX_EVIDENCE`, one per offender): the
 next member set leaves out exactly the offenders the value proves, so every voter computes the same set from the
-value alone, whatever evidence it saw itself. Every field is bounded here (`__post_init__`), so a decoded message is
-at most a few hundred bytes plus its member list (`MAX_MEMBERS`), its attendance (at most `MAX_MEMBERS` entries of
-about 110 bytes), its evidence (at most `MAX_EVIDENCE` pairs of votes) and its justification (at most `MAX_MEMBERS`
-votes).
+value alone, whatever evidence it saw itself. Likewise the *join requests* it admits (`JoinRequest`, signed by each
+joiner, at most `MAX_JOINERS`). Every field is bounded here (`__post_init__`), so a decoded message is at most a
+few hundred bytes plus its member list (`MAX_MEMBERS`), its attendance (at most `MAX_MEMBERS` entries of about 110
+bytes), its evidence (at most `MAX_EVIDENCE` pairs of votes), its join requests and its justification (at most
+`MAX_MEMBERS` votes).
 
-Protocol 2.0.0 added the attendance to `EpochValue`, 3.0.0 the evidence; peers of another major version cannot
-negotiate the protocol, and chain files and voter states they wrote do not decode.
+Protocol 2.0.0 added the attendance to `EpochValue`, 3.0.0 the evidence and the join requests; peers of another
+major version cannot negotiate the protocol, and chain files and voter states they wrote do not decode.
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ MAX_MEMBERS = 1024
 MAX_EVIDENCE = 32
 """At most this many offenders' evidence in one value; more equivocators (beyond any f < n/3) go over several
 epochs."""
+MAX_JOINERS = 32
+"""At most this many join requests in one value (a public swarm admits fewer: `membership.max_new_voters`)."""
+JOIN_REQUEST_MAX_AGE_EPOCHS = 1
+"""A value of epoch E carries join requests made for epoch E or E-1: a joiner asks again at every certificate, and a
+request made just before the proposer built its value goes into the next one."""
 MAX_EPOCH = 2**63 - 1
 MAX_ROUND = 2**31 - 1
 PREVOTE = 1
@@ -133,10 +139,31 @@ class Attendance:
 
 
 @dataclass(frozen=True)
+class JoinRequest:
+    """`joiner` asks to become a voter. It holds the chain up to epoch `epoch - 1` and names the parent link of
+    `epoch` there (`parent`: the value hash of epoch `epoch - 1`, or the genesis anchor for epoch 1), so a voter on
+    another chain refuses it; signed by the joiner's key (`signing.join_bytes`)."""
+
+    swarm_id: str
+    epoch: int
+    parent: bytes
+    joiner: bytes
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        _check_swarm(self.swarm_id)
+        _check_epoch(self.epoch)
+        _check_hash("parent", self.parent)
+        _check_key("joiner", self.joiner)
+        _check_signature(self.signature)
+
+
+@dataclass(frozen=True)
 class EpochValue:
     """What an epoch decides. `round` is the training round of the checkpoint boundary (not a consensus round).
     `attendance`: who took part in the parent epoch (see the module docstring), sorted by voter, empty in epoch 1.
-    `evidence`: proofs that members of this epoch equivocated, at most one per offender, sorted by offender."""
+    `evidence`: proofs that members of this epoch equivocated, at most one per offender, sorted by offender.
+    `joiners`: join requests of non-members to admit, at most one per joiner, sorted by joiner."""
 
     swarm_id: str
     epoch: int
@@ -147,6 +174,7 @@ class EpochValue:
     parent_certificate_hash: bytes
     attendance: tuple[Attendance, ...] = ()
     evidence: tuple[EquivocationEvidence, ...] = ()
+    joiners: tuple[JoinRequest, ...] = ()
 
     def __post_init__(self) -> None:
         _check_swarm(self.swarm_id)
@@ -170,11 +198,28 @@ class EpochValue:
         for proof in self.evidence:
             if proof.first.swarm_id != self.swarm_id or proof.first.epoch > self.epoch:
                 raise ValueError("evidence must be of this swarm and of this epoch or an earlier one")
+        if len(self.joiners) > MAX_JOINERS:
+            raise ValueError(f"a value carries at most {MAX_JOINERS} join requests, got {len(self.joiners)}")
+        if any(a.joiner >= b.joiner for a, b in itertools.pairwise(self.joiners)):
+            raise ValueError("join requests must name distinct joiners, in increasing key order")
+        for request in self.joiners:
+            if request.swarm_id != self.swarm_id:
+                raise ValueError("a join request must be of this swarm")
+            if not self.epoch - JOIN_REQUEST_MAX_AGE_EPOCHS <= request.epoch <= self.epoch:
+                raise ValueError(
+                    f"a join request in a value of epoch {self.epoch} must be for epoch {self.epoch} or"
+                    f" {self.epoch - JOIN_REQUEST_MAX_AGE_EPOCHS}, got {request.epoch}"
+                )
 
     @property
     def attendees(self) -> frozenset[bytes]:
         """The members this value proves took part in the parent epoch."""
         return frozenset(a.voter for a in self.attendance)
+
+    @property
+    def joiner_keys(self) -> tuple[bytes, ...]:
+        """The keys this value asks to admit, sorted."""
+        return tuple(request.joiner for request in self.joiners)
 
     @property
     def offenders(self) -> frozenset[bytes]:
@@ -327,8 +372,16 @@ class CertificateRequest:
 
 SCHEMA = Schema(
     "consensus",
-    {1: EpochValue, 2: Vote, 3: Proposal, 4: Certificate, 5: EquivocationEvidence, 6: CertificateRequest},
+    {
+        1: EpochValue,
+        2: Vote,
+        3: Proposal,
+        4: Certificate,
+        5: EquivocationEvidence,
+        6: CertificateRequest,
+        7: JoinRequest,
+    },
 )
-MAX_MESSAGE_BYTES = 2 * MAX_MEMBERS * 256 + 2 * MAX_EVIDENCE * 256 + 4096
-"""An upper bound on an encoded message (a proposal with a full justification and evidence, a certificate with every
-member)."""
+MAX_MESSAGE_BYTES = 2 * MAX_MEMBERS * 256 + (2 * MAX_EVIDENCE + MAX_JOINERS) * 256 + 4096
+"""An upper bound on an encoded message (a proposal with a full justification, evidence and join requests, a
+certificate with every member)."""

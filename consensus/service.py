@@ -378,6 +378,9 @@ class ConsensusService:
         cert = note.certificate
         value = cert.value
         append_certificate(self._log, cert)
+        if value.joiners:
+            names = ", ".join(self.peer_of_key(key) for key in value.joiner_keys if key in cert.next_members)
+            log.info("epoch %d admits voters from epoch %d: %s", value.epoch, value.epoch + 1, names or "none")
         self.chunk_driver.submit(ReleaseBelow(value.epoch))  # older trees are no longer sampled
         proposer = self.peer_of_key(proposer_of(note.members, value.parent_certificate_hash, cert.consensus_round))
         started = self._started_at.pop(value.epoch, None)

@@ -6,7 +6,8 @@ Every signature is over a canonical, domain-separated encoding:
     | consensus round (u32 LE) | extra (i32 LE: a proposal's valid round, else 0) | len(value hash) (1 byte)
     | value hash (32 bytes, or none for a nil vote)
 
-`kind` is the phase: proposal, prevote, precommit, or the seed a voter draws its validity sample from. So a
+`kind` is the phase: proposal, prevote, precommit, the seed a voter draws its validity sample from, or a join
+request (whose "value hash" is the parent link it names). So a
 signature for one swarm, epoch, round or phase can never be replayed as another; a vote names a value only by its
 hash, and a proposal's value is bound through that hash. Ed25519 (`cryptography`) is deterministic: signing the same
 bytes twice gives the same signature, so a restarted voter that re-signs a persisted vote sends the same bytes.
@@ -25,12 +26,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from consensus.messages import PRECOMMIT, Attendance, EpochValue, Proposal, Vote
+from consensus.messages import PRECOMMIT, Attendance, EpochValue, JoinRequest, Proposal, Vote
 from swarmgrad.core.errors import ConfigError
 
 DOMAIN = b"swarmgrad/consensus/v1\x00"
 KIND_PROPOSAL = 0
 KIND_SEED = 3
+KIND_JOIN = 4
 _HEAD = struct.Struct("<QIi")
 
 
@@ -71,6 +73,10 @@ def proposal_bytes(proposal: Proposal) -> bytes:
     )
 
 
+def join_bytes(request: JoinRequest) -> bytes:
+    return signing_bytes(KIND_JOIN, request.swarm_id, request.epoch, 0, request.parent)
+
+
 class Signer:
     """A member's Ed25519 private key: signs votes, proposals and validity seeds."""
 
@@ -91,6 +97,10 @@ class Signer:
     def vote(self, swarm_id: str, epoch: int, consensus_round: int, phase: int, value_hash: bytes) -> Vote:
         signature = self.sign(signing_bytes(phase, swarm_id, epoch, consensus_round, value_hash))
         return Vote(swarm_id, epoch, consensus_round, phase, value_hash, self.public_key, signature)
+
+    def join_request(self, swarm_id: str, epoch: int, parent: bytes) -> JoinRequest:
+        unsigned = JoinRequest(swarm_id, epoch, parent, self.public_key, bytes(64))
+        return JoinRequest(swarm_id, epoch, parent, self.public_key, self.sign(join_bytes(unsigned)))
 
     def validity_seed(self, proposal: Proposal) -> bytes:
         """The seed this voter draws its validity sample of `proposal` from: SHA-256 of its own signature over the
@@ -154,3 +164,6 @@ class SignatureVerifier:
 
     def proposal(self, proposal: Proposal) -> bool:
         return self.verify(proposal.proposer, proposal_bytes(proposal), proposal.signature)
+
+    def join_request(self, request: JoinRequest) -> bool:
+        return self.verify(request.joiner, join_bytes(request), request.signature)

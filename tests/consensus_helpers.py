@@ -1,13 +1,20 @@
-"""Shared fixtures of the consensus tests: deterministic members, values and hand-signed certificates."""
+"""Shared fixtures of the consensus tests: deterministic members, values and hand-signed certificates, and a small
+virtual-time network of `EpochChain` machines."""
 
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
 from dataclasses import dataclass
 
-from consensus.membership import genesis_parent_hash
+from consensus.agreement import AgreementConfig, CheckProposal, ProposalChecked
+from consensus.epochs import Certified, Checkpoint, EpochChain
+from consensus.membership import MembershipPolicy, genesis_parent_hash
 from consensus.messages import PRECOMMIT, Certificate, EpochValue, Signed, members_hash
+from consensus.provenance import ChainGenesis
 from consensus.signing import Signer
+from swarmgrad.core.machine import Action, CancelTimer, Event, Notify, PeerUp, Received, Send, SetTimer, TimerFired
 
 SWARM = "lab"
 SPEC = hashlib.sha256(b"spec").digest()
@@ -66,3 +73,74 @@ def chain(members: Members, epochs: int) -> list[Certificate]:
         certs.append(cert)
         parent = cert.value.hash()
     return certs
+
+
+EPOCH_S = 10.0
+"""Virtual seconds between two epoch boundaries: late votes of an epoch arrive long before the next one starts."""
+
+
+class Network:
+    """The founders' chains, and those of `joiners` (named j0, j1, ...), in virtual time: each message takes
+    `delay_s[sender]` (negative: never arrives; 0.01 s for a peer it does not name); proposals are checked at once."""
+
+    def __init__(
+        self,
+        members: Members,
+        delay_s: dict[str, float],
+        policy: MembershipPolicy,
+        joiners: tuple[Signer, ...] = (),
+    ) -> None:
+        self.members = members
+        self.genesis = ChainGenesis(SWARM, members.keys)
+        self.name_of = members.peer_of | {s.public_key: f"j{i}" for i, s in enumerate(joiners)}
+        self.names = [self.name_of[s.public_key] for s in (*members.signers, *joiners)]
+        self.delay_s = {name: 0.01 for name in self.names} | delay_s
+        self.chains = {
+            self.name_of[s.public_key]: EpochChain(
+                AgreementConfig(), s, self.genesis, [], self.name_of.__getitem__, policy=policy
+            )
+            for s in (*members.signers, *joiners)
+        }
+        self.queue: list[tuple[float, int, str, Event]] = []
+        self.seq = itertools.count()
+        self.timers: dict[tuple[str, object], float] = {}
+        self.certified: dict[str, list[Certified]] = {name: [] for name in self.names}
+        self.tamper: dict[str, object] = {}
+
+    def at(self, when: float, node: str, event: Event) -> None:
+        heapq.heappush(self.queue, (when, next(self.seq), node, event))
+
+    def run(self, epochs: int, epoch_s: float = EPOCH_S) -> None:
+        for name in self.names:
+            for other in self.names:
+                if other != name:
+                    self.at(0.0, name, PeerUp(other))
+            for epoch in range(1, epochs + 1):
+                root = hashlib.sha256(f"root/{epoch}".encode()).digest()  # the same checkpoint everywhere
+                self.at(epoch * epoch_s, name, Checkpoint(epoch, 10 * epoch, root, SPEC))
+        while self.queue:
+            now, _, node, event = heapq.heappop(self.queue)
+            if now > (epochs + 1) * EPOCH_S:  # a ceiling; every test here ends long before
+                break
+            if isinstance(event, TimerFired) and self.timers.get((node, event.key)) != now:
+                continue  # cancelled or replaced
+            self.carry_out(now, node, self.chains[node].step(now, event))
+
+    def carry_out(self, now: float, node: str, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                if self.delay_s[node] >= 0:
+                    self.at(now + self.delay_s[node], action.peer, Received(node, action.msg))
+            elif isinstance(action, SetTimer):
+                self.timers[(node, action.key)] = action.deadline
+                self.at(action.deadline, node, TimerFired(action.key))
+            elif isinstance(action, CancelTimer):
+                self.timers.pop((node, action.key), None)
+            elif isinstance(action, CheckProposal):
+                value = action.proposal.value
+                self.at(now, node, ProposalChecked(value.epoch, value.hash(), True))
+            elif isinstance(action, Notify) and isinstance(action.event, Certified):
+                self.certified[node].append(action.event)
+
+    def member_counts(self, node: str) -> list[int]:
+        return [len(c.members) for c in self.certified[node]]

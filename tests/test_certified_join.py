@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from consensus.provenance import read_chain
-from p2p.identity import load_or_create_identity, peer_id_of
+from p2p.identity import load_or_create_identity, peer_id_of, public_key_of_peer_id
 from swarmgrad.demo import BOOTSTRAP_RETRY_S, START_TIMEOUT_S, PeerProcess, peer_args, start_swarm
 
 pytestmark = pytest.mark.slow
@@ -57,6 +57,9 @@ def test_a_late_joiner_adopts_the_newest_certified_epoch_and_refuses_forged_offe
         after = joiner.read_until("epoch", WAIT_S, lambda e: e["epoch"] > model["epoch"])  # it trains on
         assert after["round"] > model["round"]
         joiner.read_until("certified", WAIT_S, lambda e: e["epoch"] > model["epoch"])  # and follows the chain
+        # it asks to vote: a value admits it, and the epochs after that have 5 voters, itself one of them
+        admitted = joiner.read_until("certified", WAIT_S, lambda e: e["members"] == 5)
+        joiner.read_until("certified", WAIT_S, lambda e: e["epoch"] > admitted["epoch"] + 1)
     finally:
         if joiner is not None:
             assert joiner.stop() == 0, joiner.tail()
@@ -73,6 +76,11 @@ def test_a_late_joiner_adopts_the_newest_certified_epoch_and_refuses_forged_offe
     _, certificates = read_chain(chain)
     assert [c.epoch for c in certificates][: model["epoch"] + 1] == list(range(1, model["epoch"] + 2))
     assert certificates[model["epoch"] - 1].value.checkpoint_root.hex() == model["root"]
+    key = public_key_of_peer_id(peer_id_of(load_or_create_identity(tmp_path / "joiner" / "identity.key")))
+    admitting = next(c for c in certificates if key in c.next_members)
+    assert admitting.value.joiner_keys == (key,) and admitting.epoch == admitted["epoch"] - 1
+    assert any(key in c.value.attendees for c in certificates[admitted["epoch"] :])  # it votes
+    assert "admits voters from epoch" in log
     verify = subprocess.run(
         [sys.executable, "-m", "swarmgrad.cli", "verify-chain", str(chain)], capture_output=True, text=True
     )

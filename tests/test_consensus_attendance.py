@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import heapq
-import itertools
 
 import pytest
 
-from consensus.agreement import AgreementConfig, CheckProposal, ProposalChecked, proposer_of
+from consensus.agreement import AgreementConfig, CheckProposal, proposer_of
 from consensus.certificate import verify_attendance
-from consensus.epochs import Certified, Checkpoint, EpochChain
+from consensus.epochs import Checkpoint, EpochChain
 from consensus.errors import AttendanceError
 from consensus.membership import MembershipPolicy
 from consensus.messages import (
@@ -40,76 +38,10 @@ from consensus.signing import Signer, proposal_bytes
 from swarmgrad.core.errors import DecodeError, RemoteProtocolError
 from swarmgrad.core.machine import (
     Action,
-    CancelTimer,
-    Event,
-    Notify,
-    PeerUp,
     Received,
     Send,
-    SetTimer,
-    TimerFired,
 )
-from tests.consensus_helpers import SPEC, SWARM, Members, certificate
-
-EPOCH_S = 10.0
-"""Virtual seconds between two epoch boundaries: late votes of an epoch arrive long before the next one starts."""
-
-
-class Network:
-    """Four chains in virtual time: each message takes `delay_s[sender]`; proposals are checked at once."""
-
-    def __init__(self, members: Members, delay_s: dict[str, float], policy: MembershipPolicy) -> None:
-        self.members = members
-        self.genesis = ChainGenesis(SWARM, members.keys)
-        self.names = [members.name(key) for key in members.keys]
-        self.delay_s = delay_s
-        self.chains = {
-            members.name(s.public_key): EpochChain(AgreementConfig(), s, self.genesis, [], members.name, policy=policy)
-            for s in members.signers
-        }
-        self.queue: list[tuple[float, int, str, Event]] = []
-        self.seq = itertools.count()
-        self.timers: dict[tuple[str, object], float] = {}
-        self.certified: dict[str, list[Certified]] = {name: [] for name in self.names}
-        self.tamper: dict[str, object] = {}
-
-    def at(self, when: float, node: str, event: Event) -> None:
-        heapq.heappush(self.queue, (when, next(self.seq), node, event))
-
-    def run(self, epochs: int, epoch_s: float = EPOCH_S) -> None:
-        for name in self.names:
-            for other in self.names:
-                if other != name:
-                    self.at(0.0, name, PeerUp(other))
-            for epoch in range(1, epochs + 1):
-                root = hashlib.sha256(f"root/{epoch}".encode()).digest()  # the same checkpoint everywhere
-                self.at(epoch * epoch_s, name, Checkpoint(epoch, 10 * epoch, root, SPEC))
-        while self.queue:
-            now, _, node, event = heapq.heappop(self.queue)
-            if now > (epochs + 1) * EPOCH_S:  # a ceiling; every test here ends long before
-                break
-            if isinstance(event, TimerFired) and self.timers.get((node, event.key)) != now:
-                continue  # cancelled or replaced
-            self.carry_out(now, node, self.chains[node].step(now, event))
-
-    def carry_out(self, now: float, node: str, actions: list[Action]) -> None:
-        for action in actions:
-            if isinstance(action, Send):
-                if self.delay_s[node] >= 0:
-                    self.at(now + self.delay_s[node], action.peer, Received(node, action.msg))
-            elif isinstance(action, SetTimer):
-                self.timers[(node, action.key)] = action.deadline
-                self.at(action.deadline, node, TimerFired(action.key))
-            elif isinstance(action, CancelTimer):
-                self.timers.pop((node, action.key), None)
-            elif isinstance(action, CheckProposal):
-                value = action.proposal.value
-                self.at(now, node, ProposalChecked(value.epoch, value.hash(), True))
-            elif isinstance(action, Notify) and isinstance(action.event, Certified):
-                self.certified[node].append(action.event)
-
-    def member_counts(self, node: str) -> list[int]:
-        return [len(c.members) for c in self.certified[node]]
+from tests.consensus_helpers import EPOCH_S, SPEC, SWARM, Members, Network, certificate
 
 
 @pytest.mark.parametrize("epoch_s", [EPOCH_S, 0.0], ids=["spaced epochs", "back-to-back epochs"])

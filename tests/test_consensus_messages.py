@@ -202,7 +202,10 @@ def test_genesis_and_next_members() -> None:
     dropped = next_members(MembershipPolicy(drop_after_missed=3), keys, parent, {keys[0]: 3, keys[1]: 2}, [], [keys[2]])
     assert keys[0] not in dropped and keys[2] not in dropped and keys[1] in dropped
     assert next_members(MembershipPolicy(), keys[:1], parent, {keys[0]: 9}, [], []) == keys[:1]
-    assert missed_epochs(keys[:2], [[keys[0]], [keys[1]], [keys[1]]]) == {keys[0]: 2, keys[1]: 0}
+    both = keys[:2]
+    assert missed_epochs(both, [(both, [keys[0]]), (both, [keys[1]]), (both, [keys[1]])]) == {keys[0]: 2, keys[1]: 0}
+    # epochs before a key was a voter are not missed: admitted for the last epoch, it missed only that one
+    assert missed_epochs(both, [(keys[:1], [keys[0]]), (keys[:1], [keys[0]]), (both, [keys[0]])])[keys[1]] == 1
     with pytest.raises(ConfigError):
         MembershipPolicy(drop_after_missed=0)
 
