@@ -10,12 +10,12 @@ epoch's parent link is (the genesis anchor, then the value hash of the last cert
   peer is a member of E; its candidate value names that checkpoint, the parent link, the attendance of E-1 and
   the next member set (`consensus.membership.next_members`: members silent for `drop_after_missed` epochs go, and
   the equivocators the value itself proves: it carries the evidence this peer holds against members of E; in come
-  the joiners whose requests it carries).
+  the joiners whose requests it carries). A checkpoint of an earlier epoch is ignored; one of a later epoch waits
+  for its turn. A machine built with a persisted `VoterState` of epoch E resumes it (same votes, never a
+  conflicting one).
 - **Joining.** A peer that is not a voter of the next epoch (and not banned) sends each live member of it one
   `JoinRequest` per epoch; members hold verified requests of live joiners (at most `MAX_PENDING_JOINS`) and a
-  proposer puts them in its value (`joiners`). A checkpoint of an earlier epoch is ignored; one of a later epoch waits for
-  its turn. A machine built with a persisted `VoterState` of epoch E resumes it (same votes, never a conflicting
-  one).
+  proposer puts them in its value (`joiners`).
 - **Attendance.** While epoch L is the last certified one, the machine collects one signed vote for L's value
   from each member of L it can: the precommits of its certificate, the votes its agreement held, and the votes and
   certificates of L that arrive late (after the decision, which the first 2f+1 precommits made). The value it

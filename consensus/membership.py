@@ -10,11 +10,12 @@ Next member set. Each certificate of epoch E carries the member set of E+1 (`nex
 proposer computes it with `next_members` from what it saw in E, and the voters' validity check recomputes it:
 
 * a member stays unless the value proves it equivocated (`EpochValue.evidence`) or it missed the last
-  `drop_after_missed` epochs in which it was a voter: a dead key must not keep counting towards n. A member *took part* in epoch E-1 when
-  E's value attests it (`EpochValue.attendance`: a signed vote of the member for E-1's certified value), and missed
-  it otherwise. Presence is read from the decided values alone, not from a certificate's signers: a certificate
-  holds only the first 2f+1 precommits its maker gathered, so the slowest honest member would sign none of them
-  and be dropped although it voted every time, and two honest peers may hold different signer sets of one epoch;
+  `drop_after_missed` epochs in which it was a voter: a dead key must not keep counting towards n. A member *took
+  part* in epoch E-1 when E's value attests it (`EpochValue.attendance`: a signed vote of the member for E-1's
+  certified value), and missed it otherwise. Presence is read from the decided values alone, not from a
+  certificate's signers: a certificate holds only the first 2f+1 precommits its maker gathered, so the slowest
+  honest member would sign none of them and be dropped although it voted every time, and two honest peers may
+  hold different signer sets of one epoch;
 * a *joiner* is a live key holder that asked to join with a signed `JoinRequest` naming the chain it holds; the
   value of E carries the requests its proposer admits (`EpochValue.joiners`), so voters compute the same set;
   equivocators (the offenders any value of the chain proves) never join;
