@@ -11,8 +11,9 @@ peer every 30 s) stay off: discovery is the DHT's job, on top of this host.
 What the host advertises (identify, DHT provider records and peer routing all read `host.get_addrs()`) and which
 received addresses reach its dialer are decided by `p2p.addrs`: the announced addresses, or the listen addresses
 with 0.0.0.0 / :: expanded into this host's interface addresses (read once, when the host is built); never an
-unspecified address. py-libp2p's identify-observed addresses are not advertised (a NATed peer's observed address
-is not dialable either).
+unspecified address. Identify's observed addresses are recorded (DCUtR hole punching predicts its addresses from
+them) but never advertised: what the host advertises is built from its bound listen addresses (or `--announce`)
+alone, never from an address another peer observed (a NATed peer's router address, an ephemeral source port).
 
 `running_host(config)` is the one way to run it: it binds every listen address (or raises a `HostError` naming the
 address that failed), installs the received-address filter, refuses a bootstrap address that would reach this host's
@@ -138,9 +139,13 @@ def build_host(config: HostConfig) -> IHost:
     listening. Prefer `running_host`, which also binds and closes it."""
     key_pair = load_or_create_identity(config.key_path)
     ips = interface_ips()
+    built: list[IHost] = []
 
     def advertise(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
-        return advertised_addrs(candidates, config.announce_addrs, ips)[:MAX_ADVERTISED_ADDRS]
+        # `candidates` holds identify's observed addresses too (a NATed peer's router address, ephemeral ports):
+        # built from the bound listen addresses only (module docstring)
+        bound = built[0].get_transport_addrs() if built else candidates
+        return advertised_addrs(bound, config.announce_addrs, ips)[:MAX_ADVERTISED_ADDRS]
 
     noise = NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)
     connection_config = ConnectionConfig(
@@ -155,7 +160,7 @@ def build_host(config: HostConfig) -> IHost:
         outbound_stream_protocol_negotiation_timeout=config.stream_open_timeout_s,
         inbound_stream_protocol_negotiation_timeout=config.stream_open_timeout_s,
     )
-    return new_host(
+    host = new_host(
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: noise},
         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
@@ -165,8 +170,9 @@ def build_host(config: HostConfig) -> IHost:
         enable_mDNS=False,
         enable_upnp=False,
         addrs_factory=advertise,
-        disable_identify_address_discovery=True,
     )
+    built.append(host)
+    return host
 
 
 def _check_bindable(addr: str) -> None:

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import multiaddr
-from libp2p.abc import IHost, INetConn
+from libp2p.abc import IHost, INetConn, INetStream
 from libp2p.kad_dht.kad_dht import KadDHT
 from libp2p.kad_dht.kad_dht import _encode_key as _libp2p_encode_key
 from libp2p.network.connection.swarm_connection import Direction
@@ -204,3 +204,24 @@ async def dial_relayed(
     if psk is not None:
         raw = new_protected_conn(raw, psk.hex())
     return await host.upgrade_outbound_connection(raw, target)
+
+
+def stream_remote_ip(stream: INetStream) -> str | None:
+    """The IP address the connection under `stream` comes from, or None when its transport does not know it. Relies
+    on: py-libp2p's streams (`NetStream`) have a `get_remote_address()` (not on `INetStream`) that returns (host,
+    port) from the muxed connection beneath, or None."""
+    remote = getattr(stream, "get_remote_address", lambda: None)()
+    return None if remote is None else str(remote[0])
+
+
+async def dial_fresh(host: IHost, addr: multiaddr.Multiaddr, peer_id: ID) -> INetConn:
+    """A NEW connection to `peer_id` at exactly `addr` (TCP, pnet when the host has a key, the security handshake
+    that proves the remote holds `peer_id`'s key, the muxer), even while another connection to that peer is open;
+    the caller closes it (`await conn.close()`), which leaves the other connections alone. For a real dial-back
+    (`p2p.dialback`): `host.connect` would return at once on the open connection and test nothing.
+
+    Relies on: `Swarm.dial_addr(addr, peer_id)` (the call py-libp2p's DCUtR uses) dials without looking at the
+    connections already open and registers the new one beside them (despite `max_connections_per_peer=1`), retrying a
+    refused TCP connect a few times with backoff (`RetryConfig`): the caller bounds it in time; it raises
+    `SwarmException` when every attempt failed (docs/nat.md)."""
+    return await _swarm(host).dial_addr(addr, peer_id)

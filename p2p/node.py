@@ -42,6 +42,8 @@ from libp2p.host.ping import perform_ping_roundtrip
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
+from p2p.addrs import interface_ips, ip_of
+from p2p.dialback import DialBackService
 from p2p.discovery import Discovery, DiscoveryConfig, bounded_connect
 from p2p.host import HostConfig, listen_multiaddrs, running_host
 from p2p.identity import load_or_create_identity
@@ -59,7 +61,13 @@ from p2p.membership import (
     PingSucceeded,
     Start,
 )
-from p2p.reachability import REACHABILITY_SETTINGS, Reachability, ReachabilityChanged, ReachabilitySetting
+from p2p.reachability import (
+    REACHABILITY_SETTINGS,
+    Reachability,
+    ReachabilityChanged,
+    ReachabilityConfig,
+    ReachabilitySetting,
+)
 from p2p.swarm import PeerBan, ScoringConfig, ScoringPolicy
 from swarmgrad.core.driver import Driver
 from swarmgrad.core.errors import ConfigError, LocalProtocolError
@@ -87,7 +95,8 @@ class NodeConfig:
     """Seeds the membership machine's `random.Random` (re-dial jitter)."""
     event_queue_len: int = 1024
     reachability: ReachabilitySetting = "auto"
-    """Forced verdict ("public" / "private") or "auto" (`p2p.reachability`)."""
+    """Forced verdict ("public" / "private") or "auto": the dial-back check decides (`p2p.reachability`)."""
+    dialback: ReachabilityConfig = field(default_factory=ReachabilityConfig)
 
     def __post_init__(self) -> None:
         if self.reachability not in REACHABILITY_SETTINGS:
@@ -148,6 +157,20 @@ class SwarmNode:
         self._nursery: trio.Nursery | None = None
         self._counters: Counter[str] = Counter()
         self._reachability: Reachability | None = None
+        announced = (ip_of(multiaddr.Multiaddr(addr)) for addr in config.host.announce_addrs)
+        self._own_ips = interface_ips().all() | {str(ip) for ip in announced if ip is not None}
+        self._dialled_from_outside = False  # an inbound direct connection came from an IP not ours
+        self.dialback = DialBackService(
+            host,
+            config.dialback,
+            ask=config.reachability == "auto",
+            seed=config.seed,
+            can_serve=self._can_serve,
+            addrs=lambda: tuple(addr.rsplit("/p2p/", 1)[0] for addr in self.listen_multiaddrs),
+            own_ips=lambda: tuple(sorted(self._own_ips)),
+            on_verdict=lambda change: self.set_reachability(change.reachability, change.reason),
+            on_peer_error=self.policy.report,
+        )
 
     # ---- public -------------------------------------------------------------------------------------------------
 
@@ -189,6 +212,7 @@ class SwarmNode:
             ("discovery", self.discovery.statistics()),
             ("policy", self.policy.statistics()),
             ("ip_limits", self.ip_limits.statistics()),
+            ("dialback", self.dialback.statistics()),
         ):
             stats.update({f"{prefix}.{k}": v for k, v in part.items()})
         return stats
@@ -202,6 +226,7 @@ class SwarmNode:
             await nursery.start(self.driver.run)
             nursery.start_soon(self._fan_out)
             await nursery.start(self.discovery.run)
+            await nursery.start(self.dialback.run)
             self._submit(Start())
             if self.config.reachability != "auto":
                 self.set_reachability(self.config.reachability, "set by network.reachability")
@@ -237,6 +262,7 @@ class SwarmNode:
                 self._refuse(peer_id, refusal.reason)
                 return
             self._inbound_ips[conn] = (ip, peer)
+            self._dialled_from_outside = self._dialled_from_outside or ip not in self._own_ips
         if inbound and not self.policy.admit_inbound(peer):
             self._release_ip(conn)
             self._refuse(peer_id, f"over the cap of {self.config.scoring.max_inbound_connections} inbound connections")
@@ -306,7 +332,22 @@ class SwarmNode:
                 self.discovery.forget(event.peer)
             self._changed.set()
             self._changed = trio.Event()
+            if isinstance(event, PeerUp):
+                self.dialback.member_up(event.peer, self._peer_ip(event.peer))
+            elif isinstance(event, PeerDown):
+                self.dialback.member_down(event.peer)
             self._publish(event)
+
+    def _can_serve(self) -> bool:
+        """Whether this peer may answer dial-back requests (`p2p.reachability`, "Serving")."""
+        return self._reachability == "public" or (self._reachability is None and self._dialled_from_outside)
+
+    def _peer_ip(self, peer: PeerId) -> str | None:
+        for conn in self.host.get_network().get_connections(ID.from_base58(peer)):
+            ip = remote_ip(conn)
+            if ip is not None:
+                return ip
+        return None
 
     def _publish(self, event: NodeEvent) -> None:
         for subscriber in list(self._subscribers):

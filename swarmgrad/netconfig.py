@@ -32,7 +32,7 @@ from p2p.identity import load_or_create_identity, peer_id_of
 from p2p.limits import IpLimitsConfig
 from p2p.membership import MembershipConfig
 from p2p.node import NodeConfig
-from p2p.reachability import REACHABILITY_SETTINGS, ReachabilitySetting
+from p2p.reachability import REACHABILITY_SETTINGS, ReachabilityConfig, ReachabilitySetting
 from p2p.swarm import load_swarm_key
 from swarmgrad.core.codec import field_hints
 from swarmgrad.core.errors import ConfigError
@@ -85,6 +85,21 @@ class NetworkConfig:
     reachability: ReachabilitySetting = "auto"
     """Whether other peers can dial this host: "public", "private" (behind NAT or a firewall), or "auto" to leave
     the verdict to the node (`p2p.reachability`)."""
+    # the dial-back check of "auto"; defaults and meaning: `p2p.reachability.ReachabilityConfig`
+    reachability_recheck_s: float = ReachabilityConfig.recheck_s
+    reachability_retry_s: float = ReachabilityConfig.retry_s
+    dialback_timeout_s: float = ReachabilityConfig.dial_timeout_s
+
+    def dialback_config(self) -> ReachabilityConfig:
+        """The dial-back check as `p2p.reachability.ReachabilityConfig` (validated); a server's answer is awaited
+        for twice its dial bound plus 5 s."""
+        return ReachabilityConfig(
+            recheck_s=self.reachability_recheck_s,
+            retry_s=self.reachability_retry_s,
+            dial_timeout_s=self.dialback_timeout_s,
+            answer_timeout_s=2 * self.dialback_timeout_s + 5.0,
+            serve_interval_s=min(ReachabilityConfig.serve_interval_s, self.reachability_retry_s),
+        )
 
     def ip_limits_config(self) -> IpLimitsConfig:
         """The per-IP limits as `p2p.limits.IpLimitsConfig` (validated)."""
@@ -131,6 +146,12 @@ class NetworkConfig:
             self.ip_limits_config()
         except ConfigError as exc:
             raise ConfigError(f"network.{exc.field}", exc.value, exc.expected) from exc
+        names = {"recheck_s": "reachability_recheck_s", "retry_s": "reachability_retry_s"}
+        try:
+            self.dialback_config()
+        except ConfigError as exc:
+            field_name = names.get(exc.field, "dialback_timeout_s")
+            raise ConfigError(f"network.{field_name}", exc.value, exc.expected) from exc
 
     def node_config(self, key_path: Path, *, seed: int = 0) -> NodeConfig:
         """The `p2p.node.NodeConfig` of a member with the identity at `key_path` (created if missing) and this
@@ -158,6 +179,7 @@ class NetworkConfig:
             ip_limits=self.ip_limits_config(),
             seed=seed,
             reachability=self.reachability,
+            dialback=self.dialback_config(),
         )
 
 
