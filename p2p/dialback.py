@@ -133,7 +133,7 @@ class DialBackService:
         self.driver: Driver | None = None
         if ask:
             self.machine = ReachabilityCheck(config, random.Random(seed))
-            self.driver = Driver(self.machine, run_effect=self._carry_out)
+            self.driver = Driver(self.machine, run_effect=self.ask)
 
     def statistics(self) -> dict[str, int]:
         stats = {**self._counters, **self.server.counters}
@@ -177,7 +177,9 @@ class DialBackService:
 
     # ---- asking -------------------------------------------------------------------------------------------------
 
-    async def _carry_out(self, effect: Effect) -> Event | None:
+    async def ask(self, effect: Effect) -> Event | None:
+        """Carry out `AskDialBack`: its answer as `DialBackAnswered`, or `DialBackFailed` (a bad answer is also
+        reported to `on_peer_error`)."""
         if not isinstance(effect, AskDialBack):
             raise LocalProtocolError(f"the dial-back service cannot carry out {effect!r}")
         reason = f"no answer within {self.config.answer_timeout_s:g} s"

@@ -7,6 +7,7 @@ connection direction, the Kademlia internals discovery uses, and a relayed dial 
 from __future__ import annotations
 
 import inspect
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,8 +15,9 @@ from pathlib import Path
 import multiaddr
 import pytest
 import trio
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetStream
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.custom_types import TProtocol
 from libp2p.host.basic_host import BasicHost
 from libp2p.identity.identify.identify import _mk_identify_protobuf
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
@@ -25,6 +27,7 @@ from libp2p.kad_dht.routing_table import RoutingTable
 from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.connection.swarm_connection import SwarmConn
 from libp2p.network.exceptions import SwarmException
+from libp2p.network.stream.net_stream import NetStream
 from libp2p.network.swarm import Swarm
 from libp2p.peer.envelope import consume_envelope
 from libp2p.peer.id import ID
@@ -43,6 +46,7 @@ from p2p.host import HostConfig, HostError, listen_multiaddrs, running_host
 from p2p.libp2p_compat import (
     closest_known_peers,
     dht_key,
+    dial_fresh,
     dial_relayed,
     fill_routing_table,
     forget_dial_failure,
@@ -52,6 +56,7 @@ from p2p.libp2p_compat import (
     query_providers,
     remote_ip,
     stop_auto_connector,
+    stream_remote_ip,
 )
 
 TIMEOUT_S = 30
@@ -179,6 +184,12 @@ def test_the_internals_have_the_shape_the_adapter_calls() -> None:
     assert _parameters(CircuitV2Transport.dial_peer_info) == ["self", "dest_info", "relay_info"]
     assert _parameters(new_protected_conn) == ["conn", "psk"]
     assert _parameters(BasicHost.upgrade_outbound_connection) == ["self", "raw_conn", "peer_id"]
+    assert inspect.iscoroutinefunction(Swarm.dial_addr) and _parameters(Swarm.dial_addr)[:3] == [
+        "self",
+        "addr",
+        "peer_id",
+    ]
+    assert _parameters(NetStream.get_remote_address) == ["self"]
 
 
 def test_dht_keys_are_the_utf8_bytes_of_a_swarmgrad_key() -> None:
@@ -320,3 +331,34 @@ async def test_a_relayed_dial_in_a_private_swarm_works_only_with_pnet_added_by_t
                 assert any("/p2p-circuit" in str(addr) for addr in conn.get_transport_addresses())
                 assert conn in dialler.get_network().get_connections(listener.get_id())
                 nursery.cancel_scope.cancel()  # the reservation's refresher
+
+
+async def test_a_fresh_dial_opens_a_second_connection_beside_an_open_one_and_closes_alone(tmp_path: Path) -> None:
+    """What the dial-back server relies on: `dial_fresh` really dials (a second connection, although one is open and
+    `max_connections_per_peer` is 1), fails where nothing listens, and closing it leaves the first connection up;
+    `stream_remote_ip` names the IP a stream comes from."""
+    seen_ip: list[str | None] = []
+    with trio.fail_after(TIMEOUT_S):
+        async with running_host(HostConfig(tmp_path / "a")) as a, running_host(HostConfig(tmp_path / "b")) as b:
+
+            async def handler(stream: INetStream) -> None:
+                seen_ip.append(stream_remote_ip(stream))
+                await stream.write(b"k")
+                await stream.close()
+
+            b.set_stream_handler(TProtocol("/test/ip/1"), handler)
+            await a.connect(PeerInfo(b.get_id(), b.get_addrs()))
+            (first,) = a.get_network().get_connections(b.get_id())
+            fresh = await dial_fresh(a, b.get_transport_addrs()[0], b.get_id())
+            both = list(a.get_network().get_connections(b.get_id()))
+            await fresh.close()
+            left = list(a.get_network().get_connections(b.get_id()))
+            stream = await a.new_stream(b.get_id(), [TProtocol("/test/ip/1")])
+            assert await stream.read(1) == b"k"
+            with pytest.raises(SwarmException):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", 0))
+                    port = probe.getsockname()[1]
+                await dial_fresh(a, M(f"/ip4/127.0.0.1/tcp/{port}"), b.get_id())
+    assert fresh is not first and len(both) == 2 and left == [first]
+    assert seen_ip == ["127.0.0.1"]

@@ -138,7 +138,7 @@ def test_too_few_servers_leave_no_verdict_until_another_member_comes_up() -> Non
 
 
 def test_no_member_at_all_is_inconclusive_without_any_question() -> None:
-    machine, actions = _machine(members=0)
+    _, actions = _machine(members=0)
     assert _asks(actions) == [] and any(isinstance(a, Notify) for a in actions)
 
 
@@ -171,7 +171,7 @@ def test_one_server_per_ip_and_never_one_on_our_own_ip() -> None:
 
 def test_the_choice_of_servers_is_seeded() -> None:
     def chosen(seed: int) -> list[str]:
-        machine, actions = _machine(members=8, seed=seed)
+        _, actions = _machine(members=8, seed=seed)
         return sorted(a.peer for a in _asks(actions))
 
     assert chosen(7) == chosen(7)
