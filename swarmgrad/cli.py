@@ -12,10 +12,11 @@ every swarm member shares (`--config`, `--set`, `--json`, the data directory and
 or `node` never pays for (or breaks on) torch and the training stack.
 
 `node` prints one line per event on stdout (`listening`, `peer_discovered` with `via`, `peer_up`, `peer_down`,
-`peer_forgotten`, `stats`): `event key=value ...` for people, one JSON object with `--json` for scripts and tests;
-logs go to stderr. Every error the user can fix (malformed or unreachable bootstrap address, wrong swarm key, bad
-swarm id, port in use, bad key file) is one line on stderr naming the value, and a non-zero exit status: 2 for a bad
-argument, 1 for anything else. This is the one place where
+`peer_forgotten`, `reachability` with `reason`, `stats`): `event key=value ...` for people, one JSON object with
+`--json` for scripts and tests; logs go to stderr. `id` runs no node, so it cannot know the verdict: it shows the
+configured `network.reachability` (in `--json`, and as a note on stderr). Every error the user can fix (malformed
+or unreachable bootstrap address, wrong swarm key, bad swarm id, port in use, bad key file) is one line on stderr
+naming the value, and a non-zero exit status: 2 for a bad argument, 1 for anything else. This is the one place where
 `except SwarmgradError` ends the program; nothing here is protocol logic.
 """
 
@@ -42,6 +43,7 @@ from p2p.host import HostConfig
 from p2p.identity import load_or_create_identity, peer_id_of
 from p2p.membership import PeerDiscovered, PeerForgotten
 from p2p.node import NodeConfig, SwarmNode, open_node
+from p2p.reachability import ReachabilityChanged
 from p2p.swarm import SwarmKey, write_swarm_key
 from swarmgrad.core.errors import ConfigError, SwarmgradError
 from swarmgrad.core.machine import PeerDown, PeerUp
@@ -91,12 +93,15 @@ def _run_id(args: argparse.Namespace) -> int:
     addrs = [f"{addr}/p2p/{peer_id}" for addr in dialable]
     if any(tcp_port_of(addr) == 0 for addr in dialable):
         print("note: port 0 is chosen when the peer starts; its log shows the real address", file=sys.stderr)
+    setting = member.network.reachability
     if args.json:
-        print(json.dumps({"peer_id": peer_id, "addrs": addrs, "identity_file": str(key_path)}))
+        print(json.dumps({"peer_id": peer_id, "addrs": addrs, "identity_file": str(key_path), "reachability": setting}))
     else:
         print(peer_id)
         for addr in addrs:
             print(addr)
+        decided = "a running peer decides it by dial-backs (its `reachability` event)" if setting == "auto" else "set"
+        print(f"note: network.reachability = {setting}: {decided}", file=sys.stderr)
     return 0
 
 
@@ -157,6 +162,8 @@ async def _serve_node(config: NodeConfig, args: argparse.Namespace) -> None:
                 "t": time.time(),
             }
         )
+        if node.reachability is not None:  # forced by network.reachability: announced before we subscribed
+            output.emit(_reachability_record(node.reachability, "set by network.reachability"))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_report_events, events, output)
             nursery.start_soon(_report_stats, node, args.stats_interval_s, output)
@@ -190,6 +197,12 @@ async def _report_events(events: trio.MemoryReceiveChannel[object], output: _Out
             output.emit({"event": "peer_down", "peer": event.peer, "t": now})
         elif isinstance(event, PeerForgotten):
             output.emit({"event": "peer_forgotten", "peer": event.peer, "failures": event.failures, "t": now})
+        elif isinstance(event, ReachabilityChanged):
+            output.emit(_reachability_record(event.reachability, event.reason))
+
+
+def _reachability_record(reachability: str, reason: str) -> dict[str, object]:
+    return {"event": "reachability", "reachability": reachability, "reason": reason, "t": time.time()}
 
 
 async def _report_stats(node: SwarmNode, interval_s: float | None, output: _Output) -> None:

@@ -17,8 +17,9 @@ Exit status: 0 finished or stopped cleanly (checkpoint saved); 1 a runtime failu
 use, swarm key or identity file unusable, ...); 2 a configuration or usage error (unknown task or key, bad value or
 multiaddr, unwritable data directory). Errors are one line on stderr naming the problem (`swarmgrad.cli.main`).
 
-With `--json`, one JSON object per line on stdout (`listening`, `model`, `round` at each evaluation, `epoch`,
-`certified`, `repaired`, `finished`), for scripts and tests; the progress display goes to stderr.
+With `--json`, one JSON object per line on stdout (`listening`, `reachability` at each verdict, `model`, `round` at
+each evaluation, `epoch`, `certified`, `repaired`, `finished`), for scripts and tests; the progress display goes to
+stderr.
 
 Divergence repair: when an epoch is certified and this peer's own parameters at that boundary lie farther than the
 tolerance from the certified checkpoint (or, after a restart, its resumed checkpoint from the newest certified
@@ -47,7 +48,7 @@ from typing import IO, Any
 import torch
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey as CryptoEd25519PrivateKey
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Enum, Gauge, start_http_server
 
 from consensus.canonical import CanonicalBytesError, decode_canonical
 from consensus.certified_join import Joined, NothingCertified
@@ -80,6 +81,7 @@ from p2p.model_fetch import (
     ServeModel,
 )
 from p2p.node import SwarmNode, open_node
+from p2p.reachability import Reachability, ReachabilityChanged
 from swarmgrad.config import PeerConfig, load_config
 from swarmgrad.core.driver import Driver
 from swarmgrad.core.errors import ConfigError, DecodeError, LocalProtocolError, SwarmgradError
@@ -278,6 +280,12 @@ class Metrics:
         self.bytes_sent = Gauge("swarmgrad_gossip_bytes_sent", "Bytes sent by gossip", registry=self.registry)
         self.certified_epoch = Gauge(
             "swarmgrad_certified_epoch", "Last epoch certified by the swarm's consensus", registry=self.registry
+        )
+        self.reachability = Enum(
+            "swarmgrad_reachability",
+            "Whether other peers can dial this one (unknown until the dial-back check decides)",
+            states=["unknown", "public", "private"],
+            registry=self.registry,
         )
         self.commit_latency = Gauge(
             "swarmgrad_commit_latency_seconds",
@@ -571,8 +579,12 @@ class Peer:
             if self.consensus is not None:
                 self.consensus.peer_up(peer)
         self.view.peers = len(node.live_peers())
+        if node.reachability is not None:  # forced by network.reachability: announced before we subscribed
+            self._reachability(node.reachability, "set by network.reachability")
         async for event in events:
-            if isinstance(event, PeerUp):
+            if isinstance(event, ReachabilityChanged):
+                self._reachability(event.reachability, event.reason)
+            elif isinstance(event, PeerUp):
                 gossip.peer_up(event.peer)
                 if self.consensus is not None:
                     self.consensus.peer_up(event.peer)
@@ -584,6 +596,11 @@ class Peer:
                 fetch.submit(event)
                 log.info("peer down: %s", event.peer)
             self.view.peers = len(node.live_peers())
+
+    def _reachability(self, reachability: Reachability, reason: str) -> None:
+        self.events.emit("reachability", reachability=reachability, reason=reason)
+        if self.metrics is not None:
+            self.metrics.reachability.state(reachability)
 
     async def _answer_fetch(self, fetch: Driver, outcomes: trio.MemorySendChannel[FetchOutcome]) -> None:
         async for note in fetch.notifications:
