@@ -42,13 +42,16 @@ def test_id_is_stable_across_restarts_and_prints_dialable_addresses(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["id", "--data-dir", str(tmp_path), "--listen", "/ip4/127.0.0.1/tcp/7400"]
-    status, first, _ = run(argv, capsys)
-    assert status == 0
+    status, first, note = run(argv, capsys)
+    assert status == 0 and "network.reachability = auto" in note
     peer_id, addr = first.split()
     assert addr == f"/ip4/127.0.0.1/tcp/7400/p2p/{peer_id}"
     assert oct(os.stat(tmp_path / "identity.key").st_mode & 0o777) == "0o600"
     status, second, _ = run([*argv, "--json"], capsys)
     assert status == 0 and json.loads(second)["peer_id"] == peer_id
+    assert json.loads(second)["reachability"] == "auto"  # `id` runs no node: the configured setting
+    status, third, _ = run([*argv, "--json", "--set", "network.reachability=private"], capsys)
+    assert status == 0 and json.loads(third)["reachability"] == "private"
 
 
 def test_id_on_the_unspecified_address_prints_interface_addresses_or_the_announced_one(
@@ -301,6 +304,14 @@ def test_a_node_started_before_its_bootstrap_peer_retries_until_it_listens(tmp_p
         lambda events: any(e["event"] == "peer_up" and e["peer"] == boot_id for e in events), 180, "the bootstrap up"
     )
     assert not joiner.exited()
+
+
+@pytest.mark.slow
+def test_a_node_with_a_forced_reachability_reports_it_once(tmp_path: Path, nodes: NodeGroup) -> None:
+    node = nodes.start("forced", "--set", "network.reachability=public")
+    events = node.wait_for(lambda ev: any(e["event"] == "reachability" for e in ev), 60, "a reachability event")
+    (verdict,) = [e for e in events if e["event"] == "reachability"]
+    assert verdict["reachability"] == "public" and verdict["reason"] == "set by network.reachability"
 
 
 def test_node_peer_and_id_accept_the_same_network_flags() -> None:

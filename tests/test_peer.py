@@ -119,6 +119,7 @@ def test_prometheus_endpoint_serves_the_gauges_on_loopback() -> None:
     try:
         accuracy = Evaluation(0.3, "accuracy", 0.93, True)
         metrics.update(report(20, 4096, accuracy), 3)
+        metrics.reachability.state("private")
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
             body = response.read().decode()
     finally:
@@ -126,6 +127,8 @@ def test_prometheus_endpoint_serves_the_gauges_on_loopback() -> None:
     assert "swarmgrad_round 20.0" in body
     assert 'swarmgrad_eval_value{metric="accuracy"} 0.93' in body
     assert "swarmgrad_peers 3.0" in body and "swarmgrad_gossip_bytes_sent 4096.0" in body
+    assert 'swarmgrad_reachability{swarmgrad_reachability="private"} 1.0' in body
+    assert 'swarmgrad_reachability{swarmgrad_reachability="unknown"} 0.0' in body
 
 
 def test_a_metrics_port_in_use_is_one_clear_error_naming_the_address() -> None:
