@@ -31,6 +31,7 @@ from libp2p.peer.id import ID
 
 from p2p.libp2p_compat import dial_fresh, stream_remote_ip
 from p2p.reachability import (
+    CANNOT_SERVE,
     DIALLED,
     MAX_MESSAGE_BYTES,
     NOT_DIALLED,
@@ -62,6 +63,9 @@ log = logging.getLogger(__name__)
 
 READ_TIMEOUT_S = 5.0
 """Bound on reading a request once its stream is open (it is one small frame)."""
+MAX_CONCURRENT_DIALS = 8
+"""Dial-backs in progress at once; a request beyond them is answered "cannot serve" (the per-requester and per-IP
+rate limits bound each source, this bounds them all together)."""
 _CLEANUP_TIMEOUT_S = 2.0
 _FAILURES = (BaseLibp2pError, OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError)
 
@@ -129,6 +133,8 @@ class DialBackService:
         self._on_verdict = on_verdict
         self._on_peer_error = on_peer_error
         self._counters: Counter[str] = Counter()
+        self._dialling = 0
+        self._last_inconclusive = ""
         self.machine: ReachabilityCheck | None = None
         self.driver: Driver | None = None
         if ask:
@@ -167,6 +173,9 @@ class DialBackService:
             if isinstance(note, ReachabilityChanged):
                 self._on_verdict(note)
             elif isinstance(note, CheckInconclusive):
+                if note.reason == self._last_inconclusive:
+                    continue  # logged once per reason: a lone peer would say the same every retry_s
+                self._last_inconclusive = note.reason
                 log.info(
                     "reachability check inconclusive (%s): next one in %.0f s",
                     note.reason,
@@ -245,9 +254,21 @@ class DialBackService:
         if isinstance(decision, Answer):
             return decision.response
         assert ip is not None, "DialBackServer dials only with an observed IP"
+        if self._dialling >= MAX_CONCURRENT_DIALS:
+            self._counters["busy"] += 1
+            return DialBackResponse(request.nonce, CANNOT_SERVE, ip, f"busy: {MAX_CONCURRENT_DIALS} dial-backs running")
+        self._dialling += 1
+        try:
+            return await self._dial_back(peer, ip, request, decision.addrs)
+        finally:
+            self._dialling -= 1
+
+    async def _dial_back(
+        self, peer: PeerId, ip: str, request: DialBackRequest, addrs: tuple[str, ...]
+    ) -> DialBackResponse:
         failures: list[str] = []
         with trio.move_on_after(self.config.dial_timeout_s):
-            for addr in decision.addrs:
+            for addr in addrs:
                 try:
                     conn = await dial_fresh(self.host, multiaddr.Multiaddr(addr), ID.from_base58(peer))
                 except (*_FAILURES, ValueError) as exc:

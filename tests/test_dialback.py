@@ -179,3 +179,14 @@ async def test_observed_addresses_are_recorded_but_never_advertised(tmp_path: Pa
     for addrs in (advertised, in_identify, listed):
         assert addrs and not any("198.51.100.9" in addr or "40123" in addr for addr in addrs)
         assert all(f"/tcp/{port}" in addr for addr in addrs)
+
+
+async def test_a_server_with_all_its_dial_backs_running_answers_busy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("p2p.dialback.MAX_CONCURRENT_DIALS", 0)
+    with trio.fail_after(TIMEOUT_S):
+        async with _pair(tmp_path) as (server_host, requester_host, served, asking, _):
+            result = await asking.ask(AskDialBack(server_host.get_id().to_base58(), 5, (_own_addr(requester_host),)))
+    assert isinstance(result, DialBackAnswered) and result.response.status == CANNOT_SERVE
+    assert result.response.reason.startswith("busy") and served.statistics()["busy"] == 1
