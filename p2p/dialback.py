@@ -202,6 +202,7 @@ class DialBackService:
             except (_Ended, *_FAILURES) as exc:
                 reason = f"{type(exc).__name__}: {exc}"
         self._counters["asks_failed"] += 1
+        log.debug("dial-back request to %s failed: %s", effect.peer, reason)
         return DialBackFailed(effect.peer, effect.nonce, reason)
 
     async def _ask(self, effect: AskDialBack) -> Event:
@@ -216,6 +217,7 @@ class DialBackService:
             if not isinstance(answer, DialBackResponse) or answer.nonce != effect.nonce:
                 raise RemoteProtocolError(effect.peer, f"unexpected dial-back answer {answer!r}")
             reset = False
+            log.debug("dial-back answer from %s: %s", effect.peer, answer)
             return DialBackAnswered(effect.peer, effect.nonce, answer)
         finally:
             await _close(stream, reset)

@@ -13,10 +13,13 @@ The check is swarmgrad's own dial-back, not py-libp2p's AutoNAT, whose server ne
   (`AskDialBack`, carried out by `p2p.dialback`). Each answer is a vote: *dialled* is a vote for public; *not
   dialled* for private; an answer whose observed IP (the IP the server sees us come from) is none of our own (our
   interface and announced addresses) is a vote for private whatever it says, since only a NAT rewrites our source
-  address. *Cannot serve*, a timeout or a lost connection is no vote: that server is set aside for `retry_s` and the
-  next candidate asked. `confirmations` agreeing votes decide; fewer candidates than that leave the verdict as it is
-  and the check is retried after `retry_s` or as soon as a new member comes up. A verdict is re-checked after
-  `recheck_s`, after `retry_s` when its votes disagreed, and at once when our addresses change.
+  address; while there is no verdict yet, that one answer says private at once (the check after `retry_s` confirms it
+  with votes, so a lying server gets no lasting verdict out of it). *Cannot serve*, a timeout or a lost connection is
+  no vote: that server is set aside for `retry_s` and the next candidate asked. `confirmations` agreeing votes decide;
+  fewer candidates than that leave the verdict as it is and the check is retried after `retry_s` or as soon as a new
+  member comes up, keeping the votes it has for twice `retry_s` (so a server is not asked again, and rate-limited,
+  just because a new member came up). A verdict is re-checked after `recheck_s`, after `retry_s` when its votes
+  disagreed, and at once when our addresses change.
 * **Serving** (`DialBackServer`, sans-IO). A server dials only those of the requester's addresses whose IP is the
   one the request came from (so it cannot be used to make this host dial a third party), with a fresh connection,
   bounded by `dial_timeout_s`; a requester may ask once per `serve_interval_s`, and one IP at most
@@ -211,6 +214,7 @@ class _Check:
     asked: dict[PeerId, int] = field(default_factory=dict)  # peer -> nonce, answers still awaited
     ips: set[str] = field(default_factory=set)  # IPs of the servers asked in this check
     votes: dict[PeerId, tuple[Reachability, str]] = field(default_factory=dict)
+    voted_at: dict[PeerId, float] = field(default_factory=dict)
 
 
 class ReachabilityCheck:
@@ -224,6 +228,7 @@ class ReachabilityCheck:
         self._addrs: tuple[str, ...] = ()
         self._own_ips: frozenset[str] = frozenset()
         self._members: dict[PeerId, str] = {}
+        self._recent: dict[PeerId, tuple[float, str, tuple[Reachability, str]]] = {}  # votes of the last check
         self._set_aside: dict[PeerId, float] = {}  # server -> not asked again before this time
         self._check: _Check | None = None
         self._nonce = 0
@@ -239,6 +244,7 @@ class ReachabilityCheck:
             if (event.addrs, frozenset(event.own_ips)) == (self._addrs, self._own_ips):
                 return []
             self._addrs, self._own_ips = event.addrs, frozenset(event.own_ips)
+            self._recent.clear()  # votes on other addresses
             return self._start_check(now)
         if isinstance(event, MemberUp):
             if event.ip is None:
@@ -259,7 +265,7 @@ class ReachabilityCheck:
             return self._no_vote(now, event.peer, event.nonce, event.reason)
         if isinstance(event, TimerFired):
             if event.key == _RECHECK:
-                return self._start_check(now)
+                return [] if self._check is not None else self._start_check(now)  # a running check sets its own
             if isinstance(event.key, tuple) and len(event.key) == 3 and event.key[:1] == ("dialback",):
                 _, peer, nonce = event.key
                 return self._no_vote(now, peer, nonce, f"no answer within {self.config.answer_timeout_s:g} s")
@@ -274,6 +280,12 @@ class ReachabilityCheck:
             return []
         self._counters["checks"] += 1
         self._check = _Check()
+        for peer, (at, ip, vote) in sorted(self._recent.items()):
+            if at > now - 2 * self.config.retry_s and peer in self._members:  # an inconclusive check's votes count
+                self._check.votes[peer] = vote
+                self._check.voted_at[peer] = at
+                self._check.ips.add(ip)
+        self._recent.clear()
         return self._ask_more(now)
 
     def _candidates(self, now: float, check: _Check) -> list[tuple[PeerId, str]]:
@@ -315,11 +327,15 @@ class ReachabilityCheck:
         self._counters["votes"] += 1
         if response.observed_ip and response.observed_ip not in self._own_ips:
             vote: tuple[Reachability, str] = ("private", f"seen from {response.observed_ip}, not an address of ours")
+            if self.verdict is None:  # behind a NAT: private at once, confirmed by the check after retry_s
+                check.votes[event.peer] = vote
+                return self._decide(now, check, "private", recheck_s=self.config.retry_s)
         elif response.status == DIALLED:
             vote = ("public", "dialled back")
         else:
             vote = ("private", f"not dialled back: {response.reason}")
         check.votes[event.peer] = vote
+        check.voted_at[event.peer] = now
         decided = self._decided(check)
         if decided is not None:
             return self._decide(now, check, decided)
@@ -340,14 +356,15 @@ class ReachabilityCheck:
                 return side  # type: ignore[return-value]
         return None
 
-    def _decide(self, now: float, check: _Check, verdict: Reachability) -> list[Action]:
+    def _decide(self, now: float, check: _Check, verdict: Reachability, recheck_s: float | None = None) -> list[Action]:
         agreeing = sorted(peer for peer, (vote, _) in check.votes.items() if vote == verdict)
         disagreeing = len(check.votes) - len(agreeing)
         why = check.votes[agreeing[0]][1]
         reason = f"{len(agreeing)} of {len(check.votes)} servers: {why}"
         self._check = None
+        self._recent.clear()
         self._prune(now)
-        retry = self.config.retry_s if disagreeing else self.config.recheck_s
+        retry = self.config.retry_s if disagreeing else self.config.recheck_s if recheck_s is None else recheck_s
         actions: list[Action] = [SetTimer(_RECHECK, now + retry)]
         if verdict != self.verdict:
             self.verdict = verdict
@@ -366,6 +383,11 @@ class ReachabilityCheck:
             else "votes disagree"
         )
         self._check = None
+        self._recent = {
+            peer: (check.voted_at[peer], self._members[peer], vote)
+            for peer, vote in sorted(check.votes.items())
+            if peer in self._members
+        }
         self._counters["inconclusive"] += 1
         self._prune(now)
         self._waiting = self.verdict is None

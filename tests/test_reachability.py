@@ -108,7 +108,8 @@ def test_disagreement_with_no_server_left_is_inconclusive_and_retried() -> None:
     assert _verdicts(ended) == [] and machine.verdict is None
     (note,) = [a.event for a in ended if isinstance(a, Notify)]
     assert isinstance(note, CheckInconclusive) and note.retry_at == 31.0
-    assert len(_asks(machine.step(31.0, TimerFired(("reachability", "recheck"))))) == 2
+    assert _asks(machine.step(31.0, TimerFired(("reachability", "recheck")))) == []  # their votes still count
+    assert len(_asks(machine.step(61.0, TimerFired(("reachability", "recheck"))))) == 2  # now too old: asked again
 
 
 def test_timeouts_failures_and_cannot_serve_are_no_votes_and_the_next_candidate_is_asked() -> None:
@@ -131,10 +132,27 @@ def test_too_few_servers_leave_no_verdict_until_another_member_comes_up() -> Non
     (only,) = _asks(actions)
     ended = machine.step(1.0, _answer(only, DIALLED))
     assert _verdicts(ended) == [] and any(isinstance(a, Notify) for a in ended)
-    asks = _asks(machine.step(5.0, MemberUp("late", "198.18.0.99")))
-    assert [a.peer for a in asks] == ["late", "s0"]
-    machine.step(6.0, _answer(asks[0], DIALLED))
-    assert [v.reachability for v in _verdicts(machine.step(6.0, _answer(asks[1], DIALLED)))] == ["public"]
+    (late,) = _asks(machine.step(5.0, MemberUp("late", "198.18.0.99")))  # s0's vote still counts: not asked again
+    assert late.peer == "late"
+    verdicts = _verdicts(machine.step(6.0, _answer(late, DIALLED)))
+    assert [v.reachability for v in verdicts] == ["public"] and verdicts[0].reason.startswith("2 of 2")
+
+
+def test_the_votes_of_an_inconclusive_check_expire_after_retry_s() -> None:
+    machine, actions = _machine(members=1)
+    (only,) = _asks(actions)
+    machine.step(1.0, _answer(only, DIALLED))
+    assert _asks(machine.step(20.0, TimerFired(("reachability", "recheck")))) == []  # s0's vote of t=1 still counts
+    again = _asks(machine.step(61.0, TimerFired(("reachability", "recheck"))))
+    assert [a.peer for a in again] == ["s0"]  # its vote of t=1 is older than 2 x retry_s: asked again
+
+
+def test_a_recheck_timer_during_a_running_check_does_not_restart_it() -> None:
+    machine, actions = _machine(members=3)
+    asks = _asks(actions)
+    assert machine.step(0.5, TimerFired(("reachability", "recheck"))) == []
+    machine.step(1.0, _answer(asks[0], DIALLED))
+    assert _verdicts(machine.step(1.0, _answer(asks[1], DIALLED)))  # the answers still belong to the running check
 
 
 def test_no_member_at_all_is_inconclusive_without_any_question() -> None:
@@ -152,12 +170,29 @@ def test_a_lost_server_is_no_vote() -> None:
     assert machine.step(2.0, _answer(asks[0], DIALLED)) == []  # its late answer counts for nothing
 
 
-def test_an_observed_ip_that_is_not_ours_is_a_vote_for_private_whatever_the_server_says() -> None:
+def test_an_observed_ip_that_is_not_ours_says_private_at_once_and_is_confirmed_soon() -> None:
     machine, actions = _machine()
     asks = _asks(actions)
-    machine.step(1.0, _answer(asks[0], DIALLED, observed_ip="198.18.0.201"))
-    verdicts = _verdicts(machine.step(1.0, _answer(asks[1], NOT_DIALLED, observed_ip="198.18.0.201")))
-    assert [v.reachability for v in verdicts] == ["private"] and "198.18.0.201" in verdicts[0].reason
+    decided = machine.step(1.0, _answer(asks[0], DIALLED, observed_ip="198.18.0.201"))  # whatever the server says
+    verdicts = _verdicts(decided)
+    assert [v.reachability for v in verdicts] == ["private"] and "seen from 198.18.0.201" in verdicts[0].reason
+    assert _recheck_at(decided) == 1.0 + CONFIG.retry_s
+    again = _asks(machine.step(31.0, TimerFired(("reachability", "recheck"))))
+    machine.step(32.0, _answer(again[0], NOT_DIALLED, observed_ip="198.18.0.201"))
+    assert _verdicts(machine.step(32.0, _answer(again[1], NOT_DIALLED, observed_ip="198.18.0.201"))) == []
+    assert machine.verdict == "private"
+
+
+def test_once_there_is_a_verdict_a_lying_observed_ip_is_only_one_vote() -> None:
+    machine, actions = _machine()
+    asks = _asks(actions)
+    machine.step(1.0, _answer(asks[0], DIALLED))
+    machine.step(1.0, _answer(asks[1], DIALLED))
+    assert machine.verdict == "public"
+    again = _asks(machine.step(601.0, TimerFired(("reachability", "recheck"))))
+    assert _verdicts(machine.step(602.0, _answer(again[0], NOT_DIALLED, observed_ip="203.0.113.66"))) == []
+    machine.step(602.0, _answer(again[1], DIALLED))
+    assert _verdicts(machine.step(602.0, _answer(again[2], DIALLED))) == [] and machine.verdict == "public"
 
 
 def test_one_server_per_ip_and_never_one_on_our_own_ip() -> None:

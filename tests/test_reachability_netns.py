@@ -45,12 +45,14 @@ def _verdict(events: list[Event]) -> bool:
     return any(e["event"] == "reachability" for e in events)
 
 
-def _first_verdict(node: NodeProcess) -> tuple[str, str, float]:
-    """The node's first verdict, its reason and the seconds from `listening` to it."""
+def _first_verdict(node: NodeProcess) -> tuple[str, str, float, int]:
+    """The node's first verdict, its reason, the seconds from `listening` to it, and how many peers were up then."""
     events = node.wait_for(_verdict, VERDICT_S, "a reachability verdict")
     listening = next(e for e in events if e["event"] == "listening")
-    verdict = next(e for e in events if e["event"] == "reachability")
-    return str(verdict["reachability"]), str(verdict["reason"]), float(verdict["t"]) - float(listening["t"])
+    at = next(i for i, e in enumerate(events) if e["event"] == "reachability")
+    verdict = events[at]
+    up = len({e["peer"] for e in events[:at] if e["event"] == "peer_up"})
+    return str(verdict["reachability"]), str(verdict["reason"]), float(verdict["t"]) - float(listening["t"]), up
 
 
 def test_public_natted_announcing_and_firewalled_hosts_each_learn_their_reachability(tmp_path: Path) -> None:
@@ -73,10 +75,12 @@ def test_public_natted_announcing_and_firewalled_hosts_each_learn_their_reachabi
         ):
             expected[name] = (group.start(name, *join, *extra, listen=LISTEN, wrap=host.wrap([])), verdict)
         results = {name: _first_verdict(node) for name, (node, _) in expected.items()}
-        report = ", ".join(f"{name} {got} after {took:.1f} s" for name, (got, _, took) in sorted(results.items()))
+        report = ", ".join(
+            f"{name} {got} after {took:.1f} s ({up} peers up)" for name, (got, _, took, up) in sorted(results.items())
+        )
         print(f"verdicts: {report}")
         for name, (node, want) in expected.items():
-            got, reason, _ = results[name]
+            got, reason, _, _ = results[name]
             assert got == want, f"{name}: {got} ({reason}); {node.tail()}"
         assert "not an address of ours" in results["natted"][1]  # seen from its router's address
         assert "not dialled back" in results["announcing"][1] and "not dialled back" in results["walled"][1]
