@@ -230,19 +230,22 @@ class DialBackService:
         try:
             request: object = None
             with trio.move_on_after(READ_TIMEOUT_S):
-                request = await read_message(stream)
+                try:
+                    request = await read_message(stream)
+                except DecodeError as exc:
+                    raise RemoteProtocolError(peer, f"bad dial-back request: {exc}") from exc
             if request is None:
                 self._counters["idle_requests"] += 1
                 return
             if not isinstance(request, DialBackRequest):
-                raise DecodeError(f"a {type(request).__name__} where a DialBackRequest belongs")
+                raise RemoteProtocolError(peer, f"bad dial-back request: a {type(request).__name__}")
             response = await self._serve(peer, stream_remote_ip(stream), request)
             await write_message(stream, response)
             reset = False
-        except DecodeError as exc:
+        except RemoteProtocolError as exc:
             self._counters["remote_errors"] += 1
-            log.info("peer %s: bad dial-back request: %s", peer, exc)
-            self._on_peer_error(peer, f"bad dial-back request: {exc}")
+            log.info("peer %s: %s", exc.peer, exc.reason)
+            self._on_peer_error(exc.peer, exc.reason)
         except (_Ended, *_FAILURES) as exc:
             log.debug("dial-back request from %s: %s", peer, exc)
         except Exception:

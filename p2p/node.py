@@ -11,6 +11,9 @@ It assembles the parts and carries out their requests; it holds no protocol logi
   it), `Disconnect`, `Ping` (libp2p `/ipfs/ping/1.0.0`, bounded by `ping_timeout_s`),
 * the admission policy (`p2p.swarm.ScoringPolicy`): a connection from a banned peer, or an inbound connection over
   the cap, is closed as soon as it opens; `policy` is also the `PeerPolicy` to hand a transport on the same host.
+* the dial-back check (`p2p.dialback.DialBackService`, `dialback`): it serves other members' dial-back requests
+  and, with `reachability = "auto"`, asks members to dial this peer back; its verdicts become `set_reachability`.
+  A peer may serve once its verdict is public, or while it has none once a peer on another IP dialled it,
 * the per-IP limits (`p2p.limits.IpLimits`, `ip_limits`): an inbound connection from a banned IP, from an IP that
   shows too many new identities, or over the IP's connection cap is closed as soon as it opens; every remote error
   reported to `policy` is also charged to the offender's IP, and an IP banned for either reason loses all its
@@ -18,7 +21,7 @@ It assembles the parts and carries out their requests; it holds no protocol logi
 
 The live set is `live_peers()`; `subscribe()` gives a feed of `PeerUp` / `PeerDown` (for the gossip and consensus
 machines) and of `PeerDiscovered` / `PeerForgotten` (for logs and tests). `statistics()` merges the machine's,
-discovery's, the policy's and this module's counters.
+discovery's, the policy's, the dial-back check's (`dialback.*`) and this module's counters.
 """
 
 from __future__ import annotations
