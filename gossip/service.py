@@ -69,6 +69,8 @@ class GossipService:
         self._follow_transport_peers = follow_transport_peers
         self._user_peer_error = on_peer_error
         self.peer_errors: Counter[PeerId] = Counter()
+        self.contributions: Counter[PeerId] = Counter()
+        """Rounds each neighbour's update was mixed into ours."""
         self.driver = Driver(
             self.machine,
             transport,
@@ -147,6 +149,7 @@ class GossipService:
             if not isinstance(event, RoundCompleted):
                 continue
             self.last_round = event
+            self.contributions.update(event.contributors)
             if self._pending is not None:
                 done, holder = self._pending
                 holder.append(event)

@@ -293,7 +293,10 @@ class Discovery:
         self.dht = KadDHT(host, DHTMode.SERVER)
         self.dht.register_validator(NAMESPACE, MemberRecordValidator(clock_unix_s))
         self._reported: dict[str, float] = {}  # peer -> expiry of the record last reported
+        self._reported_addrs: dict[str, tuple[str, ...]] = {}  # peer -> the addresses last reported
         self._own_record = b""
+        self._record_addrs: tuple[str, ...] | None = None  # set_record_addrs: instead of the host's addresses
+        self._provided: list[str] = []  # provide_also: keys provided beside the members key
         self._driver = Driver(
             DiscoverySchedule(
                 ScheduleConfig(
@@ -382,8 +385,27 @@ class Discovery:
             return Published()
         raise LocalProtocolError(f"discovery cannot carry out {effect!r}")
 
+    def set_record_addrs(self, addrs: tuple[str, ...] | None) -> None:
+        """Advertise `addrs` in the member record instead of the host's own addresses (a private peer's relayed
+        addresses; None: the host's again), and republish now when running."""
+        self._record_addrs = None if addrs is None else tuple(addrs[:_MAX_ADDRS])
+        self._own_record = self._sign_record()
+        if self._nursery is not None:
+            self._nursery.start_soon(self.publish)
+
+    def provide_also(self, key: str) -> None:
+        """Provide `key` too, now (when running) and at each publish: a relay provides the relays key."""
+        if key in self._provided:
+            return
+        self._provided.append(key)
+        if self._nursery is not None:
+            self._nursery.start_soon(self.dht.provide, key)
+
     def _sign_record(self) -> bytes:
-        addrs = tuple(sorted(str(addr) for addr in self.host.get_addrs()))[:_MAX_ADDRS]
+        if self._record_addrs is not None:
+            addrs = self._record_addrs
+        else:
+            addrs = tuple(sorted(str(addr) for addr in self.host.get_addrs()))[:_MAX_ADDRS]
         expires_at = self._clock_unix_s() + self.config.record_ttl_s
         return RECORD_SCHEMA.encode(make_member_record(self._key_pair, self.config.swarm_id, addrs, expires_at))
 
@@ -393,6 +415,8 @@ class Discovery:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.dht.put_value, member_key(self.config.swarm_id, self.local_peer), self._own_record)
             nursery.start_soon(self.dht.provide, members_key(self.config.swarm_id))
+            for key in self._provided:
+                nursery.start_soon(self.dht.provide, key)
         self._counters["publishes"] += 1
 
     async def lookup(self) -> tuple[int, int]:
@@ -404,6 +428,8 @@ class Discovery:
         now = self._clock_unix_s()
         for peer in sorted(p for p, expiry in self._reported.items() if expiry <= now):
             del self._reported[peer]  # its record expired: report it again only if a fresh one turns up
+        for peer in sorted(p for p, addrs in self._reported_addrs.items() if not addrs):
+            self._reported.pop(peer, None)  # it advertised no address (a private peer not yet relayed): check again
         seen: set[str] = {self.local_peer}
         results: dict[str, bool] = {}
 
@@ -421,7 +447,7 @@ class Discovery:
                     nursery.start_soon(check, peer, addrs)
 
             with trio.move_on_after(self.config.lookup_timeout_s):
-                await self._find_providers(found)
+                await self._find_providers(members_key(self.config.swarm_id), found)
             providers_s = trio.current_time() - started
         new = sum(results.values())
         log.debug(
@@ -434,8 +460,20 @@ class Discovery:
         )
         return new, len(results) - new
 
-    async def _find_providers(self, found: Callable[[str, list[multiaddr.Multiaddr]], None]) -> None:
-        """Hand `found(peer, addresses)` each provider of the members key: from our own store, then from each of
+    async def find_providers(self, key: str) -> dict[str, list[multiaddr.Multiaddr]]:
+        """The providers of `key` (peer -> addresses; see `_find_providers`), within `lookup_timeout_s`."""
+        providers: dict[str, list[multiaddr.Multiaddr]] = {}
+
+        def found(peer: str, addrs: list[multiaddr.Multiaddr]) -> None:
+            if addrs or peer not in providers:
+                providers[peer] = addrs
+
+        with trio.move_on_after(self.config.lookup_timeout_s):
+            await self._find_providers(key, found)
+        return providers
+
+    async def _find_providers(self, text_key: str, found: Callable[[str, list[multiaddr.Multiaddr]], None]) -> None:
+        """Hand `found(peer, addresses)` each provider of `text_key`: from our own store, then from each of
         the peers of our routing table closest to the key as it answers, each asked within
         `provider_query_timeout_s`.
 
@@ -444,7 +482,7 @@ class Discovery:
         unresponsive peer. So this asks the closest known peers directly (in a swarm smaller than the bucket size
         k = 20, that is every DHT peer), with the one-peer query of `p2p.libp2p_compat.query_providers`.
         """
-        key = dht_key(members_key(self.config.swarm_id))
+        key = dht_key(text_key)
         for info in local_providers(self.dht, key):
             found(info.peer_id.to_base58(), list(info.addrs))
         closest = closest_known_peers(self.dht, key)
@@ -491,9 +529,10 @@ class Discovery:
                 log.info("member record of %s rejected: %s", peer, exc)
                 return False
             self._counters["records_verified"] += 1
-            first = peer not in self._reported
+            news = peer not in self._reported or self._reported_addrs.get(peer) != record.addrs
             self._reported[peer] = record.expires_at_unix_s
-            if first:
+            self._reported_addrs[peer] = record.addrs
+            if news:
                 self._on_found(CandidateFound(peer, record.addrs, via))
             return True
         self._counters["record_timeouts"] += 1

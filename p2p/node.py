@@ -71,6 +71,21 @@ from p2p.reachability import (
     ReachabilityConfig,
     ReachabilitySetting,
 )
+from p2p.relay import (
+    FindRelays,
+    ReachabilityIs,
+    RelayAddrsChanged,
+    RelayClient,
+    RelayClientConfig,
+    RelayDown,
+    RelayDropped,
+    RelayInfo,
+    RelayServiceConfig,
+    RelaysFound,
+    Reserve,
+    relays_key,
+)
+from p2p.relay_host import CIRCUIT, RelayHost, is_circuit_addr
 from p2p.swarm import PeerBan, ScoringConfig, ScoringPolicy
 from swarmgrad.core.driver import Driver
 from swarmgrad.core.errors import ConfigError, LocalProtocolError
@@ -81,7 +96,7 @@ if TYPE_CHECKING:  # libp2p installs trio-typing, whose stale `trio-stubs` hide 
 
 log = logging.getLogger(__name__)
 
-NodeEvent = PeerUp | PeerDown | PeerDiscovered | PeerForgotten | ReachabilityChanged
+NodeEvent = PeerUp | PeerDown | PeerDiscovered | PeerForgotten | ReachabilityChanged | RelayAddrsChanged
 
 
 @dataclass(frozen=True)
@@ -100,6 +115,10 @@ class NodeConfig:
     reachability: ReachabilitySetting = "auto"
     """Forced verdict ("public" / "private") or "auto": the dial-back check decides (`p2p.reachability`)."""
     dialback: ReachabilityConfig = field(default_factory=ReachabilityConfig)
+    relay: RelayServiceConfig = field(default_factory=RelayServiceConfig)
+    """The limits this peer relays under once public (`p2p.relay`)."""
+    relay_client: RelayClientConfig = field(default_factory=RelayClientConfig)
+    """How this peer keeps its relay reservations once private."""
 
     def __post_init__(self) -> None:
         if self.reachability not in REACHABILITY_SETTINGS:
@@ -174,6 +193,10 @@ class SwarmNode:
             on_verdict=lambda change: self.set_reachability(change.reachability, change.reason),
             on_peer_error=self.policy.report,
         )
+        self.relay_host = RelayHost(host, config.relay, config.host)
+        self.relay_client = RelayClient(self.peer_id, config.relay_client, random.Random(f"{config.seed}/relay"))
+        self.relay_driver = Driver(self.relay_client, run_effect=self._carry_out_relay)
+        self._circuit_addrs: tuple[str, ...] = ()
 
     # ---- public -------------------------------------------------------------------------------------------------
 
@@ -192,8 +215,9 @@ class SwarmNode:
         return self._reachability
 
     def subscribe(self, queue_len: int = 256) -> trio.MemoryReceiveChannel[NodeEvent]:
-        """A new channel of `PeerUp`, `PeerDown`, `PeerDiscovered`, `PeerForgotten` and `ReachabilityChanged` from
-        now on (a subscriber that joins later reads the current verdict from `reachability`). A subscriber that
+        """A new channel of `PeerUp`, `PeerDown`, `PeerDiscovered`, `PeerForgotten`, `ReachabilityChanged` and
+        `RelayAddrsChanged` (a private peer's relayed addresses) from now on (a subscriber that joins later reads the
+        current verdict from `reachability`). A subscriber that
         falls `queue_len` events behind loses the newest ones (counted as `dropped_events`)."""
         send, recv = trio.open_memory_channel[NodeEvent](queue_len)
         self._subscribers.append(send)
@@ -216,6 +240,7 @@ class SwarmNode:
             ("policy", self.policy.statistics()),
             ("ip_limits", self.ip_limits.statistics()),
             ("dialback", self.dialback.statistics()),
+            ("relay", self.relay_client.statistics()),
         ):
             stats.update({f"{prefix}.{k}": v for k, v in part.items()})
         return stats
@@ -227,7 +252,12 @@ class SwarmNode:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.driver.run)
+            await nursery.start(self.relay_host.run)
+            await nursery.start(self.relay_driver.run)
             nursery.start_soon(self._fan_out)
+            nursery.start_soon(self._follow_relays)
+            if self.config.reachability == "private":
+                self.discovery.set_record_addrs(())  # never publish the unreachable private addresses
             await nursery.start(self.discovery.run)
             await nursery.start(self.dialback.run)
             self._submit(Start())
@@ -241,7 +271,22 @@ class SwarmNode:
             return
         self._reachability = reachability
         log.info("reachability: %s (%s)", reachability, reason)
+        self.relay_driver.submit(ReachabilityIs(reachability))
+        if reachability == "public":
+            self.discovery.set_record_addrs(None)
+            if not self.relay_host.relaying:
+                self._start(self.relay_host.serve_hop)
+            self.discovery.provide_also(relays_key(self.config.discovery.swarm_id))
+        else:
+            self.discovery.set_record_addrs(self._circuit_addrs)
         self._publish(ReachabilityChanged(reachability, reason))
+
+    def is_relayed(self, peer: PeerId) -> bool:
+        """Whether every open connection to `peer` runs through a relay (False when none is open)."""
+        conns = self.host.get_network().get_connections(ID.from_base58(peer))
+        return bool(conns) and all(
+            any(CIRCUIT in str(addr) for addr in conn.get_transport_addresses()) for conn in conns
+        )
 
     # ---- inputs -------------------------------------------------------------------------------------------------
 
@@ -339,6 +384,7 @@ class SwarmNode:
                 self.dialback.member_up(event.peer, self._peer_ip(event.peer))
             elif isinstance(event, PeerDown):
                 self.dialback.member_down(event.peer)
+                self.relay_driver.submit(RelayDown(event.peer))
             self._publish(event)
 
     def _can_serve(self) -> bool:
@@ -351,6 +397,34 @@ class SwarmNode:
             if ip is not None:
                 return ip
         return None
+
+    async def _follow_relays(self) -> None:
+        """The relay client's notifications: advertise the circuit addresses it holds, log what it dropped."""
+        async for note in self.relay_driver.notifications:
+            if isinstance(note, RelayAddrsChanged):
+                self._circuit_addrs = note.addrs
+                log.info("relayed through %d relay(s): %s", len(note.relays), ", ".join(note.addrs) or "none")
+                if self._reachability == "private":
+                    self.discovery.set_record_addrs(note.addrs)
+                self._publish(note)
+            elif isinstance(note, RelayDropped):
+                log.warning("relay %s dropped: %s", note.relay, note.reason)
+            else:
+                raise LocalProtocolError(f"unknown notification from the relay client: {note!r}")
+
+    async def _carry_out_relay(self, effect: Effect) -> Event | None:
+        if isinstance(effect, FindRelays):
+            providers = await self.discovery.find_providers(relays_key(self.config.discovery.swarm_id))
+            relays = []
+            for peer, addrs in sorted(providers.items()):
+                bare = sorted({str(addr).split("/p2p/")[0] for addr in addrs if not is_circuit_addr(str(addr))})
+                relays.append(RelayInfo(peer, tuple(bare)))
+            return RelaysFound(tuple(relays))
+        if isinstance(effect, Reserve):
+            outcome = await self.relay_host.reserve(effect.relay, effect.addrs)
+            log.info("relay %s: %s", effect.relay, outcome)
+            return outcome
+        raise LocalProtocolError(f"the node cannot carry out {effect!r}")
 
     def _publish(self, event: NodeEvent) -> None:
         for subscriber in list(self._subscribers):
@@ -369,12 +443,20 @@ class SwarmNode:
 
     async def _dial(self, request: Dial) -> Event | None:
         peer_id = ID.from_base58(request.peer)
+        circuits = [addr for addr in request.addrs if is_circuit_addr(addr)]
         try:
-            addrs = [multiaddr.Multiaddr(addr) for addr in request.addrs]
+            addrs = [multiaddr.Multiaddr(addr) for addr in request.addrs if not is_circuit_addr(addr)]
         except (ValueError, multiaddr.exceptions.Error) as exc:
             return DialFailed(request.peer, f"bad address in its member record: {exc}")
-        reason = await bounded_connect(self.host, PeerInfo(peer_id, addrs), self.config.host)
-        if reason is None:
+        reasons = []
+        if addrs:  # direct first: a relayed connection is slower and its circuit has a byte budget
+            reasons.append(await bounded_connect(self.host, PeerInfo(peer_id, addrs), self.config.host))
+        for addr in circuits:
+            if reasons and reasons[-1] is None:
+                break
+            reasons.append(await self.relay_host.dial(request.peer, addr))
+        reason = "; ".join(r for r in reasons if r is not None) if reasons else "no address"
+        if reasons and reasons[-1] is None:
             return ConnectionOpened(request.peer) if self.host.get_network().get_connections(peer_id) else None
         self._counters["dials_failed"] += 1
         log.warning("dial %s (%s): %s", request.peer, ", ".join(request.addrs), reason)

@@ -44,6 +44,7 @@ from p2p.identity import load_or_create_identity, peer_id_of
 from p2p.membership import PeerDiscovered, PeerForgotten
 from p2p.node import NodeConfig, SwarmNode, open_node
 from p2p.reachability import ReachabilityChanged
+from p2p.relay import RelayAddrsChanged
 from p2p.swarm import SwarmKey, write_swarm_key
 from swarmgrad.core.errors import ConfigError, SwarmgradError
 from swarmgrad.core.machine import PeerDown, PeerUp
@@ -193,6 +194,8 @@ async def _report_events(events: trio.MemoryReceiveChannel[object], output: _Out
             output.emit({"event": "peer_discovered", "peer": event.peer, "via": event.via, "t": now})
         elif isinstance(event, PeerUp):
             output.emit({"event": "peer_up", "peer": event.peer, "t": now})
+        elif isinstance(event, RelayAddrsChanged):
+            output.emit({"event": "relayed", "relays": list(event.relays), "addrs": list(event.addrs), "t": now})
         elif isinstance(event, PeerDown):
             output.emit({"event": "peer_down", "peer": event.peer, "t": now})
         elif isinstance(event, PeerForgotten):

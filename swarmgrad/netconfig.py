@@ -33,6 +33,7 @@ from p2p.limits import IpLimitsConfig
 from p2p.membership import MembershipConfig
 from p2p.node import NodeConfig
 from p2p.reachability import REACHABILITY_SETTINGS, ReachabilityConfig, ReachabilitySetting
+from p2p.relay import RelayServiceConfig
 from p2p.swarm import load_swarm_key
 from swarmgrad.core.codec import field_hints
 from swarmgrad.core.errors import ConfigError
@@ -89,6 +90,12 @@ class NetworkConfig:
     reachability_recheck_s: float = ReachabilityConfig.recheck_s
     reachability_retry_s: float = ReachabilityConfig.retry_s
     dialback_timeout_s: float = ReachabilityConfig.dial_timeout_s
+    # what a public peer relays for private ones; their defaults, and why, are `p2p.relay.RelayServiceConfig`'s
+    relay_max_reservations: int = RelayServiceConfig.max_reservations
+    relay_max_circuits_per_peer: int = RelayServiceConfig.max_circuits_per_peer
+    relay_max_circuit_bytes: int = RelayServiceConfig.max_circuit_bytes
+    relay_max_circuit_duration_s: int = RelayServiceConfig.max_circuit_duration_s
+    relay_reservation_ttl_s: int = RelayServiceConfig.reservation_ttl_s
 
     def dialback_config(self) -> ReachabilityConfig:
         """The dial-back check as `p2p.reachability.ReachabilityConfig` (validated); a server's answer is awaited
@@ -99,6 +106,16 @@ class NetworkConfig:
             dial_timeout_s=self.dialback_timeout_s,
             answer_timeout_s=2 * self.dialback_timeout_s + 5.0,
             serve_interval_s=min(ReachabilityConfig.serve_interval_s, self.reachability_retry_s),
+        )
+
+    def relay_config(self) -> RelayServiceConfig:
+        """The relay limits as `p2p.relay.RelayServiceConfig` (validated)."""
+        return RelayServiceConfig(
+            max_reservations=self.relay_max_reservations,
+            max_circuits_per_peer=self.relay_max_circuits_per_peer,
+            max_circuit_bytes=self.relay_max_circuit_bytes,
+            max_circuit_duration_s=self.relay_max_circuit_duration_s,
+            reservation_ttl_s=self.relay_reservation_ttl_s,
         )
 
     def ip_limits_config(self) -> IpLimitsConfig:
@@ -152,6 +169,10 @@ class NetworkConfig:
         except ConfigError as exc:
             field_name = names.get(exc.field, "dialback_timeout_s")
             raise ConfigError(f"network.{field_name}", exc.value, exc.expected) from exc
+        try:
+            self.relay_config()
+        except ConfigError as exc:
+            raise ConfigError(f"network.relay_{exc.field}", exc.value, exc.expected) from exc
 
     def node_config(self, key_path: Path, *, seed: int = 0) -> NodeConfig:
         """The `p2p.node.NodeConfig` of a member with the identity at `key_path` (created if missing) and this
@@ -180,6 +201,7 @@ class NetworkConfig:
             seed=seed,
             reachability=self.reachability,
             dialback=self.dialback_config(),
+            relay=self.relay_config(),
         )
 
 

@@ -82,6 +82,7 @@ from p2p.model_fetch import (
 )
 from p2p.node import SwarmNode, open_node
 from p2p.reachability import Reachability, ReachabilityChanged
+from p2p.relay import RelayAddrsChanged
 from swarmgrad.config import PeerConfig, load_config
 from swarmgrad.core.driver import Driver
 from swarmgrad.core.errors import ConfigError, DecodeError, LocalProtocolError, SwarmgradError
@@ -454,6 +455,7 @@ class Peer:
             gossip_messages_sent=sent_messages,
             dense_bytes_equivalent=sent_messages * self.numel * 4,
             remote_errors=self.remote_errors,
+            contributions=dict(sorted(gossip.contributions.items())),
             stopped_by_signal=self.stop.is_set(),
         )
         log.info(
@@ -588,13 +590,17 @@ class Peer:
                 gossip.peer_up(event.peer)
                 if self.consensus is not None:
                     self.consensus.peer_up(event.peer)
-                log.info("peer up: %s", event.peer)
+                relayed = node.is_relayed(event.peer)
+                self.events.emit("peer_up", peer=event.peer, relayed=relayed)
+                log.info("peer up: %s%s", event.peer, " (relayed)" if relayed else "")
             elif isinstance(event, PeerDown):
                 gossip.peer_down(event.peer)
                 if self.consensus is not None:
                     self.consensus.peer_down(event.peer)
                 fetch.submit(event)
                 log.info("peer down: %s", event.peer)
+            elif isinstance(event, RelayAddrsChanged):
+                self.events.emit("relayed", relays=list(event.relays), addrs=list(event.addrs))
             self.view.peers = len(node.live_peers())
 
     def _reachability(self, reachability: Reachability, reason: str) -> None:
