@@ -293,10 +293,9 @@ class Discovery:
         self.dht = KadDHT(host, DHTMode.SERVER)
         self.dht.register_validator(NAMESPACE, MemberRecordValidator(clock_unix_s))
         self._reported: dict[str, float] = {}  # peer -> expiry of the record last reported
-        self._reported_addrs: dict[str, tuple[str, ...]] = {}  # peer -> the addresses last reported
         self._own_record = b""
-        self._record_addrs: tuple[str, ...] | None = None  # set_record_addrs: instead of the host's addresses
         self._provided: list[str] = []  # provide_also: keys provided beside the members key
+        self._record_addrs: tuple[str, ...] | None = None  # set_record_addrs
         self._driver = Driver(
             DiscoverySchedule(
                 ScheduleConfig(
@@ -386,9 +385,9 @@ class Discovery:
         raise LocalProtocolError(f"discovery cannot carry out {effect!r}")
 
     def set_record_addrs(self, addrs: tuple[str, ...] | None) -> None:
-        """Advertise `addrs` in the member record instead of the host's own addresses (a private peer's relayed
-        addresses; None: the host's again), and republish now when running."""
-        self._record_addrs = None if addrs is None else tuple(addrs[:_MAX_ADDRS])
+        """Put `addrs` in the member record instead of the host's advertised addresses (a private peer's relayed
+        addresses; None: the host's again), and publish it now (when running)."""
+        self._record_addrs = None if addrs is None else addrs[:_MAX_ADDRS]
         self._own_record = self._sign_record()
         if self._nursery is not None:
             self._nursery.start_soon(self.publish)
@@ -402,18 +401,22 @@ class Discovery:
             self._nursery.start_soon(self.dht.provide, key)
 
     def _sign_record(self) -> bytes:
-        if self._record_addrs is not None:
-            addrs = self._record_addrs
-        else:
+        addrs = self._record_addrs
+        if addrs is None:
             addrs = tuple(sorted(str(addr) for addr in self.host.get_addrs()))[:_MAX_ADDRS]
         expires_at = self._clock_unix_s() + self.config.record_ttl_s
         return RECORD_SCHEMA.encode(make_member_record(self._key_pair, self.config.swarm_id, addrs, expires_at))
 
     async def publish(self) -> None:
-        """Put a fresh member record and announce this peer as a provider of the swarm's members key."""
+        """Put a fresh member record and announce this peer as a provider of the swarm's members key. A record
+        without addresses (a private peer before its first relay reservation) is handed to connected peers but not
+        put in the DHT: a peer that looked it up there would keep that copy, with nothing to dial, until it
+        expired."""
         self._own_record = self._sign_record()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.dht.put_value, member_key(self.config.swarm_id, self.local_peer), self._own_record)
+            if self._record_addrs is None or self._record_addrs:
+                key = member_key(self.config.swarm_id, self.local_peer)
+                nursery.start_soon(self.dht.put_value, key, self._own_record)
             nursery.start_soon(self.dht.provide, members_key(self.config.swarm_id))
             for key in self._provided:
                 nursery.start_soon(self.dht.provide, key)
@@ -428,8 +431,6 @@ class Discovery:
         now = self._clock_unix_s()
         for peer in sorted(p for p, expiry in self._reported.items() if expiry <= now):
             del self._reported[peer]  # its record expired: report it again only if a fresh one turns up
-        for peer in sorted(p for p, addrs in self._reported_addrs.items() if not addrs):
-            self._reported.pop(peer, None)  # it advertised no address (a private peer not yet relayed): check again
         seen: set[str] = {self.local_peer}
         results: dict[str, bool] = {}
 
@@ -502,9 +503,9 @@ class Discovery:
         whether a record verified.
 
         The record comes from the peer itself when we are connected to it or can dial it at `addrs` (the addresses
-        of its provider record) with `bounded_connect`: one dial, which the membership machine would make anyway,
-        instead of a DHT walk that waits on every slow peer. Otherwise it comes from the DHT. Either way it must
-        verify: signed by `peer`, of our swarm, unexpired.
+        of its provider record) with `bounded_connect`, within `provider_query_timeout_s`: one dial, which the
+        membership machine would make anyway, instead of a DHT walk that waits on every slow peer. Otherwise it
+        comes from the DHT. Either way it must verify: signed by `peer`, of our swarm, unexpired.
         """
         key = member_key(self.config.swarm_id, peer)
         peer_id = ID.from_base58(peer)
@@ -512,8 +513,11 @@ class Discovery:
             value = None
             reachable = bool(self.host.get_network().get_connections(peer_id))
             if not reachable and addrs:
-                reason = await bounded_connect(self.host, PeerInfo(peer_id, list(addrs)), self.host_config)
-                reachable = reason is None
+                # bounded like a provider query: a private peer's provider record names its unreachable address,
+                # where a NAT may drop the connection attempt silently; its record is in the DHT
+                with trio.move_on_after(self.config.provider_query_timeout_s):
+                    reason = await bounded_connect(self.host, PeerInfo(peer_id, list(addrs)), self.host_config)
+                    reachable = reason is None
             if reachable:
                 value = await self._fetch_record(peer)
             if value is None:
@@ -529,10 +533,9 @@ class Discovery:
                 log.info("member record of %s rejected: %s", peer, exc)
                 return False
             self._counters["records_verified"] += 1
-            news = peer not in self._reported or self._reported_addrs.get(peer) != record.addrs
+            first = peer not in self._reported
             self._reported[peer] = record.expires_at_unix_s
-            self._reported_addrs[peer] = record.addrs
-            if news:
+            if first:
                 self._on_found(CandidateFound(peer, record.addrs, via))
             return True
         self._counters["record_timeouts"] += 1

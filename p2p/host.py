@@ -134,7 +134,23 @@ class HostConfig:
             raise ConfigError("max_connections", self.max_connections, "an int >= 1")
 
 
-def build_host(config: HostConfig) -> IHost:
+NO_ADDRESS = "/ip4/0.0.0.0/tcp/0"
+"""What a host advertises while its `AddressGate` is closed. A DHT server keeps a provider record only with an
+address, so it cannot be nothing; every swarmgrad peer drops this one on receipt (`p2p.addrs`: an unspecified
+address), and anything else that dials it fails at once (port 0)."""
+
+
+class AddressGate:
+    """While `closed`, a host advertises only `NO_ADDRESS` (identify, DHT provider records and peer routing): a
+    private peer's own addresses are unreachable, and a peer that learnt one would try it (a NAT that drops the
+    attempt makes every DHT query to it wait out the connect timeout). Its member record carries its relayed
+    addresses instead (py-libp2p's advertised addresses cannot: it cuts every address at its first `/p2p/`)."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+
+def build_host(config: HostConfig, gate: AddressGate | None = None) -> IHost:
     """A py-libp2p host for `config` (Noise only, yamux only, persistent identity, pnet when `psk` is set); not yet
     listening. Prefer `running_host`, which also binds and closes it."""
     key_pair = load_or_create_identity(config.key_path)
@@ -142,6 +158,8 @@ def build_host(config: HostConfig) -> IHost:
     built: list[IHost] = []
 
     def advertise(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+        if gate is not None and gate.closed:
+            return [multiaddr.Multiaddr(NO_ADDRESS)]
         # `candidates` holds identify's observed addresses too (a NATed peer's router address, ephemeral ports):
         # built from the bound listen addresses only (module docstring)
         bound = built[0].get_transport_addrs() if built else candidates
@@ -201,16 +219,19 @@ def _check_bindable(addr: str) -> None:
 
 
 @asynccontextmanager
-async def running_host(config: HostConfig, bootstrap_addrs: tuple[str, ...] = ()) -> AsyncIterator[IHost]:
+async def running_host(
+    config: HostConfig, bootstrap_addrs: tuple[str, ...] = (), gate: AddressGate | None = None
+) -> AsyncIterator[IHost]:
     """Build the host, listen on every address of `config`, and close it (releasing every socket) on exit.
 
     `bootstrap_addrs` are the addresses the user gave to join through: they are dialled as given (a loopback one
-    too), but one that would reach this host's own listener is refused. Raises `HostError` naming the address when
+    too), but one that would reach this host's own listener is refused. While `gate` is closed it advertises nothing
+    (`AddressGate`). Raises `HostError` naming the address when
     one cannot be bound (port in use, address not on this machine) or a bootstrap address is this host's own.
     """
     for addr in config.listen_addrs:
         _check_bindable(addr)
-    host = build_host(config)
+    host = build_host(config, gate)
     wanted = [multiaddr.Multiaddr(addr) for addr in config.listen_addrs]
     refusal: HostError | None = None
     async with host.run(listen_addrs=wanted):

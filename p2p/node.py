@@ -48,7 +48,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from p2p.addrs import interface_ips, ip_of
 from p2p.dialback import DialBackService
 from p2p.discovery import Discovery, DiscoveryConfig, bounded_connect
-from p2p.host import HostConfig, listen_multiaddrs, running_host
+from p2p.host import AddressGate, HostConfig, listen_multiaddrs, running_host
 from p2p.identity import load_or_create_identity
 from p2p.libp2p_compat import is_inbound, remote_ip
 from p2p.limits import Ban, IpLimits, IpLimitsConfig
@@ -159,8 +159,9 @@ class _ConnectionEvents(INotifee):
 class SwarmNode:
     """One member of one swarm on a running host. Use `open_node`; see the module docstring."""
 
-    def __init__(self, host: IHost, key_pair: KeyPair, config: NodeConfig) -> None:
+    def __init__(self, host: IHost, key_pair: KeyPair, config: NodeConfig, gate: AddressGate | None = None) -> None:
         self.host = host
+        self._gate = AddressGate() if gate is None else gate  # the host's (`open_node`): closed while private
         self.config = config
         self.peer_id: PeerId = host.get_id().to_base58()
         self.policy = ScoringPolicy(config.scoring, trio.current_time, self._on_report)
@@ -257,7 +258,7 @@ class SwarmNode:
             nursery.start_soon(self._fan_out)
             nursery.start_soon(self._follow_relays)
             if self.config.reachability == "private":
-                self.discovery.set_record_addrs(())  # never publish the unreachable private addresses
+                self._advertise(())  # never advertise the unreachable private addresses
             await nursery.start(self.discovery.run)
             await nursery.start(self.dialback.run)
             self._submit(Start())
@@ -273,12 +274,12 @@ class SwarmNode:
         log.info("reachability: %s (%s)", reachability, reason)
         self.relay_driver.submit(ReachabilityIs(reachability))
         if reachability == "public":
-            self.discovery.set_record_addrs(None)
+            self._advertise(None)
             if not self.relay_host.relaying:
                 self._start(self.relay_host.serve_hop)
             self.discovery.provide_also(relays_key(self.config.discovery.swarm_id))
         else:
-            self.discovery.set_record_addrs(self._circuit_addrs)
+            self._advertise(self._circuit_addrs)
         self._publish(ReachabilityChanged(reachability, reason))
 
     def is_relayed(self, peer: PeerId) -> bool:
@@ -405,12 +406,17 @@ class SwarmNode:
                 self._circuit_addrs = note.addrs
                 log.info("relayed through %d relay(s): %s", len(note.relays), ", ".join(note.addrs) or "none")
                 if self._reachability == "private":
-                    self.discovery.set_record_addrs(note.addrs)
+                    self._advertise(note.addrs)
                 self._publish(note)
             elif isinstance(note, RelayDropped):
                 log.warning("relay %s dropped: %s", note.relay, note.reason)
             else:
                 raise LocalProtocolError(f"unknown notification from the relay client: {note!r}")
+
+    def _advertise(self, circuit_addrs: tuple[str, ...] | None) -> None:
+        """Advertise only `circuit_addrs`, in the member record (None: the host's own addresses, everywhere)."""
+        self._gate.closed = circuit_addrs is not None
+        self.discovery.set_record_addrs(circuit_addrs)
 
     async def _carry_out_relay(self, effect: Effect) -> Event | None:
         if isinstance(effect, FindRelays):
@@ -484,8 +490,12 @@ async def open_node(config: NodeConfig) -> AsyncIterator[SwarmNode]:
     """Start the host and the node, joined to the swarm; stop and close everything on exit. Raises `HostError`
     (port in use), `IdentityError` (bad key file) or `BootstrapFailed` with nothing left running."""
     key_pair = load_or_create_identity(config.host.key_path)
-    async with running_host(config.host, config.discovery.bootstrap_addrs) as host, trio.open_nursery() as nursery:
-        node = SwarmNode(host, key_pair, config)
+    gate = AddressGate()
+    async with (
+        running_host(config.host, config.discovery.bootstrap_addrs, gate) as host,
+        trio.open_nursery() as nursery,
+    ):
+        node = SwarmNode(host, key_pair, config, gate)
         await nursery.start(node.run)
         try:
             yield node
