@@ -632,7 +632,7 @@ class Peer:
         """Ask neighbours for the current model (the `ModelFetch` machine's policy: one at a time, each offer checked
         by `_check_offer`, the first valid one adopted). Training starts from the task's initial model when none is
         given in `fetch_timeout_s` per neighbour."""
-        fetch.submit(FetchModel(tuple(node.live_peers())))
+        fetch.submit(FetchModel(_fetch_candidates(node)))
         async for outcome in outcomes:
             if isinstance(outcome, OfferRefused):
                 self.remote_errors += 1
@@ -658,7 +658,10 @@ class Peer:
         plain current model instead. With offers that all fail, training starts from the initial model."""
         trusted = self.config.consensus.trusted_hash
         outcome = await consensus.join_certified(
-            node.live_peers(), self.spec, max_body_bytes=self.config.checkpoint.max_bytes, trusted_hash=trusted
+            list(_fetch_candidates(node)),
+            self.spec,
+            max_body_bytes=self.config.checkpoint.max_bytes,
+            trusted_hash=trusted,
         )
         if isinstance(outcome, NothingCertified):
             log.info("no neighbour has a certified epoch yet: fetching the current model instead")
@@ -771,6 +774,14 @@ class Peer:
             model_hash=reached.model_hash,
             consensus_hand_off_ms=round(hand_off_s * 1000, 3),
         )
+
+
+def _fetch_candidates(node: SwarmNode) -> tuple[str, ...]:
+    """The live peers to fetch a model from: those over a direct connection, or all when none is. A checkpoint over
+    a relayed connection counts against the circuit's byte budget, and a circuit that exceeds it ends the
+    connection (docs/nat.md)."""
+    live = node.live_peers()
+    return tuple([peer for peer in live if not node.is_relayed(peer)] or live)
 
 
 def _live_progress(mode: str) -> bool:

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from p2p.identity import load_or_create_identity, peer_id_of
+from swarmgrad.demo import DEFAULT_TARGET, PeerProcess, peer_args
 from swarmgrad.procs import Event
 from testing.netns import NetnsHost, nat_hosts, unavailable_reason
 from tests.node_processes import NodeProcess, node_group
@@ -34,6 +35,8 @@ PORT = 7400
 EVENT_S = 120.0  # ceiling on one wait: a hang fails, a loaded machine does not
 PRIVATE = ["--set", "network.reachability=private"]
 PUBLIC = ["--set", "network.reachability=public"]
+TRAIN = ["--set", "network.min_peers=3", "--set", "consensus.enabled=false"]
+TRAIN_S = 240.0  # ceiling on reaching the target: slowness on a loaded machine must not fail the test
 JOIN = ["--set", "network.bootstrap_attempts=120", "--set", "network.bootstrap_retry_s=0.25"]
 
 
@@ -108,3 +111,47 @@ def test_natted_members_reach_each_other_through_relays_and_replace_a_killed_rel
             lambda ev: ids[spare] in _relays(ev) and _up(ids["nat1"])(ev), EVENT_S, f"reserved on {spare}"
         )
         assert ids[victim] not in _relays(events)
+
+
+def test_two_public_and_two_natted_peers_train_digits_together(tmp_path: Path) -> None:
+    _require_nat()
+    names = ["pub0", "pub1", "nat0", "nat1"]
+    ids = _ids(tmp_path, names)
+    with nat_hosts(2, (1, 1)) as topology:
+        hosts: dict[str, NetnsHost] = {
+            "pub0": topology.public[0],
+            "pub1": topology.public[1],
+            "nat0": topology.routers[0].private[0],
+            "nat1": topology.routers[1].private[0],
+        }
+        boot = f"/ip4/{hosts['pub0'].ip}/tcp/{PORT}/p2p/{ids['pub0']}"
+        peers: dict[str, PeerProcess] = {}
+        try:
+            for name in names:
+                extra = [*(PUBLIC if name.startswith("pub") else PRIVATE), *TRAIN]
+                args = peer_args(
+                    tmp_path / name,
+                    swarm_id="nattrain",
+                    rounds=0,
+                    bootstrap=None if name == "pub0" else boot,
+                    listen=f"/ip4/0.0.0.0/tcp/{PORT}",
+                    extra=[*extra, *(JOIN if name != "pub0" else [])],
+                )
+                peers[name] = PeerProcess(name, args, tmp_path / f"{name}.log", hosts[name].wrap([]))
+            for peer in peers.values():  # every peer live with the 3 others, and at the demo's target
+                peer.read_until("round", TRAIN_S, lambda e: bool(e["peers"] >= 3 and e["value"] >= DEFAULT_TARGET))
+        finally:
+            statuses = {name: peer.stop() for name, peer in peers.items()}
+    assert statuses == dict.fromkeys(names, 0), statuses
+    events = {name: peer.snapshot() for name, peer in peers.items()}
+    finished = {name: next(e for e in ev if e["event"] == "finished") for name, ev in events.items()}
+    for nat, other in (("nat0", "nat1"), ("nat1", "nat0")):
+        assert finished[nat]["contributions"].get(ids[other], 0) > 0, (nat, finished[nat]["contributions"])
+    ups = [e for name in ("nat0", "nat1") for e in events[name] if e["event"] == "peer_up"]
+    relayed = sum(e["relayed"] for e in ups)
+    print(
+        f"NATed peers: {len(ups)} connections up, {relayed} relayed; updates mixed: nat0 <- nat1 "
+        f"{finished['nat0']['contributions'][ids['nat1']]} rounds, nat1 <- nat0 "
+        f"{finished['nat1']['contributions'][ids['nat0']]} rounds"
+    )
+    assert all(e["relayed"] for e in ups if {e["peer"]} <= {ids["nat0"], ids["nat1"]})
