@@ -274,5 +274,5 @@ def _refuse_own_bootstrap(host: IHost, policy: AddressPolicy, bootstrap_addrs: t
 
 def listen_multiaddrs(host: IHost) -> list[str]:
     """The addresses this host advertises (see `p2p.addrs`), each with the real bound port and ending in
-    `/p2p/<peer id>`, sorted."""
-    return sorted(str(addr) for addr in host.get_addrs())
+    `/p2p/<peer id>`, sorted; none while its `AddressGate` is closed."""
+    return sorted(str(addr) for addr in host.get_addrs() if not str(addr).startswith(f"{NO_ADDRESS}/"))

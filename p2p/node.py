@@ -285,9 +285,7 @@ class SwarmNode:
     def is_relayed(self, peer: PeerId) -> bool:
         """Whether every open connection to `peer` runs through a relay (False when none is open)."""
         conns = self.host.get_network().get_connections(ID.from_base58(peer))
-        return bool(conns) and all(
-            any(CIRCUIT in str(addr) for addr in conn.get_transport_addresses()) for conn in conns
-        )
+        return bool(conns) and all(_relayed(conn) for conn in conns)
 
     # ---- inputs -------------------------------------------------------------------------------------------------
 
@@ -302,7 +300,7 @@ class SwarmNode:
         if not self.policy.allows(peer):
             self._refuse(peer_id, "the peer is banned")
             return
-        ip = remote_ip(conn) if inbound else None
+        ip = remote_ip(conn) if inbound and not _relayed(conn) else None  # a relayed one comes from the relay's IP
         if ip is not None:
             refusal = self.ip_limits.admit_connection(ip, peer, trio.current_time())
             if refusal is not None:
@@ -346,7 +344,7 @@ class SwarmNode:
         if ban is not None:
             log.warning("banned peer %s for %g s: %s", ban.peer, ban.duration_s, ban.reason)
         for conn in self.host.get_network().get_connections(ID.from_base58(peer)):
-            ip = remote_ip(conn)
+            ip = None if _relayed(conn) else remote_ip(conn)  # never the relay's IP for a relayed peer's offence
             if ip is not None:
                 ip_ban = self.ip_limits.offence(ip, peer, trio.current_time())
                 if ip_ban is not None:
@@ -483,6 +481,10 @@ class SwarmNode:
                 return PingSucceeded(peer)
         self._counters["pings_failed"] += 1
         return PingFailed(peer, reason)
+
+
+def _relayed(conn: INetConn) -> bool:
+    return any(CIRCUIT in str(addr) for addr in conn.get_transport_addresses())
 
 
 @asynccontextmanager
