@@ -1,9 +1,10 @@
 """Circuit relays on real py-libp2p hosts in one process, on 127.0.0.1, in a private swarm (pnet on every leg).
 
-A public node relays under small limits (2 reservations, 2 circuits per peer); two private nodes find it through the
-DHT, reserve on it and advertise their circuit addresses. Then: a third reservation is refused with the spec's
-RESOURCE_LIMIT_EXCEEDED; circuits to one peer beyond its limit are refused (py-libp2p answers NO_RESERVATION there)
-while a client keeps opening them in a loop; and through it all the relay stays up: a reservation is renewed, a
+A public node relays under small limits (3 reservations, 2 circuits per peer); two private nodes find it through the
+DHT, reserve on it, advertise only their circuit addresses and become live members of each other through it. A bare
+host takes the last reservation; the next is refused with the spec's RESOURCE_LIMIT_EXCEEDED; circuits to that host
+beyond its limit are refused (py-libp2p answers NO_RESERVATION there) while a client keeps opening them in a loop;
+and through it all the relay stays up: a reservation is renewed, a
 freed circuit slot is given out again (the client dials in a loop until it gets it, for at most FREE_SLOT_S: within
 a second, after a few to 54 refusals, on the loaded 2-core machine), the other private peer is still reached.
 """
@@ -17,7 +18,6 @@ from pathlib import Path
 
 import trio
 from libp2p.abc import IHost
-from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 
 from p2p.addrs import parse_peer_addr
@@ -29,7 +29,7 @@ from p2p.relay_host import RelayHost, reserve_slot
 
 KEY = bytes(range(32))
 EVENT_CEILING_S = 180.0  # on the whole scenario: a hang fails, slowness on a loaded machine does not
-LIMITS = RelayServiceConfig(max_reservations=2, max_circuits_per_peer=2)
+LIMITS = RelayServiceConfig(max_reservations=3, max_circuits_per_peer=2)
 LOOP_ATTEMPTS = 8
 FREE_SLOT_S = 30.0
 
@@ -78,23 +78,30 @@ async def test_a_relay_serves_private_peers_within_its_limits_and_stays_up_under
             for node, addrs in ((a, a_addrs), (b, b_addrs)):
                 assert all(f"/p2p/{relay.peer_id}/p2p-circuit/p2p/{node.peer_id}" in addr for addr in addrs), addrs
                 assert node.relay_client.reserved_relays() == [relay.peer_id]
+                assert node.listen_multiaddrs == []  # a private peer advertises no address of its own
+            await wait_live(a, b.peer_id)  # the two private peers meet through the relay
+            assert a.is_relayed(b.peer_id)
             relay_info = parse_peer_addr("relay", boot[0])
 
-            # a third reservation is beyond the relay's limit
-            x_host, _ = await stack.enter_async_context(client(tmp_path, "x"))
-            assert await bounded_connect(x_host, relay_info, a.config.host) is None
-            status, _ = await reserve_slot(x_host, relay_info.peer_id, 10.0)
+            # a bare host takes the last reservation; one more is beyond the relay's limit
+            target_host, _ = await stack.enter_async_context(client(tmp_path, "target"))
+            late_host, _ = await stack.enter_async_context(client(tmp_path, "late"))
+            for host in (target_host, late_host):
+                assert await bounded_connect(host, relay_info, a.config.host) is None
+            assert (await reserve_slot(target_host, relay_info.peer_id, 10.0))[0] == StatusCode.OK
+            status, _ = await reserve_slot(late_host, relay_info.peer_id, 10.0)
             assert status == StatusCode.RESOURCE_LIMIT_EXCEEDED
+            target = target_host.get_id().to_base58()
+            target_addr = f"{boot[0]}/p2p-circuit/p2p/{target}"
 
-            # two circuits to `a` are within its limit, a third is not, however often it is tried
+            # two circuits to the target are within its limit, a third is not, however often it is tried
             clients = [await stack.enter_async_context(client(tmp_path, f"c{i}")) for i in range(3)]
-            for host, relay_host in clients[:2]:
-                assert await relay_host.dial(a.peer_id, a_addrs[0]) is None
-                assert a.is_relayed(host.get_id().to_base58())
+            for _host, relay_host in clients[:2]:
+                assert (reason := await relay_host.dial(target, target_addr)) is None, reason
             loop_started = time.monotonic()
             third = clients[2][1]
             for _ in range(LOOP_ATTEMPTS):
-                reason = await third.dial(a.peer_id, a_addrs[0])
+                reason = await third.dial(target, target_addr)
                 assert reason is not None and f"status {int(StatusCode.NO_RESERVATION)}" in reason, reason
             loop_s = time.monotonic() - loop_started
             print(f"{LOOP_ATTEMPTS} refused circuits in {loop_s:.2f} s")
@@ -102,12 +109,18 @@ async def test_a_relay_serves_private_peers_within_its_limits_and_stays_up_under
             # the relay is still up: it renews a reservation, gives a freed slot out again, relays to `b`
             status, _ = await reserve_slot(a.host, relay_info.peer_id, 10.0)
             assert status == StatusCode.OK
-            await clients[0][0].disconnect(ID.from_base58(a.peer_id))
+            await clients[0][0].disconnect(target_host.get_id())
             freed, attempts = time.monotonic(), 0
             with trio.move_on_after(FREE_SLOT_S):  # the relay frees the slot once it sees the circuit's end
-                while (reason := await third.dial(a.peer_id, a_addrs[0])) is not None:
+                while (reason := await third.dial(target, target_addr)) is not None:
                     attempts += 1
             print(f"the slot was given out again after {attempts} refusals, {time.monotonic() - freed:.2f} s")
             assert reason is None, reason
-            assert await third.dial(b.peer_id, b_addrs[0]) is None
+            assert (reason := await third.dial(b.peer_id, b_addrs[0])) is None, reason
             assert relay.relay_host.relaying and not a.relay_host.relaying
+
+
+async def wait_live(node: SwarmNode, peer: str) -> None:
+    events = node.subscribe()
+    while peer not in node.live_peers():
+        await events.receive()
