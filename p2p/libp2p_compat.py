@@ -12,12 +12,14 @@ py-libp2p's interfaces: put the next such use here, with its test.
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import multiaddr
+import trio
 from libp2p.abc import IHost, INetConn, INetStream
 from libp2p.kad_dht.kad_dht import KadDHT
 from libp2p.kad_dht.kad_dht import _encode_key as _libp2p_encode_key
@@ -25,6 +27,8 @@ from libp2p.network.connection.swarm_connection import Direction
 from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
+from libp2p.relay.circuit_v2.dcutr import PROTOCOL_ID as DCUTR_PROTOCOL_ID
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.security.pnet.protector import new_protected_conn
 
@@ -225,3 +229,70 @@ async def dial_fresh(host: IHost, addr: multiaddr.Multiaddr, peer_id: ID) -> INe
     refused TCP connect a few times with backoff (`RetryConfig`): the caller bounds it in time; it raises
     `SwarmException` when every attempt failed (docs/nat.md)."""
     return await _swarm(host).dial_addr(addr, peer_id)
+
+
+def is_relayed(conn: INetConn) -> bool:
+    """Whether `conn` runs through a circuit relay. Relies on: the swarm sets a connection's transport addresses
+    from its muxed connection before it announces it, and a circuit's (either side) contain `/p2p-circuit`; a
+    connection whose addresses were never set reads as not relayed (`SwarmConn.get_transport_addresses` would fall
+    back to the peerstore's addresses, which say nothing about this connection, so the set ones are read)."""
+    addrs = getattr(conn, "_actual_transport_addresses", None) or []
+    return any("/p2p-circuit" in str(addr) for addr in addrs)
+
+
+DCUTR_DIAL_TIMEOUT_S = 3
+"""Bound on each DCUtR dial (py-libp2p's default is 10 s). A punch that works connects within one SYN
+retransmission (1 s) plus the handshake; the dial to a peer's private address that DCUtR tries first (its
+"unilateral upgrade") fails only at this bound, as its connect errors are retried."""
+
+
+def serve_dcutr(host: IHost, max_session_s: float) -> None:
+    """Answer DCUtR hole punches that other peers start, without py-libp2p's self-driving loop, and make
+    `punch_direct` available on `host`. Each answered session (the peer's CONNECT, our CONNECT, its SYNC, our dials)
+    is cut off after `max_session_s`.
+
+    Relies on: `DCUtRProtocol(host, ...)` does no I/O when built and registers itself as `host._dcutr_protocol` (the
+    host calls its `on_peer_disconnected` on every close); its stream handler, the private `_handle_dcutr_stream`,
+    and `initiate_hole_punch` need only the host, not the running service: `DCUtRProtocol.run` adds nothing but the
+    handler registration and `_auto_drive_loop`, which every 2 s punches every relayed-only peer on its own
+    schedule (docs/nat.md). Not running the service also leaves its `_nursery` None, so its own 60 s closing of the
+    relayed connection after a success is skipped (the node closes it). Timeouts are whole seconds."""
+    session_timeout = max(1, math.ceil(max_session_s))
+    dcutr = DCUtRProtocol(
+        host, read_timeout=session_timeout, write_timeout=session_timeout, dial_timeout=DCUTR_DIAL_TIMEOUT_S
+    )
+
+    async def handle(stream: INetStream) -> None:
+        with trio.move_on_after(max_session_s):
+            await dcutr._handle_dcutr_stream(stream)
+
+    host.set_stream_handler(DCUTR_PROTOCOL_ID, handle)
+
+
+def _dcutr(host: IHost) -> DCUtRProtocol:
+    dcutr = getattr(host, "_dcutr_protocol", None)
+    if not isinstance(dcutr, DCUtRProtocol):
+        raise LocalProtocolError("punch_direct needs serve_dcutr(host) first")
+    return dcutr
+
+
+def has_direct_connection(host: IHost, peer_id: ID) -> bool:
+    """Whether `host` holds a connection to `peer_id` that is not relayed (see `is_relayed`)."""
+    return any(not is_relayed(conn) for conn in host.get_network().get_connections(peer_id))
+
+
+async def punch_direct(host: IHost, peer_id: ID, timeout_s: float) -> bool:
+    """One DCUtR hole punch to `peer_id`, over the relayed connection `host` holds to it, cut off after `timeout_s`;
+    whether a direct connection exists afterwards. `serve_dcutr(host, ...)` must have run first.
+
+    Relies on: `DCUtRProtocol.initiate_hole_punch(peer_id)` first dials the peer's known non-relayed addresses
+    (the spec's unilateral upgrade), then opens the DCUtR stream, exchanges CONNECT (the addresses each side
+    predicts for itself: the public IP identify observed, with its own listen port) and SYNC, and dials those from
+    its listen port, in up to 3 rounds; and it refuses a peer after 3 attempts (`_hole_punch_attempts`, reset only
+    when a connection to the peer closes), so the attempt count is cleared here: swarmgrad's `p2p.hole_punch` bounds
+    the attempts instead."""
+    dcutr = _dcutr(host)
+    dcutr._hole_punch_attempts.pop(peer_id, None)
+    with trio.move_on_after(timeout_s):
+        await dcutr.initiate_hole_punch(peer_id)
+    return has_direct_connection(host, peer_id)

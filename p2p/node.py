@@ -14,6 +14,10 @@ It assembles the parts and carries out their requests; it holds no protocol logi
 * the dial-back check (`p2p.dialback.DialBackService`, `dialback`): it serves other members' dial-back requests
   and, with `reachability = "auto"`, asks members to dial this peer back; its verdicts become `set_reachability`.
   A peer may serve once its verdict is public, or while it has none once a peer on another IP dialled it,
+* the `p2p.hole_punch.HolePunch` machine, on a second `Driver`: every connection open and close tells it whether
+  this node holds a relayed and a direct connection to the peer; its `UpgradeDirect` runs one bounded DCUtR punch
+  (`p2p.libp2p_compat.punch_direct`, in a task of its own), its `CloseRelayed` closes the relayed connection once a
+  direct one has held for a grace period. DCUtR punches other peers start are answered (`serve_dcutr`).
 * the per-IP limits (`p2p.limits.IpLimits`, `ip_limits`): an inbound connection from a banned IP, from an IP that
   shows too many new identities, or over the IP's connection cap is closed as soon as it opens; every remote error
   reported to `policy` is also charged to the offender's IP, and an IP banned for either reason loses all its
@@ -48,9 +52,19 @@ from libp2p.peer.peerinfo import PeerInfo
 from p2p.addrs import interface_ips, ip_of
 from p2p.dialback import DialBackService
 from p2p.discovery import Discovery, DiscoveryConfig, bounded_connect
+from p2p.hole_punch import (
+    CloseRelayed,
+    ConnectionsChanged,
+    HolePunch,
+    HolePunchConfig,
+    PunchDone,
+    PunchFailed,
+    PunchSucceeded,
+    UpgradeDirect,
+)
 from p2p.host import AddressGate, HostConfig, listen_multiaddrs, running_host
 from p2p.identity import load_or_create_identity
-from p2p.libp2p_compat import is_inbound, remote_ip
+from p2p.libp2p_compat import is_inbound, is_relayed, punch_direct, remote_ip, serve_dcutr
 from p2p.limits import Ban, IpLimits, IpLimitsConfig
 from p2p.membership import (
     ConnectionClosed,
@@ -96,7 +110,16 @@ if TYPE_CHECKING:  # libp2p installs trio-typing, whose stale `trio-stubs` hide 
 
 log = logging.getLogger(__name__)
 
-NodeEvent = PeerUp | PeerDown | PeerDiscovered | PeerForgotten | ReachabilityChanged | RelayAddrsChanged
+NodeEvent = (
+    PeerUp
+    | PeerDown
+    | PeerDiscovered
+    | PeerForgotten
+    | ReachabilityChanged
+    | RelayAddrsChanged
+    | PunchSucceeded
+    | PunchFailed
+)
 
 
 @dataclass(frozen=True)
@@ -119,6 +142,7 @@ class NodeConfig:
     """The limits this peer relays under once public (`p2p.relay`)."""
     relay_client: RelayClientConfig = field(default_factory=RelayClientConfig)
     """How this peer keeps its relay reservations once private."""
+    hole_punch: HolePunchConfig = field(default_factory=HolePunchConfig)
 
     def __post_init__(self) -> None:
         if self.reachability not in REACHABILITY_SETTINGS:
@@ -174,6 +198,13 @@ class SwarmNode:
             notify_queue_len=config.event_queue_len,
             run_effect=self._carry_out,
         )
+        self.hole_punch = HolePunch(config.hole_punch, random.Random(config.seed + 1))
+        self._punch_driver = Driver(
+            self.hole_punch,
+            input_queue_len=config.event_queue_len,
+            notify_queue_len=config.event_queue_len,
+            run_effect=self._carry_out_punch,
+        )
         self.discovery = Discovery(host, key_pair, config.discovery, config.host, self._submit)
         self._subscribers: list[trio.MemorySendChannel[NodeEvent]] = []
         self._changed = trio.Event()  # set, and replaced, at each change of the live set
@@ -216,10 +247,10 @@ class SwarmNode:
         return self._reachability
 
     def subscribe(self, queue_len: int = 256) -> trio.MemoryReceiveChannel[NodeEvent]:
-        """A new channel of `PeerUp`, `PeerDown`, `PeerDiscovered`, `PeerForgotten`, `ReachabilityChanged` and
-        `RelayAddrsChanged` (a private peer's relayed addresses) from now on (a subscriber that joins later reads the
-        current verdict from `reachability`). A subscriber that
-        falls `queue_len` events behind loses the newest ones (counted as `dropped_events`)."""
+        """A new channel of `PeerUp`, `PeerDown`, `PeerDiscovered`, `PeerForgotten`, `ReachabilityChanged`,
+        `RelayAddrsChanged` (a private peer's relayed addresses) and the hole-punch outcomes (`PunchSucceeded`,
+        `PunchFailed`) from now on (a subscriber that joins later reads the current verdict from `reachability`). A
+        subscriber that falls `queue_len` events behind loses the newest ones (counted as `dropped_events`)."""
         send, recv = trio.open_memory_channel[NodeEvent](queue_len)
         self._subscribers.append(send)
         return recv
@@ -232,7 +263,7 @@ class SwarmNode:
 
     def statistics(self) -> dict[str, int]:
         """Counters of the node, prefixed by part: `membership.*`, `discovery.*`, `policy.*`, `ip_limits.*`,
-        `driver.*`, `node.*`."""
+        `hole_punch.*` (`punches_tried`, `punches_succeeded`, `punches_failed`, ...), `driver.*`, `node.*`."""
         stats = {f"node.{k}": v for k, v in self._counters.items()}
         for prefix, part in (
             ("driver", self.driver.statistics()),
@@ -242,6 +273,7 @@ class SwarmNode:
             ("ip_limits", self.ip_limits.statistics()),
             ("dialback", self.dialback.statistics()),
             ("relay", self.relay_client.statistics()),
+            ("hole_punch", self.hole_punch.statistics()),
         ):
             stats.update({f"{prefix}.{k}": v for k, v in part.items()})
         return stats
@@ -249,12 +281,15 @@ class SwarmNode:
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Join the swarm, then keep the live set until cancelled. `started()` once joined and published; raises
         `BootstrapFailed` (nothing left running) when no bootstrap peer answers."""
+        serve_dcutr(self.host, self.config.hole_punch.punch_timeout_s)
         self.host.get_network().register_notifee(_ConnectionEvents(self))
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.driver.run)
             await nursery.start(self.relay_host.run)
             await nursery.start(self.relay_driver.run)
+            await nursery.start(self._punch_driver.run)
+            nursery.start_soon(self._report_punches)
             nursery.start_soon(self._fan_out)
             nursery.start_soon(self._follow_relays)
             if self.config.reachability == "private":
@@ -316,6 +351,7 @@ class SwarmNode:
             return
         self._counters["connections_opened"] += 1
         self._submit(ConnectionOpened(peer))
+        self._punch_state(peer_id)
         if inbound and peer not in self.membership.live_peers():
             self.discovery.wake()  # a stranger connected: maybe a new member, whose record a lookup would find
 
@@ -323,9 +359,23 @@ class SwarmNode:
         peer_id = conn.muxed_conn.peer_id
         self.policy.release_inbound(peer_id.to_base58())
         self._release_ip(conn)
+        self._punch_state(peer_id)
         if not self.host.get_network().get_connections(peer_id):
             self._counters["connections_closed"] += 1
             self._submit(ConnectionClosed(peer_id.to_base58()))
+
+    def _punch_state(self, peer_id: ID) -> None:
+        """Tell the hole-punch machine what this node holds to `peer_id` now."""
+        conns = self.host.get_network().get_connections(peer_id)
+        relayed = [conn for conn in conns if is_relayed(conn)]
+        event = ConnectionsChanged(
+            peer_id.to_base58(),
+            relayed=bool(relayed),
+            direct=len(relayed) < len(conns),
+            initiator=any(is_inbound(conn) for conn in relayed),
+        )
+        if not self._punch_driver.submit(event):
+            log.warning("hole-punch input queue full: dropped %r", event)
 
     # ---- admission ----------------------------------------------------------------------------------------------
 
@@ -430,6 +480,22 @@ class SwarmNode:
             return outcome
         raise LocalProtocolError(f"the node cannot carry out {effect!r}")
 
+    async def _report_punches(self) -> None:
+        async for event in self._punch_driver.notifications:
+            if isinstance(event, PunchSucceeded):
+                log.info(
+                    "hole punch to %s: direct connection (attempt %d, %.1f s after the relayed one)",
+                    event.peer,
+                    event.attempt,
+                    event.elapsed_s,
+                )
+            elif isinstance(event, PunchFailed):
+                then = "staying relayed" if event.final else "will retry"
+                log.info("hole punch to %s failed (attempt %d): %s; %s", event.peer, event.attempt, event.reason, then)
+            else:
+                raise LocalProtocolError(f"unknown notification from the hole-punch machine: {event!r}")
+            self._publish(event)
+
     def _publish(self, event: NodeEvent) -> None:
         for subscriber in list(self._subscribers):
             try:
@@ -442,6 +508,21 @@ class SwarmNode:
     def _start(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
         assert self._nursery is not None, "tasks start only inside run()"
         self._nursery.start_soon(fn, *args)
+
+    async def _carry_out_punch(self, effect: Effect) -> Event | None:
+        if isinstance(effect, UpgradeDirect):
+            peer_id = ID.from_base58(effect.peer)
+            if await punch_direct(self.host, peer_id, effect.timeout_s):
+                return PunchDone(effect.peer, direct=True)
+            reason = "no direct connection" if self.host.get_network().get_connections(peer_id) else "peer gone"
+            return PunchDone(effect.peer, direct=False, reason=f"{reason} within {effect.timeout_s:g} s")
+        if isinstance(effect, CloseRelayed):
+            for conn in list(self.host.get_network().get_connections(ID.from_base58(effect.peer))):
+                if is_relayed(conn):
+                    log.info("closing the relayed connection to %s: a direct one is open", effect.peer)
+                    await conn.close()
+            return None
+        raise LocalProtocolError(f"the node cannot carry out {effect!r}")
 
     # ---- effect runners -----------------------------------------------------------------------------------------
 
