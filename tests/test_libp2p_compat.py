@@ -2,7 +2,8 @@
 on this machine: first the signature or attribute each function reaches for (so an upgrade that renames or reshapes
 it fails here by name), then its behaviour: the received-address filter in front of the dialer, what a host
 listening on 0.0.0.0 advertises (identify message, signed peer record), the auto-connector, the dial negative cache,
-connection direction, the Kademlia internals discovery uses, and a relayed dial in a private swarm."""
+connection direction, the Kademlia internals discovery uses, a relayed dial in a private swarm, and DCUtR served
+and driven without its own loop."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.peer.peerstore import PeerStore, PeerStoreError, env_to_send_in_RPC
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.dcutr import PROTOCOL_ID as DCUTR_PROTOCOL_ID
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
@@ -50,14 +53,19 @@ from p2p.libp2p_compat import (
     dial_relayed,
     fill_routing_table,
     forget_dial_failure,
+    has_direct_connection,
     is_inbound,
+    is_relayed,
     local_providers,
     on_outbound_upgrade,
+    punch_direct,
     query_providers,
     remote_ip,
+    serve_dcutr,
     stop_auto_connector,
     stream_remote_ip,
 )
+from swarmgrad.core.errors import LocalProtocolError
 
 TIMEOUT_S = 30
 M = multiaddr.Multiaddr
@@ -190,6 +198,13 @@ def test_the_internals_have_the_shape_the_adapter_calls() -> None:
         "peer_id",
     ]
     assert _parameters(NetStream.get_remote_address) == ["self"]
+    assert _parameters(DCUtRProtocol.__init__) == ["self", "host", "read_timeout", "write_timeout", "dial_timeout"]
+    assert _parameters(DCUtRProtocol._handle_dcutr_stream) == ["self", "stream"]
+    assert _parameters(DCUtRProtocol.initiate_hole_punch) == ["self", "peer_id"]
+    # the self-driving loop is started by the service's run, which serve_dcutr never calls
+    assert "_auto_drive_loop" in inspect.getsource(DCUtRProtocol.run)
+    assert "_auto_drive_loop" not in inspect.getsource(DCUtRProtocol._handle_dcutr_stream)
+    assert "_auto_drive_loop" not in inspect.getsource(DCUtRProtocol.initiate_hole_punch)
 
 
 def test_dht_keys_are_the_utf8_bytes_of_a_swarmgrad_key() -> None:
@@ -362,3 +377,43 @@ async def test_a_fresh_dial_opens_a_second_connection_beside_an_open_one_and_clo
                 await dial_fresh(a, M(f"/ip4/127.0.0.1/tcp/{port}"), b.get_id())
     assert fresh is not first and len(both) == 2 and left == [first]
     assert seen_ip == ["127.0.0.1"]
+
+
+async def test_dcutr_served_without_its_loop_punches_only_when_asked_and_upgrades_a_relayed_connection(
+    tmp_path: Path,
+) -> None:
+    """On loopback every address is reachable, so the punch succeeds (at its first, direct dial): what is checked is
+    that relayed and direct connections are told apart on both sides, that the service's self-driving loop is not
+    running, and that `punch_direct` returns once a direct connection exists."""
+    with trio.fail_after(TIMEOUT_S):
+        async with (
+            running_host(HostConfig(tmp_path / "relay")) as relay,
+            running_host(HostConfig(tmp_path / "listener", observed_addrs=True)) as listener,
+            running_host(HostConfig(tmp_path / "dialler", observed_addrs=True)) as dialler,
+        ):
+            with pytest.raises(LocalProtocolError):
+                await punch_direct(listener, dialler.get_id(), 1.0)
+            for host in (listener, dialler):
+                serve_dcutr(host, 5.0)
+                assert DCUTR_PROTOCOL_ID in host.get_mux().get_protocols()
+            relay_info = PeerInfo(relay.get_id(), relay.get_addrs())
+            hop, stop = CircuitV2Protocol(relay, allow_hop=True), CircuitV2Protocol(listener)
+            async with background_trio_service(hop), background_trio_service(stop), trio.open_nursery() as nursery:
+                await listener.connect(relay_info)
+                stream = await listener.new_stream(relay.get_id(), [HOP_PROTOCOL_ID])
+                assert await CircuitV2Transport(listener, stop, RelayConfig()).reserve(stream, relay.get_id(), nursery)
+                await stream.close()
+                transport = CircuitV2Transport(dialler, CircuitV2Protocol(dialler), RelayConfig(roles=RelayRole.STOP))
+                conn = await dial_relayed(dialler, transport, relay_info, listener.get_id(), None)
+                assert is_relayed(conn) and not is_inbound(conn)
+                (accepted,) = listener.get_network().get_connections(dialler.get_id())
+                assert is_relayed(accepted) and is_inbound(accepted)
+                (to_relay,) = listener.get_network().get_connections(relay.get_id())
+                assert not is_relayed(to_relay)
+                # the service (whose run starts the self-driving loop) never ran: its nursery was never set
+                assert all(host._dcutr_protocol._nursery is None for host in (listener, dialler))  # type: ignore[attr-defined]
+                assert not has_direct_connection(dialler, listener.get_id())
+                assert not has_direct_connection(listener, dialler.get_id())
+                assert await punch_direct(listener, dialler.get_id(), 10.0)
+                assert has_direct_connection(listener, dialler.get_id())
+                nursery.cancel_scope.cancel()  # the reservation's refresher
