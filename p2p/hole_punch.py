@@ -110,11 +110,13 @@ class CloseRelayed(Effect):
 
 @dataclass(frozen=True)
 class PunchSucceeded:
-    """Attempt `attempt` (from 1) to `peer` gave a direct connection, `elapsed_s` after the relayed one opened."""
+    """Attempt `attempt` (from 1) to `peer` gave a direct connection, `elapsed_s` after the relayed one opened;
+    the attempt itself took `attempt_s`."""
 
     peer: PeerId
     attempt: int
     elapsed_s: float
+    attempt_s: float
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,7 @@ class _Peer:
     since: float
     """When the relayed-only state began."""
     attempts: int = 0
+    attempt_started: float = 0.0
     in_flight: bool = False
     gave_up: bool = False
     direct: bool = False
@@ -162,7 +165,7 @@ class HolePunch:
         if isinstance(event, TimerFired) and isinstance(event.key, tuple) and len(event.key) == 2:
             kind, peer = event.key
             if kind == _PUNCH:
-                return self._on_punch_timer(peer)
+                return self._on_punch_timer(now, peer)
             if kind == _CLOSE:
                 return self._on_close_timer(peer)
         raise LocalProtocolError(f"the hole-punch machine got an unexpected event: {event!r}")
@@ -201,11 +204,12 @@ class HolePunch:
             ]
         return []
 
-    def _on_punch_timer(self, peer: PeerId) -> list[Action]:
+    def _on_punch_timer(self, now: float, peer: PeerId) -> list[Action]:
         state = self._peers.get(peer)
         if state is None or state.direct or state.in_flight or state.gave_up:
             return []
         state.in_flight = True
+        state.attempt_started = now
         state.attempts += 1
         self._counters["punches_tried"] += 1
         return [UpgradeDirect(peer, self.config.punch_timeout_s)]
@@ -220,7 +224,7 @@ class HolePunch:
             self._counters["punches_succeeded"] += 1
             state.direct = True
             return [
-                Notify(PunchSucceeded(peer, state.attempts, now - state.since)),
+                Notify(PunchSucceeded(peer, state.attempts, now - state.since, now - state.attempt_started)),
                 SetTimer((_CLOSE, peer), now + self.config.relay_close_grace_s),
             ]
         self._counters["punches_failed"] += 1

@@ -242,8 +242,7 @@ def is_relayed(conn: INetConn) -> bool:
 
 DCUTR_DIAL_TIMEOUT_S = 3
 """Bound on each DCUtR dial (py-libp2p's default is 10 s). A punch that works connects within one SYN
-retransmission (1 s) plus the handshake; the dial to a peer's private address that DCUtR tries first (its
-"unilateral upgrade") fails only at this bound, as its connect errors are retried."""
+retransmission (1 s) plus the handshake."""
 
 
 def serve_dcutr(host: IHost, max_session_s: float) -> None:
@@ -256,11 +255,22 @@ def serve_dcutr(host: IHost, max_session_s: float) -> None:
     and `initiate_hole_punch` need only the host, not the running service: `DCUtRProtocol.run` adds nothing but the
     handler registration and `_auto_drive_loop`, which every 2 s punches every relayed-only peer on its own
     schedule (docs/nat.md). Not running the service also leaves its `_nursery` None, so its own 60 s closing of the
-    relayed connection after a success is skipped (the node closes it). Timeouts are whole seconds."""
+    relayed connection after a success is skipped (the node closes it). Timeouts are whole seconds.
+
+    The initiator's first step, `_try_unilateral_upgrade` (a plain dial of the peer's non-relayed peerstore
+    addresses, looked up on the instance), is replaced by one that dials nothing: swarmgrad dials a member's
+    advertised addresses itself (membership's `Dial`), and what identify put in the peerstore of a NATed peer is its
+    private address, whose dial is retried until the dial timeout (3 s of every punch, measured in the namespace
+    topology)."""
     session_timeout = max(1, math.ceil(max_session_s))
     dcutr = DCUtRProtocol(
         host, read_timeout=session_timeout, write_timeout=session_timeout, dial_timeout=DCUTR_DIAL_TIMEOUT_S
     )
+
+    async def no_unilateral_upgrade(peer_id: ID) -> bool:
+        return False
+
+    dcutr._try_unilateral_upgrade = no_unilateral_upgrade  # type: ignore[method-assign]
 
     async def handle(stream: INetStream) -> None:
         with trio.move_on_after(max_session_s):
@@ -285,8 +295,8 @@ async def punch_direct(host: IHost, peer_id: ID, timeout_s: float) -> bool:
     """One DCUtR hole punch to `peer_id`, over the relayed connection `host` holds to it, cut off after `timeout_s`;
     whether a direct connection exists afterwards. `serve_dcutr(host, ...)` must have run first.
 
-    Relies on: `DCUtRProtocol.initiate_hole_punch(peer_id)` first dials the peer's known non-relayed addresses
-    (the spec's unilateral upgrade), then opens the DCUtR stream, exchanges CONNECT (the addresses each side
+    Relies on: `DCUtRProtocol.initiate_hole_punch(peer_id)` (its unilateral upgrade disabled by `serve_dcutr`)
+    opens the DCUtR stream, exchanges CONNECT (the addresses each side
     predicts for itself: the public IP identify observed, with its own listen port) and SYNC, and dials those from
     its listen port, in up to 3 rounds; and it refuses a peer after 3 attempts (`_hole_punch_attempts`, reset only
     when a connection to the peer closes), so the attempt count is cleared here: swarmgrad's `p2p.hole_punch` bounds

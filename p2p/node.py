@@ -484,9 +484,10 @@ class SwarmNode:
         async for event in self._punch_driver.notifications:
             if isinstance(event, PunchSucceeded):
                 log.info(
-                    "hole punch to %s: direct connection (attempt %d, %.1f s after the relayed one)",
+                    "hole punch to %s: direct connection (attempt %d of %.1f s, %.1f s after the relayed one)",
                     event.peer,
                     event.attempt,
+                    event.attempt_s,
                     event.elapsed_s,
                 )
             elif isinstance(event, PunchFailed):

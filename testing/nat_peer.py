@@ -65,6 +65,7 @@ ECHO_PROTOCOL = TProtocol("/swarmgrad-test/echo/1.0.0")
 ECHO_BYTES = 32
 RELAY_LIMITS = RelayLimits(duration=3600, data=1 << 30, max_circuit_conns=64, max_reservations=64)
 SWARM_ID = "nat-test"
+_REPO = Path(__file__).resolve().parent.parent
 _PEER_COMMANDS = frozenset({"dial", "wait_direct", "wait_relay_closed", "conns", "echo"})
 
 
@@ -198,7 +199,12 @@ async def _serve_commands(
             with trio.move_on_after(float(words[1])):
                 async for event in events:
                     if isinstance(event, PunchSucceeded):
-                        outcome = {"punch": "succeeded", "attempt": event.attempt, "since_relayed_s": event.elapsed_s}
+                        outcome = {
+                            "punch": "succeeded",
+                            "attempt": event.attempt,
+                            "since_relayed_s": event.elapsed_s,
+                            "attempt_s": event.attempt_s,
+                        }
                         break
                     if isinstance(event, PunchFailed) and event.final:
                         outcome = {"punch": "failed", "attempt": event.attempt, "reason": event.reason}
@@ -237,6 +243,7 @@ class NatPeer:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log,
+                cwd=_REPO,
                 text=True,
                 env=dict(os.environ, PYTHONUNBUFFERED="1"),
             )
@@ -305,12 +312,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--relay", default="")
     parser.add_argument("--punch-timeout-s", type=float, default=HolePunchConfig().punch_timeout_s)
     parser.add_argument("--max-attempts", type=int, default=HolePunchConfig().max_attempts)
+    parser.add_argument("--first-delay-s", type=float, default=HolePunchConfig().first_delay_s)
+    parser.add_argument("--relay-close-grace-s", type=float, default=HolePunchConfig().relay_close_grace_s)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     if args.role == "relay":
         trio.run(run_relay, args.listen, args.key)
     else:
-        punch = HolePunchConfig(punch_timeout_s=args.punch_timeout_s, max_attempts=args.max_attempts)
+        punch = HolePunchConfig(
+            punch_timeout_s=args.punch_timeout_s,
+            max_attempts=args.max_attempts,
+            first_delay_s=args.first_delay_s,
+            relay_close_grace_s=args.relay_close_grace_s,
+        )
         trio.run(run_node, args.listen, args.key, args.relay, punch)
 
 

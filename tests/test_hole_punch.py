@@ -39,7 +39,7 @@ def test_a_relayed_peer_is_punched_after_the_first_delay_and_the_relay_closed_af
     assert m.relayed_peers() == ["b"]
     assert m.step(11.0, TimerFired(PUNCH_B)) == [UpgradeDirect("b", 8.0)]
     actions = m.step(13.5, PunchDone("b", direct=True))
-    assert actions[0].event == PunchSucceeded("b", attempt=1, elapsed_s=3.5)  # type: ignore[attr-defined]
+    assert actions[0].event == PunchSucceeded("b", attempt=1, elapsed_s=3.5, attempt_s=2.5)  # type: ignore[attr-defined]
     assert actions[1:] == [SetTimer(CLOSE_B, 18.5)]
     assert m.step(13.6, ConnectionsChanged("b", relayed=True, direct=True, initiator=True)) == []
     assert m.step(18.5, TimerFired(CLOSE_B)) == [CloseRelayed("b")]

@@ -201,6 +201,8 @@ def test_the_internals_have_the_shape_the_adapter_calls() -> None:
     assert _parameters(DCUtRProtocol.__init__) == ["self", "host", "read_timeout", "write_timeout", "dial_timeout"]
     assert _parameters(DCUtRProtocol._handle_dcutr_stream) == ["self", "stream"]
     assert _parameters(DCUtRProtocol.initiate_hole_punch) == ["self", "peer_id"]
+    assert _parameters(DCUtRProtocol._try_unilateral_upgrade) == ["self", "peer_id"]
+    assert "self._try_unilateral_upgrade(peer_id)" in inspect.getsource(DCUtRProtocol._initiate_hole_punch_locked)
     # the self-driving loop is started by the service's run, which serve_dcutr never calls
     assert "_auto_drive_loop" in inspect.getsource(DCUtRProtocol.run)
     assert "_auto_drive_loop" not in inspect.getsource(DCUtRProtocol._handle_dcutr_stream)
@@ -382,7 +384,8 @@ async def test_a_fresh_dial_opens_a_second_connection_beside_an_open_one_and_clo
 async def test_dcutr_served_without_its_loop_punches_only_when_asked_and_upgrades_a_relayed_connection(
     tmp_path: Path,
 ) -> None:
-    """On loopback every address is reachable, so the punch succeeds (at its first, direct dial): what is checked is
+    """On loopback every address is reachable, so the punch succeeds (both sides dial the other's listen address
+    from their own, as predicted from the address the relay observed): what is checked is
     that relayed and direct connections are told apart on both sides, that the service's self-driving loop is not
     running, and that `punch_direct` returns once a direct connection exists."""
     with trio.fail_after(TIMEOUT_S):
