@@ -31,6 +31,7 @@ from libp2p.relay.circuit_v2.dcutr import PROTOCOL_ID as DCUTR_PROTOCOL_ID
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.security.pnet.protector import new_protected_conn
+from libp2p.security.pnet.psk_conn import PskConn
 
 from p2p.addrs import AddressPolicy
 from swarmgrad.core.errors import LocalProtocolError
@@ -203,7 +204,9 @@ async def dial_relayed(
     CONNECT and returns the circuit as a raw, not yet secured connection; the receiving side upgrades an inbound
     circuit like any inbound connection, inside pnet when it has a key, but `host.upgrade_outbound_connection` adds
     no pnet, so with a key the dialling side must wrap the circuit itself (`new_protected_conn`, which takes the key
-    as 64 hex characters), or the handshake fails with "failed to negotiate the secure protocol" (docs/nat.md)."""
+    as 64 hex characters), or the handshake fails with "failed to negotiate the secure protocol" (docs/nat.md).
+    With a key, `pnet_reports_its_transport` runs first, so the connection is seen as relayed."""
+    pnet_reports_its_transport()
     raw = await transport.dial_peer_info(dest_info=PeerInfo(target, []), relay_info=relay)
     if psk is not None:
         raw = new_protected_conn(raw, psk.hex())
@@ -231,6 +234,27 @@ async def dial_fresh(host: IHost, addr: multiaddr.Multiaddr, peer_id: ID) -> INe
     return await _swarm(host).dial_addr(addr, peer_id)
 
 
+def pnet_reports_its_transport() -> None:
+    """Make every pnet-wrapped connection report the transport addresses and type of the connection it wraps, as
+    the Noise and yamux layers above it do; without it a private swarm's connections have no transport addresses,
+    and a relayed one cannot be told from a direct one. Idempotent, for the whole process.
+
+    Relies on: `PskConn` keeps the wrapped connection as `_conn` and defines neither `get_transport_addresses` nor
+    `get_connection_type` (the stubs it inherits from `IRawConnection` return None), and the swarm reads both,
+    through the security and muxer layers, when it registers a connection."""
+    if "get_transport_addresses" in PskConn.__dict__:
+        return
+
+    def get_transport_addresses(self: PskConn) -> list[multiaddr.Multiaddr]:
+        return self._conn.get_transport_addresses()
+
+    def get_connection_type(self: PskConn) -> Any:
+        return self._conn.get_connection_type()
+
+    PskConn.get_transport_addresses = get_transport_addresses  # type: ignore[method-assign,assignment]
+    PskConn.get_connection_type = get_connection_type  # type: ignore[method-assign,assignment]
+
+
 def is_relayed(conn: INetConn) -> bool:
     """Whether `conn` runs through a circuit relay. Relies on: the swarm sets a connection's transport addresses
     from its muxed connection before it announces it, and a circuit's (either side) contain `/p2p-circuit`; a
@@ -255,13 +279,15 @@ def serve_dcutr(host: IHost, max_session_s: float) -> None:
     and `initiate_hole_punch` need only the host, not the running service: `DCUtRProtocol.run` adds nothing but the
     handler registration and `_auto_drive_loop`, which every 2 s punches every relayed-only peer on its own
     schedule (docs/nat.md). Not running the service also leaves its `_nursery` None, so its own 60 s closing of the
-    relayed connection after a success is skipped (the node closes it). Timeouts are whole seconds.
+    relayed connection after a success is skipped (the node closes it). Timeouts are whole seconds. It also runs
+    `pnet_reports_its_transport`, so that relayed connections are recognised in a private swarm.
 
     The initiator's first step, `_try_unilateral_upgrade` (a plain dial of the peer's non-relayed peerstore
     addresses, looked up on the instance), is replaced by one that dials nothing: swarmgrad dials a member's
     advertised addresses itself (membership's `Dial`), and what identify put in the peerstore of a NATed peer is its
     private address, whose dial is retried until the dial timeout (3 s of every punch, measured in the namespace
     topology)."""
+    pnet_reports_its_transport()
     session_timeout = max(1, math.ceil(max_session_s))
     dcutr = DCUtRProtocol(
         host, read_timeout=session_timeout, write_timeout=session_timeout, dial_timeout=DCUTR_DIAL_TIMEOUT_S

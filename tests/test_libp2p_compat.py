@@ -41,6 +41,7 @@ from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.security.pnet.protector import new_protected_conn
+from libp2p.security.pnet.psk_conn import PskConn
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
@@ -202,6 +203,7 @@ def test_the_internals_have_the_shape_the_adapter_calls() -> None:
     assert _parameters(DCUtRProtocol._handle_dcutr_stream) == ["self", "stream"]
     assert _parameters(DCUtRProtocol.initiate_hole_punch) == ["self", "peer_id"]
     assert _parameters(DCUtRProtocol._try_unilateral_upgrade) == ["self", "peer_id"]
+    assert "self._conn = conn" in inspect.getsource(PskConn.__init__)
     assert "self._try_unilateral_upgrade(peer_id)" in inspect.getsource(DCUtRProtocol._initiate_hole_punch_locked)
     # the self-driving loop is started by the service's run, which serve_dcutr never calls
     assert "_auto_drive_loop" in inspect.getsource(DCUtRProtocol.run)
@@ -381,8 +383,11 @@ async def test_a_fresh_dial_opens_a_second_connection_beside_an_open_one_and_clo
     assert seen_ip == ["127.0.0.1"]
 
 
+
+
+@pytest.mark.parametrize("psk", [None, bytes(range(32))], ids=["public", "private"])
 async def test_dcutr_served_without_its_loop_punches_only_when_asked_and_upgrades_a_relayed_connection(
-    tmp_path: Path,
+    tmp_path: Path, psk: bytes | None
 ) -> None:
     """On loopback every address is reachable, so the punch succeeds (both sides dial the other's listen address
     from their own, as predicted from the address the relay observed): what is checked is
@@ -390,9 +395,9 @@ async def test_dcutr_served_without_its_loop_punches_only_when_asked_and_upgrade
     running, and that `punch_direct` returns once a direct connection exists."""
     with trio.fail_after(TIMEOUT_S):
         async with (
-            running_host(HostConfig(tmp_path / "relay")) as relay,
-            running_host(HostConfig(tmp_path / "listener", observed_addrs=True)) as listener,
-            running_host(HostConfig(tmp_path / "dialler", observed_addrs=True)) as dialler,
+            running_host(HostConfig(tmp_path / "relay", psk=psk)) as relay,
+            running_host(HostConfig(tmp_path / "listener", psk=psk, observed_addrs=True)) as listener,
+            running_host(HostConfig(tmp_path / "dialler", psk=psk, observed_addrs=True)) as dialler,
         ):
             with pytest.raises(LocalProtocolError):
                 await punch_direct(listener, dialler.get_id(), 1.0)
@@ -407,7 +412,7 @@ async def test_dcutr_served_without_its_loop_punches_only_when_asked_and_upgrade
                 assert await CircuitV2Transport(listener, stop, RelayConfig()).reserve(stream, relay.get_id(), nursery)
                 await stream.close()
                 transport = CircuitV2Transport(dialler, CircuitV2Protocol(dialler), RelayConfig(roles=RelayRole.STOP))
-                conn = await dial_relayed(dialler, transport, relay_info, listener.get_id(), None)
+                conn = await dial_relayed(dialler, transport, relay_info, listener.get_id(), psk)
                 assert is_relayed(conn) and not is_inbound(conn)
                 (accepted,) = listener.get_network().get_connections(dialler.get_id())
                 assert is_relayed(accepted) and is_inbound(accepted)
