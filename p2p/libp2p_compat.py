@@ -255,6 +255,29 @@ def pnet_reports_its_transport() -> None:
     PskConn.get_connection_type = get_connection_type  # type: ignore[method-assign,assignment]
 
 
+def pnet_once_on_responder_dials(host: IHost) -> None:
+    """Let a hole-punch dial upgraded as responder be wrapped in pnet once, not twice, in a private swarm.
+
+    Relies on: `Swarm.dial_addr_as_responder` (DCUtR's initiator dials with it) wraps the raw connection in pnet
+    (`PskConn`) and then awaits `self.upgrade_inbound_raw_conn(raw_conn, addr)`, looked up on the instance, which
+    wraps every connection it gets in pnet again when the swarm has a key; no other caller hands that method a
+    `PskConn`. Doubly wrapped, the peer (wrapped once) reads noise and every punch in a private swarm fails at the
+    dial timeout (measured in the namespace topology). So the wrapper on the instance unwraps a `PskConn` (its
+    `_conn`) before the original wraps it again. Idempotent per host."""
+    swarm = _swarm(host)
+    if swarm.psk is None or getattr(swarm, "_swarmgrad_pnet_once", False):
+        return
+    original = swarm.upgrade_inbound_raw_conn
+
+    async def upgrade_inbound_raw_conn(raw_conn: Any, maddr: multiaddr.Multiaddr) -> Any:
+        if isinstance(raw_conn, PskConn):
+            raw_conn = raw_conn._conn
+        return await original(raw_conn, maddr)
+
+    swarm.upgrade_inbound_raw_conn = upgrade_inbound_raw_conn  # type: ignore[method-assign]
+    swarm._swarmgrad_pnet_once = True  # type: ignore[attr-defined]
+
+
 def is_relayed(conn: INetConn) -> bool:
     """Whether `conn` runs through a circuit relay. Relies on: the swarm sets a connection's transport addresses
     from its muxed connection before it announces it, and a circuit's (either side) contain `/p2p-circuit`; a
@@ -280,7 +303,8 @@ def serve_dcutr(host: IHost, max_session_s: float) -> None:
     handler registration and `_auto_drive_loop`, which every 2 s punches every relayed-only peer on its own
     schedule (docs/nat.md). Not running the service also leaves its `_nursery` None, so its own 60 s closing of the
     relayed connection after a success is skipped (the node closes it). Timeouts are whole seconds. It also runs
-    `pnet_reports_its_transport`, so that relayed connections are recognised in a private swarm.
+    `pnet_reports_its_transport`, so that relayed connections are recognised in a private swarm, and
+    `pnet_once_on_responder_dials`, without which no punch succeeds in one.
 
     The initiator's first step, `_try_unilateral_upgrade` (a plain dial of the peer's non-relayed peerstore
     addresses, looked up on the instance), is replaced by one that dials nothing: swarmgrad dials a member's
@@ -288,6 +312,7 @@ def serve_dcutr(host: IHost, max_session_s: float) -> None:
     private address, whose dial is retried until the dial timeout (3 s of every punch, measured in the namespace
     topology)."""
     pnet_reports_its_transport()
+    pnet_once_on_responder_dials(host)
     session_timeout = max(1, math.ceil(max_session_s))
     dcutr = DCUtRProtocol(
         host, read_timeout=session_timeout, write_timeout=session_timeout, dial_timeout=DCUTR_DIAL_TIMEOUT_S

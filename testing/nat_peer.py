@@ -4,7 +4,9 @@ swarmgrad node behind NAT driven by line commands, each run inside a `testing.ne
     python -m testing.nat_peer relay --listen /ip4/198.18.0.1/tcp/7400 --key DIR/relay.key
     python -m testing.nat_peer node --listen /ip4/198.19.1.2/tcp/7400 --key DIR/a.key --relay /ip4/.../p2p/<relay>
 
-The relay is a py-libp2p host (`p2p.host.running_host`) running `CircuitV2Protocol(allow_hop=True)`. A node is a
+The relay is a py-libp2p host (`p2p.host.running_host`) running `CircuitV2Protocol(allow_hop=True)`. With
+`--swarm-key-hex` every host is a member of that private swarm (pnet on every connection, relayed ones
+included). A node is a
 `p2p.node.SwarmNode` (first peer of its own swarm: no bootstrap) with identify's observed addresses on, whose host
 also answers circuits (`CircuitV2Protocol`, STOP role), connects to the relay and reserves a slot on it, and serves a
 small echo protocol. Both print one JSON line `{"ready": ..., "peer_id": ..., "addr": ...}` once up; a node then
@@ -57,7 +59,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from p2p.discovery import DiscoveryConfig
 from p2p.hole_punch import HolePunchConfig, PunchFailed, PunchSucceeded
 from p2p.host import HostConfig, running_host
-from p2p.libp2p_compat import dial_relayed, has_direct_connection, is_relayed
+from p2p.libp2p_compat import dial_relayed, has_direct_connection, is_relayed, pnet_reports_its_transport
 from p2p.node import NodeConfig, SwarmNode, open_node
 from testing.netns import NetnsHost
 
@@ -138,8 +140,11 @@ def _conns(host: IHost, peer_id: ID) -> list[dict[str, object]]:
     ]
 
 
-async def run_relay(listen: str, key: Path) -> None:
-    async with running_host(HostConfig(key, listen_addrs=(listen,))) as host:
+async def run_relay(listen: str, key: Path, psk: bytes | None) -> None:
+    # as on every swarmgrad node (`serve_dcutr`): without it, in a private swarm, identify on the relay reports a
+    # NATed peer's circuit address, not its public one, as the address it observes the peer at
+    pnet_reports_its_transport()
+    async with running_host(HostConfig(key, listen_addrs=(listen,), psk=psk)) as host:
         hop = CircuitV2Protocol(host, limits=RELAY_LIMITS, allow_hop=True)
         async with background_trio_service(hop):
             _say(ready=True, peer_id=str(host.get_id()), addr=f"{listen}/p2p/{host.get_id()}")
@@ -148,9 +153,9 @@ async def run_relay(listen: str, key: Path) -> None:
                 pass
 
 
-async def run_node(listen: str, key: Path, relay_addr: str, punch: HolePunchConfig) -> None:
+async def run_node(listen: str, key: Path, relay_addr: str, psk: bytes | None, punch: HolePunchConfig) -> None:
     config = NodeConfig(
-        host=HostConfig(key, listen_addrs=(listen,), observed_addrs=True),
+        host=HostConfig(key, listen_addrs=(listen,), psk=psk, observed_addrs=True),
         discovery=DiscoveryConfig(SWARM_ID),
         reachability="private",
         hole_punch=punch,
@@ -160,13 +165,14 @@ async def run_node(listen: str, key: Path, relay_addr: str, punch: HolePunchConf
         host = node.host
         stop = CircuitV2Protocol(host, limits=RELAY_LIMITS, allow_hop=False)
         async with background_trio_service(stop), trio.open_nursery() as nursery:
-            await _serve_commands(node, host, stop, relay, nursery)
+            await _serve_commands(node, stop, relay, psk, nursery)
             nursery.cancel_scope.cancel()  # the reservation's refresher
 
 
 async def _serve_commands(
-    node: SwarmNode, host: IHost, stop: CircuitV2Protocol, relay: PeerInfo, nursery: trio.Nursery
+    node: SwarmNode, stop: CircuitV2Protocol, relay: PeerInfo, psk: bytes | None, nursery: trio.Nursery
 ) -> None:
+    host = node.host
     changes = _Changes()
     host.get_network().register_notifee(changes)
     events = node.subscribe()
@@ -185,7 +191,7 @@ async def _serve_commands(
         peer_id = ID.from_base58(words[1]) if words[0] in _PEER_COMMANDS else host.get_id()
         if words[0] == "dial":
             started = trio.current_time()
-            conn = await dial_relayed(host, transport, PeerInfo(relay.peer_id, relay.addrs), peer_id, None)
+            conn = await dial_relayed(host, transport, PeerInfo(relay.peer_id, relay.addrs), peer_id, psk)
             _say(dialled=True, relayed=is_relayed(conn), elapsed_s=trio.current_time() - started)
         elif words[0] == "wait_direct":
             started = trio.current_time()
@@ -310,14 +316,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--listen", required=True)
     parser.add_argument("--key", type=Path, required=True)
     parser.add_argument("--relay", default="")
+    parser.add_argument("--swarm-key-hex", default="", help="a private swarm's 32-byte key, as 64 hex digits")
     parser.add_argument("--punch-timeout-s", type=float, default=HolePunchConfig().punch_timeout_s)
     parser.add_argument("--max-attempts", type=int, default=HolePunchConfig().max_attempts)
     parser.add_argument("--first-delay-s", type=float, default=HolePunchConfig().first_delay_s)
     parser.add_argument("--relay-close-grace-s", type=float, default=HolePunchConfig().relay_close_grace_s)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    psk = bytes.fromhex(args.swarm_key_hex) if args.swarm_key_hex else None
     if args.role == "relay":
-        trio.run(run_relay, args.listen, args.key)
+        trio.run(run_relay, args.listen, args.key, psk)
     else:
         punch = HolePunchConfig(
             punch_timeout_s=args.punch_timeout_s,
@@ -325,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             first_delay_s=args.first_delay_s,
             relay_close_grace_s=args.relay_close_grace_s,
         )
-        trio.run(run_node, args.listen, args.key, args.relay, punch)
+        trio.run(run_node, args.listen, args.key, args.relay, psk, punch)
 
 
 if __name__ == "__main__":

@@ -36,25 +36,18 @@ def _require_nat() -> None:
 
 @contextmanager
 def relayed_pair(
-    tmp_path: Path, drop_unsolicited: bool, *punch_args: str
+    tmp_path: Path, drop_unsolicited: bool, *node_args: str, swarm_key_hex: str = ""
 ) -> Iterator[tuple[NatTopology, NatPeer, NatPeer]]:
-    """A relay and two nodes behind different routers, the first (a) holding a relayed connection to the second (b),
-    which accepted it and so is the side that punches."""
+    """A relay and two nodes behind different routers (all of one private swarm when `swarm_key_hex` is given), the
+    first (a) holding a relayed connection to the second (b), which accepted it and so is the side that punches."""
+    key_args = ("--swarm-key-hex", swarm_key_hex) if swarm_key_hex else ()
     with nat_hosts(1, (1, 1), drop_unsolicited=drop_unsolicited) as topology, ExitStack() as stack:
-        relay = stack.enter_context(NatPeer(topology.public[0], "relay", PORT, tmp_path, tmp_path / "relay.log"))
-        relay_addr = relay.wait_ready(START_TIMEOUT_S)["addr"]
+        public = topology.public[0]
+        relay = stack.enter_context(NatPeer(public, "relay", PORT, tmp_path, tmp_path / "relay.log", *key_args))
+        node_args = ("--relay", relay.wait_ready(START_TIMEOUT_S)["addr"], *key_args, *node_args)
         a, b = (
             stack.enter_context(
-                NatPeer(
-                    router.private[0],
-                    "node",
-                    PORT,
-                    tmp_path,
-                    tmp_path / f"{name}.log",
-                    "--relay",
-                    relay_addr,
-                    *punch_args,
-                )
+                NatPeer(router.private[0], "node", PORT, tmp_path, tmp_path / f"{name}.log", *node_args)
             )
             for name, router in zip("ab", topology.routers, strict=True)
         )
@@ -69,9 +62,12 @@ def _direct_addrs(answer: dict) -> list[list[str]]:
     return [conn["addrs"] for conn in answer["conns"] if not conn["relayed"]]
 
 
-def test_two_nodes_behind_dropping_nats_punch_a_direct_connection_and_close_the_relayed_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("swarm_key_hex", ["", bytes(range(32)).hex()], ids=["public", "private"])
+def test_two_nodes_behind_dropping_nats_punch_a_direct_connection_and_close_the_relayed_one(
+    tmp_path: Path, swarm_key_hex: str
+) -> None:
     _require_nat()
-    with relayed_pair(tmp_path, True) as (topology, a, b):
+    with relayed_pair(tmp_path, True, swarm_key_hex=swarm_key_hex) as (topology, a, b):
         outcome = b.ask("wait_punch 40", ANSWER_TIMEOUT_S)
         assert outcome["punch"] == "succeeded", (outcome, b.tail())
         router_a, router_b = (router.host.ip for router in topology.routers)

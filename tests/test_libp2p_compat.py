@@ -59,6 +59,7 @@ from p2p.libp2p_compat import (
     is_relayed,
     local_providers,
     on_outbound_upgrade,
+    pnet_once_on_responder_dials,
     punch_direct,
     query_providers,
     remote_ip,
@@ -204,6 +205,11 @@ def test_the_internals_have_the_shape_the_adapter_calls() -> None:
     assert _parameters(DCUtRProtocol.initiate_hole_punch) == ["self", "peer_id"]
     assert _parameters(DCUtRProtocol._try_unilateral_upgrade) == ["self", "peer_id"]
     assert "self._conn = conn" in inspect.getsource(PskConn.__init__)
+    # a responder dial wraps pnet itself, then hands the connection to the method that wraps every connection again
+    responder_dial = inspect.getsource(Swarm.dial_addr_as_responder)
+    assert "new_protected_conn(raw_conn, self.psk)" in responder_dial
+    assert "await self.upgrade_inbound_raw_conn(raw_conn, addr)" in responder_dial
+    assert "new_protected_conn(raw_conn, self.psk)" in inspect.getsource(Swarm.upgrade_inbound_raw_conn)
     assert "self._try_unilateral_upgrade(peer_id)" in inspect.getsource(DCUtRProtocol._initiate_hole_punch_locked)
     # the self-driving loop is started by the service's run, which serve_dcutr never calls
     assert "_auto_drive_loop" in inspect.getsource(DCUtRProtocol.run)
@@ -425,3 +431,24 @@ async def test_dcutr_served_without_its_loop_punches_only_when_asked_and_upgrade
                 assert await punch_direct(listener, dialler.get_id(), 10.0)
                 assert has_direct_connection(listener, dialler.get_id())
                 nursery.cancel_scope.cancel()  # the reservation's refresher
+
+
+async def test_pnet_once_on_responder_dials_unwraps_only_an_already_protected_connection(tmp_path: Path) -> None:
+    psk = bytes(range(32))
+    with trio.fail_after(TIMEOUT_S):
+        async with running_host(HostConfig(tmp_path / "k", psk=psk)) as host:
+            swarm = host.get_network()
+            assert isinstance(swarm, Swarm)
+            received: list[object] = []
+
+            async def recorder(raw_conn: object, maddr: multiaddr.Multiaddr) -> object:
+                received.append(raw_conn)
+                return None
+
+            swarm.upgrade_inbound_raw_conn = recorder  # type: ignore[method-assign,assignment]
+            pnet_once_on_responder_dials(host)
+            pnet_once_on_responder_dials(host)  # idempotent: wrapped once
+            raw, inner = object(), object()
+            await swarm.upgrade_inbound_raw_conn(raw, M("/ip4/127.0.0.1/tcp/1"))  # type: ignore[arg-type]
+            await swarm.upgrade_inbound_raw_conn(PskConn(inner, psk.hex()), M("/ip4/127.0.0.1/tcp/1"))  # type: ignore[arg-type]
+    assert received == [raw, inner]
