@@ -95,9 +95,6 @@ class HostConfig:
     one) is reset; the sender's next message opens a fresh stream."""
     max_connections: int = 256
     """Connections this host keeps open in all (inbound and outbound); further inbound ones are refused."""
-    observed_addrs: bool = False
-    """Record the addresses other peers observe this host at (identify): DCUtR hole punching predicts its public
-    address from them (`p2p.hole_punch`)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.key_path, Path):
@@ -135,8 +132,6 @@ class HostConfig:
                 raise ConfigError(name, value, "a finite number of seconds > 0")
         if not isinstance(self.max_connections, int) or self.max_connections < 1:
             raise ConfigError("max_connections", self.max_connections, "an int >= 1")
-        if not isinstance(self.observed_addrs, bool):
-            raise ConfigError("observed_addrs", self.observed_addrs, "a bool")
 
 
 NO_ADDRESS = "/ip4/0.0.0.0/tcp/0"

@@ -155,7 +155,7 @@ async def run_relay(listen: str, key: Path, psk: bytes | None) -> None:
 
 async def run_node(listen: str, key: Path, relay_addr: str, psk: bytes | None, punch: HolePunchConfig) -> None:
     config = NodeConfig(
-        host=HostConfig(key, listen_addrs=(listen,), psk=psk, observed_addrs=True),
+        host=HostConfig(key, listen_addrs=(listen,), psk=psk),
         discovery=DiscoveryConfig(SWARM_ID),
         reachability="private",
         hole_punch=punch,

@@ -402,8 +402,8 @@ async def test_dcutr_served_without_its_loop_punches_only_when_asked_and_upgrade
     with trio.fail_after(TIMEOUT_S):
         async with (
             running_host(HostConfig(tmp_path / "relay", psk=psk)) as relay,
-            running_host(HostConfig(tmp_path / "listener", psk=psk, observed_addrs=True)) as listener,
-            running_host(HostConfig(tmp_path / "dialler", psk=psk, observed_addrs=True)) as dialler,
+            running_host(HostConfig(tmp_path / "listener", psk=psk)) as listener,
+            running_host(HostConfig(tmp_path / "dialler", psk=psk)) as dialler,
         ):
             with pytest.raises(LocalProtocolError):
                 await punch_direct(listener, dialler.get_id(), 1.0)
