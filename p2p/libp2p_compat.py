@@ -27,6 +27,7 @@ from libp2p.network.connection.swarm_connection import Direction
 from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
+from libp2p.relay.circuit_v2 import dcutr as dcutr_module
 from libp2p.relay.circuit_v2.dcutr import PROTOCOL_ID as DCUTR_PROTOCOL_ID
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
@@ -303,8 +304,8 @@ def serve_dcutr(host: IHost, max_session_s: float) -> None:
     handler registration and `_auto_drive_loop`, which every 2 s punches every relayed-only peer on its own
     schedule (docs/nat.md). Not running the service also leaves its `_nursery` None, so its own 60 s closing of the
     relayed connection after a success is skipped (the node closes it). Timeouts are whole seconds. It also runs
-    `pnet_reports_its_transport`, so that relayed connections are recognised in a private swarm, and
-    `pnet_once_on_responder_dials`, without which no punch succeeds in one.
+    `pnet_reports_its_transport`, so that relayed connections are recognised in a private swarm,
+    `pnet_once_on_responder_dials`, without which no punch succeeds in one, and `dcutr_reads_bound_listen_addrs`.
 
     The initiator's first step, `_try_unilateral_upgrade` (a plain dial of the peer's non-relayed peerstore
     addresses, looked up on the instance), is replaced by one that dials nothing: swarmgrad dials a member's
@@ -313,6 +314,7 @@ def serve_dcutr(host: IHost, max_session_s: float) -> None:
     topology)."""
     pnet_reports_its_transport()
     pnet_once_on_responder_dials(host)
+    dcutr_reads_bound_listen_addrs()
     session_timeout = max(1, math.ceil(max_session_s))
     dcutr = DCUtRProtocol(
         host, read_timeout=session_timeout, write_timeout=session_timeout, dial_timeout=DCUTR_DIAL_TIMEOUT_S
@@ -328,6 +330,35 @@ def serve_dcutr(host: IHost, max_session_s: float) -> None:
             await dcutr._handle_dcutr_stream(stream)
 
     host.set_stream_handler(DCUTR_PROTOCOL_ID, handle)
+
+
+class _BoundAddrs:
+    """What `dcutr_module._local_tcp_listen_addrs` reads of a host: `get_addrs()`, answered with the bound ones."""
+
+    def __init__(self, host: Any) -> None:
+        self._host = host
+
+    def get_addrs(self) -> list[multiaddr.Multiaddr]:
+        return list(self._host.get_transport_addrs())
+
+
+def dcutr_reads_bound_listen_addrs() -> None:
+    """Make DCUtR take its listen port from the addresses the host is bound to, not from those it advertises: a
+    private node advertises only a placeholder (`p2p.host.AddressGate`, port 0), and DCUtR would then predict
+    `<router IP>/tcp/0` and dial from an ephemeral port, and no punch would succeed. Idempotent, for the process.
+
+    Relies on: the predicted addresses of `_get_observed_addrs` (observed IP, listen port) and the source port of
+    the punch dials (`_dial_peer`) both come from the module function `_local_tcp_listen_addrs(host)`, which reads
+    only `host.get_addrs()`."""
+    original = dcutr_module._local_tcp_listen_addrs
+    if getattr(original, "reads_bound_addrs", False):
+        return
+
+    def bound_listen_addrs(host: Any) -> list[tuple[int, str, int]]:
+        return original(_BoundAddrs(host))
+
+    bound_listen_addrs.reads_bound_addrs = True  # type: ignore[attr-defined]
+    dcutr_module._local_tcp_listen_addrs = bound_listen_addrs
 
 
 def _dcutr(host: IHost) -> DCUtRProtocol:
