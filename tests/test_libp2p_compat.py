@@ -214,7 +214,7 @@ def test_the_internals_have_the_shape_the_adapter_calls() -> None:
     # the self-driving loop is started by the service's run, which serve_dcutr never calls
     assert "_auto_drive_loop" in inspect.getsource(DCUtRProtocol.run)
     # dcutr_reads_bound_listen_addrs: both the predicted addresses and the punch's source port come from here
-    for method in (DCUtRProtocol._get_observed_addrs, DCUtRProtocol._dial_peer):
+    for method in (DCUtRProtocol._get_observed_addrs, DCUtRProtocol._perform_hole_punch):
         assert "_local_tcp_listen_addrs(self.host)" in inspect.getsource(method)
     assert "_auto_drive_loop" not in inspect.getsource(DCUtRProtocol._handle_dcutr_stream)
     assert "_auto_drive_loop" not in inspect.getsource(DCUtRProtocol.initiate_hole_punch)
