@@ -13,6 +13,10 @@ epoch's parent link is (the genesis anchor, then the value hash of the last cert
   the joiners whose requests it carries). A checkpoint of an earlier epoch is ignored; one of a later epoch waits
   for its turn. A machine built with a persisted `VoterState` of epoch E resumes it (same votes, never a
   conflicting one).
+- **Evidence.** The first time its agreement finds a member equivocating, the machine sends the
+  `EquivocationEvidence` to the epoch's other members, so that whoever proposes next can carry it; evidence
+  received is verified (`verify_evidence`: the offender a member of its epoch, both votes signed) and held as if
+  found here.
 - **Joining.** A peer that is not a voter of the next epoch (and not banned) sends each live member of it one
   `JoinRequest` per epoch; members hold verified requests of live joiners (at most `MAX_PENDING_JOINS`) and a
   proposer puts them in its value (`joiners`).
@@ -356,6 +360,8 @@ class EpochChain:
         return actions
 
     def _received(self, now: float, peer: PeerId, msg: object) -> list[Action]:
+        if isinstance(msg, EquivocationEvidence):
+            return self._evidence_received(peer, msg)
         epoch = _epoch_of(msg)
         if epoch is None:
             raise RemoteProtocolError(peer, f"{type(msg).__name__} is not a consensus message")
@@ -393,6 +399,20 @@ class EpochChain:
         if epoch > self.next_epoch:  # the sender is past an epoch this chain lacks: ask it for the certificate
             return self._ask(now, peer)
         return []
+
+    def _evidence_received(self, peer: PeerId, evidence: EquivocationEvidence) -> list[Action]:
+        """Another member's proof that a member equivocated: verified, it is one this peer's values carry."""
+        epoch = evidence.first.epoch
+        if evidence.first.swarm_id != self.swarm_id:
+            raise RemoteProtocolError(peer, f"equivocation evidence of swarm {evidence.first.swarm_id!r}")
+        if evidence.offender in self._evidence or not 1 <= epoch <= self.next_epoch:
+            return []  # known, or of an epoch whose members this chain does not know yet
+        try:
+            verify_evidence(evidence, self.members_of(epoch), self.verifier)
+        except EvidenceError as exc:
+            raise RemoteProtocolError(peer, f"bad equivocation evidence: {exc}") from exc
+        self._evidence[evidence.offender] = evidence
+        return [Notify(EquivocationFound(evidence))]
 
     def _on_join_request(self, peer: PeerId, request: JoinRequest) -> None:
         """Hold a joiner's request for the next value: only from the joiner itself, signed, on this chain, for the
@@ -579,7 +599,10 @@ class EpochChain:
                 decided = action.event.certificate
             elif isinstance(action, Notify) and isinstance(action.event, EquivocationFound):
                 evidence: EquivocationEvidence = action.event.evidence
-                self._evidence.setdefault(evidence.offender, evidence)
+                if evidence.offender not in self._evidence:
+                    self._evidence[evidence.offender] = evidence
+                    me = self.signer.public_key  # the other members may propose before this peer does
+                    out += [Send(self.peer_of_key(m), evidence) for m in agreement.members if m != me]
                 out.append(action)
             else:
                 out.append(action)

@@ -1,28 +1,36 @@
-"""Epoch consensus in the simulator: the real `EpochAgreement` machines, one chain of epochs per member, and the
-Byzantine members' behaviours; shared by the swarm simulation (`SwarmConsensus`, below) and the fault harness
-(`testing.consensus_faults`).
+"""Epoch consensus in the simulator: the real `consensus.epochs.EpochChain` per member, the Byzantine members'
+behaviours, and the swarm's consensus (`SwarmConsensus`); the fault harness (`testing.consensus_faults`) shares the
+roles and `chain_candidate`.
 
-* `EpochNode` is a member's consensus: one `EpochAgreement` per epoch, one after the other. It asks its `EpochWorld`
-  for the epoch's candidate (the member's own checkpoint; None: not yet, e.g. training has not reached the epoch
-  boundary) and for a persisted `VoterState` to resume from; messages of a later epoch are buffered until that epoch
-  starts, and those of a decided one are answered with its certificate (rate-limited per peer).
+* Every honest member (and a poisoner) runs the machine a real peer's `ConsensusService` runs: an `EpochChain`,
+  which strings one `EpochAgreement` per epoch on its chain of certificates, buffers later epochs, answers decided
+  ones with their certificate, asks for certificates it lacks (`CertificateRequest`), sends each certificate to its
+  live peers, and computes the next member set from the attendance its values carry (`consensus.membership`:
+  members silent for `drop_after_missed` epochs, or proven equivocators, go). The simulator feeds it what the
+  service feeds it: `Checkpoint` at each of the member's epoch boundaries, the messages, the timers, `PeerUp` and
+  `PeerDown` of its live peers, and `ProposalChecked` answers to its `CheckProposal` effects; `Persist` is kept
+  as the `VoterState` a restarted member resumes from, `Certified` appends to the member's chain (its chain file).
 * `Silent` never sends; `Equivocator` signs conflicting votes and proposals for every round it hears of (it knows
-  what the world has certified: a strong adversary). A poisoner needs no class of its own: it is an honest
-  `EpochNode` whose world proposes a checkpoint that honest validity checks refuse.
-* `SwarmConsensus` runs these on a `SwarmRun`'s event loop and network: every member peer holds an `EpochNode` (or
-  its Byzantine role) on one `Simulator` and a `consensus.sample_fetch.SampleFetch` on a second, both over the
+  what the world has certified: a strong adversary, whose values carry the attendance and next member set an
+  honest chain computes from the certificates, `chain_candidate`). A poisoner needs no class of its own: it is an
+  honest `EpochChain` whose world hands it a checkpoint that honest validity checks refuse.
+* `SwarmConsensus` runs these on a `SwarmRun`'s event loop and network: every member peer holds an `EpochChain`
+  (or its Byzantine role) on one `Simulator` and a `consensus.sample_fetch.SampleFetch` on a second, both over the
   run's `NetworkModel`, so consensus and chunk traffic share the peers' links (and queues) with gossip. When a
   peer's own gossip round reaches `epoch * epoch_rounds`, it snapshots its parameters as its checkpoint
-  (`CheckpointTree`) and starts that epoch once the one before is decided. A voter's `CheckProposal` is the real
-  sampled-chunk check: it draws indices from its own validity seed, fetches them from the proposer with
-  `FetchSample` over the simulated network, and runs `consensus.chunks.check_sample` against its own checkpoint of
-  that epoch with the real tolerance. Nothing is stood in for: the cheap model's parameters are one flat tensor, so
-  its checkpoint is a real tree (one 64 KiB chunk per 16,384 parameters) and the check costs microseconds.
+  (`CheckpointTree`), holds it for serving and hands its chain the `Checkpoint`. A voter's `CheckProposal` is the
+  service's sampled-chunk check: the indices from the effect's seed, `FetchSample` from the proposer over the
+  simulated network, and `consensus.chunks.check_sample` against its own checkpoint of that epoch with the real
+  tolerance. The cheap model's parameters are one flat tensor, so its checkpoint is a real tree (one 64 KiB chunk
+  per 16,384 parameters) and the check costs microseconds.
 
-Simplifications, all deliberate: the member set is fixed (the first `consensus.members` peers, every epoch); a
-member's persisted `VoterState`, its chain and its checkpoints survive any restart (they are on disk, whatever the
-training state); all members share one signature-verification cache (each signature is still checked once, only
-the bookkeeping per member is saved). Nothing here reads a clock or draws from an unseeded source.
+Simplifications, all deliberate: consensus runs on the members only (the first `consensus.members` peers; a real
+non-member runs an `EpochChain` too, to learn the chain); a member's live peers are all other members up to
+`max_peers` + 1 of them, else a fixed draw of about `max_peers` (`_draw_live_peers`), and they learn at once when it
+goes down or comes up; a member's persisted `VoterState`, its chain and its checkpoints survive any restart (they
+are on disk, whatever the training state), so a restarted member is handed its checkpoints again; all members
+share one signature-verification cache (each signature is still checked once, only the bookkeeping per member is
+saved). Nothing here reads a clock or draws from an unseeded source.
 """
 
 from __future__ import annotations
@@ -42,8 +50,6 @@ from consensus.agreement import (
     AgreementConfig,
     Candidate,
     CheckProposal,
-    Decided,
-    EpochAgreement,
     EquivocationFound,
     Persist,
     ProposalChecked,
@@ -53,7 +59,7 @@ from consensus.agreement import (
 )
 from consensus.chunks import DEFAULT_SAMPLE_COUNT, ChunkRefusal, ChunkReply, ChunkRequest, check_sample, sample_indices
 from consensus.chunks import SCHEMA as CHUNK_SCHEMA
-from consensus.membership import genesis_parent_hash
+from consensus.epochs import Certified, Checkpoint, EpochChain
 from consensus.merkle import CheckpointTree
 from consensus.messages import (
     NIL,
@@ -61,39 +67,27 @@ from consensus.messages import (
     PREVOTE,
     SCHEMA,
     Certificate,
+    CertificateRequest,
     EpochValue,
     Proposal,
     Vote,
-    max_faulty,
     members_hash,
 )
+from consensus.provenance import ChainGenesis
 from consensus.sample_fetch import FetchSample, HoldTree, SampleFailed, SampleFetch, SampleFetchConfig, SampleFetched
 from consensus.signing import SignatureVerifier, Signer, proposal_bytes
+from p2p.membership import MembershipConfig
 from sim.events import EventLoop, Network, Simulator
 from swarmgrad.core.errors import LocalProtocolError
-from swarmgrad.core.machine import (
-    Action,
-    CancelTimer,
-    Effect,
-    Event,
-    PeerId,
-    Received,
-    Send,
-    SetTimer,
-    TimerFired,
-)
+from swarmgrad.core.machine import Action, Effect, Event, PeerDown, PeerId, PeerUp, Received, Send
 
 if TYPE_CHECKING:
     from sim.scenario import ConsensusSection
 
-MAX_BUFFERED = 4096
-"""Messages of later epochs an `EpochNode` keeps until it starts them (beyond that they are dropped; re-sends and
-certificates make good what a member missed)."""
-
 
 def epoch_of(msg: object) -> int:
     """The epoch a consensus message belongs to (-1: none)."""
-    if isinstance(msg, Vote):
+    if isinstance(msg, (Vote, CertificateRequest)):
         return msg.epoch
     if isinstance(msg, (Proposal, Certificate)):
         return msg.value.epoch
@@ -115,110 +109,32 @@ class MemoSigner(Signer):
         return signature
 
 
-class EpochWorld(Protocol):
-    """What an `EpochNode` needs of the run it is part of."""
-
-    members: tuple[bytes, ...]
-    peer_of: dict[bytes, PeerId]
-    verifier: SignatureVerifier
-    genesis_parent: bytes
-
-    def candidate(self, node: PeerId, epoch: int, parent: bytes) -> Candidate | None:
-        """`node`'s own value for `epoch` (None: it has none yet, or the run has no such epoch)."""
-        ...
-
-    def persisted(self, node: PeerId) -> VoterState | None:
-        """The last `VoterState` `node` persisted (None: none)."""
-        ...
-
-    def recipients(self, peer: PeerId) -> tuple[PeerId, ...]:
-        """Where a message addressed to `peer` goes (the harness's Twins run twice under one name)."""
-        ...
-
-
-@dataclass
-class EpochNode:
-    """A member's consensus: one `EpochAgreement` per epoch, one after the other (see the module docstring)."""
-
-    world: EpochWorld
-    name: PeerId
-    signer: Signer
-    config: AgreementConfig
-    chain: list[Certificate]
-    agreement: EpochAgreement | None = None
-    buffered: list[tuple[PeerId, object]] = field(default_factory=list)
-    answered: dict[tuple[PeerId, int], float] = field(default_factory=dict)
-
-    @property
-    def epoch(self) -> int:
-        return len(self.chain) + 1
-
-    def start(self, now: float) -> list[Action]:
-        """Start the agreement of the next undecided epoch (resuming from the persisted state if it is for that
-        epoch); nothing if it runs already or the world has no candidate for it yet."""
-        world = self.world
-        epoch = self.epoch
-        if self.agreement is not None and self.agreement.epoch >= epoch:
-            return []  # already running (a restart started it before this start event came)
-        parent = world.genesis_parent if not self.chain else self.chain[-1].value.hash()
-        candidate = world.candidate(self.name, epoch, parent)
-        if candidate is None:
-            self.agreement = None
-            return []
-        persisted = world.persisted(self.name)
-        state = persisted if persisted is not None and persisted.epoch == epoch else None
-        self.agreement = EpochAgreement(
-            self.config, self.signer, world.members, world.peer_of, candidate, verifier=world.verifier, state=state
-        )
-        actions = self._wrap(epoch, self.agreement.step(now, StartEpoch()))
-        held, self.buffered = self.buffered, []
-        for peer, msg in held:
-            actions.extend(self._received(now, peer, msg))
-        return actions
-
-    def step(self, now: float, event: Event) -> list[Action]:
-        if isinstance(event, StartEpoch):
-            return self.start(now)
-        if isinstance(event, Received):
-            return self._received(now, event.peer, event.msg)
-        if isinstance(event, TimerFired) and isinstance(event.key, tuple):
-            epoch, key = event.key
-            if self.agreement is not None and epoch == self.agreement.epoch:
-                return self._wrap(epoch, self.agreement.step(now, TimerFired(key)))
-            return []
-        if isinstance(event, ProposalChecked):
-            if self.agreement is not None and event.epoch == self.agreement.epoch:
-                return self._wrap(event.epoch, self.agreement.step(now, event))
-        return []
-
-    def _received(self, now: float, peer: PeerId, msg: object) -> list[Action]:
-        epoch = epoch_of(msg)
-        if self.agreement is not None and epoch == self.agreement.epoch:
-            return self._wrap(epoch, self.agreement.step(now, Received(peer, msg)))
-        if 1 <= epoch <= len(self.chain):
-            if isinstance(msg, Certificate):
-                return []
-            last = self.answered.get((peer, epoch))
-            if last is not None and now < last + self.config.rebroadcast_s:
-                return []
-            self.answered[(peer, epoch)] = now
-            return [Send(peer, self.chain[epoch - 1])]
-        if epoch > len(self.chain) and len(self.buffered) < MAX_BUFFERED:
-            self.buffered.append((peer, msg))
-        return []
-
-    def _wrap(self, epoch: int, actions: list[Action]) -> list[Action]:
-        out: list[Action] = []
-        for action in actions:
-            if isinstance(action, SetTimer):
-                out.append(SetTimer((epoch, action.key), action.deadline))
-            elif isinstance(action, CancelTimer):
-                out.append(CancelTimer((epoch, action.key)))
-            elif isinstance(action, Send):
-                out.extend(Send(peer, action.msg) for peer in self.world.recipients(action.peer))
-            else:
-                out.append(action)
-        return out
+def chain_candidate(
+    config: AgreementConfig,
+    signer: Signer,
+    genesis: ChainGenesis,
+    certificates: list[Certificate],
+    peer_of_key: Callable[[bytes], PeerId],
+    verifier: SignatureVerifier,
+    checkpoint: Checkpoint,
+) -> Candidate:
+    """The value an honest `EpochChain` on `certificates` would propose for `checkpoint` when the only votes of the
+    last epoch it holds are its certificate's precommits (what an adversary that knows the certificates can
+    forge): its attendance, next member set and parent link are the chain's own."""
+    chain = EpochChain(config, signer, genesis, certificates, peer_of_key, verifier=verifier)
+    attendance = chain.attendance()
+    following = chain.expected_next_members(attendance)
+    value = EpochValue(
+        genesis.swarm_id,
+        checkpoint.epoch,
+        checkpoint.round,
+        checkpoint.root,
+        checkpoint.model_spec_hash,
+        members_hash(following),
+        chain.parent_of_next(),
+        attendance,
+    )
+    return Candidate(value, following)
 
 
 @dataclass
@@ -233,7 +149,6 @@ class EquivocatorWorld(Protocol):
     """What an `Equivocator` knows of the run (everything certified so far: it is a strong adversary)."""
 
     swarm_id: str
-    members: tuple[bytes, ...]
     all_peers: list[PeerId]
     name_of: dict[bytes, PeerId]
 
@@ -241,12 +156,17 @@ class EquivocatorWorld(Protocol):
         """The parent link of `epoch` once its parent is certified (None: not yet)."""
         ...
 
+    def members_of(self, epoch: int) -> tuple[bytes, ...]:
+        """Who votes in `epoch` (once its parent is certified)."""
+        ...
+
     def current_epoch(self) -> int:
         """The first epoch nobody has a certificate for."""
         ...
 
-    def forge(self, signer: Signer, tag: str, epoch: int, parent: bytes) -> EpochValue:
-        """A value for `epoch` that honest validity checks accept, different for every `tag`."""
+    def forge(self, signer: Signer, tag: str, epoch: int) -> Candidate:
+        """A value for `epoch` (its parent certified) that honest validity checks accept, different for every
+        `tag`, with the attendance and next member set an honest chain computes (`chain_candidate`)."""
         ...
 
 
@@ -272,7 +192,7 @@ class Equivocator:
             parent = self.world.parent_of(epoch)
             if parent is None or (epoch, 0) in self.proposed:
                 return []
-            if proposer_of(self.world.members, parent, 0) != self.signer.public_key:
+            if proposer_of(self.world.members_of(epoch), parent, 0) != self.signer.public_key:
                 return []
             self.proposed.add((epoch, 0))
             return self._propose(epoch, 0, parent)
@@ -294,7 +214,7 @@ class Equivocator:
         actions: list[Action] = []
         own = self.signer.public_key
         for rr in (r, r + 1):
-            if (epoch, rr) not in self.proposed and proposer_of(self.world.members, parent, rr) == own:
+            if (epoch, rr) not in self.proposed and proposer_of(self.world.members_of(epoch), parent, rr) == own:
                 self.proposed.add((epoch, rr))
                 actions.extend(self._propose(epoch, rr, parent))
         if (epoch, r) not in self.acted or new_value:
@@ -318,14 +238,15 @@ class Equivocator:
         if self.split:
             sides = self._split()
         else:  # one fresh value for all but one member (the next round's proposer), which then cannot lock on it
-            following = self.world.name_of[proposer_of(self.world.members, parent, r + 1)]
+            following = self.world.name_of[proposer_of(self.world.members_of(epoch), parent, r + 1)]
             left_out = following if following in self._others() else self.rng.choice(self._others())
             self.left_out[(epoch, r)] = left_out
             sides = ([p for p in self._others() if p != left_out],)
         for side, label in zip(sides, ("equivocator-a", "equivocator-b"), strict=False):
             tag = f"{label}/{self.signer.public_key.hex()[:8]}/{r}"
-            value = self.world.forge(self.signer, tag, epoch, parent)
-            unsigned = Proposal(value, self.world.members, r, -1, self.signer.public_key, bytes(64), ())
+            forged = self.world.forge(self.signer, tag, epoch)
+            value = forged.value
+            unsigned = Proposal(value, forged.next_members, r, -1, self.signer.public_key, bytes(64), ())
             proposal = replace(unsigned, signature=self.signer.sign(proposal_bytes(unsigned)))
             self.values.setdefault((epoch, r), set()).add(value.hash())
             self.newest[(epoch, r)] = value.hash()
@@ -382,6 +303,9 @@ CONSENSUS_ROLES = ("equivocate", "silent", "poison")
 """Byzantine roles a member may take in the swarm's consensus (`consensus.byzantine_role` of a scenario)."""
 
 SWARM_ID = "sim"
+LIVE_DRAW = MembershipConfig().max_peers // 2
+"""Members each member draws as its live peers (`PeerUp`) when there are more than `max_peers`; with the links the
+others draw to it, about `max_peers` (a real peer's live set is bounded by `p2p.membership`'s `max_peers`)."""
 
 
 @dataclass
@@ -394,6 +318,8 @@ class EpochRecord:
     decided_at_s: dict[PeerId, float] = field(default_factory=dict)  # honest members only
     consensus_round: int = -1
     signers: int = 0
+    members: int = 0  # who voted in the epoch (from the first certificate's chain)
+    next_members: int = 0  # who votes in the next one (the certificate's `next_members`)
     bytes_sent: int = 0  # consensus and chunk-sample messages of this epoch, all members together
     messages_sent: int = 0
 
@@ -409,6 +335,8 @@ class EpochRecord:
             "commit_latency_s": last,
             "consensus_rounds": self.consensus_round + 1 if times else 0,
             "signers": self.signers,
+            "members": self.members,
+            "next_members": self.next_members,
             "honest_decided": len(times),
             "honest_members": honest_members,
             "consensus_bytes": self.bytes_sent,
@@ -447,13 +375,11 @@ class SwarmConsensus:
         self.swarm_id = SWARM_ID
         self.signers = {name: MemoSigner.from_seed(f"{seed}/member/{name}".encode()) for name in members}
         self.members = tuple(sorted(s.public_key for s in self.signers.values()))
-        self.members_hash = members_hash(self.members)
+        self.genesis = ChainGenesis(SWARM_ID, self.members)
         self.name_of = {s.public_key: name for name, s in self.signers.items()}
-        self.peer_of = self.name_of
         self.all_peers = sorted(members)
         self.honest = [p for p in self.all_peers if p not in roles]
-        self.f = max_faulty(len(self.members))
-        self.genesis_parent = genesis_parent_hash(SWARM_ID, self.members)
+        self.genesis_parent = self.genesis.parent_hash
         self.verifier = SignatureVerifier(max_entries=1 << 18)
         self.spec_hash = spec_hash
         self._sizes = VoteSizes()
@@ -461,11 +387,12 @@ class SwarmConsensus:
         self.fetch = Simulator(loop, network, self._chunk_size, host=self)
         self.fetch_config = SampleFetchConfig(swarm_id=SWARM_ID)
         self._rngs = {name: random.Random(f"{seed}/consensus/{name}") for name in members}
+        self.live_peers = self._draw_live_peers(seed)
         self.checkpoints: dict[PeerId, dict[int, CheckpointTree]] = {name: {} for name in members}
         self.chains: dict[PeerId, list[Certificate]] = {name: [] for name in members}
         self._persisted: dict[PeerId, VoterState] = {}
         self._checks: dict[tuple[PeerId, int, bytes], tuple[bytes, tuple[int, ...], CheckpointTree]] = {}
-        self.certified: dict[int, bytes] = {}  # epoch -> the value hash certified (the first one seen)
+        self.certified: dict[int, Certificate] = {}  # epoch -> the first certificate seen (the run's chain)
         self.records: dict[int, EpochRecord] = {}
         self.stats: Counter[str] = Counter()
         self.conflicting_certificates = 0  # a second value certified for an epoch: a safety violation
@@ -491,6 +418,20 @@ class SwarmConsensus:
             params_of,
         )  # fmt: skip
 
+    def _draw_live_peers(self, seed: int) -> dict[PeerId, list[PeerId]]:
+        """Each member's live peers among the members: all the others up to `max_peers` + 1 members, else the
+        `LIVE_DRAW` it draws and those that drew it (a connection is both ways)."""
+        names = self.all_peers
+        if len(names) <= 2 * LIVE_DRAW + 1:
+            return {name: [p for p in names if p != name] for name in names}
+        linked: dict[PeerId, set[PeerId]] = {name: set() for name in names}
+        for name in names:
+            rng = random.Random(f"{seed}/live/{name}")
+            for other in rng.sample([p for p in names if p != name], LIVE_DRAW):
+                linked[name].add(other)
+                linked[other].add(name)
+        return {name: sorted(peers) for name, peers in linked.items()}
+
     # ---- the run's hooks ----------------------------------------------------------------------------------------
 
     def peer_up(self, name: PeerId) -> None:
@@ -508,12 +449,31 @@ class SwarmConsensus:
             self.sim.add(name, Equivocator(self, self.signers[name], rng, split=rng.random() < 0.5))
             self.sim.step(name, StartEpoch())
             return
-        self.sim.add(name, EpochNode(self, name, self.signers[name], self.config, self.chains[name]))
-        self.sim.step(name, StartEpoch())
+        chain = EpochChain(
+            self.config,
+            self.signers[name],
+            self.genesis,
+            self.chains[name],
+            self.name_of.__getitem__,
+            verifier=self.verifier,
+            state=self._persisted.get(name),
+        )
+        self.sim.add(name, chain)
+        for other in self.live_peers[name]:
+            if self.fetch.has(other):  # the peer's live set (and the other's, if it runs a chain)
+                self.sim.step(name, PeerUp(other))
+                self.sim.step(other, PeerUp(name))
+        for epoch, tree in sorted(self.checkpoints[name].items()):  # on disk: a restart keeps its checkpoints
+            if epoch > len(self.chains[name]):
+                self.sim.step(name, self._checkpoint(epoch, tree))
 
     def peer_down(self, name: PeerId) -> None:
+        if name not in self.signers:
+            return
         self.sim.remove(name)
         self.fetch.remove(name)
+        for other in self.live_peers[name]:
+            self.sim.step(other, PeerDown(name))
 
     def round_completed(self, name: PeerId, gossip_round: int) -> None:
         """`name` completed gossip round `gossip_round` (numbered from 0) with its parameters now `params_of`."""
@@ -532,34 +492,27 @@ class SwarmConsensus:
             record.started_s = self.loop.now
         if self.sim.has(name):
             self.fetch.step(name, HoldTree(epoch, tree))
-            self.sim.step(name, StartEpoch())
+            self.sim.step(name, self._checkpoint(epoch, tree))
 
-    # ---- EpochWorld and EquivocatorWorld ------------------------------------------------------------------------
+    def _checkpoint(self, epoch: int, tree: CheckpointTree) -> Checkpoint:
+        return Checkpoint(epoch, epoch * self.epoch_rounds, tree.root, self.spec_hash)
 
-    def candidate(self, node: PeerId, epoch: int, parent: bytes) -> Candidate | None:
-        tree = self.checkpoints[node].get(epoch)
-        if tree is None:
-            return None
-        value = EpochValue(
-            SWARM_ID, epoch, epoch * self.epoch_rounds, tree.root, self.spec_hash, self.members_hash, parent
-        )
-        return Candidate(value, self.members)
+    # ---- EquivocatorWorld ---------------------------------------------------------------------------------------
 
-    def persisted(self, node: PeerId) -> VoterState | None:
-        return self._persisted.get(node)
-
-    def recipients(self, peer: PeerId) -> tuple[PeerId, ...]:
-        return (peer,)
+    def members_of(self, epoch: int) -> tuple[bytes, ...]:
+        """Who votes in `epoch` by the run's chain (the founders, then each certificate's next member set)."""
+        return self.members if epoch == 1 else self.certified[epoch - 1].next_members
 
     def parent_of(self, epoch: int) -> bytes | None:
         if epoch == 1:
             return self.genesis_parent
-        return self.certified.get(epoch - 1)
+        cert = self.certified.get(epoch - 1)
+        return None if cert is None else cert.value.hash()
 
     def current_epoch(self) -> int:
         return 1 + max(self.certified, default=0)
 
-    def forge(self, signer: Signer, tag: str, epoch: int, parent: bytes) -> EpochValue:
+    def forge(self, signer: Signer, tag: str, epoch: int) -> Candidate:
         """The equivocator's current parameters, nudged by 1e-3 of their scale per `tag` (well inside the
         tolerance), as a tree it serves."""
         name = self.name_of[signer.public_key]
@@ -569,15 +522,17 @@ class SwarmConsensus:
         tree = CheckpointTree.from_state({"params": nudged})
         if self.fetch.has(name):
             self.fetch.step(name, HoldTree(epoch, tree))
-        return EpochValue(
-            SWARM_ID, epoch, epoch * self.epoch_rounds, tree.root, self.spec_hash, self.members_hash, parent
-        )
+        certificates = [self.certified[e] for e in range(1, epoch)]
+        return chain_candidate(
+            self.config, signer, self.genesis, certificates, self.name_of.__getitem__, self.verifier,
+            self._checkpoint(epoch, tree),
+        )  # fmt: skip
 
     # ---- the Host of both simulators ----------------------------------------------------------------------------
 
     def notified(self, peer: PeerId, event: object) -> None:
-        if isinstance(event, Decided):
-            self._decided(peer, event.certificate)
+        if isinstance(event, Certified):
+            self._certified(peer, event)
         elif isinstance(event, EquivocationFound):
             self.stats["equivocations_found"] += 1
         elif isinstance(event, SampleFetched):
@@ -589,7 +544,7 @@ class SwarmConsensus:
         if isinstance(effect, Persist):
             self._persisted[peer] = effect.state
         elif isinstance(effect, CheckProposal):
-            self._check(peer, effect.proposal)
+            self._check(peer, effect)
         else:
             raise LocalProtocolError(f"the simulated consensus carries out no {type(effect).__name__}")
 
@@ -598,23 +553,19 @@ class SwarmConsensus:
 
     # ---- validity checks ----------------------------------------------------------------------------------------
 
-    def _check(self, voter: PeerId, proposal: Proposal) -> None:
-        value = proposal.value
+    def _check(self, voter: PeerId, effect: CheckProposal) -> None:
+        """The consensus service's check (`ConsensusService._run_effect`): sampled chunks from the proposer against
+        this voter's own tree of the epoch (the chain has already refused a wrong spec, attendance or member set)."""
+        value = effect.proposal.value
         own = self.checkpoints[voter].get(value.epoch)
-        reason = ""
         if own is None:
-            reason = "no checkpoint of our own at this boundary"
-        elif value.model_spec_hash != self.spec_hash or proposal.next_members != self.members:
-            reason = "another model or member set"
-        if reason or own is None:
-            self._step_later(voter, ProposalChecked(value.epoch, value.hash(), False, reason))
+            self._step_later(voter, ProposalChecked(value.epoch, value.hash(), False, "no checkpoint of this epoch"))
             return
-        seed = self.signers[voter].validity_seed(proposal)
-        indices = sample_indices(seed, own.chunk_count, DEFAULT_SAMPLE_COUNT)
+        indices = sample_indices(effect.seed, own.chunk_count, DEFAULT_SAMPLE_COUNT)
         request = ChunkRequest(SWARM_ID, value.epoch, value.checkpoint_root, indices)
         self._checks[(voter, value.epoch, value.checkpoint_root)] = (value.hash(), indices, own)
         self.stats["samples_requested"] += 1
-        self.fetch.step(voter, FetchSample(self.peer_of[proposal.proposer], request))
+        self.fetch.step(voter, FetchSample(self.name_of[effect.proposal.proposer], request))
 
     def _sampled(self, voter: PeerId, request: ChunkRequest, answer: ChunkReply | ChunkRefusal) -> None:
         pending = self._checks.get((voter, request.epoch, request.root))
@@ -637,25 +588,26 @@ class SwarmConsensus:
 
     # ---- decisions ----------------------------------------------------------------------------------------------
 
-    def _decided(self, peer: PeerId, cert: Certificate) -> None:
-        epoch = cert.value.epoch
+    def _certified(self, peer: PeerId, note: Certified) -> None:
+        """What the service does with `Certified` that the run needs: the chain file (here, the member's list)."""
+        cert = note.certificate
+        epoch = cert.epoch
         chain = self.chains[peer]
         if epoch != len(chain) + 1:
             return
         chain.append(cert)
-        value_hash = cert.value.hash()
-        known = self.certified.setdefault(epoch, value_hash)
-        if known != value_hash:
+        known = self.certified.setdefault(epoch, cert)
+        if known.value.hash() != cert.value.hash():
             self.conflicting_certificates += 1
         record = self.records.setdefault(epoch, EpochRecord(epoch, epoch * self.epoch_rounds))
         if peer in self.honest:
             record.decided_at_s.setdefault(peer, self.loop.now)
         if record.consensus_round < 0:
             record.consensus_round, record.signers = cert.consensus_round, len(cert.precommits)
+            record.members, record.next_members = len(note.members), len(cert.next_members)
             for name in self.all_peers:
                 if self.roles.get(name) == "equivocate":
                     self._step_later(name, StartEpoch())
-        self._step_later(peer, StartEpoch())
 
     # ---- sizes and the table ------------------------------------------------------------------------------------
 
@@ -681,8 +633,10 @@ class SwarmConsensus:
     def summary(self) -> dict[str, object]:
         rows = self.epoch_rows()
         latencies = sorted(float(r["commit_latency_s"]) for r in rows if r["honest_decided"])  # type: ignore[arg-type]
+        last = self.certified[max(self.certified)] if self.certified else None
         return {
             "members": len(self.members),
+            "final_members": len(self.members if last is None else last.next_members),
             "byzantine_members": dict(sorted(self.roles.items())),
             "epochs_started": len(rows),
             "epochs_committed": len(latencies),

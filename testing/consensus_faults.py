@@ -1,11 +1,14 @@
-"""The seeded fault harness of the epoch consensus: real `EpochAgreement` machines on the simulator's event core.
+"""The seeded fault harness of the epoch consensus: the real `EpochChain` machines on the simulator's event core.
 
 One seed draws one scenario and runs it in virtual time on `sim.events` (an `EventLoop` and its `Simulator` driver)
 with `sim.network.NetworkModel` for the links; no trio, no clock reads, every draw from one `random.Random(seed)`.
-A member's chain of epochs (`EpochNode`) and the `Equivocator` and `Silent` roles are `sim.consensus`'s, shared
-with the swarm simulation; this module draws the scenarios, injects the faults and checks the properties.
+Every honest member runs `consensus.epochs.EpochChain`, the machine a real peer's consensus service runs, fed what
+the service feeds it (its checkpoints, messages, timers, `PeerUp` of the others, answers to its checks); the
+`Equivocator` and `Silent` roles are `sim.consensus`'s, shared with the swarm simulation; this module draws the
+scenarios, injects the faults and checks the properties.
 
-A scenario: n in {4, 7, 10, 31} members (all of them vote in every epoch), up to f = (n - 1) // 3 Byzantine ones,
+A scenario: n in {4, 7, 10, 31} founders (the chain's membership rule may drop a proven equivocator from a later
+epoch; nobody is silent long enough to be dropped in these few epochs), up to f = (n - 1) // 3 Byzantine ones,
 each of one behaviour --
 
 * `equivocate`: for every round it hears of, signs prevotes and precommits for values of that round drawn at random
@@ -23,7 +26,8 @@ and, for the honest members: crash-restarts at random times and at random `Persi
 gets exactly what was persisted, and actions after the `Persist` are lost with the crash), a partition of the
 members into two sides that heals, and message loss, duplication, reordering and random latency until then.
 `heal_s` is when the last partition, loss and crash end (GST); after it links keep their latency and jitter.
-Several epochs run back to back: when a node decides epoch E, it starts E+1 with E's value hash as parent.
+Several epochs run back to back: every node holds its checkpoints of all of them from the start, so its chain
+starts E+1 as soon as it has E's certificate and E's attendance (every member's vote, or `vote_timeout_s`).
 
 Checked on every run:
 
@@ -55,7 +59,6 @@ from consensus.agreement import (
     AgreementConfig,
     Candidate,
     CheckProposal,
-    Decided,
     EquivocationFound,
     Persist,
     ProposalChecked,
@@ -63,23 +66,21 @@ from consensus.agreement import (
     VoterState,
 )
 from consensus.certificate import verify_certificate
+from consensus.epochs import Certified, Checkpoint, EpochChain
 from consensus.errors import CertificateError
-from consensus.membership import genesis_parent_hash
 from consensus.messages import (
     SCHEMA,
     Certificate,
-    EpochValue,
     Proposal,
     Vote,
     max_faulty,
-    members_hash,
 )
 from consensus.provenance import ChainGenesis, append_certificate, create_chain
 from consensus.signing import SignatureVerifier, Signer
-from sim.consensus import EpochNode, Equivocator, MemoSigner, Silent
+from sim.consensus import Equivocator, MemoSigner, Silent, chain_candidate
 from sim.events import EventLoop, Simulator
 from sim.network import NetworkConfig, NetworkModel, links_between
-from swarmgrad.core.machine import Effect, PeerId
+from swarmgrad.core.machine import Action, Effect, Event, PeerId, PeerUp, Send
 
 SIZES = (4, 7, 10, 31)
 SIZE_WEIGHTS = (0.47, 0.3, 0.2, 0.03)
@@ -99,6 +100,24 @@ CHECK_DELAY_S = (0.005, 0.1)
 
 def _root(label: str, epoch: int) -> bytes:
     return hashlib.sha256(f"{label}/{epoch}".encode()).digest()
+
+
+class Twinned:
+    """A node's `EpochChain` with its sends carried to every copy of their receiver (one key run twice is one
+    address that reaches both copies: what the network does for Twins)."""
+
+    def __init__(self, chain: EpochChain, copies_of: dict[PeerId, tuple[PeerId, ...]]) -> None:
+        self.chain = chain
+        self.copies_of = copies_of
+
+    def step(self, now: float, event: Event) -> list[Action]:
+        out: list[Action] = []
+        for action in self.chain.step(now, event):
+            if isinstance(action, Send) and action.peer in self.copies_of:
+                out.extend(Send(peer, action.msg) for peer in self.copies_of[action.peer])
+            else:
+                out.append(action)
+        return out
 
 
 @dataclass
@@ -204,21 +223,21 @@ class FaultRun:
         s = scenario
         self.signers: list[Signer] = [MemoSigner.from_seed(f"{s.seed}/member {i}".encode()) for i in range(s.n)]
         self.members = tuple(sorted(signer.public_key for signer in self.signers))
-        self.members_hash = members_hash(self.members)
-        self.genesis_parent = genesis_parent_hash(SWARM_ID, self.members)
+        self.genesis = ChainGenesis(SWARM_ID, self.members)
+        self.genesis_parent = self.genesis.parent_hash
         self.index_of = {signer.public_key: i for i, signer in enumerate(self.signers)}
         self.name_of = {signer.public_key: f"n{i:02d}" for i, signer in enumerate(self.signers)}
         self.peer_of = dict(self.name_of)
         self.copies_of: dict[PeerId, tuple[PeerId, ...]] = {}
         self.swarm_id = SWARM_ID
         self.verifier = SignatureVerifier(max_entries=1 << 18)
-        self.f = max_faulty(s.n)
         honest_config = AgreementConfig(planted_bug=None if variant == "honest" else variant)
         self.honest = [i for i in range(s.n) if i not in s.behaviour_of]
         self.valid_roots: set[bytes] = set()
         self.checks_passed: dict[bytes, set[int]] = {}
         self.proposed: set[bytes] = set()
         self.certified: dict[int, dict[bytes, str]] = {}
+        self.first_certificate: dict[int, Certificate] = {}  # the run's chain: each epoch's first certificate seen
         self.decided_at: dict[tuple[PeerId, int], float] = {}
         self.chains: dict[PeerId, list[Certificate]] = {}
         self.persisted_states: dict[PeerId, VoterState] = {}
@@ -295,34 +314,27 @@ class FaultRun:
         self._last_msg, self._last_size = msg, len(SCHEMA.encode(msg))
         return self._last_size
 
-    # ---- sim.consensus.EpochWorld and EquivocatorWorld ----------------------------------------------------------
+    # ---- sim.consensus.EquivocatorWorld -------------------------------------------------------------------------
 
-    def candidate(self, node: PeerId, epoch: int, parent: bytes) -> Candidate | None:
-        if epoch > self.scenario.epochs:
-            return None
-        label = self.nodes[node][1]
-        value = EpochValue(SWARM_ID, epoch, epoch * 100, _root(label, epoch), SPEC_HASH, self.members_hash, parent)
-        return Candidate(value, self.members)
-
-    def persisted(self, node: PeerId) -> VoterState | None:
-        return self.persisted_states.get(node)
-
-    def recipients(self, peer: PeerId) -> tuple[PeerId, ...]:
-        return self.copies_of.get(peer, (peer,))
+    def members_of(self, epoch: int) -> tuple[bytes, ...]:
+        return self.members if epoch == 1 else self.first_certificate[epoch - 1].next_members
 
     def current_epoch(self) -> int:
         return 1 + max((e for e, values in self.certified.items() if values), default=0)
 
-    def forge(self, signer: Signer, tag: str, epoch: int, parent: bytes) -> EpochValue:
-        value = EpochValue(SWARM_ID, epoch, epoch * 100, _root(tag, epoch), SPEC_HASH, self.members_hash, parent)
-        self.valid_roots.add(value.checkpoint_root)
-        return value
+    def forge(self, signer: Signer, tag: str, epoch: int) -> Candidate:
+        checkpoint = Checkpoint(epoch, epoch * 100, _root(tag, epoch), SPEC_HASH)
+        self.valid_roots.add(checkpoint.root)
+        certificates = [self.first_certificate[e] for e in range(1, epoch)]
+        return chain_candidate(
+            AgreementConfig(), signer, self.genesis, certificates, self.peer_of.__getitem__, self.verifier, checkpoint
+        )
 
     def parent_of(self, epoch: int) -> bytes | None:
         if epoch == 1:
             return self.genesis_parent
-        certified = self.certified.get(epoch - 1)
-        return next(iter(certified)) if certified else None
+        cert = self.first_certificate.get(epoch - 1)
+        return None if cert is None else cert.value.hash()
 
     def _observe_certificate(self, cert: Certificate, where: str) -> None:
         epoch = cert.epoch
@@ -333,26 +345,29 @@ class FaultRun:
         parent = self.parent_of(epoch)
         if parent is None:
             return
+        members = self.members_of(epoch)
         if where == "sent":
             try:
-                verify_certificate(cert, self.members, parent, self.verifier, epoch=epoch)
+                verify_certificate(cert, members, parent, self.verifier, epoch=epoch)
             except CertificateError:
                 return  # not a certificate under the real rules (a planted bug's own decisions are counted anyway)
         known[value_hash] = where
+        self.first_certificate.setdefault(epoch, cert)
         if len(known) > 1:
             self._violate("agreement", f"epoch {epoch} has {len(known)} certified values ({where})")
         honest_passes = self.checks_passed.get(value_hash, set())
-        if value_hash not in self.proposed or len(honest_passes) < self.f + 1:
+        f = max_faulty(len(members))
+        if value_hash not in self.proposed or len(honest_passes) < f + 1:
             self._violate(
                 "validity",
-                f"epoch {epoch}: certified value passed {len(honest_passes)} honest checks (f+1 = {self.f + 1})",
+                f"epoch {epoch}: certified value passed {len(honest_passes)} honest checks (f+1 = {f + 1})",
             )
 
     def _violate(self, kind: str, detail: str) -> None:
         self.violations.append(Violation(self.scenario.seed, self.variant, kind, detail))
 
     def notified(self, peer: PeerId, event: object) -> None:
-        if isinstance(event, Decided):
+        if isinstance(event, Certified):
             cert = event.certificate
             chain = self.chains.setdefault(peer, [])
             if cert.epoch != len(chain) + 1:
@@ -369,7 +384,6 @@ class FaultRun:
             self._observe_certificate(cert, f"decided by {peer}")
             if first:
                 self._kick()
-            self.loop.at(self.loop.now, lambda: self.sim.step(peer, StartEpoch()))
         elif isinstance(event, EquivocationFound):
             self.stats["equivocations_found"] += 1
             offender = event.evidence.offender
@@ -387,11 +401,7 @@ class FaultRun:
                 self._crash(peer, window[1])
         elif isinstance(effect, CheckProposal):
             value = effect.proposal.value
-            ok = (
-                value.checkpoint_root in self.valid_roots
-                and value.model_spec_hash == SPEC_HASH
-                and effect.proposal.next_members == self.members
-            )
+            ok = value.checkpoint_root in self.valid_roots  # the chain refused another spec, attendance or member set
             index = self.nodes[peer][0]
             if ok and index in self.honest and not peer.endswith("b"):
                 self.checks_passed.setdefault(value.hash(), set()).add(index)
@@ -405,11 +415,25 @@ class FaultRun:
     # ---- faults -------------------------------------------------------------------------------------------------
 
     def _spawn(self, name: PeerId) -> None:
-        index, _, config = self.nodes[name]
-        node = EpochNode(self, name, self.signers[index], config, self.chains.setdefault(name, []))
-        self.sim.add(name, node)
+        """Start (or restart) `name`'s chain on the certificates it decided (its chain file), resuming its persisted
+        votes, told of every other node and handed its checkpoints of every epoch."""
+        index, label, config = self.nodes[name]
+        chain = EpochChain(
+            config,
+            self.signers[index],
+            self.genesis,
+            self.chains.setdefault(name, []),
+            self.peer_of.__getitem__,
+            verifier=self.verifier,
+            state=self.persisted_states.get(name),
+        )
+        self.sim.add(name, Twinned(chain, self.copies_of) if self.copies_of else chain)
         self.stats["restored_from_persisted"] += name in self.persisted_states
-        self.sim.step(name, StartEpoch())
+        for other in self.all_peers:
+            if other != name:
+                self.sim.step(name, PeerUp(other))
+        for epoch in range(1, self.scenario.epochs + 1):
+            self.sim.step(name, Checkpoint(epoch, epoch * 100, _root(label, epoch), SPEC_HASH))
 
     def _crash(self, name: PeerId, down_s: float) -> None:
         if not self.sim.has(name):
