@@ -123,7 +123,7 @@ def chain_candidate(
     forge): its attendance, next member set and parent link are the chain's own."""
     chain = EpochChain(config, signer, genesis, certificates, peer_of_key, verifier=verifier)
     attendance = chain.attendance()
-    following = chain.expected_next_members(attendance)
+    following = chain.expected_next_members(attendance, ())
     value = EpochValue(
         genesis.swarm_id,
         checkpoint.epoch,
