@@ -63,7 +63,11 @@ def _byzantine_proposes_round_0(swarm: SwarmRun, peer: str) -> list[int]:
     key = consensus.signers[peer].public_key
     chain = consensus.chains["p0"]
     parents = [consensus.genesis_parent, *(c.value.hash() for c in chain)]
-    return [e + 1 for e, parent in enumerate(parents[: len(chain)]) if proposer_of(consensus.members, parent, 0) == key]
+    return [
+        e + 1
+        for e, parent in enumerate(parents[: len(chain)])
+        if proposer_of(consensus.members_of(e + 1), parent, 0) == key
+    ]
 
 
 @pytest.mark.parametrize("role", ["silent", "poison", "equivocate"])
@@ -92,6 +96,31 @@ def test_byzantine_members_slow_an_epoch_but_never_split_it(role: str) -> None:
             assert consensus.stats["honest_checks_refused"] > 0
         slowed.extend(led)
     assert slowed, f"no seed gave a {role} member round 0 of an epoch"
+
+
+@pytest.mark.parametrize("role", ["silent", "poison"])
+def test_members_that_never_vote_for_the_decided_value_leave_after_three_epochs(role: str) -> None:
+    # the real EpochChain's rule (consensus.membership): a member no decided value attests for the last 3 epochs
+    # is dropped; a poisoner's checks refuse every honest checkpoint, so it votes nil only and counts as absent
+    swarm = SwarmRun(
+        scenario_from_dict(
+            {
+                **BASE,
+                "swarm": {"peers": 7, "rounds": 60},
+                "consensus": {"epoch_rounds": 10, "byzantine_peers": ["p1", "p4"], "byzantine_role": role},
+            }
+        ),
+        0,
+    )
+    swarm.run()
+    assert swarm.consensus is not None
+    rows = swarm.consensus.epoch_rows()
+    assert [(r["members"], r["next_members"]) for r in rows] == [(7, 7), (7, 7), (7, 7), (7, 5), (5, 5)]
+    assert all(r["honest_decided"] == 5 for r in rows)
+    assert rows[-1]["signers"] == 4  # 2f + 1 of the 5 honest members left (f = 1)
+    gone = {swarm.consensus.signers[p].public_key for p in ("p1", "p4")}
+    assert not gone & set(swarm.consensus.members_of(5))
+    assert swarm.consensus.summary()["final_members"] == 5
 
 
 def test_cli_writes_the_epoch_table_and_commit_latency(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
