@@ -18,6 +18,7 @@ import dataclasses
 import importlib.metadata
 import importlib.util
 import json
+import math
 import shlex
 import sys
 from collections.abc import Sequence
@@ -124,24 +125,54 @@ def write_table(path: Path, columns: Sequence[str], rows: list[dict[str, object]
             writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
 
 
+Panel = tuple[str, str, list[float], list[float], bool]
+"""One plot: x label, y label, x values, y values, and whether y is drawn on a log scale."""
+
+
+def panels(rows: list[RoundMetrics]) -> list[list[Panel]]:
+    """The rows of panels of `rounds.png`: loss against rounds, bytes sent and virtual time, and consensus distance
+    against rounds; for a task (rows with accuracy), its held-out accuracy against the same three."""
+    rounds = [float(r.round) for r in rows]
+    sent = [float(r.bytes_sent) for r in rows]
+    times = [r.virtual_time_s for r in rows]
+    losses = [r.loss for r in rows]
+    grid = [
+        [
+            ("round", "loss", rounds, losses, True),
+            ("bytes sent (all peers)", "loss", sent, losses, True),
+            ("virtual time (s)", "loss", times, losses, True),
+            ("round", "consensus distance", rounds, [r.consensus_distance for r in rows], True),
+        ]
+    ]
+    if any(r.accuracy is not None for r in rows):
+        accuracy = [math.nan if r.accuracy is None else r.accuracy for r in rows]
+        grid.append(
+            [
+                ("round", "held-out accuracy", rounds, accuracy, False),
+                ("bytes sent (all peers)", "held-out accuracy", sent, accuracy, False),
+                ("virtual time (s)", "held-out accuracy", times, accuracy, False),
+            ]
+        )
+    return grid
+
+
 def plot_rows(path: Path, rows: list[RoundMetrics]) -> None:
-    """Four panels: loss against rounds, bytes sent and virtual time; consensus distance against rounds."""
+    """The `panels` of `rows`, one row of four per line."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    figure, axes = pyplot.subplots(1, 4, figsize=(16, 3.6))
-    rounds = [r.round for r in rows]
-    losses = [r.loss for r in rows]
-    axes[0].semilogy(rounds, losses)
-    axes[0].set(xlabel="round", ylabel="loss")
-    axes[1].semilogy([r.bytes_sent for r in rows], losses)
-    axes[1].set(xlabel="bytes sent (all peers)", ylabel="loss")
-    axes[2].semilogy([r.virtual_time_s for r in rows], losses)
-    axes[2].set(xlabel="virtual time (s)", ylabel="loss")
-    axes[3].semilogy(rounds, [r.consensus_distance for r in rows])
-    axes[3].set(xlabel="round", ylabel="consensus distance")
+    grid = panels(rows)
+    figure, axes = pyplot.subplots(len(grid), 4, figsize=(16, 3.6 * len(grid)), squeeze=False)
+    for line, row_axes in zip(grid, axes, strict=True):
+        for index, ax in enumerate(row_axes):
+            if index >= len(line):
+                ax.axis("off")
+                continue
+            xlabel, ylabel, xs, ys, log = line[index]
+            (ax.semilogy if log else ax.plot)(xs, ys)
+            ax.set(xlabel=xlabel, ylabel=ylabel)
     figure.tight_layout()
     figure.savefig(path, dpi=80, metadata={"Software": None})
     pyplot.close(figure)

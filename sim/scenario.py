@@ -169,7 +169,7 @@ class ByzantineSection:
 @dataclass(frozen=True)
 class ConsensusSection:
     """Epoch consensus (off while `epoch_rounds` is 0): every `epoch_rounds` gossip rounds the first `members` peers
-    (0: all of them) decide one checkpoint with the real `EpochAgreement`, checking proposals by sampled chunks
+    (0: all of them, at first) decide one checkpoint with the real `EpochChain`, checking proposals by sampled chunks
     within `tolerance`; `byzantine_peers` (members) take `byzantine_role` (one of `sim.consensus.CONSENSUS_ROLES`).
     The timeouts are `consensus.agreement.AgreementConfig`'s."""
 

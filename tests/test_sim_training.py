@@ -5,15 +5,26 @@ twice; a peer (re)starting without state trains exactly as a brand-new one; bad 
 from __future__ import annotations
 
 import csv
+import importlib.util
+import tomllib
 from pathlib import Path
 
 import pytest
 import torch
 
 from sim.__main__ import main as sim_main
-from sim.scenario import scenario_from_dict
+from sim.__main__ import panels
+from sim.scenario import Scenario, scenario_from_dict
+from sim.swarm import SwarmRun
 from sim.training import TaskTraining
 from swarmgrad.core.errors import ConfigError
+
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+def load_text(text: str) -> Scenario:
+    return scenario_from_dict(tomllib.loads(text))
+
 
 TINY_DIGITS = """
 [swarm]
@@ -44,6 +55,24 @@ def test_a_tiny_digits_scenario_through_the_cli_raises_accuracy(tmp_path: Path) 
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])  # the held-out loss
     assert int(rows[-1]["bytes_sent"]) > 0
     assert (tmp_path / "a" / "rounds.csv").read_bytes() == (tmp_path / "b" / "rounds.csv").read_bytes()
+    assert (tmp_path / "a" / "rounds.png").exists() == HAS_MATPLOTLIB
+
+
+def test_a_task_run_plots_accuracy_against_rounds_bytes_and_virtual_time() -> None:
+    swarm = SwarmRun(load_text(TINY_DIGITS), 0)
+    rows = swarm.run()
+    loss_line, accuracy_line = panels(rows)
+    assert [(x, y) for x, y, *_ in accuracy_line] == [
+        ("round", "held-out accuracy"),
+        ("bytes sent (all peers)", "held-out accuracy"),
+        ("virtual time (s)", "held-out accuracy"),
+    ]
+    for _, _, xs, ys, log in accuracy_line:
+        assert len(xs) == len(ys) == len(rows) and not log
+        assert ys[-1] == rows[-1].accuracy and xs == sorted(xs)  # rounds, bytes and time only grow
+    assert [y for _, y, *_ in loss_line] == ["loss", "loss", "loss", "consensus distance"]
+    quadratic = SwarmRun(scenario_from_dict({"swarm": {"peers": 4, "rounds": 2}, "model": {"dim": 10}}), 0).run()
+    assert len(panels(quadratic)) == 1  # no accuracy: the loss panels only
 
 
 def test_a_fresh_start_resets_the_model_optimizer_and_data_stream() -> None:
