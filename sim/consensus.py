@@ -383,8 +383,8 @@ class SwarmConsensus:
         self.verifier = SignatureVerifier(max_entries=1 << 18)
         self.spec_hash = spec_hash
         self._sizes = VoteSizes()
-        self.sim = Simulator(loop, network, self._consensus_size, host=self)
-        self.fetch = Simulator(loop, network, self._chunk_size, host=self)
+        self.sim = Simulator(loop, network, self._sizes, host=self, on_sent=self._sent)
+        self.fetch = Simulator(loop, network, self._chunk_size, host=self, on_sent=self._sent)
         self.fetch_config = SampleFetchConfig(swarm_id=SWARM_ID)
         self._rngs = {name: random.Random(f"{seed}/consensus/{name}") for name in members}
         self.live_peers = self._draw_live_peers(seed)
@@ -611,17 +611,15 @@ class SwarmConsensus:
 
     # ---- sizes and the table ------------------------------------------------------------------------------------
 
-    def _consensus_size(self, msg: object) -> int:
-        size = self._sizes(msg)
-        self._count(epoch_of(msg), size)
-        return size
+    @staticmethod
+    def _chunk_size(msg: object) -> int:
+        return len(CHUNK_SCHEMA.encode(msg))
 
-    def _chunk_size(self, msg: object) -> int:
-        size = len(CHUNK_SCHEMA.encode(msg))
-        self._count(getattr(msg, "epoch", -1), size)
-        return size
-
-    def _count(self, epoch: int, size: int) -> None:
+    def _sent(self, msg: object, size: int) -> None:
+        """Count a consensus or chunk message sent towards its epoch's record (each receiver of a broadcast)."""
+        epoch = epoch_of(msg)
+        if epoch < 0:  # a chunk message
+            epoch = getattr(msg, "epoch", -1)
         record = self.records.get(epoch)
         if record is not None:
             record.bytes_sent += size

@@ -115,10 +115,13 @@ class Simulator:
         size_bytes: Callable[[object], int],
         host: Host | None = None,
         on_rejected: Callable[[PeerId, PeerId, RemoteProtocolError], None] | None = None,
+        on_sent: Callable[[object, int], None] | None = None,
     ) -> None:
-        """`on_rejected(receiver, sender, error)` is told each message a receiver's machine refused."""
+        """`on_rejected(receiver, sender, error)` is told each message a receiver's machine refused; `on_sent(msg,
+        size_bytes)` each message sent (a broadcast once per receiver)."""
         self.loop = loop
         self.on_rejected = on_rejected
+        self.on_sent = on_sent
         self.network = network
         self.host = host
         self._size_bytes = size_bytes
@@ -205,6 +208,8 @@ class Simulator:
             self._last_sized = (action.msg, size)
         self.counters["messages_sent"] += 1
         self.bytes_sent[sender] += size
+        if self.on_sent is not None:
+            self.on_sent(action.msg, size)
         deadline = action.deadline
         if action.peer not in self._machines:
             self._fail_at(sender, action.peer, self.loop.now if deadline is None else deadline, "unreachable")

@@ -54,6 +54,10 @@ def test_every_epoch_commits_with_every_honest_member_and_a_quorum_of_signers() 
         roots = {trees[cert.epoch].root for trees in swarm.consensus.checkpoints.values()}
         assert cert.value.checkpoint_root in roots
     assert swarm.consensus.stats["honest_checks_passed"] >= 3 * 6
+    # the per-epoch columns count every send (a broadcast once per receiver): all the consensus traffic
+    summary = swarm.consensus.summary()
+    assert sum(int(r["consensus_bytes"]) for r in rows) == summary["bytes_sent"]  # type: ignore[call-overload]
+    assert sum(int(r["consensus_messages"]) for r in rows) == summary["messages_sent"]  # type: ignore[call-overload]
 
 
 def _byzantine_proposes_round_0(swarm: SwarmRun, peer: str) -> list[int]:
