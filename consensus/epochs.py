@@ -43,7 +43,10 @@ epoch's parent link is (the genesis anchor, then the value hash of the last cert
   hears a message of an epoch past its next one, e.g. after a restart) asks that sender for the next epoch's
   certificate (`CertificateRequest`, at most once per `rebroadcast_s` per peer and epoch), and after accepting it
   asks for the following one while later messages wait; a request for a decided epoch is answered with its
-  certificate like a late vote. Buffered messages of epochs that become decided are dropped.
+  certificate like a late vote. Buffered messages of epochs that become decided are dropped, and so is (counted in
+  `dropped`) one that proves bad when its epoch starts: its replay runs inside another event's step (a checkpoint,
+  a timer), whose actions a remote error would throw away (the fault harness found an agreement started without
+  its timers that way).
 - **Adopting.** `AdoptChain(certificates)` (a joiner that starts from a neighbour's certified checkpoint, whose
   chain the host verified) appends the certificates beyond this chain and notifies `ChainAdopted` with them; the
   next epoch is then the one after the adopted chain's last. Buffered certificates that continue the chain (after an
@@ -356,7 +359,10 @@ class EpochChain:
         actions = self._run(now, StartEpoch())
         held, self._buffered = self._buffered, []
         for peer, msg in held:
-            actions.extend(self._received(now, peer, msg))
+            try:
+                actions.extend(self._received(now, peer, msg))
+            except RemoteProtocolError:
+                self.dropped += 1  # a bad buffered message must not cost this step its actions (the start's timers)
         return actions
 
     def _received(self, now: float, peer: PeerId, msg: object) -> list[Action]:

@@ -26,7 +26,7 @@ from consensus.messages import (
 from consensus.provenance import ChainGenesis
 from consensus.signing import Signer, proposal_bytes
 from swarmgrad.core.errors import RemoteProtocolError
-from swarmgrad.core.machine import Action, Notify, PeerUp, Received, Send
+from swarmgrad.core.machine import Action, Notify, PeerUp, Received, Send, SetTimer
 from tests.consensus_helpers import SPEC, SWARM, Members, certificate
 
 
@@ -109,3 +109,18 @@ def test_bad_evidence_is_a_remote_error(case: str) -> None:
         )
     with pytest.raises(RemoteProtocolError):
         chain.step(20.5, Received("p9", evidence))
+
+
+def test_a_bad_buffered_message_is_dropped_when_its_epoch_starts_not_the_start_itself() -> None:
+    # a vote of epoch 2 arriving while epoch 2 waits for this peer's checkpoint is buffered; when the checkpoint
+    # starts the epoch, the replay finds its signature forged: it is dropped and counted, and the step still returns
+    # the agreement's start (its timers), which a remote error would have thrown away
+    members = Members.make(4)
+    genesis = ChainGenesis(SWARM, members.keys)
+    first = certificate(1, genesis.parent_hash, members, signers=members.signers)
+    chain = EpochChain(AgreementConfig(), members.signers[0], genesis, [first], members.name)
+    vote = members.signers[1].vote(SWARM, 2, 0, PREVOTE, hashlib.sha256(b"x").digest())
+    assert chain.step(20.0, Received("p1", dataclasses.replace(vote, signature=bytes(64)))) == []
+    actions = chain.step(20.1, Checkpoint(2, 20, hashlib.sha256(b"mine").digest(), SPEC))
+    assert chain.agreement is not None and chain.agreement.epoch == 2 and chain.dropped == 1
+    assert any(isinstance(a, SetTimer) for a in actions)
