@@ -85,6 +85,7 @@ def test_two_nodes_behind_dropping_nats_punch_a_direct_connection_and_close_the_
         assert a.ask("stats", ANSWER_TIMEOUT_S)["stats"].get("hole_punch.punches_tried", 0) == 0  # only b punches
 
 
+@pytest.mark.long  # 18-20 s: make test-long
 def test_behind_rejecting_nats_the_punch_gives_up_within_its_bound_and_the_relayed_connection_stays(
     tmp_path: Path,
 ) -> None:

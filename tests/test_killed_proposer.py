@@ -32,7 +32,7 @@ from p2p.identity import public_key_of_peer_id
 from swarmgrad.demo import BOOTSTRAP_RETRY_S, START_TIMEOUT_S, PeerProcess, peer_args, start_swarm
 from swarmgrad.procs import Event
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # 30-40 s: make test-long
 
 SWARM = "killed"
 EPOCH_ROUNDS = 100  # about 3 s here: one silent-proposer round (about 1.7 s) fits in an epoch

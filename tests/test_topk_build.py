@@ -58,6 +58,7 @@ def test_a_library_built_from_other_sources_is_not_used(
 
 
 @pytest.mark.slow
+@pytest.mark.long  # a full build, 13-30 s: make test-long (every `make setup` builds the kernels too)
 def test_setup_builds_the_kernels_with_no_system_ninja_on_path(tmp_path: Path) -> None:
     """PATH holds only the compiler and binutils: ninja comes from the `ninja` package."""
     tools = tmp_path / "bin"
@@ -87,6 +88,7 @@ def test_build_key_names_torch_and_python() -> None:
     assert key.endswith(build.sources_hash(with_cuda=False)[:12])  # two checkouts with other sources: two caches
 
 
+@pytest.mark.long  # a full build, 12-28 s: make test-long
 def test_stale_lock_from_a_killed_build_is_cleared(tmp_path: Path) -> None:
     # make sure a finished JIT build exists to copy (warm after the first run on a machine)
     warm = run_python("from training.topk.build import load_extension\nload_extension()", cache_dir().parent, **JIT)
