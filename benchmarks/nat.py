@@ -9,10 +9,13 @@ defaults except a first delay of `FIRST_DELAY_S`, so that the relayed round trip
 punch) upgrade it. Per try: whether it ended direct, the time from the relayed connection to the direct one (as the
 machine measured it: the first delay, any failed attempts and the successful one) and the successful attempt's own
 duration; the median of 5 echo round trips (a new stream, 32 bytes each way) over the relayed connection right after
-the dial and over the direct one once the relayed one is closed.
+the dial and over the direct one once the relayed one is closed; and, over each, the round trip of a payload the size
+of one gossip update (`UPDATE_BYTES`: 2 KiB, about what a `make demo` peer sends one neighbour a round (bytes sent /
+rounds / neighbours); 256 KiB, about a 4M-parameter model's update at 1 % density and 6 bytes a kept value), which
+is what a relayed neighbour adds to a gossip round: a round sends each neighbour one update and waits for theirs.
 
 Prints one JSON line: the share of tries that ended direct, the share of punch attempts that succeeded, the
-median and max times, and the median relayed and direct echo times and their ratio.
+median and max times, and the median relayed and direct echo and update round trips and their ratios.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from testing.netns import nat_hosts, unavailable_reason  # noqa: E402
 TRIES = int(os.environ.get("BENCH_TRIES", 20))
 FIRST_DELAY_S = 2.0
 ECHOES = 5
+UPDATE_BYTES = {"2k": 2 * 1024, "256k": 256 * 1024}
+UPDATE_EXCHANGES = 3
 BASE_PORT = 7400
 START_TIMEOUT_S = 120.0
 ANSWER_TIMEOUT_S = 120.0
@@ -55,11 +60,14 @@ def one_try(index: int, topology: Any, relay_addr: str, tmp: Path) -> dict[str, 
         a.ask(f"dial {b.peer_id}", ANSWER_TIMEOUT_S)
         relayed = a.ask(f"echo {b.peer_id} {ECHOES}", ANSWER_TIMEOUT_S)
         relayed_ok = all(conn["relayed"] for conn in relayed["conns"])
+        relayed_updates = {name: _exchange(a, b.peer_id, size) for name, size in UPDATE_BYTES.items()}
         outcome = b.ask(f"wait_punch {PUNCH_WAIT_S}", ANSWER_TIMEOUT_S)
         result: dict[str, Any] = {
             "direct": outcome["punch"] == "succeeded",
             "relayed_echo_s": relayed["echo_median_s"] if relayed_ok else None,
         }
+        for name, seconds in relayed_updates.items():
+            result[f"relayed_update_{name}_s"] = seconds if relayed_ok else None
         stats = b.ask("stats", ANSWER_TIMEOUT_S)["stats"]
         result["attempts"] = stats.get("hole_punch.punches_tried", 0)
         result["attempts_succeeded"] = stats.get("hole_punch.punches_succeeded", 0)
@@ -69,7 +77,27 @@ def one_try(index: int, topology: Any, relay_addr: str, tmp: Path) -> dict[str, 
             left = a.ask(f"wait_relay_closed {b.peer_id} 20", ANSWER_TIMEOUT_S)
             if [conn["relayed"] for conn in left["conns"]] == [False]:
                 result["direct_echo_s"] = a.ask(f"echo {b.peer_id} {ECHOES}", ANSWER_TIMEOUT_S)["echo_median_s"]
+                for name, size in UPDATE_BYTES.items():
+                    result[f"direct_update_{name}_s"] = _exchange(a, b.peer_id, size)
         return result
+
+
+def _exchange(node: NatPeer, peer_id: str, size: int) -> float:
+    """The median round trip of `size` bytes each way over `UPDATE_EXCHANGES` new streams."""
+    return float(node.ask(f"echo {peer_id} {UPDATE_EXCHANGES} {size}", ANSWER_TIMEOUT_S)["echo_median_s"])
+
+
+def _update_figures(tries: list[dict[str, Any]], direct: list[dict[str, Any]]) -> dict[str, float | None]:
+    figures: dict[str, float | None] = {}
+    for name in UPDATE_BYTES:
+        relayed = [t[f"relayed_update_{name}_s"] for t in tries if t[f"relayed_update_{name}_s"] is not None]
+        straight = [t[f"direct_update_{name}_s"] for t in direct if f"direct_update_{name}_s" in t]
+        figures[f"update_{name}_relayed_median_s"] = statistics.median(relayed) if relayed else None
+        figures[f"update_{name}_direct_median_s"] = statistics.median(straight) if straight else None
+        figures[f"update_{name}_relayed_over_direct"] = (
+            statistics.median(relayed) / statistics.median(straight) if relayed and straight else None
+        )
+    return figures
 
 
 def main() -> None:
@@ -108,6 +136,7 @@ def main() -> None:
         "echo_relayed_over_direct": median(relayed_echo) / median(direct_echo)
         if relayed_echo and direct_echo
         else None,
+        **_update_figures(tries, direct),
         "wall_s": time.monotonic() - started,
         "load_average_1m": os.getloadavg()[0],
     }

@@ -16,7 +16,8 @@ reads one command per line from stdin and answers each with one JSON line on std
 * `wait_direct <peer id> <timeout_s>`: wait until this node holds a direct connection to the peer (woken by the
   host's connection events), answering `{"direct": bool, "elapsed_s": ...}`;
 * `conns <peer id>`: the connections held to the peer, their transport addresses and whether relayed;
-* `echo <peer id> <count>`: `count` round trips of a new stream and 32 bytes; their median and all times;
+* `echo <peer id> <count> [bytes]`: `count` round trips of a new stream and `bytes` (default 32) each way; their
+  median and all times;
 * `wait_punch <timeout_s>`: wait for the node's next hole-punch outcome that ends its attempts (a success, or a
   failure after which it stays relayed), answering `{"punch": "succeeded" | "failed" | null, ...}`;
 * `wait_relay_closed <peer id> <timeout_s>`: wait until no relayed connection to the peer is left;
@@ -65,6 +66,7 @@ from testing.netns import NetnsHost
 
 ECHO_PROTOCOL = TProtocol("/swarmgrad-test/echo/1.0.0")
 ECHO_BYTES = 32
+MAX_ECHO_BYTES = 4 * 1024 * 1024
 RELAY_LIMITS = RelayLimits(duration=3600, data=1 << 30, max_circuit_conns=64, max_reservations=64)
 SWARM_ID = "nat-test"
 _REPO = Path(__file__).resolve().parent.parent
@@ -104,30 +106,34 @@ class _Changes(INotifee):
         return None
 
 
+async def _read_exactly(stream: INetStream, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = await stream.read(size - len(data))
+        if not chunk:
+            raise ConnectionError(f"echo stream closed after {len(data)} of {size} bytes")
+        data += chunk
+    return data
+
+
 async def _echo_handler(stream: INetStream) -> None:
+    """Reads a 4-byte big-endian length (at most `MAX_ECHO_BYTES`) and that many bytes, and writes them back."""
     try:
-        data = b""
-        while len(data) < ECHO_BYTES:
-            chunk = await stream.read(ECHO_BYTES - len(data))
-            if not chunk:
-                return
-            data += chunk
-        await stream.write(data)
+        size = int.from_bytes(await _read_exactly(stream, 4), "big")
+        if size <= MAX_ECHO_BYTES:
+            await stream.write(await _read_exactly(stream, size))
+    except ConnectionError:
+        return
     finally:
         await stream.close()
 
 
-async def _echo_once(host: IHost, peer_id: ID) -> float:
+async def _echo_once(host: IHost, peer_id: ID, size: int) -> float:
     started = trio.current_time()
     stream = await host.new_stream(peer_id, [ECHO_PROTOCOL])
     try:
-        await stream.write(b"x" * ECHO_BYTES)
-        data = b""
-        while len(data) < ECHO_BYTES:
-            chunk = await stream.read(ECHO_BYTES - len(data))
-            if not chunk:
-                raise ConnectionError("echo stream closed early")
-            data += chunk
+        await stream.write(size.to_bytes(4, "big") + b"x" * size)
+        await _read_exactly(stream, size)
     finally:
         await stream.close()
     return trio.current_time() - started
@@ -225,7 +231,10 @@ async def _serve_commands(
         elif words[0] == "conns":
             _say(conns=_conns(host, peer_id))
         elif words[0] == "echo":
-            times = [await _echo_once(host, peer_id) for _ in range(int(words[2]))]
+            size = int(words[3]) if len(words) > 3 else ECHO_BYTES
+            if not 0 < size <= MAX_ECHO_BYTES:
+                raise ValueError(f"echo size must be in 1..{MAX_ECHO_BYTES}, got {size}")
+            times = [await _echo_once(host, peer_id, size) for _ in range(int(words[2]))]
             _say(echo_median_s=statistics.median(times), echo_s=times, conns=_conns(host, peer_id))
         elif words[0] == "stats":
             _say(stats=node.statistics())

@@ -9,7 +9,8 @@ that masquerades and drops unsolicited inbound packets; docs/nat.md).
   and keep the other NATed member live.
 * `swarmgrad peer`: two public and two NATed peers train digits together; every peer reaches the demo's target,
   and the NATed pair mixes each other's updates (from their `finished` events); how many of the NATed peers'
-  connections were relayed is printed.
+  connections were relayed is printed. Then one of the two relays is killed, and both NATed peers train on for
+  `AFTER_KILL_ROUNDS` rounds with the two peers left.
 
 Needs root, iproute2 and iptables; skipped otherwise, except under CI (CI=true), where it fails instead.
 """
@@ -36,6 +37,7 @@ EVENT_S = 120.0  # ceiling on one wait: a hang fails, a loaded machine does not
 PRIVATE = ["--set", "network.reachability=private"]
 PUBLIC = ["--set", "network.reachability=public"]
 TRAIN = ["--set", "network.min_peers=3", "--set", "consensus.enabled=false"]
+AFTER_KILL_ROUNDS = 20
 TRAIN_S = 240.0  # ceiling on reaching the target: slowness on a loaded machine must not fail the test
 JOIN = ["--set", "network.bootstrap_attempts=120", "--set", "network.bootstrap_retry_s=0.25"]
 
@@ -138,13 +140,24 @@ def test_two_public_and_two_natted_peers_train_digits_together(tmp_path: Path) -
                     extra=[*extra, *(JOIN if name != "pub0" else [])],
                 )
                 peers[name] = PeerProcess(name, args, tmp_path / f"{name}.log", hosts[name].wrap([]))
-            for peer in peers.values():  # every peer live with the 3 others, and at the demo's target
-                peer.read_until("round", TRAIN_S, lambda e: bool(e["peers"] >= 3 and e["value"] >= DEFAULT_TARGET))
+            reached = {}
+            for name, peer in peers.items():  # every peer live with the 3 others, and at the demo's target
+                reached[name] = peer.read_until(
+                    "round", TRAIN_S, lambda e: bool(e["peers"] >= 3 and e["value"] >= DEFAULT_TARGET)
+                )
+            # one of the NATed peers' two relays dies: both go on training with the two peers left
+            killed = peers["pub1"].kill()
+            for name in ("nat0", "nat1"):
+                goal = int(reached[name]["round"]) + AFTER_KILL_ROUNDS
+                peers[name].read_until(
+                    "round", TRAIN_S, lambda e, goal=goal: bool(e["round"] >= goal and e["peers"] >= 2)
+                )
         finally:
-            statuses = {name: peer.stop() for name, peer in peers.items()}
-    assert statuses == dict.fromkeys(names, 0), statuses
+            statuses = {name: peer.stop() for name, peer in peers.items() if name != "pub1"}
+    assert killed == -signal.SIGKILL
+    assert statuses == dict.fromkeys(["pub0", "nat0", "nat1"], 0), statuses
     events = {name: peer.snapshot() for name, peer in peers.items()}
-    finished = {name: next(e for e in ev if e["event"] == "finished") for name, ev in events.items()}
+    finished = {name: next(e for e in ev if e["event"] == "finished") for name, ev in events.items() if name != "pub1"}
     for nat, other in (("nat0", "nat1"), ("nat1", "nat0")):
         assert finished[nat]["contributions"].get(ids[other], 0) > 0, (nat, finished[nat]["contributions"])
     ups = [e for name in ("nat0", "nat1") for e in events[name] if e["event"] == "peer_up"]
