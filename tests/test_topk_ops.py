@@ -66,6 +66,19 @@ def test_native_ties_take_lowest_indices_and_count_is_exact() -> None:
     assert int((values == 1.0).sum()) == 500
 
 
+@pytest.mark.parametrize("n", [1000, 8192, 8193, 40_000])
+def test_ties_go_to_the_lowest_indices_on_both_sides_of_the_direct_selection(n: int) -> None:
+    """Up to 8,192 candidates the kernel selects directly, above through histograms: the same exact answer, the k
+    first in (magnitude descending, index ascending) order, whatever the path."""
+    gen = torch.Generator().manual_seed(n)
+    x = torch.tensor([0.0, 1.0, -1.0, 2.0, -2.0])[torch.randint(0, 5, (n,), generator=gen)]
+    for k in (1, n // 100, n // 3, n - 1):
+        order = sorted(range(n), key=lambda i: (-abs(float(x[i])), i))[:k]
+        indices, values = topk_abs(x, k)
+        assert indices.tolist() == sorted(order)
+        assert torch.equal(values, x[indices])
+
+
 def test_mostly_zero_and_skewed_inputs_take_the_radix_path_correctly() -> None:
     gen = torch.Generator().manual_seed(3)
     x = torch.zeros(1_000_000)

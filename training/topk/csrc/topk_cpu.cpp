@@ -29,6 +29,7 @@ namespace {
 constexpr int64_t kBlock = 8;                 // elements tested together (vectorised) before any branch
 constexpr int64_t kGrain = int64_t{1} << 20;  // fewer elements per thread than this: threading does not pay
 constexpr int64_t kSmall = int64_t{1} << 15;  // up to this size every element is a candidate
+constexpr int64_t kDirect = int64_t{1} << 13;  // up to this many candidates: a direct selection, no histograms
 constexpr int64_t kSampleRuns = 512;
 constexpr int64_t kSampleRun = 32;
 constexpr int kLowBits = 15;  // radix levels: key >> 15 (16 bits), then key & 0x7fff
@@ -248,6 +249,33 @@ int64_t find_bin(const std::vector<int64_t>& hist, int64_t parts, int64_t bins, 
   return bin;
 }
 
+// The same selection as `radix_select` on few keys (`total`, at most kDirect): a partial selection on (key
+// descending, position ascending), then the k winners in position order. Its two histograms (768 KiB to clear and
+// sum) cost about 100 us a call, which dominates selections of a few thousand keys (a small model's whole vector,
+// or the candidates a large one leaves after the threshold).
+template <class Parts, typename Value>
+void direct_select(const Parts& parts, int64_t total, int64_t k, int64_t* out_idx, Value* out_val) {
+  struct Entry {
+    uint32_t key;
+    uint32_t raw;
+    int64_t position;
+  };
+  std::vector<Entry> all;
+  all.reserve(static_cast<size_t>(total));
+  for (int64_t c = 0; c < parts.count(); ++c) {
+    for (int64_t j = 0; j < parts.size(c); ++j) all.push_back({parts.key(c, j), parts.raw(c, j), parts.position(c, j)});
+  }
+  const auto ranks_before = [](const Entry& a, const Entry& b) {
+    return a.key > b.key || (a.key == b.key && a.position < b.position);
+  };
+  if (k < total) std::nth_element(all.begin(), all.begin() + k, all.end(), ranks_before);
+  std::sort(all.begin(), all.begin() + k, [](const Entry& a, const Entry& b) { return a.position < b.position; });
+  for (int64_t i = 0; i < k; ++i) {
+    out_idx[i] = all[i].position;
+    out_val[i] = static_cast<Value>(all[i].raw);
+  }
+}
+
 // Writes the ascending positions and the raw bits of the k largest keys of `parts` (which hold at least k keys)
 // to `out_idx` and `out_val`; ties at the k-th key go to the lowest positions.
 template <class Parts, typename Value>
@@ -255,6 +283,10 @@ void radix_select(const Parts& parts, int64_t k, int64_t* out_idx, Value* out_va
   const int64_t count = parts.count();
   int64_t total = 0;
   for (int64_t c = 0; c < count; ++c) total += parts.size(c);
+  if (total <= kDirect) {
+    direct_select(parts, total, k, out_idx, out_val);
+    return;
+  }
   const bool parallel = total >= 2 * kGrain;
   std::vector<int64_t> high(count * kHighBins, 0);
   for_each_part(parts, parallel, [&](int64_t c) {
