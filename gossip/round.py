@@ -339,7 +339,7 @@ class _Round:
     params: torch.Tensor
     chosen: frozenset[PeerId]
     expected: set[PeerId]
-    received: dict[PeerId, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    received: dict[PeerId, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 Compressor = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
@@ -371,28 +371,30 @@ class _Mixed:
 def _mix(
     config: GossipConfig,
     x: torch.Tensor,
-    received: list[tuple[torch.Tensor, torch.Tensor]],
+    received: list[tuple[np.ndarray, np.ndarray]],
     norm_history: list[float],
 ) -> _Mixed:
-    """Aggregate the neighbours' `(indices, values)` into `x` in place (see the module docstring); `norm_history`
-    is the clip radius's history, and the norms to record in it come back."""
+    """Aggregate the neighbours' `(indices, values)` into `x` (a CPU tensor) in place (see the module docstring);
+    `norm_history` is the clip radius's history, and the norms to record in it come back. numpy on a view of `x`
+    (see `gossip.aggregate`: the view of a round is small)."""
     if not received:
         return _Mixed(0, [])
+    own = x.numpy()
     supports = [indices for indices, _ in received]
-    if all(torch.equal(support, supports[0]) for support in supports[1:]):
+    if all(np.array_equal(support, supports[0]) for support in supports[1:]):
         # The usual case: every neighbour answered on this peer's own coordinates: one dense block.
         union = supports[0]
-        diffs = torch.stack([values for _, values in received]) - x[union]
-        mask = torch.ones(len(received), union.numel(), dtype=torch.bool)
+        diffs = np.stack([values for _, values in received]) - own[union]
+        mask = np.ones(diffs.shape, dtype=bool)
     else:
-        union, position = torch.unique(torch.cat(supports), return_inverse=True)
-        diffs = torch.zeros(len(received), union.numel())
-        mask = torch.zeros(len(received), union.numel(), dtype=torch.bool)
+        union, position = np.unique(np.concatenate(supports), return_inverse=True)
+        diffs = np.zeros((len(received), union.size), dtype=np.float32)
+        mask = np.zeros((len(received), union.size), dtype=bool)
         start = 0
         for row, (indices, values) in enumerate(received):
-            where = position[start : start + indices.numel()]
-            start += indices.numel()
-            diffs[row, where] = values - x[indices]
+            where = position[start : start + indices.size]
+            start += indices.size
+            diffs[row, where] = values - own[indices]
             mask[row, where] = True
     weights = aggregate.coordinate_weights(mask)
     clipped = 0
@@ -400,10 +402,9 @@ def _mix(
     if config.aggregation == "mean":
         move = aggregate.weighted_mean(diffs, mask, weights)
     elif config.aggregation == "trimmed_mean":
-        own = torch.zeros(1, union.numel())
         move = aggregate.trimmed_mean(
-            torch.cat([own, diffs]),
-            torch.cat([torch.ones(1, union.numel(), dtype=torch.bool), mask]),
+            np.concatenate([np.zeros((1, union.size), dtype=np.float32), diffs]),
+            np.concatenate([np.ones((1, union.size), dtype=bool), mask]),
             config.trim_count,
         )
     else:
@@ -419,7 +420,7 @@ def _mix(
             radius = aggregate.adaptive_clip_radius(history, config.clip_multiplier)
         clipped = int((norms > radius).sum())
         move = aggregate.clipped_gossip(diffs, mask, weights, radius)
-    x[union] += config.step_size * move
+    own[union] += config.step_size * move
     return _Mixed(clipped, recorded)
 
 
@@ -472,7 +473,7 @@ class GossipRound:
         self._pace_s: float | None = None  # seconds per round this peer runs (start to start), once measured
         self._last_start_s: float | None = None  # when its last round started, unless it held since
         self._backoff_until: dict[PeerId, int] = {}  # a chosen neighbour that did not answer is not asked again
-        self._buffer: dict[int, dict[PeerId, tuple[SparseUpdate, torch.Tensor, torch.Tensor]]] = {}
+        self._buffer: dict[int, dict[PeerId, tuple[SparseUpdate, np.ndarray, np.ndarray]]] = {}
         self._norms: deque[float] = deque(maxlen=config.clip_history_len)
         self._counters: Counter[str] = Counter()
 
@@ -530,8 +531,11 @@ class GossipRound:
     def _start(self, now: float, params: torch.Tensor, not_before: int) -> list[Action]:
         if self._round is not None or self._starting is not None or self._finishing is not None:
             raise LocalProtocolError(f"round {self.clock} is still running")
-        if params.dtype != torch.float32 or params.dim() != 1 or params.numel() != self.numel:
-            raise LocalProtocolError(f"params must be a flat float32 tensor of {self.numel}, got {params.shape}")
+        if params.dtype != torch.float32 or params.dim() != 1 or params.numel() != self.numel or params.is_cuda:
+            raise LocalProtocolError(
+                f"params must be a flat float32 CPU tensor of {self.numel}, got {params.shape} {params.dtype} on "
+                f"{params.device}"
+            )
         number = max(self._next_number(), not_before)
         self._next_round = number  # until the selection below is computed, this round's messages are buffered
         if self._holds(now, number):
@@ -560,7 +564,7 @@ class GossipRound:
             (number, x), self._starting = self._starting, None
             if not isinstance(event.result, torch.Tensor):
                 raise LocalProtocolError(f"a selection gave {type(event.result).__name__}, not indices")
-            return self._begin(now, number, x, event.result)
+            return self._begin(now, number, x, event.result.numpy())
         if self._finishing is not None and event.key == ("gossip-aggregate", self._finishing[0].number):
             (current, timed_out), self._finishing = self._finishing, None
             if not isinstance(event.result, _Mixed):
@@ -578,7 +582,7 @@ class GossipRound:
             return [Notify(done)]
         raise LocalProtocolError(f"GossipRound did not ask for the computation {event.key!r}")
 
-    def _begin(self, now: float, number: int, x: torch.Tensor, indices: torch.Tensor) -> list[Action]:
+    def _begin(self, now: float, number: int, x: torch.Tensor, indices: np.ndarray) -> list[Action]:
         # NaN and Inf rank first in top-k: `pack_sparse` refuses them
         update = self._pack(number, False, indices, x, number)
         # the coin bound is the same for every candidate (each is live): one vector pass, no set built per candidate
@@ -654,9 +658,9 @@ class GossipRound:
         return self._candidates
 
     def _accept(
-        self, current: _Round, peer: PeerId, msg: SparseUpdate, indices: torch.Tensor, values: torch.Tensor
+        self, current: _Round, peer: PeerId, msg: SparseUpdate, indices: np.ndarray, values: np.ndarray
     ) -> list[Action]:
-        if not indices.numel():  # an answer from a peer that has told the swarm nothing yet: nothing to mix
+        if not indices.size:  # an answer from a peer that has told the swarm nothing yet: nothing to mix
             current.expected.discard(peer)
             self._counters["empty_updates"] += 1
         elif peer in current.chosen or self._eligible(current.number, peer, self.local_peer, ACCEPT_FACTOR):
@@ -752,7 +756,7 @@ class GossipRound:
         self._counters["future_buffered"] += 1
         return []
 
-    def _answer_elsewhere(self, now: float, peer: PeerId, msg: SparseUpdate, indices: torch.Tensor) -> list[Action]:
+    def _answer_elsewhere(self, now: float, peer: PeerId, msg: SparseUpdate, indices: np.ndarray) -> list[Action]:
         """A request for a round this peer is not in (finished, skipped, or far ahead) gets an answer at once, from
         the public copy (the values this peer last told the swarm), with this peer's clock: a one-sided exchange
         that spares the requester its deadline and tells it where this peer is. Also to a peer this peer sent its
@@ -766,18 +770,18 @@ class GossipRound:
             self._public = torch.zeros(self.numel)
             self._told = torch.zeros(self.numel, dtype=torch.bool)
             self._difference = torch.empty(self.numel)
-        indices = indices[self._told[indices]]
+        indices = indices[self._told.numpy()[indices]]
         self._counters["late_replies_sent"] += 1
         reply = self._pack(msg.round, True, indices, self._public, self.clock)
         return [Send(peer, reply, now + self.config.round_deadline_s)]
 
-    def _pack(self, number: int, reply: bool, indices: torch.Tensor, x: torch.Tensor, clock: int) -> SparseUpdate:
+    def _pack(self, number: int, reply: bool, indices: np.ndarray, x: torch.Tensor, clock: int) -> SparseUpdate:
         """An update with `x`'s values at `indices` (ascending, as the compressor gives them and `unpack_sparse`
         checks them: the payload keeps their order); the public copy records what was told (as rounded)."""
-        payload = pack_sparse(indices, x[indices], self.numel, value_format=self.config.value_format)
+        payload = pack_sparse(indices, x.numpy()[indices], self.numel, value_format=self.config.value_format)
         if self._public is not None and x is not self._public:  # told values are already as rounded: no write
-            self._public[indices] = torch.from_numpy(decoded_values(payload))
-            self._told[indices] = True
+            self._public.numpy()[indices] = decoded_values(payload)
+            self._told.numpy()[indices] = True
         return SparseUpdate(self.config.swarm_id, number, self.fingerprint, reply, payload, clock)
 
     def _eligible(self, number: int, sender: PeerId, receiver: PeerId, factor: float) -> bool:

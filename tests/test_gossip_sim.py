@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 
@@ -116,7 +117,7 @@ class ByzantinePeer:
         self.sent: dict[tuple[str, int], SparseUpdate] = {}
         self.started: set[int] = set()
 
-    def send(self, peer: str, round_: int, reply: bool, indices: torch.Tensor | None) -> None:
+    def send(self, peer: str, round_: int, reply: bool, indices: torch.Tensor | np.ndarray | None) -> None:
         if (peer, round_) in self.sent:
             return
         xs = torch.stack([p.params for p in self.sim.peers.values()])

@@ -91,9 +91,12 @@ def test_round_trip_every_format_through_the_codec(
     decoded = SCHEMA.decode(SCHEMA.encode(SparseUpdate(7, "peer-a", payload)))
     assert isinstance(decoded, SparseUpdate) and decoded.round == 7 and decoded.sender == "peer-a"
     got_indices, got_values = unpack_sparse(decoded.payload, numel, max_k=k)
-    assert got_indices.dtype == torch.int64 and got_values.dtype == torch.float32
-    assert torch.equal(got_indices, indices)
-    assert_values_close(got_values, values, value_format)
+    assert got_indices.dtype == np.int64 and got_values.dtype == np.float32
+    assert np.array_equal(got_indices, indices.numpy())
+    assert_values_close(torch.from_numpy(got_values), values, value_format)
+    # numpy arrays in, the same payload out
+    same = pack_sparse(indices.numpy(), values.numpy(), numel, value_format=value_format, index_format=index_format)
+    assert SCHEMA.encode(SparseUpdate(7, "peer-a", same)) == SCHEMA.encode(SparseUpdate(7, "peer-a", payload))
 
 
 def test_codec_message_fields_survive_exactly() -> None:
@@ -149,7 +152,8 @@ def hostile(payload: SparsePayload, **changes: object) -> bytes:
 def receive(body: bytes, numel: int, max_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     msg = SCHEMA.decode(body)
     assert isinstance(msg, SparseUpdate)
-    return unpack_sparse(msg.payload, numel, max_k)
+    indices, values = unpack_sparse(msg.payload, numel, max_k)
+    return torch.from_numpy(indices), torch.from_numpy(values)
 
 
 def test_every_kind_of_semantic_corruption_is_a_decode_error() -> None:

@@ -126,13 +126,14 @@ def choose_index_format(numel: int, k: int) -> str:
 
 
 def pack_sparse(
-    indices: torch.Tensor,
-    values: torch.Tensor,
+    indices: torch.Tensor | np.ndarray,
+    values: torch.Tensor | np.ndarray,
     numel: int,
     value_format: str = "fp16",
     index_format: str = "auto",
 ) -> SparsePayload:
     """Encode `values` at `indices` (1-D, distinct, in [0, numel); sorted here if needed) of a `numel`-entry tensor.
+    Both are tensors (on any device; values of any float dtype) or numpy arrays.
 
     Raises `ConfigError` for an unknown format and `LocalProtocolError` for entries a receiver would reject
     (duplicate or out-of-range indices, NaN/Inf values, values out of the format's range).
@@ -141,13 +142,14 @@ def pack_sparse(
         raise ConfigError("value_format", value_format, f"one of {VALUE_FORMATS}")
     if index_format != "auto" and index_format not in INDEX_FORMATS:
         raise ConfigError("index_format", index_format, f"'auto' or one of {INDEX_FORMATS}")
-    if indices.dim() != 1 or values.dim() != 1 or indices.numel() != values.numel():
-        raise LocalProtocolError(f"indices {tuple(indices.shape)} and values {tuple(values.shape)} must be 1-D alike")
     # numpy from here on: single-threaded, which on small arrays beats torch's parallel kernels (whose barriers
-    # cost up to ~100 ms on a busy 2-core machine). Reductions as array methods: `np.all(a)` adds a Python
-    # wrapper that costs more than the reduction of a k-entry array.
-    idx = indices.detach().cpu().numpy().astype(np.int64)
-    val = values.detach().cpu().to(torch.float32).numpy()
+    # cost up to ~100 ms on a busy 2-core machine) and costs a microsecond where a torch call costs several.
+    # Reductions as array methods: `np.all(a)` adds a Python wrapper that costs more than the reduction of a k-entry
+    # array.
+    idx = _host(indices).astype(np.int64, copy=False)
+    val = _host(values).astype(np.float32, copy=False)
+    if idx.ndim != 1 or val.ndim != 1 or idx.size != val.size:
+        raise LocalProtocolError(f"indices {idx.shape} and values {val.shape} must be 1-D alike")
     if idx.size > 1 and not bool((idx[1:] > idx[:-1]).all()):
         order = np.argsort(idx, kind="stable")
         idx, val = idx[order], val[order]
@@ -169,6 +171,17 @@ def pack_sparse(
         chunk_counts = np.bincount(idx >> 16, minlength=num_chunks(numel)).astype(_COUNT_DTYPE)
     packed_val, scales = _pack_values(val, value_format)
     return SparsePayload(numel, k, fmt, value_format, packed_idx, packed_val, chunk_counts, scales)
+
+
+def _host(array: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A numpy array of `array`'s data: the array itself, or the tensor's (on the CPU; float16 and bfloat16, which
+    numpy lacks or reads differently, as float32)."""
+    if isinstance(array, np.ndarray):
+        return array
+    tensor = array.detach().cpu()
+    if tensor.is_floating_point() and tensor.dtype != torch.float32:
+        tensor = tensor.to(torch.float32)
+    return tensor.numpy()
 
 
 def _pack_values(val: np.ndarray, value_format: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -200,9 +213,10 @@ def _pack_values(val: np.ndarray, value_format: str) -> tuple[np.ndarray, np.nda
     return codes.reshape(-1)[:k].copy(), scales.astype(_SCALE_DTYPE)
 
 
-def unpack_sparse(payload: SparsePayload, numel: int, max_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def unpack_sparse(payload: SparsePayload, numel: int, max_k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Check `payload` against a receiver whose tensor has `numel` entries (and accepts at most `max_k`), and
-    return its entries as int64 indices (strictly increasing) and float32 values. Raises `DecodeError`."""
+    return its entries as numpy arrays: int64 indices (strictly increasing) and float32 values (`torch.from_numpy`
+    makes tensors of them without a copy). Raises `DecodeError`."""
     if payload.numel != numel:
         raise DecodeError(f"payload is for {payload.numel} entries, the receiver's tensor has {numel}")
     k = payload.k
@@ -223,7 +237,7 @@ def unpack_sparse(payload: SparsePayload, numel: int, max_k: int | None = None) 
     values = _unpack_values(payload)
     if not bool(np.isfinite(values).all()):
         raise DecodeError("a value is NaN or infinite")
-    return torch.from_numpy(idx), torch.from_numpy(values)
+    return idx, values
 
 
 def decoded_values(payload: SparsePayload) -> np.ndarray:
