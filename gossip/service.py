@@ -131,6 +131,9 @@ class GossipService:
         return trio.from_thread.run(self.average_async, params, not_before, trio_token=self._token)
 
     def statistics(self) -> dict[str, float | int]:
+        """The machine's, driver's (`driver_*`) and transport's (`transport_*`) counters. `bytes_sent` and
+        `bytes_received` are gossip's own: the payloads of this service's messages. The transport's counters are
+        everyone's on it: a peer shares one transport between gossip, model fetch and consensus."""
         stats: dict[str, float | int] = {}
         stats.update(self.machine.statistics())
         stats.update({f"driver_{k}": v for k, v in self.driver.statistics().items()})
@@ -138,8 +141,8 @@ class GossipService:
         stats.update(self._counters)
         rounds = stats.get("rounds", 0)
         stats["remote_errors"] = sum(self.peer_errors.values())
-        stats["bytes_sent"] = stats.get("transport_bytes_out", 0)
-        stats["bytes_received"] = stats.get("transport_bytes_in", 0)
+        stats["bytes_sent"] = stats.get("driver_bytes_sent", 0)
+        stats["bytes_received"] = stats.get("driver_bytes_received", 0)
         if rounds:
             stats["neighbours_answered_per_round"] = stats.get("neighbours_answered", 0) / rounds
         return stats

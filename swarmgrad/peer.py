@@ -448,8 +448,8 @@ class Peer:
             metric=final.metric,
             value=final.value,
             loss=final.loss,
-            bytes_sent=int(stats.get("bytes_sent", 0)),
-            gossip_bytes_sent=int(stats.get("driver_bytes_sent", 0)),
+            bytes_sent=int(stats.get("transport_bytes_out", 0)),  # gossip, model fetch and consensus
+            gossip_bytes_sent=int(stats.get("bytes_sent", 0)),
             consensus_bytes_sent=sum(driver.statistics().get("bytes_sent", 0) for driver in drivers),
             epochs=self.epochs_reached,
             gossip_messages_sent=sent_messages,

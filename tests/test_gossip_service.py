@@ -86,6 +86,23 @@ async def test_average_from_worker_threads_mixes_the_vectors() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_bytes_sent_counts_gossip_alone_on_a_shared_transport(autojump_clock: trio.testing.MockClock) -> None:
+    # a peer runs model fetch and consensus over the transport its gossip uses: their bytes are not gossip's
+    net = SimNetwork(seed=3, default_link=LinkModel(latency_s=0.001))
+    async with net.run(), trio.open_nursery() as nursery, swarm(net, ["a", "b"], nursery) as (transports, services):
+        other = transports[1].listen("/other/1.0.0")
+        await transports[0].send("b", "/other/1.0.0", bytes(10_000))
+        assert len((await other.receive()).payload) == 10_000
+        async with trio.open_nursery() as rounds:
+            for service in services:
+                rounds.start_soon(service.average_async, torch.randn(NUMEL))
+        a, b = services[0].statistics(), services[1].statistics()
+        assert a["driver_sent"] > 0 and 0 < a["bytes_sent"] < 10_000
+        assert a["transport_bytes_out"] == a["bytes_sent"] + 10_000
+        assert 0 < b["bytes_received"] <= b["transport_bytes_in"] - 10_000
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_hung_receiver_costs_exactly_one_deadline(autojump_clock: trio.testing.MockClock) -> None:
     net = SimNetwork(seed=3)
     async with net.run(), trio.open_nursery() as nursery, swarm(net, ["a", "b"], nursery) as (_, services):
