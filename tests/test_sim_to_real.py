@@ -2,8 +2,12 @@
 launcher, `benchmarks/sim_to_real.py`) end close in held-out accuracy after 100 rounds, with gossip bytes per peer
 within 10 %. Measured on the shared 2-core box: final gaps (sim - real) of -0.28, +0.35, +0.63 and +1.18 points in
 4 runs of the benchmark, but +3.3 points (real 92.7 %) in a run under this test, so the 1.5 points the issue asks
-for is not what a single real run reliably gives: the bound here is 4 points. Bytes: 288,000 simulated against
-290,465 real per peer, every run. Marked long: 4 real processes for 30 to 60 s."""
+for is not what a single real run reliably gives: the bound here is 4 points. Bytes: gossip's alone on both sides
+(the simulator's rows; each real peer's `gossip_bytes_sent`), 288,000 simulated against 290,400 real per peer,
+every run. A real peer's `bytes_sent` is its transport's total, which also carries model fetch and epoch consensus
+(93 kB a peer here, mostly the one-chunk checkpoint the proposer serves to samples and to body downloads; the
+simulator models the samples, not the downloads): docs/sim.md, "Sim to real". Marked long: 4 real processes for 30
+to 60 s."""
 
 from __future__ import annotations
 
@@ -28,8 +32,10 @@ def benchmark() -> ModuleType:
 @pytest.mark.long
 def test_digits4_in_the_simulator_matches_four_real_peer_processes() -> None:
     bench = benchmark()
-    sim_curve, sim_bytes = bench.simulated(ROUNDS, 0, 10)
-    real_curve, real_bytes, _ = bench.real(ROUNDS, 10)
+    sim = bench.simulated(ROUNDS, 0, 10)
+    real, _ = bench.real(ROUNDS, 10)
+    sim_curve, real_curve = sim.curve, real.curve
+    sim_bytes, real_bytes = sim.gossip_bytes, real.gossip_bytes
     assert ROUNDS in sim_curve and ROUNDS in real_curve, (sorted(sim_curve), sorted(real_curve))
     assert abs(sim_curve[ROUNDS] - real_curve[ROUNDS]) <= 0.04, (sim_curve, real_curve)
     assert abs(sim_bytes - real_bytes) <= 0.1 * real_bytes, (sim_bytes, real_bytes)
