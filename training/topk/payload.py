@@ -37,6 +37,8 @@ SCALE_BLOCK = 256
 INT8_LEVELS = 127
 FP16_MAX = 65504.0
 INDEX_FORMATS = ("int32", "u16_chunk")
+INT32_MAX = 2**31 - 1
+"""The largest index the `int32` format holds (a constant: `np.iinfo` builds an object per call)."""
 VALUE_FORMATS = ("fp32", "fp16", "bf16", "int8")
 
 _INDEX_DTYPES: dict[str, np.dtype[Any]] = {"int32": np.dtype("<i4"), "u16_chunk": np.dtype("<u2")}
@@ -104,7 +106,7 @@ class SparsePayload:
                 raise DecodeError("a chunk count exceeds its chunk's size")
         elif self.chunk_counts is not None:
             raise DecodeError(f"chunk_counts must be absent for index format {self.index_format!r}")
-        if self.index_format == "int32" and self.numel > np.iinfo(np.int32).max:
+        if self.index_format == "int32" and self.numel > INT32_MAX:
             raise DecodeError(f"index format int32 cannot address numel={self.numel}")
         if self.value_format == "int8":
             _check_array("scales", self.scales, _SCALE_DTYPE, -(-self.k // SCALE_BLOCK))
@@ -120,7 +122,7 @@ class SparsePayload:
 
 def choose_index_format(numel: int, k: int) -> str:
     """The smaller index format for `k` of `numel` entries (`int32` on a tie)."""
-    if numel > np.iinfo(np.int32).max:
+    if numel > INT32_MAX:
         return "u16_chunk"
     return "u16_chunk" if 2 * k + 4 * num_chunks(numel) < 4 * k else "int32"
 
@@ -163,7 +165,7 @@ def pack_sparse(
     fmt = choose_index_format(numel, k) if index_format == "auto" else index_format
     chunk_counts = None
     if fmt == "int32":
-        if numel > np.iinfo(np.int32).max:
+        if numel > INT32_MAX:
             raise LocalProtocolError(f"index format int32 cannot address numel={numel}")
         packed_idx = idx.astype("<i4")
     else:
