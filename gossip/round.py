@@ -88,7 +88,9 @@ What follows, for at most f Byzantine live peers:
   leader's round at its next round start.
 * **No deadline spent on another round.** A request for a round the receiver is not in is answered at once (see
   above), so a round waits its deadline only for neighbours that are dead, hung, unreachable, or within
-  `max_future_rounds` rounds behind it and slow; never for a live peer at a distant round.
+  `max_future_rounds` rounds behind it and slow; never for a live peer at a distant round. That includes requests
+  buffered for a round that was then ahead and that the peer's number jumped past: they are answered at the jump,
+  when its next round begins or its start holds (a held peer begins no round, for as long as it holds).
 * **No lone drift.** A peer ahead of all but at most f - 1 others by more than `max_future_rounds` holds instead of
   numbering rounds nobody else is in. The peers behind, whose requests it answers at once, close the gap at their
   own round rate; then it resumes. (A peer that ran rounds alone, thousands a minute since a round without
@@ -541,7 +543,10 @@ class GossipRound:
         if self._holds(now, number):
             self._counters["rounds_held"] += 1
             self._last_start_s = None  # the next interval spans the hold: it is no measure of the pace
-            return [Notify(RoundCompleted(number, params, (), (), 0, False, held=True))]
+            # no round begins, but the rounds below `number` are skipped all the same: their requesters are waiting
+            actions = self._answer_skipped(now, number)
+            actions.append(Notify(RoundCompleted(number, params, (), (), 0, False, held=True)))
+            return actions
         if self._last_start_s is not None:
             interval_s = now - self._last_start_s
             previous_s = interval_s if self._pace_s is None else self._pace_s
@@ -602,14 +607,22 @@ class GossipRound:
         self._counters["rounds"] += 1
         actions: list[Action] = [Send(peer, update, deadline) for peer in sorted(chosen)]
         actions.append(SetTimer(self._timer_key(number), deadline))
-        for stale in sorted(r for r in self._buffer if r < number):  # rounds skipped by a jump: answer requests
-            for peer, (msg, indices_in, _) in sorted(self._buffer.pop(stale).items()):
-                self._counters["late_dropped"] += 1
-                actions.extend(self._answer_elsewhere(now, peer, msg, indices_in))
+        actions.extend(self._answer_skipped(now, number))
         for peer, (msg, indices_in, values_in) in sorted(self._buffer.pop(number, {}).items()):
             actions.extend(self._accept(current, peer, msg, indices_in, values_in))
         if not current.expected:
             actions.extend(self._complete(timed_out=False))
+        return actions
+
+    def _answer_skipped(self, now: float, number: int) -> list[Action]:
+        """The messages buffered for rounds below `number`, which this peer skipped (its number jumped past them):
+        dropped as late, and each request answered from the public copy (`_answer_elsewhere`). Called when a round
+        begins and when a start holds: a held peer begins no round, and its hold can last many deadlines."""
+        actions: list[Action] = []
+        for stale in sorted(r for r in self._buffer if r < number):
+            for peer, (msg, indices, _) in sorted(self._buffer.pop(stale).items()):
+                self._counters["late_dropped"] += 1
+                actions.extend(self._answer_elsewhere(now, peer, msg, indices))
         return actions
 
     def _tolerated(self) -> int:

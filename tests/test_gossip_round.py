@@ -426,3 +426,21 @@ def test_no_step_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert done is not None and done.timed_out
     with pytest.raises(ConfigError):
         TopKSelector()
+
+
+def test_a_peer_that_holds_answers_at_once_the_requests_it_buffered_for_the_rounds_it_skipped() -> None:
+    """Found by `tests/test_round_clock.py` ("four, one far ahead", seed 15): the three peers behind asked the leader
+    before its first start, for rounds 0-2, which were then its future rounds (buffered). It started at round 200 and
+    held, and the buffered requests were answered only when a round began: each peer behind waited out its deadline."""
+    m = machine(["a", "b", "c"], neighbours_per_round=3)  # 4 peers: f = 1, so 3 far behind make it hold
+    for peer, round_ in [("a", 0), ("b", 1), ("c", 2)]:
+        assert settle(m, 0.0, Received(peer, update(round_))) == []  # within max_future_rounds of round 0: buffered
+    actions = settle(m, 0.01, StartRound(torch.zeros(NUMEL), not_before=200))
+    done = completed(actions)
+    assert done is not None and done.held and done.round == 200
+    answers = sorted((s.peer, body(s).round, body(s).reply, body(s).clock, s.deadline) for s in sends(actions))
+    assert answers == [(peer, r, True, 200, 0.01 + DEADLINE_S) for peer, r in [("a", 0), ("b", 1), ("c", 2)]]
+    assert m.statistics()["late_replies_sent"] == 3
+    # held still at the next start: nothing is buffered any more, so nothing is answered twice
+    again = settle(m, 0.05, StartRound(torch.zeros(NUMEL), not_before=200))
+    assert (held := completed(again)) is not None and held.held and sends(again) == []
