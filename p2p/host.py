@@ -27,14 +27,14 @@ from __future__ import annotations
 import errno
 import math
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import multiaddr
 from libp2p import new_host
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
@@ -148,6 +148,34 @@ class AddressGate:
 
     def __init__(self) -> None:
         self.closed = False
+
+
+class ConnectionNotifee(INotifee):
+    """py-libp2p's network notifications reduced to connection opens and closes, each handed to a callback; the
+    stream and listener notifications are ignored. py-libp2p awaits its notifees inline, so the callbacks must not
+    block."""
+
+    def __init__(self, on_connected: Callable[[INetConn], None], on_disconnected: Callable[[INetConn], None]) -> None:
+        self._on_connected = on_connected
+        self._on_disconnected = on_disconnected
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        self._on_connected(conn)
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        self._on_disconnected(conn)
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        return None
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        return None
+
+    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        return None
+
+    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        return None
 
 
 def build_host(config: HostConfig, gate: AddressGate | None = None) -> IHost:

@@ -27,20 +27,19 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-import multiaddr
 import trio
-from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.abc import IHost, INetConn, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.network.stream.exceptions import StreamError
 from libp2p.peer.id import ID
 
 from p2p.addrs import parse_peer_addr
-from p2p.host import HostConfig, listen_multiaddrs, running_host
+from p2p.host import ConnectionNotifee, HostConfig, listen_multiaddrs, running_host
 from p2p.limits import IpLimits
 from swarmgrad.core.codec import FRAME_HEADER_SIZE, encode_frame_header, parse_frame_header
 from swarmgrad.core.errors import (
@@ -111,32 +110,6 @@ async def _reset_quietly(stream: INetStream) -> None:
             log.debug("reset of a failed stream failed too: %s", exc)
 
 
-class _ConnectionWatcher(INotifee):
-    """Forwards py-libp2p's connection notifications to the transport."""
-
-    def __init__(self, on_connected: Callable[[INetConn], None], on_disconnected: Callable[[INetConn], None]) -> None:
-        self._on_connected = on_connected
-        self._on_disconnected = on_disconnected
-
-    async def connected(self, network: INetwork, conn: INetConn) -> None:
-        self._on_connected(conn)
-
-    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
-        self._on_disconnected(conn)
-
-    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
-        return None
-
-    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
-        return None
-
-    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
-        return None
-
-    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
-        return None
-
-
 class LibP2PTransport(Transport):
     """The `Transport` contract on a py-libp2p host. Open it with `async with LibP2PTransport.open(config)`."""
 
@@ -166,7 +139,7 @@ class LibP2PTransport(Transport):
         self._in_flight_released: dict[PeerId, trio.Event] = {}
         self._counters: Counter[str] = Counter()
         self._closed = False
-        host.get_network().register_notifee(_ConnectionWatcher(self._on_connected, self._on_disconnected))
+        host.get_network().register_notifee(ConnectionNotifee(self._on_connected, self._on_disconnected))
 
     @classmethod
     @asynccontextmanager

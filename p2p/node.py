@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 
 import multiaddr
 import trio
-from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.abc import IHost, INetConn
 from libp2p.crypto.keys import KeyPair
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.host.ping import ID as PING_PROTOCOL_ID
@@ -62,7 +62,7 @@ from p2p.hole_punch import (
     PunchSucceeded,
     UpgradeDirect,
 )
-from p2p.host import AddressGate, HostConfig, listen_multiaddrs, running_host
+from p2p.host import AddressGate, ConnectionNotifee, HostConfig, listen_multiaddrs, running_host
 from p2p.identity import load_or_create_identity
 from p2p.libp2p_compat import is_inbound, is_relayed, punch_direct, remote_ip, serve_dcutr
 from p2p.limits import Ban, IpLimits, IpLimitsConfig
@@ -153,31 +153,6 @@ class NodeConfig:
             raise ConfigError("ping_timeout_s", self.ping_timeout_s, "a finite number of seconds > 0")
         if not (isinstance(self.event_queue_len, int) and self.event_queue_len >= 16):
             raise ConfigError("event_queue_len", self.event_queue_len, "an integer >= 16")
-
-
-class _ConnectionEvents(INotifee):
-    """Hands the host's connection opens and closes to the node, without blocking the network."""
-
-    def __init__(self, node: SwarmNode) -> None:
-        self._node = node
-
-    async def connected(self, network: INetwork, conn: INetConn) -> None:
-        self._node._on_connected(conn)
-
-    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
-        self._node._on_disconnected(conn)
-
-    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
-        return None
-
-    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
-        return None
-
-    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
-        return None
-
-    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
-        return None
 
 
 class SwarmNode:
@@ -282,7 +257,7 @@ class SwarmNode:
         """Join the swarm, then keep the live set until cancelled. `started()` once joined and published; raises
         `BootstrapFailed` (nothing left running) when no bootstrap peer answers."""
         serve_dcutr(self.host, self.config.hole_punch.punch_timeout_s)
-        self.host.get_network().register_notifee(_ConnectionEvents(self))
+        self.host.get_network().register_notifee(ConnectionNotifee(self._on_connected, self._on_disconnected))
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.driver.run)

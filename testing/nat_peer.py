@@ -46,7 +46,7 @@ from typing import IO, Any
 
 import multiaddr
 import trio
-from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.abc import IHost, INetConn, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
@@ -59,7 +59,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from p2p.discovery import DiscoveryConfig
 from p2p.hole_punch import HolePunchConfig, PunchFailed, PunchSucceeded
-from p2p.host import HostConfig, running_host
+from p2p.host import ConnectionNotifee, HostConfig, running_host
 from p2p.libp2p_compat import dial_relayed, has_direct_connection, is_relayed, pnet_reports_its_transport
 from p2p.node import NodeConfig, SwarmNode, open_node
 from testing.netns import NetnsHost
@@ -77,33 +77,16 @@ def _say(**fields: object) -> None:
     print(json.dumps(fields, sort_keys=True), flush=True)
 
 
-class _Changes(INotifee):
-    """Sets, and replaces, `changed` at every connection open and close of the host."""
+class _Changes:
+    """Sets, and replaces, `changed` at every connection open and close of the host (`notifee`)."""
 
     def __init__(self) -> None:
         self.changed = trio.Event()
+        self.notifee = ConnectionNotifee(self._wake, self._wake)
 
-    def _wake(self) -> None:
+    def _wake(self, conn: INetConn) -> None:
         self.changed.set()
         self.changed = trio.Event()
-
-    async def connected(self, network: INetwork, conn: INetConn) -> None:
-        self._wake()
-
-    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
-        self._wake()
-
-    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
-        return None
-
-    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
-        return None
-
-    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
-        return None
-
-    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
-        return None
 
 
 async def _read_exactly(stream: INetStream, size: int) -> bytes:
@@ -180,7 +163,7 @@ async def _serve_commands(
 ) -> None:
     host = node.host
     changes = _Changes()
-    host.get_network().register_notifee(changes)
+    host.get_network().register_notifee(changes.notifee)
     events = node.subscribe()
     host.set_stream_handler(ECHO_PROTOCOL, _echo_handler)
     transport = CircuitV2Transport(host, stop, RelayConfig(roles=RelayRole.STOP | RelayRole.CLIENT))
