@@ -1,5 +1,5 @@
-"""`python -m sim sweep SCENARIO.toml --seeds 0-3 --set gossip.density=0.01,0.001 --out DIR`: many runs of one
-scenario, over the machine's cores.
+"""`python -m sim sweep SCENARIO.toml --seeds 0-3 --set gossip.density=0.01,0.001 --out DIR [--ray ADDRESS]`: many
+runs of one scenario, over the machine's cores or a Ray cluster.
 
 Each `--set section.field=v1,v2,...` gives the values of one field (TOML values: `0.01`, `true`, `"mean"`); the
 sweep runs every combination of them (the product over all `--set`s) with every seed, each run a `SwarmRun` in a
@@ -14,7 +14,11 @@ seed) whatever order the workers finish in, so a sweep is as deterministic as it
 * `DIR/sweep.png` (with matplotlib): loss and consensus distance against rounds, one line per combination (the
   mean over seeds) in a band from the lowest to the highest seed.
 
-Ray is not used: one machine's process pool is the only executor.
+With `--ray ADDRESS` the runs are Ray tasks of one CPU each instead (Ray is an optional extra:
+`pip install 'swarmgrad[ray]'`): ADDRESS is what `ray.init` takes -- `auto` (the cluster `ray start` made that
+this machine belongs to), `HOST:PORT` of a cluster's head, or `local` (a fresh single-machine instance for this
+sweep). Every node must have this swarmgrad installed (its version is in `sweep.json`); the results are gathered in
+job order, so the outputs are the same bytes as the process pool's. No scheduler of our own: Ray places the tasks.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import importlib.metadata
 import importlib.util
 import itertools
 import json
+import logging
 import multiprocessing
 import os
 import shlex
@@ -38,8 +43,9 @@ from typing import Any
 
 from sim.scenario import Scenario, scenario_from_dict
 from sim.swarm import RoundMetrics, SwarmRun
-from swarmgrad.core.errors import ConfigError
+from swarmgrad.core.errors import ConfigError, SwarmgradError
 
+EXIT_FAILURE = 1
 EXIT_USAGE = 2
 MAX_RUNS = 10_000
 """Bound on the runs of one sweep (combinations times seeds)."""
@@ -55,6 +61,9 @@ def add_parser(commands: Any) -> None:
     sweep.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=V1,V2", dest="sets")
     sweep.add_argument("--out", type=Path, required=True, metavar="DIR")
     sweep.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes (default: cores)")
+    sweep.add_argument(
+        "--ray", metavar="ADDRESS", help="run on a Ray cluster instead: auto, HOST:PORT of its head, or local"
+    )
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -115,6 +124,30 @@ def _run(job: tuple[dict[str, Any], Combination, int]) -> list[tuple[object, ...
     return [tuple(row.as_row().values()) for row in rows]
 
 
+class RayUnavailable(SwarmgradError):
+    """The Ray cluster named by `--ray` could not be reached, or a run failed on it."""
+
+
+def run_on_ray(address: str, jobs: list[tuple[dict[str, Any], Combination, int]]) -> list[Any]:
+    """Each job as a one-CPU Ray task on the cluster at `address`; the results in job order. Raises `ConfigError`
+    when Ray is not installed, `RayUnavailable` when the cluster cannot be reached or a task failed."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise ConfigError("--ray", address, "Ray installed (pip install 'swarmgrad[ray]')") from exc
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise RayUnavailable(f"--ray {address}: cannot start or reach a Ray cluster ({exc})") from exc
+    try:
+        task = ray.remote(num_cpus=1)(_run)
+        return list(ray.get([task.remote(job) for job in jobs]))
+    except ray.exceptions.RayError as exc:
+        raise RayUnavailable(f"--ray {address}: a run failed on the cluster ({exc})") from exc
+    finally:
+        ray.shutdown()
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         text = args.scenario.read_text(encoding="utf-8")
@@ -135,9 +168,19 @@ def main(args: argparse.Namespace) -> int:
         print(f"swarmgrad sim: error: {args.scenario}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     jobs = [(data, combination, seed) for combination in combos for seed in seeds]
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked torch state
-    with concurrent.futures.ProcessPoolExecutor(max_workers=min(args.jobs, len(jobs)), mp_context=context) as pool:
-        results = list(pool.map(_run, jobs))
+    if args.ray is not None:
+        try:
+            results = run_on_ray(args.ray, jobs)
+        except ConfigError as exc:
+            print(f"swarmgrad sim: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except RayUnavailable as exc:
+            print(f"swarmgrad sim: error: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+    else:
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked torch state
+        with concurrent.futures.ProcessPoolExecutor(max_workers=min(args.jobs, len(jobs)), mp_context=context) as pool:
+            results = list(pool.map(_run, jobs))
     args.out.mkdir(parents=True, exist_ok=True)
     keys = [key for key, _ in sets]
     write_table(args.out / "sweep.csv", keys, jobs, results)
@@ -145,6 +188,7 @@ def main(args: argparse.Namespace) -> int:
         ["swarmgrad", "sim", "sweep", str(args.scenario), "--seeds", args.seeds]
         + [f"--set={s}" for s in args.sets]
         + ["--out", "DIR"]
+        + ([] if args.ray is None else ["--ray", args.ray])
     )
     by_combination = _group(jobs, results)
     summary = {
