@@ -14,7 +14,8 @@ Rules:
   told both sides their observed address first; a failed attempt is retried after an exponential backoff
   (`retry_base_s`, doubled per failure up to `retry_max_s`, each delay scaled by a factor drawn from
   [1 - jitter, 1 + jitter] with the seeded `random.Random`). After `max_attempts` failures the peer keeps its
-  relayed connection and is not punched again while that connection lasts.
+  relayed connection and is not punched again while that connection lasts; with `max_attempts = 0` no peer is
+  punched at all (the node still answers punches, through DCUtR's stream handler).
 * A direct connection ends it: no attempt is made or retried while one exists, whoever opened it.
 * When every connection to a peer is gone, the peer is forgotten (a later relayed connection starts afresh).
 
@@ -40,6 +41,7 @@ class HolePunchConfig:
     """How often, and how patiently, a relayed peer is punched."""
 
     max_attempts: int = 3
+    """Attempts per relayed peer; 0 turns punching off (this node still answers a peer that punches it)."""
     first_delay_s: float = 1.0
     retry_base_s: float = 5.0
     retry_max_s: float = 60.0
@@ -51,8 +53,8 @@ class HolePunchConfig:
     """How long the relayed connection stays open beside a verified direct one (streams in flight finish)."""
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.max_attempts, int) and self.max_attempts >= 1):
-            raise ConfigError("max_attempts", self.max_attempts, "an integer >= 1")
+        if not (isinstance(self.max_attempts, int) and self.max_attempts >= 0):
+            raise ConfigError("max_attempts", self.max_attempts, "an integer >= 0 (0: never punch)")
         for name in ("first_delay_s", "relay_close_grace_s"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
@@ -192,7 +194,7 @@ class HolePunch:
             return actions
         # relayed only
         if state is None:
-            if not event.initiator:
+            if not event.initiator or self.config.max_attempts == 0:
                 return []
             self._peers[peer] = _Peer(since=now)
             return [SetTimer((_PUNCH, peer), now + self._jittered(self.config.first_delay_s))]

@@ -55,6 +55,14 @@ def test_only_the_side_that_accepted_the_relayed_connection_punches() -> None:
     assert m.relayed_peers() == []
 
 
+def test_zero_attempts_turns_punching_off() -> None:
+    m = make(max_attempts=0)
+    assert m.step(0.0, relayed()) == []
+    assert m.step(5.0, TimerFired(PUNCH_B)) == []
+    assert m.step(6.0, ConnectionsChanged("b", relayed=True, direct=True, initiator=True)) == []
+    assert m.relayed_peers() == [] and m.statistics() == {}
+
+
 def test_failures_back_off_exponentially_and_the_peer_stays_relayed_after_max_attempts() -> None:
     m = make(max_attempts=3, first_delay_s=0.0, retry_base_s=2.0, retry_max_s=3.0)
     assert m.step(0.0, relayed()) == [SetTimer(PUNCH_B, 0.0)]
@@ -145,7 +153,7 @@ def test_unexpected_events_are_a_local_bug() -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("max_attempts", 0),
+        ("max_attempts", -1),
         ("first_delay_s", -1.0),
         ("retry_base_s", 0.0),
         ("punch_timeout_s", float("inf")),
