@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from p2p.addrs import check_announce_addr, check_listen_addr, parse_peer_addr
 from p2p.discovery import DiscoveryConfig
+from p2p.hole_punch import HolePunchConfig
 from p2p.host import HostConfig
 from p2p.identity import load_or_create_identity, peer_id_of
 from p2p.limits import IpLimitsConfig
@@ -96,6 +97,15 @@ class NetworkConfig:
     relay_max_circuit_bytes: int = RelayServiceConfig.max_circuit_bytes
     relay_max_circuit_duration_s: int = RelayServiceConfig.max_circuit_duration_s
     relay_reservation_ttl_s: int = RelayServiceConfig.reservation_ttl_s
+    # when, and how patiently, a relayed peer is punched; defaults and meaning: `p2p.hole_punch.HolePunchConfig`
+    hole_punch_max_attempts: int = HolePunchConfig.max_attempts
+    """0 turns hole punching off: this peer starts no punch (it still answers one)."""
+    hole_punch_first_delay_s: float = HolePunchConfig.first_delay_s
+    hole_punch_retry_base_s: float = HolePunchConfig.retry_base_s
+    hole_punch_retry_max_s: float = HolePunchConfig.retry_max_s
+    hole_punch_jitter: float = HolePunchConfig.jitter
+    hole_punch_timeout_s: float = HolePunchConfig.punch_timeout_s
+    hole_punch_relay_close_grace_s: float = HolePunchConfig.relay_close_grace_s
 
     def dialback_config(self) -> ReachabilityConfig:
         """The dial-back check as `p2p.reachability.ReachabilityConfig` (validated); a server's answer is awaited
@@ -116,6 +126,18 @@ class NetworkConfig:
             max_circuit_bytes=self.relay_max_circuit_bytes,
             max_circuit_duration_s=self.relay_max_circuit_duration_s,
             reservation_ttl_s=self.relay_reservation_ttl_s,
+        )
+
+    def hole_punch_config(self) -> HolePunchConfig:
+        """The punch schedule as `p2p.hole_punch.HolePunchConfig` (validated)."""
+        return HolePunchConfig(
+            max_attempts=self.hole_punch_max_attempts,
+            first_delay_s=self.hole_punch_first_delay_s,
+            retry_base_s=self.hole_punch_retry_base_s,
+            retry_max_s=self.hole_punch_retry_max_s,
+            jitter=self.hole_punch_jitter,
+            punch_timeout_s=self.hole_punch_timeout_s,
+            relay_close_grace_s=self.hole_punch_relay_close_grace_s,
         )
 
     def ip_limits_config(self) -> IpLimitsConfig:
@@ -173,6 +195,11 @@ class NetworkConfig:
             self.relay_config()
         except ConfigError as exc:
             raise ConfigError(f"network.relay_{exc.field}", exc.value, exc.expected) from exc
+        try:
+            self.hole_punch_config()
+        except ConfigError as exc:
+            field_name = "timeout_s" if exc.field == "punch_timeout_s" else exc.field
+            raise ConfigError(f"network.hole_punch_{field_name}", exc.value, exc.expected) from exc
 
     def node_config(self, key_path: Path, *, seed: int = 0) -> NodeConfig:
         """The `p2p.node.NodeConfig` of a member with the identity at `key_path` (created if missing) and this
@@ -202,6 +229,7 @@ class NetworkConfig:
             reachability=self.reachability,
             dialback=self.dialback_config(),
             relay=self.relay_config(),
+            hole_punch=self.hole_punch_config(),
         )
 
 

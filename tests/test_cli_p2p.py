@@ -67,6 +67,8 @@ def test_id_on_the_unspecified_address_prints_interface_addresses_or_the_announc
     assert status == 0 and json.loads(out)["addrs"] == [f"/ip4/203.0.113.7/tcp/9000/p2p/{printed['peer_id']}"]
     status, out, err = run([*argv, "--announce", "/ip4/0.0.0.0/tcp/7400"], capsys)
     assert status == 2 and out == "" and "announce" in err and "0.0.0.0" in err
+    status, out, err = run([*argv, "--set", "network.hole_punch_timeout_s=0"], capsys)
+    assert status == 2 and out == "" and "`network.hole_punch_timeout_s`" in err and "got 0.0" in err
 
 
 def test_id_refuses_a_key_file_others_can_read_and_says_how_to_fix_it(

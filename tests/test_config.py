@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from p2p.discovery import DiscoveryConfig
+from p2p.hole_punch import HolePunchConfig
 from p2p.host import HostConfig
 from p2p.membership import MembershipConfig
 from swarmgrad.config import LOG_LEVELS, PeerConfig, load_config, parse_override
@@ -121,6 +122,14 @@ def test_set_flags_parse_as_toml_values(text: str, expected: tuple[str, object])
         ({"network.connect_timeout_s": -1}, "network.connect_timeout_s"),
         ({"network.max_peers": 0}, "network.max_peers"),
         ({"network.reachability": "dialable"}, "network.reachability"),
+        ({"network.hole_punch_max_attempts": -1}, "network.hole_punch_max_attempts"),
+        ({"network.hole_punch_max_attempts": 1.5}, "network.hole_punch_max_attempts"),
+        ({"network.hole_punch_first_delay_s": -1}, "network.hole_punch_first_delay_s"),
+        ({"network.hole_punch_retry_base_s": 0}, "network.hole_punch_retry_base_s"),
+        ({"network.hole_punch_retry_max_s": 1}, "network.hole_punch_retry_max_s"),
+        ({"network.hole_punch_jitter": 1}, "network.hole_punch_jitter"),
+        ({"network.hole_punch_timeout_s": float("inf")}, "network.hole_punch_timeout_s"),
+        ({"network.hole_punch_relay_close_grace_s": float("nan")}, "network.hole_punch_relay_close_grace_s"),
         ({"checkpoint.keep": 0}, "checkpoint.keep"),
         ({"metrics.prometheus_port": 70000}, "metrics.prometheus_port"),
         ({"metrics.progress": "fancy"}, "metrics.progress"),
@@ -197,6 +206,35 @@ def test_the_network_config_reaches_the_host_and_discovery(tmp_path: Path) -> No
     node = network.node_config(tmp_path / "identity.key", seed=3)
     assert (node.host.handshake_timeout_s, node.host.connect_timeout_s) == (2.5, 30.0)
     assert node.discovery.bootstrap_attempts == 7 and node.seed == 3 and node.reachability == "private"
+
+
+def test_the_hole_punch_settings_reach_the_node_from_the_file_and_set(tmp_path: Path) -> None:
+    assert load_config(None).network.node_config(tmp_path / "identity.key").hole_punch == HolePunchConfig()
+    path = tmp_path / "peer.toml"
+    path.write_text(
+        "[network]\nhole_punch_max_attempts = 5\nhole_punch_retry_base_s = 1\nhole_punch_retry_max_s = 8\n"
+        "hole_punch_jitter = 0\nhole_punch_timeout_s = 4\nhole_punch_relay_close_grace_s = 0\n"
+    )
+    overrides = dict([parse_override("network.hole_punch_first_delay_s=2.5")])
+    for network in (load_config(path, overrides).network, load_member_config(path, overrides).network):
+        assert network.node_config(tmp_path / "identity.key").hole_punch == HolePunchConfig(
+            max_attempts=5,
+            first_delay_s=2.5,
+            retry_base_s=1.0,
+            retry_max_s=8.0,
+            jitter=0.0,
+            punch_timeout_s=4.0,
+            relay_close_grace_s=0.0,
+        )
+    off = load_member_config(path, dict([parse_override("network.hole_punch_max_attempts=0")])).network
+    assert off.node_config(tmp_path / "identity.key").hole_punch.max_attempts == 0
+
+
+def test_a_bad_hole_punch_setting_names_the_network_field_and_the_value() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_member_config(None, dict([parse_override("network.hole_punch_max_attempts=-2")]))
+    assert (info.value.field, info.value.value) == ("network.hole_punch_max_attempts", -2)
+    assert str(info.value) == "`network.hole_punch_max_attempts` must be an integer >= 0 (0: never punch), got -2"
 
 
 def test_a_node_reads_the_peers_file_without_the_training_tables(tmp_path: Path) -> None:
