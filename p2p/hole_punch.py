@@ -64,7 +64,7 @@ class HolePunchConfig:
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ConfigError(name, value, "a finite number of seconds > 0")
         if self.retry_max_s < self.retry_base_s:
-            raise ConfigError("retry_max_s", self.retry_max_s, f">= retry_base_s ({self.retry_base_s})")
+            raise ConfigError("retry_max_s", self.retry_max_s, f">= the retry base ({self.retry_base_s} s)")
         if not (isinstance(self.jitter, int | float) and 0 <= self.jitter < 1):
             raise ConfigError("jitter", self.jitter, "a number in [0, 1)")
 
