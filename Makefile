@@ -26,6 +26,7 @@ test-long: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check swarmgrad p2p gossip training consensus sim testing tests benchmarks setup.py
+	$(VENV)/bin/ruff format --check swarmgrad p2p gossip training consensus sim testing tests benchmarks setup.py
 	$(VENV)/bin/mypy swarmgrad p2p gossip training consensus sim testing
 	$(VENV)/bin/lint-imports
 

@@ -392,8 +392,6 @@ async def test_a_fresh_dial_opens_a_second_connection_beside_an_open_one_and_clo
     assert seen_ip == ["127.0.0.1"]
 
 
-
-
 @pytest.mark.parametrize("psk", [None, bytes(range(32))], ids=["public", "private"])
 async def test_dcutr_served_without_its_loop_punches_only_when_asked_and_upgrades_a_relayed_connection(
     tmp_path: Path, psk: bytes | None

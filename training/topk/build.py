@@ -161,4 +161,3 @@ def _register_fakes() -> None:
     def _topk_abs_fake(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         torch._check(0 <= k <= x.numel(), lambda: f"swarmgrad::topk_abs: k must be in [0, {x.numel()}], got {k}")
         return x.new_empty((k,), dtype=torch.int64), x.new_empty((k,))
-

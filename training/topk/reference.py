@@ -36,4 +36,3 @@ def reference_topk_abs(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     _, indices = torch.topk(flat.abs().float(), k, sorted=False)
     indices, _ = torch.sort(indices)
     return indices, flat[indices]
-
