@@ -14,7 +14,7 @@ certificate alone holds that many, so an honest proposer always has them).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 
 from consensus.errors import AttendanceError, CertificateError, EvidenceError
@@ -95,11 +95,17 @@ def verify_chain(
     parent = genesis_parent_hash(swarm_id, members)
     expected_epoch = 1
     start = 0
+    parent_members: tuple[bytes, ...] = ()  # who voted in the epoch before the next one (none before epoch 1)
+    grandparent = parent  # the parent link of that epoch
+    banned: set[bytes] = set()
     if trusted_hash is not None:
         for index, cert in enumerate(certs):
             if cert.value.hash() == trusted_hash:
                 start = index + 1
+                parent_members = _members_of_trusted(certs, index, members)
+                grandparent = cert.value.parent_certificate_hash
                 members, parent, expected_epoch = cert.next_members, trusted_hash, cert.epoch + 1
+                banned.update(cert.value.offenders)
                 break
         else:
             raise CertificateError(0, f"no certificate of the chain has the trusted hash {trusted_hash.hex()[:16]}")
@@ -110,6 +116,11 @@ def verify_chain(
                 cert.epoch, f"certificate of swarm {cert.value.swarm_id!r} in a chain of {swarm_id!r}"
             )
         value_hash = verify_certificate(cert, members, parent, verifier, epoch=expected_epoch)
+        _verify_contents(
+            cert.value, parent_members, members, {cert.epoch: parent, cert.epoch - 1: grandparent}, banned, verifier
+        )
+        banned.update(cert.value.offenders)
+        parent_members, grandparent = members, parent
         summaries.append(
             EpochSummary(
                 cert.epoch,
@@ -123,6 +134,56 @@ def verify_chain(
         )
         members, parent, expected_epoch = cert.next_members, value_hash, expected_epoch + 1
     return summaries
+
+
+def _members_of_trusted(
+    certs: Sequence[Certificate], index: int, genesis_members: tuple[bytes, ...]
+) -> tuple[bytes, ...]:
+    """Who voted in the epoch of the trusted `certs[index]`: the genesis members in epoch 1, else the next members
+    of the certificate before it, which must be its parent (the next epoch's attendance is checked against them)."""
+    trusted = certs[index]
+    if trusted.epoch == 1:
+        return genesis_members
+    if index > 0 and certs[index - 1].value.hash() == trusted.value.parent_certificate_hash:
+        return certs[index - 1].next_members
+    raise CertificateError(
+        trusted.epoch + 1,
+        f"the chain does not hold the parent of the trusted certificate (epoch {trusted.epoch}), so who voted in"
+        " that epoch, which this epoch's attendance names, is unknown",
+    )
+
+
+def _verify_contents(
+    value: EpochValue,
+    parent_members: Sequence[bytes],
+    members: Sequence[bytes],
+    parent_of: Mapping[int, bytes],
+    banned: Set[bytes],
+    verifier: SignatureVerifier,
+) -> None:
+    """Check what a certified `value` carries, as its voters did: its attendance against `parent_members` (who voted
+    in the epoch before), each evidence entry against `members` (who voted in its epoch), each join request's
+    signature and parent link (`parent_of`: the parent link of the value's epoch and of the one before), and that
+    no joiner is a member or `banned`. Raises `CertificateError` naming the epoch."""
+    epoch = value.epoch
+    try:
+        verify_attendance(value, parent_members, verifier)
+    except AttendanceError as exc:
+        raise CertificateError(epoch, f"attendance: {exc}") from exc
+    for proof in value.evidence:
+        try:
+            verify_evidence(proof, members, verifier)
+        except EvidenceError as exc:
+            raise CertificateError(epoch, f"evidence: {exc}") from exc
+    refused = set(members) | banned
+    for request in value.joiners:
+        joiner = request.joiner.hex()[:16]
+        if request.joiner in refused:
+            raise CertificateError(epoch, f"join request of {joiner}, a member or a proven equivocator")
+        if request.parent != parent_of.get(request.epoch):
+            raise CertificateError(epoch, f"join request of {joiner} names another chain (epoch {request.epoch})")
+        if not verifier.join_request(request):
+            raise CertificateError(epoch, f"forged or wrong signature of the join request of {joiner}")
 
 
 def verify_evidence(

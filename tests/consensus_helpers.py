@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from consensus.agreement import AgreementConfig, CheckProposal, ProposalChecked
 from consensus.epochs import Certified, Checkpoint, EpochChain
 from consensus.membership import MembershipPolicy, genesis_parent_hash
-from consensus.messages import PRECOMMIT, Certificate, EpochValue, Signed, members_hash
+from consensus.messages import PRECOMMIT, Attendance, Certificate, EpochValue, Signed, members_hash
 from consensus.provenance import ChainGenesis
 from consensus.signing import Signer
 from swarmgrad.core.machine import Action, CancelTimer, Event, Notify, PeerUp, Received, Send, SetTimer, TimerFired
@@ -44,9 +44,16 @@ class Members:
         return self.peer_of[key]
 
 
-def value(epoch: int, parent: bytes, members: tuple[bytes, ...], label: str = "v") -> EpochValue:
+def value(
+    epoch: int, parent: bytes, members: tuple[bytes, ...], label: str = "v", attendance: tuple[Attendance, ...] = ()
+) -> EpochValue:
     root = hashlib.sha256(f"{label}/{epoch}".encode()).digest()
-    return EpochValue(SWARM, epoch, epoch * 10, root, SPEC, members_hash(members), parent)
+    return EpochValue(SWARM, epoch, epoch * 10, root, SPEC, members_hash(members), parent, attendance)
+
+
+def attendance_of(parent: Certificate) -> tuple[Attendance, ...]:
+    """The attendance of `parent`'s epoch that its precommits prove: what the next epoch's value carries."""
+    return tuple(Attendance(s.member, parent.consensus_round, PRECOMMIT, s.signature) for s in parent.precommits)
 
 
 def certificate(
@@ -56,9 +63,12 @@ def certificate(
     signers: list[Signer] | None = None,
     consensus_round: int = 0,
     next_members: tuple[bytes, ...] | None = None,
+    attendance: tuple[Attendance, ...] = (),
 ) -> Certificate:
+    """`members`' certificate of epoch `epoch`; `attendance` (e.g. `attendance_of` the parent certificate) is
+    needed for `verify_chain` to accept an epoch above 1."""
     nxt = next_members if next_members is not None else members.keys
-    v = value(epoch, parent, nxt)
+    v = value(epoch, parent, nxt, attendance=attendance)
     chosen = signers if signers is not None else members.signers[: 2 * ((len(members.keys) - 1) // 3) + 1]
     votes = [s.vote(SWARM, epoch, consensus_round, PRECOMMIT, v.hash()) for s in chosen]
     precommits = tuple(sorted((Signed(vote.voter, vote.signature) for vote in votes), key=lambda x: x.member))
@@ -67,9 +77,9 @@ def certificate(
 
 def chain(members: Members, epochs: int) -> list[Certificate]:
     parent = genesis_parent_hash(SWARM, members.keys)
-    certs = []
+    certs: list[Certificate] = []
     for epoch in range(1, epochs + 1):
-        cert = certificate(epoch, parent, members)
+        cert = certificate(epoch, parent, members, attendance=attendance_of(certs[-1]) if certs else ())
         certs.append(cert)
         parent = cert.value.hash()
     return certs

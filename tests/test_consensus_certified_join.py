@@ -48,7 +48,7 @@ from swarmgrad.core.machine import (
     SetTimer,
     TimerFired,
 )
-from tests.consensus_helpers import SWARM, Members
+from tests.consensus_helpers import SWARM, Members, attendance_of
 from training.tasks.base import TensorSpec
 
 MEMBERS = Members.make(4)
@@ -62,9 +62,12 @@ ME = "joiner"
 
 
 def _chain(epochs: int, root: bytes = TREE.root) -> tuple[Certificate, ...]:
-    parent, certs = genesis_parent_hash(SWARM, MEMBERS.keys), []
+    parent, certs = genesis_parent_hash(SWARM, MEMBERS.keys), list[Certificate]()
     for epoch in range(1, epochs + 1):
-        value = EpochValue(SWARM, epoch, 10 * epoch, root, model_spec_hash(SPEC), members_hash(MEMBERS.keys), parent)
+        attendance = attendance_of(certs[-1]) if certs else ()
+        value = EpochValue(
+            SWARM, epoch, 10 * epoch, root, model_spec_hash(SPEC), members_hash(MEMBERS.keys), parent, attendance
+        )
         votes = [s.vote(SWARM, epoch, 0, PRECOMMIT, value.hash()) for s in MEMBERS.signers[:3]]
         certs.append(Certificate(value, MEMBERS.keys, 0, tuple(Signed(v.voter, v.signature) for v in votes)))
         parent = value.hash()

@@ -13,7 +13,7 @@ from consensus.membership import genesis_parent_hash
 from consensus.merkle import CheckpointTree
 from consensus.messages import PRECOMMIT, Certificate, EpochValue, Signed, members_hash
 from consensus.provenance import ChainGenesis
-from tests.consensus_helpers import SWARM, Members
+from tests.consensus_helpers import SWARM, Members, attendance_of
 from training.tasks.base import TensorSpec
 
 MEMBERS = Members.make(4)
@@ -25,9 +25,12 @@ BODY = bytes(TREE.data)
 
 
 def _chain(epochs: int, root: bytes = TREE.root, swarm: str = SWARM) -> list[Certificate]:
-    parent, certs = genesis_parent_hash(swarm, MEMBERS.keys), []
+    parent, certs = genesis_parent_hash(swarm, MEMBERS.keys), list[Certificate]()
     for epoch in range(1, epochs + 1):
-        value = EpochValue(swarm, epoch, 10 * epoch, root, model_spec_hash(SPEC), members_hash(MEMBERS.keys), parent)
+        attendance = attendance_of(certs[-1]) if certs else ()
+        value = EpochValue(
+            swarm, epoch, 10 * epoch, root, model_spec_hash(SPEC), members_hash(MEMBERS.keys), parent, attendance
+        )
         votes = [s.vote(swarm, epoch, 0, PRECOMMIT, value.hash()) for s in MEMBERS.signers[:3]]
         certs.append(Certificate(value, MEMBERS.keys, 0, tuple(Signed(v.voter, v.signature) for v in votes)))
         parent = value.hash()

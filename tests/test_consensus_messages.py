@@ -29,7 +29,7 @@ from consensus.messages import (
 )
 from consensus.signing import SignatureVerifier, Signer, proposal_bytes, vote_bytes
 from swarmgrad.core.errors import ConfigError, DecodeError
-from tests.consensus_helpers import SWARM, Members, certificate, chain, value
+from tests.consensus_helpers import SWARM, Members, attendance_of, certificate, chain, value
 
 
 def test_quorum_is_two_f_plus_one() -> None:
@@ -151,7 +151,7 @@ def test_member_set_changes_follow_the_certificates() -> None:
     newcomers = Members.make(4, tag="n")
     parent = genesis_parent_hash(SWARM, m.keys)
     first = certificate(1, parent, m, next_members=newcomers.keys)
-    second = certificate(2, first.value.hash(), newcomers)
+    second = certificate(2, first.value.hash(), newcomers, attendance=attendance_of(first))
     assert len(verify_chain([first, second], m.keys)) == 2
     old_signed = certificate(2, first.value.hash(), m)
     with pytest.raises(CertificateError, match="epoch 2: signer"):

@@ -22,7 +22,7 @@ from consensus.provenance import (
     open_chain,
     read_chain,
 )
-from tests.consensus_helpers import SWARM, Members, certificate, chain
+from tests.consensus_helpers import SWARM, Members, attendance_of, certificate, chain
 
 MEMBERS = Members.make(4)
 GENESIS = ChainGenesis(SWARM, MEMBERS.keys)
@@ -49,7 +49,7 @@ def test_a_whole_chain_opens_verified_and_appends_continue_it(tmp_path: Path) ->
     opened = open_chain(path, GENESIS)
     assert opened.genesis == GENESIS and list(opened.certificates) == chain(MEMBERS, 3)
     assert [s.epoch for s in opened.summaries] == [1, 2, 3]
-    fourth = certificate(4, opened.summaries[-1].value_hash, MEMBERS)
+    fourth = certificate(4, opened.summaries[-1].value_hash, MEMBERS, attendance=attendance_of(opened.certificates[-1]))
     append_certificate(opened.log, fourth)
     assert read_chain(path)[1] == [*chain(MEMBERS, 3), fourth]
 

@@ -19,13 +19,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from consensus.chain import FILE_HEADER_BYTES, RECORD_HEADER_BYTES
 from consensus.membership import genesis_parent_hash
 from consensus.merkle import CheckpointTree
-from consensus.messages import PRECOMMIT, Certificate, EpochValue, Signed, members_hash
+from consensus.messages import PRECOMMIT, Attendance, Certificate, EpochValue, Signed, members_hash
 from consensus.provenance import SCHEMA, ChainGenesis, append_certificate, create_chain, read_chain
 from consensus.service import body_path, model_spec_hash
 from consensus.signing import Signer
 from p2p.identity import load_or_create_identity, signing_seed
 from swarmgrad.demo import peer_args
-from tests.consensus_helpers import SWARM, Members, certificate
+from tests.consensus_helpers import SWARM, Members, attendance_of, certificate
 from training.checkpoint import CheckpointMeta, CheckpointStore, canonical_model_hash
 from training.tasks import load_task
 from training.tasks.base import model_spec
@@ -45,10 +45,11 @@ def _chain(data_dir: Path, genesis: ChainGenesis, members: Members, epochs: int 
     path = data_dir / "consensus" / "chain"
     log = create_chain(path, genesis)
     parent = genesis.parent_hash
+    attendance: tuple[Attendance, ...] = ()
     for epoch in range(1, epochs + 1):
-        cert = certificate(epoch, parent, members)
+        cert = certificate(epoch, parent, members, attendance=attendance)
         append_certificate(log, cert)
-        parent = cert.value.hash()
+        parent, attendance = cert.value.hash(), attendance_of(cert)
     return path
 
 

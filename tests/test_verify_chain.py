@@ -17,7 +17,7 @@ from consensus.provenance import ChainGenesis, append_certificate, create_chain,
 from consensus.signing import Signer
 from swarmgrad.cli import main
 from testing.consensus_faults import FaultRun, Scenario, write_chains
-from tests.consensus_helpers import SWARM, Members, certificate
+from tests.consensus_helpers import SWARM, Members, attendance_of, certificate
 
 EXIT_FAILURE = 1
 
@@ -39,9 +39,9 @@ def _chain(tmp_path: Path, members: Members, certs: list[Certificate]) -> Path:
 
 def _three_epochs(members: Members) -> list[Certificate]:
     parent = genesis_parent_hash(SWARM, members.keys)
-    certs = []
+    certs: list[Certificate] = []
     for epoch in (1, 2, 3):
-        cert = certificate(epoch, parent, members)
+        cert = certificate(epoch, parent, members, attendance=attendance_of(certs[-1]) if certs else ())
         certs.append(cert)
         parent = cert.value.hash()
     return certs
