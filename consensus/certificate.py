@@ -5,7 +5,12 @@ has at least `quorum(len(M))` precommits, every signer is in M (distinct, which 
 every signature is that member's precommit for the value's hash in the certificate's consensus round. The member
 set of E+1 is the certificate's `next_members` (bound to the value by `next_members_hash`), and E+1's parent link
 is E's value hash. So a chain verifies from the genesis member set (or from a trusted certificate named by its
-value hash) one link at a time; the first link that fails raises `CertificateError` naming its epoch.
+value hash) one link at a time; the first link that fails raises `CertificateError` naming its epoch. Each verified
+link's value must also carry only what its voters accepted: attendance that `verify_attendance` accepts, evidence
+that `verify_evidence` accepts against E's members, and join requests signed by their joiners, naming this chain's
+parent link of their epoch, of keys that are neither members of E nor offenders an earlier value proves. Whether
+`next_members` is the one the membership rule gives is not checked here: the rule also depends on the swarm's
+`MembershipPolicy`, which a chain does not record.
 
 `verify_attendance` checks the attendance a value of epoch E carries (who took part in E-1) against E-1's members:
 every entry a member's valid signature of a vote for the parent value, and at least a quorum of them (the parent
@@ -80,8 +85,10 @@ def verify_chain(
     """Verify consecutive certificates from epoch 1 (members `genesis_members`, parent `genesis_parent_hash` of the
     chain's swarm id and those members), or,
     with `trusted_hash`, from the certificate whose value hash it is (accepted without signature checks: the
-    caller trusts it), and return one summary per verified epoch. Raises `CertificateError` at the first bad link,
-    and when `trusted_hash` names no certificate of the chain."""
+    caller trusts it), and return one summary per verified epoch. Each verified epoch's attendance, evidence and
+    join requests are checked too (see the module docstring); from a trusted epoch T > 1, the certificate before it
+    must be its parent, whose `next_members` voted in T. Raises `CertificateError` at the first bad link, and when
+    `trusted_hash` names no certificate of the chain."""
     verifier = verifier or SignatureVerifier()
     certs = list(certificates)
     members = tuple(genesis_members)

@@ -125,7 +125,7 @@ def _run_verify_chain(args: argparse.Namespace) -> int:
             f"{e.epoch:>6} {e.round:>7} {e.consensus_round:>7}  {e.checkpoint_root.hex()[:16]:<16} "
             f"{e.member_count:>7} {len(e.signers):>7}  {e.value_hash.hex()}"
         )
-    print(f"ok: {len(epochs)} epochs, every link, signature and quorum holds")
+    print(f"ok: {len(epochs)} epochs, every link, signature, quorum, attendance, evidence and join request holds")
     return 0
 
 
@@ -261,10 +261,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     verify = subparsers.add_parser(
         "verify-chain",
-        help="check a provenance chain file offline: every certificate's signatures, quorum and parent link",
+        help="check a provenance chain file offline: every certificate's signatures, quorum and parent link, and "
+        "the attendance, evidence and join requests its value carries",
         description="Verify a chain file (a peer's data directory holds one) from its genesis record, or from a "
         "certificate you trust, named by its value hash. Exit status 0 only when every link, signature and quorum "
-        "holds; otherwise one line names the record or epoch and the problem, exit status 1.",
+        "holds and every attendance, evidence entry and join request of a verified value verifies (the next member "
+        "sets are not recomputed: the membership policy is not in the file); otherwise one line names the record "
+        "or epoch and the problem, exit status 1.",
     )
     verify.add_argument("path", type=Path, metavar="PATH")
     verify.add_argument(
