@@ -103,6 +103,7 @@ def test_the_epoch_of_the_last_round_is_certified_before_the_peers_leave(tmp_pat
         assert 0 < finished["gossip_bytes_sent"] <= finished["bytes_sent"] - finished["consensus_bytes_sent"], finished
 
 
+@pytest.mark.long  # 21 s of real processes; a poisoned proposal is refused in-process by test_consensus_service
 def test_a_poisoning_proposer_is_refused_and_the_others_checkpoints_commit(tmp_path: Path) -> None:
     extra = [*EPOCH, "--set", "network.min_peers=3"]
     # the hostile peer is the one that proposes first in epoch 1 (the order follows from the genesis alone)

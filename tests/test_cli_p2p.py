@@ -236,7 +236,7 @@ def _log_times(stderr: str, needle: str) -> list[float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["node", "peer"])
+@pytest.mark.parametrize("command", [pytest.param("node", marks=pytest.mark.long), "peer"])  # one path: a handshake
 def test_a_wrong_swarm_key_is_reported_within_the_handshake_timeout_per_attempt(
     tmp_path: Path, nodes: NodeGroup, command: str
 ) -> None:

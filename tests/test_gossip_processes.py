@@ -36,7 +36,8 @@ def _has(kind: str, count: int = 1) -> Callable[[list[Event]], bool]:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "fault",
-    ["SIGKILL", pytest.param("SIGSTOP", marks=pytest.mark.long)],  # a frozen peer: also in test_chaos
+    # a killed and a frozen peer, both also in test_chaos (which make test runs): these are the long variants
+    [pytest.param("SIGKILL", marks=pytest.mark.long), pytest.param("SIGSTOP", marks=pytest.mark.long)],
 )
 def test_survivors_finish_rounds_by_the_deadline_and_keep_averaging(tmp_path: Path, fault: str) -> None:
     procs = spawn_peers(
