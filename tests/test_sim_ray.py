@@ -17,19 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_sim_cli import TINY  # the CLI tests' 4-peer, 5-round scenario
+
 pytest.importorskip("ray")
 
-TINY = """
-[swarm]
-peers = 4
-rounds = 5
-[model]
-dim = 100
-[gossip]
-density = 0.1
-[network]
-latency_s = 0.01
-"""
 RAY_TIMEOUT_S = 120
 
 
