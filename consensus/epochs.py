@@ -26,7 +26,10 @@ epoch's parent link is (the genesis anchor, then the value hash of the last cert
   proposes for L+1 carries them (`EpochValue.attendance`), so a member that voted, however slowly, is not counted
   as silent. When the next epoch's checkpoint is already known at the decision (epochs shorter than a decision),
   its agreement starts once every member of L attended, or `vote_timeout_s` after the decision, whichever comes
-  first, so that the late votes make it into the value.
+  first, so that the late votes make it into the value. A peer that was no member of L (a joiner admitted by L's
+  value) starts at once: no member sends it votes of L, so it would wait the whole `vote_timeout_s` for nothing,
+  while the members start as soon as their late votes arrive and, being n - f of the n voters, may decide L+1
+  before it starts; it then never votes in L+1 and no attendance can name it.
 - **Checks.** `CheckProposal` of the agreement goes to the host (the sampled-chunk check) unless the proposal is
   plainly invalid here: another model spec; an attendance that does not verify (a non-member, a forged signature,
   fewer than a quorum: `verify_attendance`); evidence that does not prove a member of E equivocated
@@ -326,7 +329,10 @@ class EpochChain:
         members = self.members_of_next()
         if checkpoint is None or self.signer.public_key not in members:
             return []
-        if self.chain and len(self._attendance) < len(self.members_of(len(self.chain))):
+        last_members = self.members_of(len(self.chain)) if self.chain else ()
+        # only members of the last epoch are sent its votes: a peer that was none (a joiner in its first epoch) has
+        # all the attendance it will get from the certificates, and waiting would only make it the last to start
+        if self.signer.public_key in last_members and len(self._attendance) < len(last_members):
             wait_until = self._certified_at + self.config.vote_timeout_s
             if now < wait_until:  # late votes of the last epoch are still on their way
                 return [SetTimer((_ATTENDANCE_TIMER, epoch), wait_until)]

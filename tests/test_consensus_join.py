@@ -28,8 +28,8 @@ from consensus.messages import (
 from consensus.provenance import ChainGenesis
 from consensus.signing import Signer, proposal_bytes
 from swarmgrad.core.errors import RemoteProtocolError
-from swarmgrad.core.machine import PeerUp, Received, Send
-from tests.consensus_helpers import SPEC, SWARM, Members, Network
+from swarmgrad.core.machine import PeerUp, Received, Send, SetTimer
+from tests.consensus_helpers import SPEC, SWARM, Members, Network, certificate
 
 
 def test_a_joiner_is_admitted_at_the_next_value_then_votes_and_stays() -> None:
@@ -46,6 +46,30 @@ def test_a_joiner_is_admitted_at_the_next_value_then_votes_and_stays() -> None:
     assert [c.certificate.value.hash() for c in net.certified["j0"]] == [c.value.hash() for c in chain]
     # it votes: every value from epoch 3 on attests it took part in the epoch before (k = 2 would drop it otherwise)
     assert all(joiner.public_key in c.value.attendees for c in chain[2:])
+
+
+@pytest.mark.parametrize("who", ["the joiner", "a founder"])
+def test_a_joiner_starts_its_first_epoch_at_once_and_a_member_waits_for_late_votes(who: str) -> None:
+    # epochs back to back (epoch 2's checkpoint known before epoch 1 is certified), and epoch 1's certificate lacks
+    # a founder's precommit. A founder waits up to vote_timeout_s for that founder's late vote of epoch 1, which
+    # members send each other. The joiner is sent no votes of epoch 1: it waited the whole vote_timeout_s, while the
+    # founders started on the late vote, decided epoch 2 among themselves (4 of its 5 voters suffice) and sent it the
+    # certificate before it had voted, so epoch 3's attendance could not name it (seen in a loaded process run)
+    members = Members.make(4)
+    genesis = ChainGenesis(SWARM, members.keys)
+    nxt = tuple(sorted((*members.keys, JOINER.public_key)))
+    cert = certificate(1, genesis.parent_hash, members, signers=members.signers[:3], next_members=nxt)
+    signer = JOINER if who == "the joiner" else members.signers[3]
+    names = members.peer_of | {JOINER.public_key: "j0"}
+    chain = EpochChain(AgreementConfig(), signer, genesis, [], names.__getitem__)
+    chain.step(0.5, Checkpoint(2, 20, hashlib.sha256(b"mine").digest(), SPEC))
+    actions = chain.step(1.0, Received("p0", cert))
+    assert [c.epoch for c in chain.chain] == [1] and len(chain.attendance()) == 3
+    waits = [a for a in actions if isinstance(a, SetTimer) and a.key == ("attendance", 2)]
+    if who == "the joiner":
+        assert chain.agreement is not None and chain.agreement.epoch == 2 and not waits, actions
+    else:
+        assert chain.agreement is None and [w.deadline for w in waits] == [1.0 + AgreementConfig().vote_timeout_s]
 
 
 def test_a_public_swarm_admits_at_most_max_new_voters_an_epoch() -> None:
