@@ -59,9 +59,9 @@ def test_a_late_joiner_adopts_the_newest_certified_epoch_and_refuses_forged_offe
         joiner.read_until("certified", WAIT_S, lambda e: e["epoch"] > model["epoch"])  # and follows the chain
         # it asks to vote: a value admits it, and the epochs after that have 5 voters, itself one of them
         admitted = joiner.read_until("certified", WAIT_S, lambda e: e["members"] == 5)
-        # it takes part: the next values' attendance names it. Two epochs: in one loaded run of the suite, the first
-        # epoch it was a voter of (9 of 5 voters, signers 4/5) ended with no vote of it in epoch 10's attendance; not
-        # explained yet
+        # it takes part: the next values' attendance names it. Two epochs: a voter whose check is still running when
+        # the other 4 of the 5 have decided never votes in that epoch (docs/consensus.md, "The silence rule"); a
+        # loaded run once saw that in the joiner's first epoch, when it also waited for late votes it is not sent
         joiner.read_until("certified", WAIT_S, lambda e: e["epoch"] > admitted["epoch"] + 1)
     finally:
         if joiner is not None:
