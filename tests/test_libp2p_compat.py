@@ -46,7 +46,7 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
 from p2p.addrs import ip_of
-from p2p.host import HostConfig, HostError, listen_multiaddrs, running_host
+from p2p.host import ConnectionNotifee, HostConfig, HostError, listen_multiaddrs, running_host
 from p2p.libp2p_compat import (
     closest_known_peers,
     dht_key,
@@ -274,10 +274,11 @@ async def test_the_upgrade_of_an_outbound_dial_is_seen_once_tcp_is_up(tmp_path: 
 async def test_a_connection_knows_which_side_dialled(tmp_path: Path) -> None:
     with trio.fail_after(TIMEOUT_S):
         async with running_host(HostConfig(tmp_path / "a")) as a, running_host(HostConfig(tmp_path / "b")) as b:
+            accepted = trio.Event()  # b's side of the connection may register after a's connect returns
+            b.get_network().register_notifee(ConnectionNotifee(lambda conn: accepted.set(), lambda conn: None))
             await a.connect(PeerInfo(b.get_id(), b.get_addrs()))
             with trio.fail_after(5):
-                while not b.get_network().get_connections(a.get_id()):
-                    await trio.sleep(0.01)
+                await accepted.wait()
             outbound = a.get_network().get_connections(b.get_id())
             inbound = b.get_network().get_connections(a.get_id())
     assert outbound and not any(is_inbound(conn) for conn in outbound)
